@@ -189,3 +189,14 @@ class CheckResult:
     host_keys: tuple[tuple[str, str], ...] = ()
     error: str = ""
     evidence_dir: str | None = None
+
+
+@frozen
+class ReapReport:
+    """What ``txvmbot reap`` found and removed. Each item is a short
+    description such as ``instance i-0123 (check 1a2b…)``."""
+
+    found: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    dry_run: bool = False
