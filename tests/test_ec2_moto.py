@@ -1,0 +1,143 @@
+"""The client against a real EC2 Query API server: moto on 127.0.0.1.
+
+moto checks no signatures (tests/test_ec2_signatures.py does) but serializes,
+routes and answers like EC2. Nothing here connects to an address moto hands
+out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from tests.servers import Moto
+from txvmbot.ec2 import ParamError, make_client
+from txvmbot.errors import CloudError
+from txvmbot.model import Cloud, Credentials, RetryPolicy
+
+TAG_KEY = "txvmbot-test"
+
+
+def moto_cloud(url: str) -> Cloud:
+    return Cloud(
+        endpoint=url,
+        region="us-east-1",
+        credentials=Credentials("testing", "testing"),
+        retry=RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2, request_timeout=20.0),
+    )
+
+
+class MotoRoundTripTests(TestCase):
+    timeout = 120
+
+    @pytest.fixture(autouse=True)
+    def _moto(self, moto: Moto) -> None:
+        self.moto = moto
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.client = make_client(reactor, moto_cloud(self.moto.url))
+        self.addCleanup(self.client.close)
+
+    async def _round_trip(self) -> None:
+        c = self.client
+        name = f"txvmbot-{uuid.uuid4().hex[:12]}"
+
+        key = await c.call("CreateKeyPair", {"KeyName": name})
+        self.assertEqual(key["KeyName"], name)
+        self.assertIn("PRIVATE KEY", key["KeyMaterial"])
+        self.assertTrue(key["KeyPairId"].startswith("key-"))
+
+        images = await c.call(
+            "DescribeImages",
+            {
+                "Filters": [
+                    {"Name": "architecture", "Values": ["x86_64"]},
+                    {"Name": "state", "Values": ["available"]},
+                ]
+            },
+        )
+        self.assertTrue(images["Images"])
+        self.assertTrue(all(i["Architecture"] == "x86_64" for i in images["Images"]))
+        image_id = images["Images"][0]["ImageId"]
+
+        run = await c.call(
+            "RunInstances",
+            {
+                "ImageId": image_id,
+                "MinCount": 1,
+                "MaxCount": 1,
+                "InstanceType": "t3.micro",
+                "KeyName": name,
+                "UserData": "#!/bin/sh\necho txvmbot\n",
+                "TagSpecifications": [
+                    {"ResourceType": "instance", "Tags": [{"Key": TAG_KEY, "Value": name}]}
+                ],
+            },
+        )
+        [instance] = run["Instances"]
+        iid = instance["InstanceId"]
+        self.assertEqual(instance["ImageId"], image_id)
+        self.assertEqual(instance["KeyName"], name)
+
+        found = await c.call(
+            "DescribeInstances", {"Filters": [{"Name": f"tag:{TAG_KEY}", "Values": [name]}]}
+        )
+        [reservation] = found["Reservations"]
+        [described] = reservation["Instances"]
+        self.assertEqual(described["InstanceId"], iid)
+        self.assertIn(described["State"]["Name"], ("pending", "running"))
+        self.assertIn({"Key": TAG_KEY, "Value": name}, described["Tags"])
+
+        user_data = await c.call(
+            "DescribeInstanceAttribute", {"InstanceId": iid, "Attribute": "userData"}
+        )
+        self.assertEqual(user_data["UserData"]["Value"], "IyEvYmluL3NoCmVjaG8gdHh2bWJvdAo=")
+
+        console = await c.call("GetConsoleOutput", {"InstanceId": iid})
+        self.assertEqual(console["InstanceId"], iid)
+        self.assertIsInstance(console["Output"], str)
+        self.assertIn("Linux version", console["Output"])  # moto's fixed console log, decoded
+
+        gone = await c.call("TerminateInstances", {"InstanceIds": [iid]})
+        self.assertEqual(gone["TerminatingInstances"][0]["InstanceId"], iid)
+        self.assertIn(
+            gone["TerminatingInstances"][0]["CurrentState"]["Name"], ("shutting-down", "terminated")
+        )
+
+        await c.call("DeleteKeyPair", {"KeyName": name})
+        try:
+            await c.call("DescribeKeyPairs", {"KeyNames": [name]})
+        except CloudError as e:
+            self.assertEqual(e.code, "InvalidKeyPair.NotFound")
+            self.assertEqual(e.status, 400)
+            self.assertIn(name, e.message)
+        else:
+            self.fail("the key pair was not deleted")
+
+    def test_round_trip(self) -> Any:
+        return ensureDeferred(self._round_trip())
+
+    async def _errors(self) -> None:
+        try:
+            await self.client.call("TerminateInstances", {"InstanceIds": ["i-0123456789abcdef0"]})
+        except CloudError as e:
+            self.assertEqual(e.code, "InvalidInstanceID.NotFound")
+            self.assertEqual(e.status, 400)
+            self.assertTrue(e.request_id)
+        else:
+            self.fail("terminating a missing instance succeeded")
+        try:
+            await self.client.call("RunInstances", {"ImageId": "ami-1", "MinCount": 1})
+        except ParamError as e:
+            self.assertIn("MaxCount", str(e))
+        else:
+            self.fail("bad params were sent")
+
+    def test_errors(self) -> Any:
+        return ensureDeferred(self._errors())

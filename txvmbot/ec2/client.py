@@ -1,0 +1,290 @@
+"""An asynchronous EC2 Query API client: botocore's models, Twisted's HTTP.
+
+``make_client(reactor, cloud)`` gives an IEC2Client whose ``call`` serializes
+and signs with botocore, sends with Twisted's Agent over a persistent
+connection pool, parses with botocore, checks that the answer is really the
+operation's, and retries transient errors (see ``txvmbot.ec2.retry``).
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import _WrapperException
+from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from txvmbot import __version__
+from txvmbot.ec2 import _botocore
+from txvmbot.ec2.credentials import resolve
+from txvmbot.ec2.retry import call_with_retries, describe
+from txvmbot.errors import ConfigError, TransportError
+from txvmbot.interfaces import IEC2Client
+from txvmbot.model import Cloud, Credentials
+
+__all__ = ["EC2Client", "make_client"]
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body that is already in memory, written at once (no
+    cooperator, so it works the same on a real reactor and in memory)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _BodyReader(Protocol):
+    """Collects a response body. Unlike ``readBody``, cancelling really closes
+    the connection (the Agent's body transport has no ``abortConnection``),
+    and a body ended by the server closing the connection is accepted."""
+
+    def __init__(self, finished: Deferred[bytes]) -> None:
+        self._finished: Deferred[bytes] | None = finished
+        self._chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        finished, self._finished = self._finished, None
+        if finished is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(b"".join(self._chunks))
+        else:
+            finished.errback(reason)
+
+    def cancel(self, _: Deferred[bytes]) -> None:
+        self._finished = None
+        producer = getattr(self.transport, "stopProducing", None)
+        if producer is not None:
+            producer()
+
+
+def _read_body(response: IResponse) -> Deferred[bytes]:
+    reader = _BodyReader(Deferred(lambda d: reader.cancel(d)))
+    finished = reader._finished
+    assert finished is not None
+    response.deliverBody(reader)
+    return finished
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """True when ``exc`` is how the Agent reports that we cancelled it:
+    CancelledError itself, ConnectingCancelledError, or a ResponseFailed-like
+    wrapper around a CancelledError."""
+    if isinstance(exc, (CancelledError, ierror.ConnectingCancelledError)):
+        return True
+    if isinstance(exc, _WrapperException):
+        return any(isinstance(r, Failure) and r.check(CancelledError) for r in exc.reasons)
+    return False
+
+
+def _normalize_endpoint(endpoint: str, where: str) -> str:
+    """Check the endpoint URL; drop a default port, so that the Host header
+    Twisted writes and the host botocore signs agree."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            where, f"{endpoint!r} is not an http(s) URL like https://ec2.us-east-1.amazonaws.com"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(where, f"{endpoint!r} must not have a query or fragment")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(where, f"{endpoint!r}: {e}") from e
+    netloc = parts.netloc
+    if port is not None and port == {"http": 80, "https": 443}[parts.scheme]:
+        netloc = netloc.rsplit(":", 1)[0]
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", "", ""))
+
+
+@implementer(IEC2Client)
+class EC2Client:
+    """Calls one EC2-API endpoint.
+
+    ``agent`` is an IAgent (Twisted's Agent in production; an in-memory one
+    such as ``treq.testing.RequestTraversalAgent`` in tests), or a treq-like
+    object with ``request(method, url, headers=, data=)`` (``StubTreq``).
+    ``clock`` bounds each attempt and times the backoff; ``random`` draws
+    the jitter.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        cloud: Cloud,
+        credentials: Credentials,
+        *,
+        agent: Any,
+        clock: IReactorTime,
+        pool: HTTPConnectionPool | None = None,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self.cloud = cloud
+        self.endpoint = _normalize_endpoint(cloud.endpoint, f"clouds.{cloud.name}.endpoint")
+        self.region = cloud.region
+        self.signature_version = cloud.signature_version
+        self.retry_policy = cloud.retry
+        self._credentials = credentials
+        self._agent = agent
+        self._clock = clock
+        self._pool = pool
+        self._random = random
+        self._user_agent = f"txvmbot/{__version__} botocore/{_botocore.botocore_version()}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<EC2Client {self.endpoint} region={self.region} "
+            f"sig={self.signature_version} key={self._credentials.access_key}>"
+        )
+
+    @property
+    def api_version(self) -> str:
+        """The EC2 API version of the botocore model (loads it on first use)."""
+        return _botocore.api_version()
+
+    @property
+    def botocore_version(self) -> str:
+        return _botocore.botocore_version()
+
+    def call(
+        self, operation: str, params: dict[str, Any] | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """Call ``operation`` with botocore-shaped ``params``.
+
+        Fires with botocore's parsed answer without ``ResponseMetadata``; fails
+        with ParamError (before sending), CloudError or TransportError (after
+        transient errors were retried). The ClientToken of a RunInstances is
+        chosen once here, so every retry of this call carries the same one.
+        """
+        try:
+            prepared = _botocore.prepare_params(operation, params or {})
+        except Exception:
+            return fail()
+        return call_with_retries(
+            self._clock,
+            self.retry_policy,
+            operation,
+            lambda: Deferred.fromCoroutine(self._attempt(operation, prepared)),
+            random=self._random,
+        )
+
+    async def _attempt(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        request = _botocore.sign_request(
+            operation,
+            params,
+            endpoint=self.endpoint,
+            region=self.region,
+            credentials=self._credentials,
+            signature_version=self.signature_version,
+            user_agent=self._user_agent,
+        )
+        headers = Headers(dict(request.headers))
+        try:
+            if IAgent.providedBy(self._agent):
+                response = await self._agent.request(
+                    request.method, request.url, headers, _BytesProducer(request.body)
+                )
+                body = await _read_body(response)
+            else:
+                response = await self._agent.request(
+                    request.method.decode("ascii"),
+                    request.url.decode("ascii"),
+                    headers=headers,
+                    data=request.body,
+                    allow_redirects=False,
+                )
+                body = await response.content()
+        except Exception as e:
+            if _is_cancellation(e):
+                # Cancelled by the caller or by the attempt's timeout (which
+                # turns a CancelledError into a TimeoutError).
+                raise CancelledError() from e
+            if isinstance(e, ierror.ConnectionRefusedError):
+                raise TransportError(
+                    operation, f"connection refused by {self.endpoint}: is the endpoint right?"
+                ) from e
+            raise TransportError(operation, f"{describe(e)} ({self.endpoint})") from e
+        response_headers = {
+            name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in response.headers.getAllRawHeaders()
+        }
+        result = _botocore.handle_response(operation, response.code, response_headers, body)
+        self.log.debug(
+            "{operation} answered HTTP {status} ({size} bytes)",
+            operation=operation,
+            status=response.code,
+            size=len(body),
+        )
+        return result
+
+    def close(self) -> Deferred[None]:
+        """Close the pool's cached connections (requests in flight finish)."""
+        if self._pool is None:
+            return succeed(None)
+        return self._pool.closeCachedConnections()
+
+
+def make_client(
+    reactor: Any,
+    cloud: Cloud,
+    *,
+    pool: HTTPConnectionPool | None = None,
+    clock: IReactorTime | None = None,
+    agent: Any = None,
+) -> EC2Client:
+    """An EC2Client for ``cloud``.
+
+    Resolves credentials now (raising ConfigError if there are none) but
+    loads the botocore model only on the first call. ``pool`` defaults to a
+    new persistent HTTPConnectionPool; ``clock`` to ``reactor``; ``agent`` to
+    Twisted's Agent over ``pool`` (tests inject an in-memory one).
+    """
+    credentials = resolve(cloud)
+    if pool is None:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 8
+        # Servers close idle connections; reusing one that was just closed
+        # costs a (safe, logged) retry, so do not keep them long.
+        pool.cachedConnectionTimeout = 50
+    if agent is None:
+        from twisted.web.client import Agent
+
+        agent = Agent(reactor, pool=pool, connectTimeout=cloud.retry.request_timeout)
+    return EC2Client(
+        cloud,
+        credentials,
+        agent=agent,
+        clock=clock if clock is not None else reactor,
+        pool=pool,
+    )

@@ -1,0 +1,516 @@
+"""The durable cleanup journal: the undo stack of every check.
+
+A check calls :meth:`~IJournal.intend` *before* it asks the cloud to create a
+resource, :meth:`~IJournal.created` once the cloud answered with an id, and
+:meth:`~IJournal.done` once the resource is gone. Whatever is not done is
+pending: cleanup undoes it newest first, and after a crash (even a SIGKILL
+between ``intend`` and ``created``) the next run or the reaper finds it.
+
+:class:`SQLiteJournal` keeps the journal in an SQLite file: WAL mode,
+``synchronous=FULL`` and one committed transaction per write, so a write has
+reached the disk when the method returns. Times are stored as REAL epoch
+seconds, never as text, so they compare as numbers (seed 004: timestamps
+compared as strings broke a scheduler for a day and a half).
+
+:class:`MemoryJournal` behaves the same without a file, for tests and for
+users who drive txvmbot from their own code.
+
+Both are synchronous and block briefly on every write (an fsync); a check
+writes a handful of entries, so that is cheaper than a thread hop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+from attrs import frozen
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txvmbot.errors import TxvmbotError
+from txvmbot.interfaces import IJournal
+from txvmbot.model import JournalEntry
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "JournalError",
+    "MemoryJournal",
+    "SQLiteJournal",
+    "migrate",
+]
+
+#: Marks an SQLite file as a txvmbot journal (``PRAGMA application_id``): "txjn".
+APPLICATION_ID = 0x74786A6E
+
+
+class JournalError(TxvmbotError):
+    """The journal cannot be opened, read or written.
+
+    ``path`` names the file (``":memory:"`` for a :class:`MemoryJournal`).
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"journal {path}: {message}")
+        self.path = path
+        self.message = message
+
+
+# --- schema -----------------------------------------------------------------
+#
+# _MIGRATIONS[i] takes a database at schema version i to version i + 1, inside
+# the caller's transaction. To add v2: write ``_v1_to_v2(conn)`` (ALTER TABLE,
+# new indexes, data fixes), append it here, and teach _row_to_entry and the
+# writers the new columns. Never edit a released migration.
+
+
+def _create_v1(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+    # ``created`` and ``updated`` are REAL epoch seconds; the CHECKs refuse
+    # anything that is not a number, so no writer can slip text in.
+    conn.execute(
+        """
+        CREATE TABLE entries (
+            check_id    TEXT    NOT NULL,
+            seq         INTEGER NOT NULL CHECK (seq >= 1),
+            kind        TEXT    NOT NULL,
+            name        TEXT    NOT NULL,
+            endpoint    TEXT    NOT NULL,
+            region      TEXT    NOT NULL,
+            created     REAL    NOT NULL CHECK (typeof(created) = 'real'),
+            updated     REAL    NOT NULL CHECK (typeof(updated) = 'real'),
+            resource_id TEXT,
+            parent_id   TEXT,
+            done        INTEGER NOT NULL DEFAULT 0 CHECK (done IN (0, 1)),
+            PRIMARY KEY (check_id, seq)
+        )
+        """
+    )
+    conn.execute("CREATE INDEX entries_pending ON entries (done, check_id)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
+
+#: The schema version this code writes.
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _user_tables(conn: sqlite3.Connection) -> set[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _schema_version(conn: sqlite3.Connection, path: str) -> int:
+    """The schema version of the database, 0 if it is empty.
+
+    Raises JournalError if the file holds something that is not a journal.
+    """
+    tables = _user_tables(conn)
+    if not tables:
+        return 0
+    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+    if "schema_version" not in tables or app_id != APPLICATION_ID:
+        raise JournalError(
+            path,
+            "is an SQLite database but not a txvmbot journal "
+            f"(tables: {', '.join(sorted(tables))}); point the journal at a new file",
+        )
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise JournalError(path, "has no schema version; the file is damaged")
+    return int(row[0])
+
+
+def _refuse_newer(path: str, found: int) -> None:
+    if found > SCHEMA_VERSION:
+        raise JournalError(
+            path,
+            f"has schema version {found} but this txvmbot understands up to "
+            f"{SCHEMA_VERSION}; upgrade txvmbot or use another journal file",
+        )
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> int:
+    """Bring the journal in ``conn`` up to :data:`SCHEMA_VERSION`.
+
+    Runs in one ``BEGIN IMMEDIATE`` transaction, so two processes opening a
+    new file at once create the schema once. Returns the version found
+    before migrating. Refuses a newer schema, which this code would
+    misread, with a JournalError that says what to do.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = _schema_version(conn, path)
+        _refuse_newer(path, found)
+        for version in range(found, SCHEMA_VERSION):
+            _MIGRATIONS[version](conn)
+            conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+# --- SQLite -------------------------------------------------------------------
+
+_COLUMNS = "check_id, seq, kind, name, endpoint, region, created, resource_id, parent_id, done"
+
+
+def _row_to_entry(row: Sequence[Any]) -> JournalEntry:
+    check_id, seq, kind, name, endpoint, region, created, rid, parent, done = row
+    return JournalEntry(
+        check_id=str(check_id),
+        seq=int(seq),
+        kind=str(kind),
+        name=str(name),
+        endpoint=str(endpoint),
+        region=str(region),
+        created=float(created),
+        resource_id=None if rid is None else str(rid),
+        parent_id=None if parent is None else str(parent),
+        done=bool(done),
+    )
+
+
+def _check_intend(
+    check_id: str, kind: str, name: str, endpoint: str, region: str, parent_id: str | None
+) -> None:
+    for label, value in (("check_id", check_id), ("kind", kind), ("name", name)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"journal entry {label} must be a non-empty string, not {value!r}")
+    for label, value in (("endpoint", endpoint), ("region", region)):
+        if not isinstance(value, str):
+            raise ValueError(f"journal entry {label} must be a string, not {value!r}")
+    if parent_id is not None and not isinstance(parent_id, str):
+        raise ValueError(f"journal entry parent_id must be a string or None, not {parent_id!r}")
+
+
+def _check_resource_id(resource_id: str) -> None:
+    if not isinstance(resource_id, str) or not resource_id:
+        raise ValueError(f"resource id must be a non-empty string, not {resource_id!r}")
+
+
+@implementer(IJournal)
+class SQLiteJournal:
+    """A journal in an SQLite file, safe against crashes and shared by processes.
+
+    :param path: the file; created with its schema if missing or empty.
+    :param clock: returns epoch seconds; stamps every entry.
+    :param busy_timeout: seconds to wait for another process's write lock
+        before a write fails with JournalError.
+
+    Every write is its own committed transaction (WAL, ``synchronous=FULL``)
+    and is on disk when the method returns. Raises JournalError naming the
+    path when the file cannot be opened, is not a journal, or has a newer
+    schema.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise JournalError(path, f"cannot be opened: {e}") from e
+        try:
+            self._open(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _open(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            # Look before writing anything: never turn someone else's file
+            # into WAL mode or add tables to it.
+            _refuse_newer(path, _schema_version(conn, path))
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise JournalError(
+                    path,
+                    f"cannot use write-ahead logging (journal_mode is {mode!r}); "
+                    "put the journal on a local filesystem",
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            found = migrate(conn, path)
+        except JournalError:
+            raise
+        except sqlite3.Error as e:
+            raise JournalError(path, f"cannot be opened as a journal: {e}") from e
+        if found != SCHEMA_VERSION:
+            self.log.info(
+                "Journal {path} migrated from schema {found} to {version}",
+                path=path,
+                found=found,
+                version=SCHEMA_VERSION,
+            )
+
+    def __repr__(self) -> str:
+        return f"<SQLiteJournal {self.path!r}>"
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise JournalError(self.path, "is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One committed write transaction; SQLite errors become JournalError."""
+        conn = self._db
+        try:
+            # IMMEDIATE takes the write lock now (waiting up to busy_timeout
+            # for another process), so the seq we read stays ours.
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise JournalError(
+                self.path,
+                f"cannot {what}: {e} (another process held the write lock for more "
+                f"than {self._busy_timeout:g}s)",
+            ) from e
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise JournalError(self.path, f"cannot {what}: {e}") from e
+            raise
+
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise JournalError(self.path, f"cannot read: {e}") from e
+
+    def intend(
+        self,
+        check_id: str,
+        kind: str,
+        name: str,
+        endpoint: str,
+        region: str,
+        parent_id: str | None = None,
+    ) -> JournalEntry:
+        """Record durably that ``kind`` ``name`` is about to be created."""
+        _check_intend(check_id, kind, name, endpoint, region, parent_id)
+        now = float(self._clock())
+        with self._write(f"record the intent to create {kind} {name}") as conn:
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM entries WHERE check_id = ?", (check_id,)
+            ).fetchone()
+            entry = JournalEntry(
+                check_id=check_id,
+                seq=int(last) + 1,
+                kind=kind,
+                name=name,
+                endpoint=endpoint,
+                region=region,
+                created=now,
+                parent_id=parent_id,
+            )
+            conn.execute(
+                "INSERT INTO entries (check_id, seq, kind, name, endpoint, region, created,"
+                " updated, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (check_id, entry.seq, kind, name, endpoint, region, now, now, parent_id),
+            )
+        return entry
+
+    def created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
+        """Record the id the cloud gave ``entry``'s resource."""
+        _check_resource_id(resource_id)
+        now = float(self._clock())
+        with self._write(f"record {entry.kind} {resource_id}") as conn:
+            cur = conn.execute(
+                "UPDATE entries SET resource_id = ?, updated = ? WHERE check_id = ? AND seq = ?",
+                (resource_id, now, entry.check_id, entry.seq),
+            )
+            if cur.rowcount != 1:
+                raise JournalError(self.path, f"has no entry {entry.check_id}/{entry.seq}")
+        return attrs.evolve(entry, resource_id=resource_id)
+
+    def done(self, entry: JournalEntry) -> None:
+        """Record that ``entry``'s resource is gone."""
+        now = float(self._clock())
+        with self._write(f"mark {entry.kind} {entry.resource_id or entry.name} done") as conn:
+            cur = conn.execute(
+                "UPDATE entries SET done = 1, updated = ? WHERE check_id = ? AND seq = ?",
+                (now, entry.check_id, entry.seq),
+            )
+            if cur.rowcount != 1:
+                raise JournalError(self.path, f"has no entry {entry.check_id}/{entry.seq}")
+
+    def pending(self, check_id: str | None = None) -> list[JournalEntry]:
+        """Entries not done, newest first.
+
+        For one check, by ``seq`` (the undo order, whatever the wall clock
+        did). Across checks, by ``created`` time, then check id, then seq.
+        """
+        if check_id is not None:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM entries WHERE done = 0 AND check_id = ? ORDER BY seq DESC",
+                (check_id,),
+            )
+        else:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM entries WHERE done = 0"
+                " ORDER BY created DESC, check_id ASC, seq DESC"
+            )
+        return [_row_to_entry(r) for r in rows]
+
+    def checks(self, older_than: float | None = None) -> list[str]:
+        """Ids of checks with pending entries, most recently active first.
+
+        With ``older_than`` (epoch seconds), only checks whose last journal
+        activity (any entry's intend, created or done) is strictly before it:
+        a check still cleaning up is not stale, so a reaper leaves it alone.
+        """
+        rows = self._read(
+            "SELECT check_id, MAX(updated) AS last FROM entries"
+            " WHERE check_id IN (SELECT check_id FROM entries WHERE done = 0)"
+            " GROUP BY check_id"
+            " HAVING ? IS NULL OR last < ?"
+            " ORDER BY last DESC, check_id ASC",
+            (older_than, None if older_than is None else float(older_than)),
+        )
+        return [str(r[0]) for r in rows]
+
+    def close(self) -> None:
+        """Close the file. Idempotent; any later call raises JournalError."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# --- memory ---------------------------------------------------------------------
+
+
+@frozen
+class _Record:
+    entry: JournalEntry
+    updated: float
+
+
+@implementer(IJournal)
+class MemoryJournal:
+    """An in-memory journal that behaves like :class:`SQLiteJournal`.
+
+    For tests of code that drives a journal. ``entries`` shows every entry,
+    done or not, in the order intended.
+    """
+
+    path = ":memory:"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._records: dict[tuple[str, int], _Record] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        live = sum(1 for r in self._records.values() if not r.entry.done)
+        return f"<MemoryJournal {live} pending{' closed' if self._closed else ''}>"
+
+    @property
+    def entries(self) -> tuple[JournalEntry, ...]:
+        return tuple(r.entry for r in self._records.values())
+
+    def _get(self, entry: JournalEntry) -> _Record:
+        if self._closed:
+            raise JournalError(self.path, "is closed")
+        try:
+            return self._records[(entry.check_id, entry.seq)]
+        except KeyError:
+            raise JournalError(self.path, f"has no entry {entry.check_id}/{entry.seq}") from None
+
+    def intend(
+        self,
+        check_id: str,
+        kind: str,
+        name: str,
+        endpoint: str,
+        region: str,
+        parent_id: str | None = None,
+    ) -> JournalEntry:
+        if self._closed:
+            raise JournalError(self.path, "is closed")
+        _check_intend(check_id, kind, name, endpoint, region, parent_id)
+        now = float(self._clock())
+        seq = 1 + max((s for (c, s) in self._records if c == check_id), default=0)
+        entry = JournalEntry(
+            check_id=check_id,
+            seq=seq,
+            kind=kind,
+            name=name,
+            endpoint=endpoint,
+            region=region,
+            created=now,
+            parent_id=parent_id,
+        )
+        self._records[(check_id, seq)] = _Record(entry, now)
+        return entry
+
+    def created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
+        _check_resource_id(resource_id)
+        record = self._get(entry)
+        new = attrs.evolve(record.entry, resource_id=resource_id)
+        self._records[(entry.check_id, entry.seq)] = _Record(new, float(self._clock()))
+        return attrs.evolve(entry, resource_id=resource_id)
+
+    def done(self, entry: JournalEntry) -> None:
+        record = self._get(entry)
+        new = attrs.evolve(record.entry, done=True)
+        self._records[(entry.check_id, entry.seq)] = _Record(new, float(self._clock()))
+
+    def pending(self, check_id: str | None = None) -> list[JournalEntry]:
+        if self._closed:
+            raise JournalError(self.path, "is closed")
+        live = [r.entry for r in self._records.values() if not r.entry.done]
+        if check_id is not None:
+            return sorted((e for e in live if e.check_id == check_id), key=lambda e: -e.seq)
+        # created DESC, check_id ASC, seq DESC, as the SQL does.
+        live.sort(key=lambda e: e.seq, reverse=True)
+        live.sort(key=lambda e: e.check_id)
+        live.sort(key=lambda e: e.created, reverse=True)
+        return live
+
+    def checks(self, older_than: float | None = None) -> list[str]:
+        if self._closed:
+            raise JournalError(self.path, "is closed")
+        last: dict[str, float] = {}
+        with_pending: set[str] = set()
+        for r in self._records.values():
+            c = r.entry.check_id
+            last[c] = max(last.get(c, r.updated), r.updated)
+            if not r.entry.done:
+                with_pending.add(c)
+        found = [c for c in with_pending if older_than is None or last[c] < float(older_than)]
+        found.sort()
+        found.sort(key=lambda c: last[c], reverse=True)
+        return found
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,43 @@
+"""Run commands on a fresh machine over ssh, with twisted.conch.
+
+The server is reached through a Twisted client endpoint string
+(``tcp:host=127.0.0.1:port=2222``, ``unix:path=/run/vm.sock``...). Host keys
+are accepted whatever they are (every machine is new) and their fingerprint
+is recorded; no known_hosts file is read or written and ~/.ssh is never
+touched.
+"""
+
+from txvmbot.ssh._keys import (
+    fingerprint_sha256,
+    generate_key,
+    key_type,
+    load_private_key,
+    public_openssh,
+)
+from txvmbot.ssh._run import run_commands, wait_for_ssh
+from txvmbot.ssh._values import (
+    SSHAuthenticationError,
+    SSHCommandFailed,
+    SSHCommandTimeout,
+    SSHConnectError,
+    SSHHostKeyError,
+    SSHOutcome,
+    SSHWaitTimeout,
+)
+
+__all__ = [
+    "SSHAuthenticationError",
+    "SSHCommandFailed",
+    "SSHCommandTimeout",
+    "SSHConnectError",
+    "SSHHostKeyError",
+    "SSHOutcome",
+    "SSHWaitTimeout",
+    "fingerprint_sha256",
+    "generate_key",
+    "key_type",
+    "load_private_key",
+    "public_openssh",
+    "run_commands",
+    "wait_for_ssh",
+]

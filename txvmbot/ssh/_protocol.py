@@ -1,0 +1,624 @@
+"""The conch pieces of one ssh client session, driven over any endpoint.
+
+``connect`` turns a client endpoint string into an authenticated
+``Session``; ``Session.execute`` runs one command in its own exec channel.
+Host keys are accepted whatever they are (every VM is new) and recorded.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, cast
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.connection import EXTENDED_DATA_STDERR, SSHConnection
+from twisted.conch.ssh.keys import BadKeyError, Key
+from twisted.conch.ssh.transport import (
+    DISCONNECT_BY_APPLICATION,
+    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    MSG_DISCONNECT,
+    SSHClientTransport,
+)
+from twisted.conch.ssh.userauth import MSG_USERAUTH_REQUEST, SSHUserAuthClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txvmbot.model import CommandResult
+from txvmbot.ssh._keys import fingerprint_sha256, key_type
+from txvmbot.ssh._values import SSHAuthenticationError, SSHConnectError, SSHHostKeyError
+
+log = Logger(namespace="txvmbot.ssh")
+
+#: How long a graceful close may take before the connection is aborted.
+CLOSE_GRACE = 5.0
+
+#: Output kept per stream of one command; the rest is dropped (and logged).
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class _NotReady(Exception):
+    """The transport went away before the ssh connection service started."""
+
+
+class _ClientTransport(SSHClientTransport):
+    """An ssh client transport that accepts any host key (recording it),
+    authenticates with one key, and remembers why it ended, in words."""
+
+    def __init__(self, user: bytes, key: Key, ready: Deferred[_Connection]) -> None:
+        self._user = user
+        self._key = key
+        self._ready = ready
+        #: what the session was doing: connecting, exchanging keys,
+        #: authenticating, ready
+        self.phase = "connecting"
+        self.host_key: Key | None = None
+        #: why the session ended, as the first side to say so put it
+        self.ended_because: str | None = None
+        self.host_key_problem = False
+        self.auth_rejected = False
+        #: the methods the server said it accepts, from its last auth failure
+        self.auth_methods = ""
+        self.lost = False
+        self._closing = False
+        self._lost_waiters: list[Deferred[None]] = []
+
+    # -- events from the network
+
+    def connectionMade(self) -> None:
+        self.phase = "exchanging keys"
+        # Commands are a few small request/reply packets each; like OpenSSH,
+        # do not let Nagle's algorithm hold them back.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # not a TCP socket (unix endpoints have the method too)
+        SSHClientTransport.connectionMade(self)
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred[bool]:
+        try:
+            key = Key.fromString(hostKey)
+        except (BadKeyError, ValueError) as e:
+            return self._host_key_problem(f"cannot parse the server's host key: {e}")
+        if self.host_key is not None and key.blob() != self.host_key.blob():
+            return self._host_key_problem(
+                f"host key changed during re-key from {fingerprint_sha256(self.host_key)} "
+                f"to {fingerprint_sha256(key)}"
+            )
+        self.host_key = key
+        log.debug(
+            "ssh host key {fingerprint} ({type})",
+            fingerprint=fingerprint_sha256(key),
+            type=key_type(key),
+        )
+        return succeed(True)
+
+    def _host_key_problem(self, why: str) -> Deferred[bool]:
+        self.host_key_problem = True
+        self._record(f"host key problem: {why}")
+        return fail(ConchError(why))
+
+    def connectionSecure(self) -> None:
+        self.phase = "authenticating"
+        self.requestService(_UserAuth(self._user, self._key, _Connection(self._ready)))
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        self._record(f"server disconnected: {_text(description)} (code {reasonCode})")
+        log.info("ssh server disconnected: {description}", description=_text(description))
+
+    def sendDisconnect(self, reason: int, desc: bytes | str) -> None:
+        if reason == DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+            self.auth_rejected = True
+        if not self._closing:
+            self._record(f"client gave up: {_text(desc)}")
+        SSHClientTransport.sendDisconnect(self, reason, desc)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost = True
+        try:
+            SSHClientTransport.connectionLost(self, reason)
+        finally:
+            if not self._ready.called:
+                self._ready.errback(Failure(_NotReady(reason)))
+            waiters, self._lost_waiters = self._lost_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def _record(self, why: str) -> None:
+        if self.ended_because is None:
+            self.ended_because = why
+
+    # -- what the session does with it
+
+    def when_lost(self) -> Deferred[None]:
+        """A Deferred that fires once the underlying connection is gone."""
+        if self.lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    def close(self) -> None:
+        """Say goodbye and close the connection after pending writes."""
+        if self.lost or self.transport is None:
+            return
+        if self._closing:
+            return
+        self._closing = True
+        self.sendPacket(
+            MSG_DISCONNECT, struct.pack(">L", DISCONNECT_BY_APPLICATION) + NS(b"done") + NS(b"")
+        )
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now, without waiting for anything."""
+        self._closing = True
+        if self.lost or self.transport is None:
+            return
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
+
+
+class _UserAuth(SSHUserAuthClient):
+    """Offer exactly one key, and no other method (no passwords, no
+    keyboard-interactive: nobody is there to type).
+
+    The signed request is sent at once (no "would you accept this key?"
+    round trip), and RSA keys sign with rsa-sha2-256/512 (RFC 8332): conch's
+    own client would use ssh-rsa (SHA-1), which OpenSSH >= 8.8 refuses.
+    """
+
+    preferredOrder = [b"publickey"]
+
+    def __init__(self, user: bytes, key: Key, instance: SSHConnection) -> None:
+        SSHUserAuthClient.__init__(self, user, instance)
+        self._key = key
+        self._offered = False
+
+    def tryAuth(self, kind: bytes) -> None | Deferred[bool]:
+        if kind != b"publickey":
+            return None
+        return SSHUserAuthClient.tryAuth(self, kind)
+
+    def _algorithm(self) -> bytes:
+        """The signature algorithm to use with our key."""
+        if self._key.type() != "RSA":
+            return self._key.sshType()
+        transport = cast(_ClientTransport, self.transport)
+        advertised = transport.peerExtensions.get(b"server-sig-algs")
+        if advertised is None:
+            return b"rsa-sha2-256"
+        offered = advertised.split(b",")
+        for algorithm in (b"rsa-sha2-512", b"rsa-sha2-256"):
+            if algorithm in offered:
+                return algorithm
+        return b"ssh-rsa"
+
+    def auth_publickey(self) -> Deferred[bool]:
+        if self._offered:
+            return succeed(False)
+        self._offered = True
+        transport = cast(_ClientTransport, self.transport)
+        public = self._key.public()
+        self.lastPublicKey = public
+        self.triedPublicKeys.append(public)
+        algorithm = self._algorithm()
+        blob = public.blob()
+        session_id = transport.sessionID
+        assert session_id is not None, "authenticating before key exchange"
+        signed = (
+            NS(session_id)
+            + bytes((MSG_USERAUTH_REQUEST,))
+            + NS(self.user)
+            + NS(self.instance.name)
+            + NS(b"publickey")
+            + b"\x01"
+            + NS(algorithm)
+            + NS(blob)
+        )
+        signature = self._key.sign(signed, signatureType=algorithm)
+        self.askForAuth(b"publickey", b"\x01" + NS(algorithm) + NS(blob) + NS(signature))
+        return succeed(True)
+
+    def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
+        methods, _ = getNS(packet)
+        cast(_ClientTransport, self.transport).auth_methods = methods.decode("ascii", "replace")
+        return SSHUserAuthClient.ssh_USERAUTH_FAILURE(self, packet)
+
+    def ssh_USERAUTH_BANNER(self, packet: bytes) -> None:
+        message, _ = getNS(packet)
+        log.debug("ssh banner: {banner}", banner=_text(message))
+
+
+class _Connection(SSHConnection):
+    """The ssh-connection service; fires ``ready`` once it runs."""
+
+    def __init__(self, ready: Deferred[_Connection]) -> None:
+        SSHConnection.__init__(self)
+        self._ready = ready
+
+    def serviceStarted(self) -> None:
+        SSHConnection.serviceStarted(self)
+        transport = cast(_ClientTransport, self.transport)
+        transport.phase = "ready"
+        self._ready.callback(self)
+
+
+class _ChannelError(Exception):
+    """A command did not run to its end; carries what it produced so far."""
+
+    def __init__(self, reason: str, partial: CommandResult) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.partial = partial
+
+
+class _CommandTimedOut(_ChannelError):
+    def __init__(self, bound: float, partial: CommandResult) -> None:
+        super().__init__(f"did not finish within {bound:g}s", partial)
+        self.bound = bound
+
+
+class _ExecChannel(SSHChannel):
+    """A session channel that runs one command and collects its stdout,
+    stderr and exit status or signal. ``done`` fires with a CommandResult,
+    or fails with _ChannelError."""
+
+    name = b"session"
+
+    def __init__(self, command: str, conn: SSHConnection, max_output: int) -> None:
+        SSHChannel.__init__(self, conn=conn)
+        self._conn = conn
+        self.command = command
+        self.done: Deferred[CommandResult] = Deferred()
+        self._max_output = max_output
+        self._stdout = bytearray()
+        self._stderr = bytearray()
+        self._truncated: set[str] = set()
+        self.exit_status: int | None = None
+        self.signal: str | None = None
+        self._error: str | None = None
+
+    def partial(self) -> CommandResult:
+        return CommandResult(
+            command=self.command,
+            exit_status=self.exit_status,
+            stdout=bytes(self._stdout),
+            stderr=bytes(self._stderr),
+            signal=self.signal,
+        )
+
+    # -- channel events
+
+    def channelOpen(self, specificData: bytes) -> None:
+        d = self._conn.sendRequest(self, b"exec", NS(self.command.encode("utf-8")), wantReply=True)
+        d.addCallbacks(self._exec_accepted, self._exec_refused)
+
+    def _exec_accepted(self, ignored: object) -> None:
+        # Nothing is sent on stdin: a command that reads it sees end of file.
+        self._conn.sendEOF(self)
+
+    def _exec_refused(self, reason: Failure) -> None:
+        if self.localClosed:
+            return  # the channel is closing; closed() reports why
+        self._error = "was refused by the server (exec request failed)"
+        self.loseConnection()
+
+    def openFailed(self, reason: Any) -> None:
+        why = getattr(reason, "value", reason)
+        desc = getattr(why, "desc", None) or str(why)
+        self._finish(
+            _ChannelError(f"could not get a session channel: {_text(desc)}", self.partial())
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self._keep(self._stdout, data, "stdout")
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        if dataType == EXTENDED_DATA_STDERR:
+            self._keep(self._stderr, data, "stderr")
+
+    def _keep(self, buf: bytearray, data: bytes, stream: str) -> None:
+        room = self._max_output - len(buf)
+        if len(data) > room:
+            if stream not in self._truncated:
+                self._truncated.add(stream)
+                log.warn(
+                    "ssh command {command!r}: {stream} passed {limit} bytes; the rest is dropped",
+                    command=self.command,
+                    stream=stream,
+                    limit=self._max_output,
+                )
+            data = data[: max(room, 0)]
+        buf.extend(data)
+
+    def request_exit_status(self, data: bytes) -> bool:
+        (self.exit_status,) = struct.unpack(">L", data[:4])
+        return True
+
+    def request_exit_signal(self, data: bytes) -> bool:
+        name, rest = getNS(data)
+        # RFC 4254 signal names come without "SIG": b"KILL", b"TERM", ...
+        self.signal = name.decode("ascii", "replace")
+        core = bool(rest[:1] and rest[0])
+        message = getNS(rest[1:])[0] if len(rest) > 1 else b""
+        log.info(
+            "ssh command {command!r} killed by signal {signal}{core}{message}",
+            command=self.command,
+            signal=self.signal,
+            core=" (core dumped)" if core else "",
+            message=f": {_text(message)}" if message else "",
+        )
+        return True
+
+    def eofReceived(self) -> None:
+        pass
+
+    def closed(self) -> None:
+        transport = cast(_ClientTransport, self._conn.transport)
+        if self._error is not None:
+            self._finish(_ChannelError(self._error, self.partial()))
+        elif self.exit_status is None and self.signal is None and transport.lost:
+            why = transport.ended_because or "the connection was lost"
+            self._finish(_ChannelError(f"was cut off: {why}", self.partial()))
+        else:
+            self._finish(self.partial())
+
+    def _finish(self, result: CommandResult | _ChannelError) -> None:
+        if self.done.called:
+            return
+        if isinstance(result, _ChannelError):
+            self.done.errback(Failure(result))
+        else:
+            self.done.callback(result)
+
+    def abandon(self) -> None:
+        """Stop caring about the command: ask the server to kill it (best
+        effort, OpenSSH >= 8.1 honours this) and close the channel."""
+        if self.localClosed or self not in self._conn.channelsToRemoteChannel:
+            return
+        self._conn.sendRequest(self, b"signal", NS(b"KILL"), wantReply=False)
+        self._conn.sendClose(self)
+
+
+class Session:
+    """An authenticated ssh connection, ready to run commands."""
+
+    def __init__(
+        self, transport: _ClientTransport, conn: SSHConnection, clock: IReactorTime
+    ) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.clock = clock
+        assert transport.host_key is not None
+        self.host_key_fingerprint = fingerprint_sha256(transport.host_key)
+        self.host_key_type = key_type(transport.host_key)
+
+    def execute(
+        self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> Deferred[CommandResult]:
+        """Run ``command`` in a new exec channel. Fires with its result, or
+        fails with _ChannelError (_CommandTimedOut after ``timeout``
+        seconds). Cancelling abandons the command."""
+        if self.transport.lost:
+            why = self.transport.ended_because or "the connection was lost"
+            return fail(_ChannelError(f"could not start: {why}", CommandResult(command, None)))
+        channel = _ExecChannel(command, self.conn, max_output)
+        timer: IDelayedCall | None = None
+
+        def cancel(d: Deferred[CommandResult]) -> None:
+            channel.abandon()
+
+        result: Deferred[CommandResult] = Deferred(cancel)
+
+        def timed_out() -> None:
+            nonlocal timer
+            timer = None
+            log.warn(
+                "ssh command {command!r} did not finish within {bound}s",
+                command=command,
+                bound=timeout,
+            )
+            channel.abandon()
+            if not result.called:
+                result.errback(_CommandTimedOut(timeout, channel.partial()))
+
+        def relay(outcome: CommandResult | Failure) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if result.called:
+                return  # timed out or cancelled: already reported
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        def stop_timer(passthrough: object) -> object:
+            if timer is not None and timer.active():
+                timer.cancel()
+            return passthrough
+
+        result.addBoth(stop_timer)
+        timer = self.clock.callLater(timeout, timed_out)
+        channel.done.addBoth(relay)
+        log.debug("ssh running {command!r}", command=command)
+        self.conn.openChannel(channel)
+        return result
+
+    def close(self, grace: float = CLOSE_GRACE) -> Deferred[None]:
+        """Close gracefully; abort if that takes longer than ``grace``.
+        Fires once the connection is gone. Cancelling aborts at once."""
+        lost = self.transport.when_lost()
+        if lost.called:
+            return lost
+        timer = self.clock.callLater(grace, self.transport.abort)
+
+        def cancel(d: Deferred[None]) -> None:
+            if timer.active():
+                timer.cancel()
+            self.transport.abort()
+
+        result: Deferred[None] = Deferred(cancel)
+
+        def gone(ignored: None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(None)
+
+        lost.addCallback(gone)
+        self.transport.close()
+        return result
+
+    def abort(self) -> Deferred[None]:
+        """Drop the connection now; fires once it is gone (at most ``CLOSE_GRACE`` later)."""
+        self.transport.abort()
+        return _bounded(self.transport.when_lost(), self.clock, CLOSE_GRACE)
+
+
+def _bounded(d: Deferred[None], clock: IReactorTime, bound: float) -> Deferred[None]:
+    """``d``, but firing after ``bound`` seconds at the latest."""
+    if d.called:
+        return d
+    result: Deferred[None] = Deferred()
+
+    def fire(ignored: object = None) -> None:
+        if timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(None)
+
+    timer = clock.callLater(bound, fire)
+    d.addBoth(fire)
+    return result
+
+
+def connect(
+    reactor: Any,
+    endpoint: str,
+    user: str,
+    key: Key,
+    *,
+    connect_timeout: float,
+    clock: IReactorTime,
+) -> Deferred[Session]:
+    """Connect to the client endpoint string ``endpoint``, exchange keys and
+    authenticate as ``user`` with ``key``, within ``connect_timeout`` seconds.
+
+    Fails with SSHConnectError (SSHAuthenticationError, SSHHostKeyError)
+    saying what happened. Cancelling aborts the connection.
+    """
+    try:
+        ep = clientFromString(reactor, endpoint)
+    except Exception as e:
+        return fail(
+            SSHConnectError(endpoint, user, f"invalid client endpoint string: {e}", transient=False)
+        )
+    ready: Deferred[_Connection] = Deferred()
+    proto = _ClientTransport(user.encode("utf-8"), key, ready)
+    timed_out = False
+    log.debug("ssh connecting to {endpoint} as {user}", endpoint=endpoint, user=user)
+    connecting = connectProtocol(ep, proto)
+
+    def stop() -> None:
+        if not connecting.called:
+            connecting.cancel()
+        else:
+            proto.abort()
+
+    def cancel(d: Deferred[Session]) -> None:
+        if timer.active():
+            timer.cancel()
+        stop()
+
+    result: Deferred[Session] = Deferred(cancel)
+
+    def on_timeout() -> None:
+        nonlocal timed_out
+        timed_out = True
+        stop()
+
+    timer = clock.callLater(connect_timeout, on_timeout)
+
+    def finish(outcome: Session | Exception) -> None:
+        if timer.active():
+            timer.cancel()
+        if result.called:
+            return
+        if isinstance(outcome, Exception):
+            result.errback(Failure(outcome))
+        else:
+            result.callback(outcome)
+
+    def connect_failed(f: Failure) -> None:
+        if timed_out:
+            reason = f"timed out after {connect_timeout:g}s while connecting"
+        elif f.check(ConnectionRefusedError):
+            reason = "connection refused"
+        else:
+            reason = f"could not connect: {f.getErrorMessage()}"
+        finish(SSHConnectError(endpoint, user, reason))
+
+    def on_ready(conn: _Connection) -> None:
+        if result.called:
+            proto.abort()
+            return
+        session = Session(proto, conn, clock)
+        log.info(
+            "ssh session to {endpoint} as {user}, host key {fingerprint}",
+            endpoint=endpoint,
+            user=user,
+            fingerprint=session.host_key_fingerprint,
+        )
+        finish(session)
+
+    def not_ready(f: Failure) -> None:
+        finish(_why_not_ready(proto, f, endpoint, user, connect_timeout if timed_out else None))
+
+    connecting.addCallbacks(lambda ignored: None, connect_failed)
+    ready.addCallbacks(on_ready, not_ready)
+    return result
+
+
+def _why_not_ready(
+    proto: _ClientTransport, f: Failure, endpoint: str, user: str, timed_out_after: float | None
+) -> SSHConnectError:
+    """Say, in words, why a connection ended before it was ready."""
+    phase = proto.phase
+    if timed_out_after is not None:
+        return SSHConnectError(
+            endpoint, user, f"timed out after {timed_out_after:g}s while {phase}"
+        )
+    if proto.host_key_problem:
+        return SSHHostKeyError(endpoint, user, proto.ended_because or "host key problem")
+    lost = f.value.args[0] if isinstance(f.value, _NotReady) and f.value.args else None
+    lost_text = lost.getErrorMessage() if isinstance(lost, Failure) else "connection lost"
+    said = proto.ended_because
+    if proto.auth_rejected or (phase == "authenticating" and said and said.startswith("server")):
+        offered = fingerprint_sha256(proto._key)
+        accepts = f"; server accepts: {proto.auth_methods}" if proto.auth_methods else ""
+        extra = f"; {said}" if said and said.startswith("server") else ""
+        return SSHAuthenticationError(
+            endpoint,
+            user,
+            f"authentication failed: the server did not accept key {offered}{accepts}{extra}",
+        )
+    if phase == "exchanging keys" and proto.host_key is None and said is None:
+        return SSHConnectError(
+            endpoint, user, f"connection closed before key exchange finished ({lost_text})"
+        )
+    return SSHConnectError(endpoint, user, f"connection closed while {phase}: {said or lost_text}")

@@ -1,0 +1,124 @@
+"""What running commands over ssh produces, and how it fails."""
+
+from __future__ import annotations
+
+from attrs import frozen
+
+from txvmbot.errors import SSHError
+from txvmbot.model import CommandResult
+
+
+@frozen
+class SSHOutcome:
+    """One ssh session: the host key the server presented and the result of
+    every command, in order. A non-zero exit is a result, not an error."""
+
+    host_key_fingerprint: str
+    host_key_type: str
+    results: tuple[CommandResult, ...]
+
+
+class SSHConnectError(SSHError):
+    """No authenticated ssh session could be set up.
+
+    ``reason`` is the short cause ("connection refused", "timed out after 10s
+    while exchanging keys"); ``transient`` is False when retrying cannot help
+    (a malformed endpoint string).
+    """
+
+    def __init__(self, endpoint: str, user: str, reason: str, *, transient: bool = True) -> None:
+        super().__init__(f"ssh to {endpoint} as {user}: {reason}")
+        self.endpoint = endpoint
+        self.user = user
+        self.reason = reason
+        self.transient = transient
+
+
+class SSHAuthenticationError(SSHConnectError):
+    """The server rejected our key for this user."""
+
+
+class SSHHostKeyError(SSHConnectError):
+    """The server's host key could not be parsed, or changed mid-session."""
+
+
+class SSHWaitTimeout(SSHError):
+    """``wait_for_ssh`` passed its bound: says how many attempts over how long
+    and what the last one saw."""
+
+    def __init__(
+        self, endpoint: str, user: str, bound: float, attempts: int, elapsed: float, last_error: str
+    ) -> None:
+        super().__init__(
+            f"ssh to {endpoint} as {user}: not ready after {attempts} attempt"
+            f"{'' if attempts == 1 else 's'} over {elapsed:.1f}s (bound {bound:g}s); "
+            f"last error: {last_error or 'none'}"
+        )
+        self.endpoint = endpoint
+        self.user = user
+        self.bound = bound
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.last_error = last_error
+
+
+class SSHCommandFailed(SSHError):
+    """A command could not be run to its end (channel refused, connection
+    lost). ``partial`` is what that command produced before it failed
+    (exit_status None); ``results`` are the commands that completed before
+    it."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        user: str,
+        command: str,
+        reason: str,
+        partial: CommandResult,
+        results: tuple[CommandResult, ...] = (),
+        host_key_fingerprint: str = "",
+        host_key_type: str = "",
+    ) -> None:
+        super().__init__(f"ssh to {endpoint} as {user}: command {command!r} {reason}")
+        self.endpoint = endpoint
+        self.user = user
+        self.command = command
+        self.reason = reason
+        self.partial = partial
+        self.results = results
+        self.host_key_fingerprint = host_key_fingerprint
+        self.host_key_type = host_key_type
+
+
+class SSHCommandTimeout(SSHCommandFailed):
+    """A command ran longer than its bound. It was sent SIGKILL (best effort),
+    its channel and the connection were closed; ``partial`` keeps the output
+    that arrived in time."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        user: str,
+        command: str,
+        bound: float,
+        partial: CommandResult,
+        results: tuple[CommandResult, ...] = (),
+        host_key_fingerprint: str = "",
+        host_key_type: str = "",
+    ) -> None:
+        seen = _last_line(partial)
+        reason = f"did not finish within {bound:g}s" + (f"; last output: {seen}" if seen else "")
+        super().__init__(
+            endpoint, user, command, reason, partial, results, host_key_fingerprint, host_key_type
+        )
+        self.bound = bound
+
+
+def _last_line(result: CommandResult) -> str:
+    """The last non-empty line of output, shortened, for error messages."""
+    for stream in (result.stderr, result.stdout):
+        lines = [line for line in stream.decode("utf-8", "replace").splitlines() if line.strip()]
+        if lines:
+            line = lines[-1].strip()
+            return repr(line if len(line) <= 200 else line[:197] + "...")
+    return ""
