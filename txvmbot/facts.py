@@ -4,8 +4,8 @@ kernel decided pass or fail, and nobody had written it down)."""
 from __future__ import annotations
 
 import platform
-from typing import Any
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import attrs
 
