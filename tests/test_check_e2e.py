@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import checkrun
+from tests.faultproxy import fault_proxy, read_log
 from tests.servers import Moto, free_port
 from tests.sshd import SSHD, sshd_server
 
@@ -314,3 +315,26 @@ def test_reap_dry_run_lists_without_removing(
     assert reap.returncode == 0, reap.stderr
     assert "txvmbot-orphan" in reap.stdout + reap.stderr
     assert checkrun.leftovers(moto.url) == ["keypair txvmbot-orphan"]
+
+
+@pytest.mark.parametrize("faults", ["throttle:6,503:9,drop:11,lost:4", "lost:2"])
+def test_faulty_cloud_check_passes_and_leaks_nothing(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], image: str, tmp_path: object, faults: str
+) -> None:
+    """Throttling, 503s, dropped connections and answers lost after moto
+    acted: retries carry the check through, each retry is logged, and what a
+    lost answer made twice (moto ignores ClientToken) is cleaned up too."""
+    log = os.path.join(str(tmp_path), "proxy.log")
+    with fault_proxy(moto.url, faults, log_path=log) as url:
+        run = checkrun.check(
+            url, str(tmp_path),
+            ["--image", image, *ssh_args(key, sshd.endpoint), "--ssh-user", sshd.user,
+             "--floating-ip", "--command", "true", *FAST],
+        )
+    assert run.code == 0, run.stderr
+    faulted = [entry for entry in read_log(log) if entry[1] != "forward"]
+    assert faulted, "the proxy should have injected faults"
+    assert run.stderr.count("retrying in") >= len(faulted) - 1
+    # Whatever the proxy's lost answers made moto create twice is gone too:
+    # look at moto directly, not through the proxy.
+    assert checkrun.leftovers(moto.url, run.check_id) == []

@@ -179,17 +179,21 @@ class Undoer:
         return True
 
     async def _address(self, entry: JournalEntry) -> bool:
-        if entry.resource_id:
-            params: dict[str, Any] = {"AllocationIds": [entry.resource_id]}
-        else:
-            params = {"Filters": [{"Name": f"tag:{TAG_CHECK}", "Values": [entry.check_id]}]}
-        try:
-            answer = await self.client.call("DescribeAddresses", params)
-        except CloudError as e:
-            if is_gone(e):
-                return True
-            raise
-        await release_addresses(self.client, answer.get("Addresses", []))
+        # By tag as well as by id: a retried AllocateAddress whose first
+        # answer was lost has allocated a second address nobody was told of.
+        answer = await self.client.call(
+            "DescribeAddresses", {"Filters": [{"Name": f"tag:{TAG_CHECK}", "Values": [entry.check_id]}]}
+        )
+        addresses = list(answer.get("Addresses", []))
+        known = {a.get("AllocationId") for a in addresses}
+        if entry.resource_id and entry.resource_id not in known:
+            try:
+                answer = await self.client.call("DescribeAddresses", {"AllocationIds": [entry.resource_id]})
+                addresses.extend(answer.get("Addresses", []))
+            except CloudError as e:
+                if not is_gone(e):
+                    raise
+        await release_addresses(self.client, addresses)
         return True
 
     async def _association(self, entry: JournalEntry) -> bool:

@@ -1,0 +1,1 @@
+"""Benchmarks of txvmbot against moto on loopback. Scripts, not tests."""

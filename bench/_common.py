@@ -1,0 +1,251 @@
+"""Helpers shared by the benchmark scripts: a reactor in a thread, counting
+wrappers, CPU accounting of the moto process, medians and tables.
+
+Every network address used here is 127.0.0.1 (the moto server the script
+started); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests import checkrun  # noqa: E402
+from tests.servers import Moto  # noqa: E402
+
+REGION = checkrun.REGION
+
+
+def bench_env() -> dict[str, str]:
+    """The environment of every subprocess: test credentials only, no AWS
+    config files, and the venv's bin first on PATH (for ``aws``)."""
+    env = checkrun.env()
+    env["AWS_DEFAULT_REGION"] = REGION
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def set_test_credentials() -> None:
+    """This process talks to moto only: give it moto's test credentials."""
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            del os.environ[k]
+    os.environ.update(checkrun.ENV)
+
+
+def pick_image(moto: Moto) -> str:
+    """The first of moto's amazon images (as the e2e tests pick it). The
+    first DescribeImages also warms moto up (it loads its AMI list)."""
+    images = checkrun.ec2(moto.url).describe_images(Owners=["amazon"])["Images"]
+    return str(sorted(i["ImageId"] for i in images)[0])
+
+
+# --- CPU accounting -----------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def self_cpu() -> float:
+    """CPU seconds used by this process, all threads."""
+    return time.process_time()
+
+
+class CPUWindow:
+    """Wall time, moto's CPU and our own CPU over a ``with`` block."""
+
+    def __init__(self, moto_pid: int) -> None:
+        self.moto_pid = moto_pid
+        self.wall = self.moto_cpu = self.own_cpu = 0.0
+
+    def __enter__(self) -> CPUWindow:
+        self._w = time.perf_counter()
+        self._m = proc_cpu(self.moto_pid)
+        self._o = self_cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._w
+        self.moto_cpu = proc_cpu(self.moto_pid) - self._m
+        self.own_cpu = self_cpu() - self._o
+
+
+# --- a reactor in a thread ----------------------------------------------------
+
+
+class ReactorThread:
+    """The global reactor, running in a daemon thread, so the main thread can
+    time subprocesses and thread pools and still hand work to an already
+    running reactor. ``call`` is blockingCallFromThread with a bound."""
+
+    def __init__(self) -> None:
+        from twisted.internet import reactor
+        from twisted.logger import (
+            FilteringLogObserver,
+            LogLevel,
+            LogLevelFilterPredicate,
+            globalLogBeginner,
+            textFileLogObserver,
+        )
+
+        # Warnings and errors of txvmbot (a failed step, say) go to stderr.
+        globalLogBeginner.beginLoggingTo(
+            [
+                FilteringLogObserver(
+                    textFileLogObserver(sys.stderr),
+                    [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+                )
+            ],
+            redirectStandardIO=False,
+        )
+        self.reactor: Any = reactor
+        self._thread = threading.Thread(
+            target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self.call(lambda: None, timeout=10)
+
+    def call(self, f: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
+        """Run ``f(*args)`` in the reactor thread; wait (at most ``timeout``
+        seconds) for its result, Deferred or not."""
+        from twisted.internet.defer import maybeDeferred
+        from twisted.python.failure import Failure
+
+        q: queue.Queue[Any] = queue.Queue()
+
+        def go() -> None:
+            maybeDeferred(f, *args).addBoth(q.put)
+
+        self.reactor.callFromThread(go)
+        try:
+            result = q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"{f!r} did not finish within {timeout}s") from None
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.reactor.callFromThread(self.reactor.stop)
+            self._thread.join(10)
+
+
+# --- counting -----------------------------------------------------------------
+
+
+def counting_agent(agent: Any) -> Any:
+    """An IAgent that counts the HTTP requests it sends (retries included)."""
+    from twisted.web.iweb import IAgent
+    from zope.interface import implementer
+
+    @implementer(IAgent)
+    class CountingAgent:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.count = 0
+
+        def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+            self.count += 1
+            return self.inner.request(method, uri, headers, bodyProducer)
+
+    return CountingAgent(agent)
+
+
+def counting_client(inner: Any) -> Any:
+    """An IEC2Client decorator that counts API calls per operation."""
+    from zope.interface import implementer
+
+    from txvmbot.interfaces import IEC2Client
+
+    @implementer(IEC2Client)
+    class CountingClient:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.calls: dict[str, int] = {}
+
+        endpoint = property(lambda self: self.inner.endpoint)
+        region = property(lambda self: self.inner.region)
+        signature_version = property(lambda self: self.inner.signature_version)
+        api_version = property(lambda self: self.inner.api_version)
+
+        @property
+        def total(self) -> int:
+            return sum(self.calls.values())
+
+        def call(self, operation: str, params: dict[str, Any] | None = None) -> Any:
+            self.calls[operation] = self.calls.get(operation, 0) + 1
+            return self.inner.call(operation, params)
+
+        def close(self) -> Any:
+            return self.inner.close()
+
+    return CountingClient(inner)
+
+
+def make_counting_client(reactor: Any, cloud: Any) -> tuple[Any, Any]:
+    """(counting IEC2Client, counting agent) over a real EC2Client built as
+    make_client builds it (persistent pool, Twisted Agent)."""
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from txvmbot.ec2 import make_client
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool.cachedConnectionTimeout = 50
+    agent = counting_agent(Agent(reactor, pool=pool, connectTimeout=cloud.retry.request_timeout))
+    client = make_client(reactor, cloud, pool=pool, agent=agent)
+    return counting_client(client), agent
+
+
+# --- figures ------------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c: object) -> str:
+    if isinstance(c, float):
+        if c != c:
+            return "-"
+        return f"{c:.3f}" if abs(c) < 10 else f"{c:.1f}"
+    return str(c)
+
+
+def reproduce_line(argv: Sequence[str]) -> str:
+    import shlex
+
+    script = os.path.relpath(os.path.abspath(argv[0]), ROOT)
+    return "reproduce: cd " + shlex.quote(ROOT) + " && . .venv/bin/activate && python " + " ".join(
+        shlex.quote(a) for a in [script, *argv[1:]]
+    )
