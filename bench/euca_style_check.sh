@@ -13,7 +13,7 @@
 set -euo pipefail
 
 if [ $# -lt 3 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -31,7 +31,8 @@ export AWS_DEFAULT_REGION=$REGION
 export AWS_PAGER=""
 
 NAME="euca-check-$$-$RANDOM"
-CALLS=0
+# Calls are counted in a file: most run in a $(...) subshell.
+CALLS_FILE=$(mktemp)
 KEY_FILE=""
 GROUP_ID=""
 INSTANCE_ID=""
@@ -39,7 +40,7 @@ RULE=""
 DONE=""
 
 ec2() {
-    CALLS=$((CALLS + 1))
+    echo >>"$CALLS_FILE"
     aws --endpoint-url "$ENDPOINT" --region "$REGION" --output text ec2 "$@"
 }
 
@@ -53,7 +54,8 @@ cleanup() {
         [ -n "$KEY_FILE" ] && ec2 delete-key-pair --key-name "$NAME" >/dev/null 2>&1 || true
     fi
     [ -n "$KEY_FILE" ] && rm -f "$KEY_FILE"
-    echo "euca_style_check: $CALLS aws calls" >&2
+    echo "euca_style_check: $(wc -l <"$CALLS_FILE") aws calls" >&2
+    rm -f "$CALLS_FILE"
     exit "$status"
 }
 trap cleanup EXIT
