@@ -380,6 +380,12 @@ def parse_config_text(text: str, path: str) -> Config:
     return parse_config(data, path)
 
 
+def parse_cloud_table(name: str, table: object, where: str, source: str = "") -> CloudConfig:
+    """Validate one cloud table (as in ``[clouds.NAME]``) found at ``where``
+    (a key path used in errors, e.g. ``job``); relative paths stay as they are."""
+    return _parse_cloud(name, table, _in(source) if source else "", "", where)
+
+
 def parse_config(data: Mapping[str, Any], path: str) -> Config:
     """Validate a decoded TOML document into a :class:`Config`.
 
@@ -405,8 +411,10 @@ def _relative_to(base: str, p: str) -> str:
     return os.path.join(base, p)
 
 
-def _parse_cloud(name: str, value: object, src: str, base: str) -> CloudConfig:
-    where = key_path("clouds", name)
+def _parse_cloud(
+    name: str, value: object, src: str, base: str, where: str | None = None
+) -> CloudConfig:
+    where = key_path("clouds", name) if where is None else where
     if not name.strip():
         raise ConfigError(where, f"a cloud needs a non-empty name{src}")
     table = _check_table(where, value, src)

@@ -78,3 +78,27 @@ class StepTimeout(StepFailed):
 
 class SSHError(TxvmbotError):
     """Connecting, authenticating or running a command over ssh failed."""
+
+
+class WorkerDied(TxvmbotError):
+    """A worker process ended while it ran a job: its exit status (or the
+    signal that killed it) and the last lines it wrote to stderr."""
+
+    def __init__(self, job_id: str, status: str, stderr_tail: str = "") -> None:
+        tail = f"; last stderr: {stderr_tail}" if stderr_tail else ""
+        super().__init__(f"worker running job {job_id} died: {status}{tail}")
+        self.job_id = job_id
+        self.status = status
+        self.stderr_tail = stderr_tail
+
+
+class UnknownJob(TxvmbotError):
+    """No job has this id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class DaemonUnavailable(TxvmbotError):
+    """The daemon cannot be reached, or refused us; says where and why."""

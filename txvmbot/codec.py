@@ -1,0 +1,275 @@
+"""JSON forms of txvmbot's values, for the AMP wire and the daemon's store.
+
+One format each way, strict on the way in: a job spec is validated by the
+same code as a ``[clouds.NAME]`` table of the config file, and every error
+names the key that was wrong (``job.timeouts.running``). Secrets never
+travel in a job: the daemon resolves credentials itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from txvmbot.errors import ConfigError
+from txvmbot.jobs import FINAL_STATES, Job, JobEvent, JobSpec
+from txvmbot.model import (
+    CheckResult,
+    CheckSpec,
+    CommandResult,
+    Facts,
+    RetryPolicy,
+    StepEvent,
+    StepResult,
+    Timeouts,
+)
+
+#: The largest JSON document accepted from a client or a worker.
+MAX_DOCUMENT_BYTES = 1 << 20
+#: The largest job spec accepted.
+MAX_SPEC_BYTES = 64 * 1024
+
+_JOB_KEYS = ("backend", "priority", "bound", "max_attempts")
+_SECRET_KEYS = ("access_key", "secret_key", "secret_key_env", "session_token")
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def loads(data: bytes, where: str, limit: int = MAX_DOCUMENT_BYTES) -> Any:
+    """Parse JSON ``data``; errors name ``where``."""
+    if len(data) > limit:
+        raise ConfigError(where, f"{len(data)} bytes is over the limit of {limit}")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(where, f"not valid JSON: {e}") from None
+
+
+# --- job specs ---------------------------------------------------------------
+
+
+def _changed(value: Any, default: Any) -> dict[str, Any]:
+    return {
+        a.name: getattr(value, a.name)
+        for a in attrs.fields(type(value))
+        if getattr(value, a.name) != getattr(default, a.name)
+    }
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """A job spec as a JSON-able dict, in the shape of a config cloud table
+    plus the job's own keys. Credentials are left out."""
+    check = spec.check
+    cloud = check.cloud
+    d: dict[str, Any] = {
+        "backend": spec.backend,
+        "priority": spec.priority,
+        "bound": spec.bound,
+        "max_attempts": spec.max_attempts,
+        "endpoint": cloud.endpoint,
+        "region": cloud.region,
+        "signature_version": cloud.signature_version,
+    }
+    if cloud.profile:
+        d["profile"] = cloud.profile
+    retry = _changed(cloud.retry, RetryPolicy())
+    if retry:
+        d["retry"] = retry
+    defaults = CheckSpec(cloud=cloud, image="x")
+    for a in attrs.fields(CheckSpec):
+        if a.name in ("cloud", "timeouts"):
+            continue
+        v = getattr(check, a.name)
+        if v is None or (v == getattr(defaults, a.name) and a.name not in ("image",)):
+            continue
+        d[a.name] = list(v) if isinstance(v, tuple) else v
+    timeouts = _changed(check.timeouts, Timeouts())
+    if timeouts:
+        d["timeouts"] = timeouts
+    return d
+
+
+def spec_from_dict(data: Any, where: str = "job") -> JobSpec:
+    """Validate a decoded job spec into a JobSpec. Raises ConfigError naming
+    the key (``job.commands``)."""
+    from txvmbot.config import (
+        CheckSettings,
+        CloudSettings,
+        build_check_spec,
+        build_cloud,
+        check_float,
+        check_int,
+        check_str,
+        parse_cloud_table,
+    )
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"expected a table (JSON object), found {type(data).__name__}")
+    for key in _SECRET_KEYS:
+        if key in data:
+            raise ConfigError(
+                f"{where}.{key}",
+                "credentials are not accepted in a job; the daemon resolves them "
+                "(its config, environment or profile)",
+            )
+    table = {k: v for k, v in data.items() if k not in _JOB_KEYS}
+    backend_raw = data.get("backend")
+    priority = 0
+    bound = 3600.0
+    max_attempts = 2
+    if "priority" in data:
+        priority = check_int(f"{where}.priority", data["priority"], minimum=-1000)
+        if priority > 1000:
+            raise ConfigError(f"{where}.priority", f"must be at most 1000, got {priority}")
+    if "bound" in data:
+        bound = check_float(f"{where}.bound", data["bound"])
+    if "max_attempts" in data:
+        max_attempts = check_int(f"{where}.max_attempts", data["max_attempts"], minimum=1)
+        if max_attempts > 10:
+            raise ConfigError(f"{where}.max_attempts", f"must be at most 10, got {max_attempts}")
+    parsed = parse_cloud_table("job", table, where)
+    try:
+        cloud = build_cloud(parsed.cloud, CloudSettings(), {}, name="job", where=where)
+        check = build_check_spec(cloud, parsed.check, CheckSettings())
+    except ConfigError as e:
+        # build_* name command-line flags; in a job they are keys.
+        key = e.where.lstrip("-").replace("-", "_")
+        if not key.startswith(where):
+            key = f"{where}.{key}"
+        raise ConfigError(key, e.message) from None
+    except ValueError as e:
+        raise ConfigError(where, str(e)) from None
+    if backend_raw is None:
+        backend = f"{cloud.endpoint} {cloud.region}"
+    else:
+        backend = check_str(f"{where}.backend", backend_raw)
+        if len(backend) > 200:
+            raise ConfigError(f"{where}.backend", "at most 200 characters")
+    check = attrs.evolve(check, cloud=attrs.evolve(cloud, name=backend))
+    return JobSpec(check=check, backend=backend, priority=priority, bound=bound,
+                   max_attempts=max_attempts)
+
+
+# --- results ------------------------------------------------------------------
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def result_to_dict(r: CheckResult) -> dict[str, Any]:
+    return {
+        "check_id": r.check_id,
+        "passed": r.passed,
+        "error": r.error,
+        "evidence_dir": r.evidence_dir,
+        "steps": [attrs.asdict(s) for s in r.steps],
+        "facts": r.facts.as_dict(),
+        "commands": [
+            {
+                "command": c.command,
+                "exit_status": c.exit_status,
+                "signal": c.signal,
+                "stdout": _text(c.stdout),
+                "stderr": _text(c.stderr),
+            }
+            for c in r.commands
+        ],
+        "console": [list(p) for p in r.console],
+        "host_keys": [list(p) for p in r.host_keys],
+    }
+
+
+def result_from_dict(d: Mapping[str, Any]) -> CheckResult:
+    """The inverse of :func:`result_to_dict` (for data we wrote ourselves,
+    or a worker sent: a malformed one raises ConfigError)."""
+    try:
+        facts_d = dict(d.get("facts", {}))
+        known = {a.name for a in attrs.fields(Facts)} - {"extra"}
+        facts = Facts(
+            **{k: str(v) for k, v in facts_d.items() if k in known},
+            extra=tuple(sorted((k, str(v)) for k, v in facts_d.items() if k not in known)),
+        )
+        return CheckResult(
+            check_id=str(d["check_id"]),
+            passed=bool(d["passed"]),
+            error=str(d.get("error", "")),
+            evidence_dir=d.get("evidence_dir"),
+            steps=tuple(StepResult(**s) for s in d.get("steps", [])),
+            facts=facts,
+            commands=tuple(
+                CommandResult(
+                    command=c["command"],
+                    exit_status=c["exit_status"],
+                    signal=c.get("signal"),
+                    stdout=c.get("stdout", "").encode("utf-8"),
+                    stderr=c.get("stderr", "").encode("utf-8"),
+                )
+                for c in d.get("commands", [])
+            ),
+            console=tuple((str(a), str(b)) for a, b in d.get("console", [])),
+            host_keys=tuple((str(a), str(b)) for a, b in d.get("host_keys", [])),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError("result", f"malformed check result: {e!r}") from None
+
+
+# --- jobs and events ---------------------------------------------------------
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "spec": spec_to_dict(job.spec),
+        "state": job.state,
+        "submitted": job.submitted,
+        "started": job.started,
+        "finished": job.finished,
+        "attempts": job.attempts,
+        "reason": job.reason,
+        "result": None if job.result is None else result_to_dict(job.result),
+    }
+
+
+def job_from_dict(d: Mapping[str, Any]) -> Job:
+    state = d["state"]
+    if state not in FINAL_STATES | {"queued", "running", "cleaning"}:
+        raise ConfigError("job.state", f"unknown state {state!r}")
+    return Job(
+        id=str(d["id"]),
+        spec=spec_from_dict(d["spec"]),
+        state=state,
+        submitted=float(d["submitted"]),
+        started=None if d.get("started") is None else float(d["started"]),
+        finished=None if d.get("finished") is None else float(d["finished"]),
+        attempts=int(d.get("attempts", 0)),
+        reason=str(d.get("reason", "")),
+        result=None if d.get("result") is None else result_from_dict(d["result"]),
+    )
+
+
+def event_to_dict(e: JobEvent) -> dict[str, Any]:
+    return attrs.asdict(e)
+
+
+def event_from_dict(d: Mapping[str, Any]) -> JobEvent:
+    try:
+        return JobEvent(**d)
+    except TypeError as e:
+        raise ConfigError("event", f"malformed job event: {e}") from None
+
+
+def step_event_to_dict(e: StepEvent) -> dict[str, Any]:
+    return attrs.asdict(e)
+
+
+def step_event_from_dict(d: Mapping[str, Any]) -> StepEvent:
+    try:
+        return StepEvent(**d)
+    except TypeError as e:
+        raise ConfigError("step event", f"malformed step event: {e}") from None

@@ -1,0 +1,94 @@
+"""The seams inside the daemon. Data flows one way:
+
+    AMP server -> IScheduler -> IWorkerPool -> worker process (Check)
+                      |                            |
+                  IJobStore  <---- events, journal (acked) ----+
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+
+class IJobStore(Interface):
+    """Durable jobs and their events. Written by the daemon process alone."""
+
+    def add(job: Any) -> None:
+        """Store a new job (a txvmbot.jobs.Job in state queued)."""
+
+    def update(job: Any) -> None:
+        """Replace the stored job with this newer value of it."""
+
+    def get(job_id: str) -> Any:
+        """The Job, or None."""
+
+    def list(
+        states: Any = None, backend: str | None = None, limit: int = 100, before: float | None = None
+    ) -> Any:
+        """Jobs, newest first, filtered by state set and backend."""
+
+    def unfinished() -> Any:
+        """Jobs not in a final state, oldest first (for recovery)."""
+
+    def add_event(event: Any) -> None:
+        """Append a JobEvent."""
+
+    def events(job_id: str, after_seq: int = 0) -> Any:
+        """A job's events with seq > after_seq, in order."""
+
+    def close() -> None:
+        """Close the database."""
+
+
+class IWorkerPool(Interface):
+    """Worker processes that run one job each at a time."""
+
+    size = Attribute("How many workers the pool runs (int).")
+    busy = Attribute("How many are running a job right now (int).")
+
+    def start() -> Any:
+        """Start the workers; Deferred fires when they are ready."""
+
+    def run(job: Any, on_event: Any, journal: Any) -> Any:
+        """Run ``job`` (a txvmbot.jobs.Job) in a free worker. ``on_event``
+        is called with each StepEvent the worker streams; ``journal`` (an
+        IJournal) records, before each create, what the worker is about to
+        create. Returns a Deferred firing with the CheckResult, or failing
+        with WorkerDied (exit status, stderr tail) or CancelledError when
+        cancelled (the worker then runs cleanup before it answers)."""
+
+    def stop() -> Any:
+        """Stop all workers; Deferred."""
+
+
+class IScheduler(Interface):
+    """What the AMP API drives."""
+
+    def submit(spec: Any) -> Any:
+        """Queue a JobSpec; return the Job (state queued), stored."""
+
+    def get(job_id: str) -> Any:
+        """The Job, or raise UnknownJob."""
+
+    def list(states: Any = None, backend: str | None = None, limit: int = 100) -> Any:
+        """Jobs, newest first."""
+
+    def watch(job_id: str, after_seq: int, listener: Any) -> Any:
+        """Call ``listener(event)`` with the job's events after ``after_seq``
+        (the stored ones now, new ones as they happen) until the job is
+        final; return a callable that stops watching."""
+
+    def cancel(job_id: str) -> Any:
+        """Cancel a queued or running job (running: cleanup runs in the
+        worker first). Returns a Deferred firing with the final Job."""
+
+    def drain(backend: str) -> Any:
+        """New jobs for ``backend`` wait; running ones finish."""
+
+    def resume(backend: str) -> Any:
+        """Undo drain (and quarantine, after a passing health check)."""
+
+    def status() -> Any:
+        """A DaemonStatus."""

@@ -1,0 +1,90 @@
+"""Frozen values for the daemon's jobs: what a client submits, what the
+daemon stores and reports, what watchers are told."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from attrs import frozen
+
+from txvmbot.model import CheckResult, CheckSpec
+
+JobState = Literal["queued", "running", "cleaning", "passed", "failed", "cancelled", "error"]
+FINAL_STATES: frozenset[str] = frozenset({"passed", "failed", "cancelled", "error"})
+BackendState = Literal["active", "draining", "quarantined"]
+
+
+@frozen
+class JobSpec:
+    """A job as submitted: one check, where to run it, how urgent it is.
+
+    ``backend`` names the pool the job runs on (a cloud of the daemon's
+    config, or the endpoint and region the check names); per-backend caps,
+    drain and quarantine apply to it. Higher ``priority`` runs first; FIFO
+    within one priority. ``bound`` is the job's overall time limit in
+    seconds; ``max_attempts`` how often an infrastructure failure (a worker
+    that died, a daemon restart) may start it again.
+    """
+
+    check: CheckSpec
+    backend: str
+    priority: int = 0
+    bound: float = 3600.0
+    max_attempts: int = 2
+
+
+@frozen
+class Job:
+    """A job as the daemon knows it. Times are epoch seconds (numbers)."""
+
+    id: str
+    spec: JobSpec
+    state: JobState
+    submitted: float
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    reason: str = ""
+    result: CheckResult | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@frozen
+class JobEvent:
+    """Something that happened to a job, in order (``seq`` per job).
+
+    ``kind`` is ``"state"`` (the job's state changed; ``state`` holds it) or
+    ``"step"`` (a step changed; ``step`` and ``state`` hold it).
+    """
+
+    job_id: str
+    seq: int
+    at: float
+    kind: Literal["state", "step"]
+    state: str
+    step: str = ""
+    detail: str = ""
+
+
+@frozen
+class BackendStatus:
+    name: str
+    capacity: int
+    running: int
+    queued: int
+    state: BackendState
+    consecutive_failures: int = 0
+    reason: str = ""
+
+
+@frozen
+class DaemonStatus:
+    api_version: int
+    workers: int
+    busy_workers: int
+    queue_depth: int
+    running: int
+    backends: tuple[BackendStatus, ...] = ()
