@@ -88,3 +88,10 @@ class DaemonStatus:
     queue_depth: int
     running: int
     backends: tuple[BackendStatus, ...] = ()
+
+
+def check_id_for(job: Job) -> str:
+    """The check id (tag value, resource name part, journal key) of the
+    current attempt of ``job``. Each attempt gets its own, so an attempt's
+    leftovers never collide with the next attempt's names."""
+    return f"{job.id}-{job.attempts}"
