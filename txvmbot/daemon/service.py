@@ -1,0 +1,190 @@
+"""The daemon as a Twisted service: store, journal, worker pool, scheduler
+and AMP listeners, started in that order and stopped in reverse.
+
+One daemon owns a data dir (an exclusive lock on ``daemon.lock``): the
+store and the journal have exactly one writer (seed 004).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from typing import IO, Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
+
+from txvmbot.daemon.settings import DaemonSettings
+from txvmbot.errors import ConfigError, TxvmbotError
+
+
+class DataDirBusy(TxvmbotError):
+    """Another daemon owns this data dir."""
+
+
+def _prepare_data_dir(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("daemon.data_dir", f"cannot create {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("daemon.data_dir", f"{path} is not writable by this user")
+
+
+def _lock(path: str) -> IO[str]:
+    f = open(os.path.join(path, "daemon.lock"), "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise DataDirBusy(f"another txvmbot daemon is running on {path}") from None
+        raise
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a daemon that died: remove it if nothing
+    answers on it (we hold the data dir lock, so nothing should)."""
+    if not os.path.exists(path):
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise DataDirBusy(f"something already answers on {path}")
+    finally:
+        s.close()
+
+
+class DaemonService(service.MultiService):
+    """Everything the daemon runs. ``ready`` fires once it accepts work."""
+
+    log = Logger()
+
+    def __init__(self, settings: DaemonSettings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.ready: Deferred[None] = Deferred()
+        self._ports: list[Any] = []
+        self._lockfile: IO[str] | None = None
+        self._json_log: IO[str] | None = None
+        self._json_observer: Any = None
+        self.store: Any = None
+        self.journal: Any = None
+        self.pool: Any = None
+        self.scheduler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = ensureDeferred(self._start())
+
+        def failed(f: Any) -> None:
+            self.log.failure("txvmbot daemon failed to start", f)
+            self.ready.errback(f)
+            if self.reactor.running:
+                self.reactor.stop()
+            else:
+                self.reactor.callWhenRunning(self.reactor.stop)
+
+        d.addCallbacks(lambda _: self.ready.callback(None), failed)
+
+    async def _start(self) -> None:
+        from txvmbot.daemon.pool import AmpoulePool
+        from txvmbot.daemon.scheduler import Scheduler
+        from txvmbot.daemon.server import AMPServerFactory
+        from txvmbot.daemon.store import SQLiteJobStore
+        from txvmbot.daemon.upkeep import make_cleaner, make_health_check
+        from txvmbot.journal import SQLiteJournal
+
+        s = self.settings
+        _prepare_data_dir(s.data_dir)
+        self._lockfile = _lock(s.data_dir)
+        if s.log_json:
+            self._json_log = open(s.log_json, "a", encoding="utf-8")  # noqa: SIM115
+            self._json_observer = jsonFileLogObserver(self._json_log)
+            globalLogPublisher.addObserver(self._json_observer)
+        self.store = SQLiteJobStore(os.path.join(s.data_dir, "jobs.sqlite"))
+        self.journal = SQLiteJournal(os.path.join(s.data_dir, "journal.sqlite"))
+        evidence = os.path.join(s.data_dir, "evidence")
+        os.makedirs(evidence, mode=0o700, exist_ok=True)
+        self.pool = AmpoulePool(
+            self.reactor,
+            size=s.workers,
+            recycle_after=s.recycle_after,
+            evidence_root=evidence,
+            env=dict(os.environ),
+        )
+        await self.pool.start()
+        self.scheduler = Scheduler(
+            self.reactor,
+            self.store,
+            self.pool,
+            self.journal,
+            cleaner=make_cleaner(self.reactor, self.journal),
+            caps=dict(s.caps),
+            default_cap=s.default_cap,
+            quarantine_after=s.quarantine_after,
+            health_check=make_health_check(self.reactor, self.store),
+            health_interval=s.health_interval,
+        )
+        await self.scheduler.recover()
+        factory = AMPServerFactory(self.scheduler)
+        for description in s.listen_endpoints:
+            endpoint = self._server_endpoint(description)
+            self._ports.append(await endpoint.listen(factory))
+        self.log.info(
+            "txvmbot daemon ready: {workers} workers, listening on {listen}, data in {data_dir}",
+            workers=s.workers,
+            listen=", ".join(s.listen_endpoints),
+            data_dir=s.data_dir,
+        )
+
+    def _server_endpoint(self, description: str) -> Any:
+        from twisted.internet.endpoints import serverFromString
+
+        kind = description.split(":", 1)[0].lower()
+        if kind == "unix":
+            path = description.split(":")[1]
+            _remove_stale_socket(path)
+            return serverFromString(self.reactor, description)
+        from txvmbot.daemon.tls import tls_server_endpoint
+
+        assert self.settings.tls is not None  # checked when the settings were parsed
+        return tls_server_endpoint(self.reactor, description, self.settings.tls)
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()  # type: ignore[misc]
+        for port in self._ports:
+            await port.stopListening()
+        self._ports = []
+        if self.scheduler is not None:
+            stop = getattr(self.scheduler, "stop", None)
+            if stop is not None:
+                await stop()
+        if self.pool is not None:
+            await self.pool.stop()
+        for thing in (self.store, self.journal):
+            if thing is not None:
+                thing.close()
+        if self._json_observer is not None:
+            globalLogPublisher.removeObserver(self._json_observer)
+        if self._json_log is not None:
+            self._json_log.close()
+        if self._lockfile is not None:
+            self._lockfile.close()
+        self.log.info("txvmbot daemon stopped")

@@ -1,0 +1,201 @@
+"""The daemon's settings: the embedded default, or a ``[daemon]`` table in
+the same TOML file that holds ``[clouds.NAME]``.
+
+Every error names the key (``daemon.workers``) and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import frozen
+
+from txvmbot.errors import ConfigError
+
+_KEYS = (
+    "data_dir",
+    "listen",
+    "workers",
+    "recycle_after",
+    "quarantine_after",
+    "default_cap",
+    "caps",
+    "health_interval",
+    "tls",
+    "log_json",
+)
+_TLS_KEYS = ("ca", "cert", "key")
+
+
+@frozen
+class TLSFiles:
+    """PEM files for a TCP listener: the daemon's certificate and key, and
+    the CA that client certificates must be signed by."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@frozen
+class DaemonSettings:
+    data_dir: str
+    listen: tuple[str, ...] = ()
+    workers: int = 2
+    recycle_after: int = 50
+    quarantine_after: int = 3
+    default_cap: int = 4
+    caps: tuple[tuple[str, int], ...] = ()
+    health_interval: float = 60.0
+    tls: TLSFiles | None = None
+    log_json: str | None = None
+    config_path: str | None = None
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.data_dir, "txvmbot.sock")
+
+    @property
+    def listen_endpoints(self) -> tuple[str, ...]:
+        """What to listen on: the configured endpoints, else the unix socket
+        in the data dir, mode 0600."""
+        if self.listen:
+            return self.listen
+        return (f"unix:{self.socket_path}:mode=600",)
+
+
+def default_data_dir(environ: Mapping[str, str] = os.environ) -> str:
+    """The same state dir ``txvmbot check`` uses, so clients find the
+    daemon's socket without being told."""
+    from txvmbot.cli import state_dir_for
+
+    return state_dir_for(None, None, environ)
+
+
+def embedded_default(environ: Mapping[str, str] = os.environ) -> DaemonSettings:
+    return DaemonSettings(data_dir=default_data_dir(environ))
+
+
+def _where(key: str) -> str:
+    return f"daemon.{key}"
+
+
+def _int(key: str, value: object, src: str, minimum: int = 1, maximum: int = 10_000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(_where(key), f"expected a whole number, found {value!r}{src}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(_where(key), f"must be from {minimum} to {maximum}, got {value}{src}")
+    return value
+
+
+def _str(key: str, value: object, src: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(_where(key), f"expected a non-empty string, found {value!r}{src}")
+    return value
+
+
+def check_listen(endpoint: str, has_tls: bool, where: str = "daemon.listen", src: str = "") -> str:
+    """Only unix sockets and TLS with client certificates may listen: a
+    plain TCP listener would serve anyone who can reach the port."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind == "unix":
+        return endpoint
+    if kind in ("tcp", "tcp6"):
+        raise ConfigError(
+            where,
+            f"{endpoint!r}: a plain TCP listener would serve unauthenticated clients; "
+            f"use ssl:PORT:interface=ADDR with a [daemon.tls] table (ca, cert, key){src}",
+        )
+    if kind == "ssl":
+        if not has_tls:
+            raise ConfigError(
+                where, f"{endpoint!r} needs a [daemon.tls] table with ca, cert and key{src}"
+            )
+        return endpoint
+    raise ConfigError(where, f"{endpoint!r}: listen on unix:PATH or ssl:PORT, not {kind!r}{src}")
+
+
+def parse_daemon_table(
+    table: Mapping[str, Any], path: str, environ: Mapping[str, str] = os.environ
+) -> DaemonSettings:
+    src = f" (in {path})"
+    base = os.path.dirname(path)
+    for key in table:
+        if key not in _KEYS:
+            raise ConfigError(
+                _where(key), f"unknown key; expected one of {', '.join(sorted(_KEYS))}{src}"
+            )
+
+    def rel(p: str) -> str:
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.join(base, p)
+
+    tls = None
+    if "tls" in table:
+        t = table["tls"]
+        if not isinstance(t, Mapping):
+            raise ConfigError("daemon.tls", f"expected a table with ca, cert and key{src}")
+        for key in t:
+            if key not in _TLS_KEYS:
+                raise ConfigError(f"daemon.tls.{key}", f"unknown key; expected ca, cert, key{src}")
+        missing = [k for k in _TLS_KEYS if k not in t]
+        if missing:
+            raise ConfigError(f"daemon.tls.{missing[0]}", f"required{src}")
+        tls = TLSFiles(*(rel(_str(f"tls.{k}", t[k], src)) for k in _TLS_KEYS))
+
+    listen: tuple[str, ...] = ()
+    if "listen" in table:
+        raw = table["listen"]
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items:
+            raise ConfigError("daemon.listen", f"expected endpoint strings, found {raw!r}{src}")
+        listen = tuple(
+            check_listen(_str("listen", e, src), tls is not None, "daemon.listen", src) for e in items
+        )
+
+    caps: dict[str, int] = {}
+    if "caps" in table:
+        c = table["caps"]
+        if not isinstance(c, Mapping):
+            raise ConfigError("daemon.caps", f"expected a table of backend = number{src}")
+        for name, v in c.items():
+            caps[name] = _int(f"caps.{name}", v, src)
+
+    health = table.get("health_interval", 60.0)
+    if isinstance(health, bool) or not isinstance(health, int | float) or health <= 0:
+        raise ConfigError("daemon.health_interval", f"expected seconds > 0, found {health!r}{src}")
+
+    return DaemonSettings(
+        data_dir=rel(_str("data_dir", table["data_dir"], src))
+        if "data_dir" in table
+        else default_data_dir(environ),
+        listen=listen,
+        workers=_int("workers", table.get("workers", 2), src, maximum=256),
+        recycle_after=_int("recycle_after", table.get("recycle_after", 50), src),
+        quarantine_after=_int("quarantine_after", table.get("quarantine_after", 3), src),
+        default_cap=_int("default_cap", table.get("default_cap", 4), src),
+        caps=tuple(sorted(caps.items())),
+        health_interval=float(health),
+        tls=tls,
+        log_json=rel(_str("log_json", table["log_json"], src)) if "log_json" in table else None,
+        config_path=path,
+    )
+
+
+def load(path: str, environ: Mapping[str, str] = os.environ) -> DaemonSettings:
+    """The ``[daemon]`` table of the TOML file at ``path`` (the embedded
+    defaults for whatever it leaves out)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    table = data.get("daemon", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError("daemon", f"expected a [daemon] table (in {path})")
+    return parse_daemon_table(table, path, environ)
