@@ -59,6 +59,11 @@ class IWorkerPool(Interface):
         with WorkerDied (exit status, stderr tail) or CancelledError when
         cancelled (the worker then runs cleanup before it answers)."""
 
+    def cancel(job_id: str, reason: str) -> None:
+        """Cancel the running job: the worker stops at its current step and
+        cleans up; the job's run() Deferred then fires with the cancelled
+        CheckResult."""
+
     def stop() -> Any:
         """Stop all workers; Deferred."""
 

@@ -1,0 +1,838 @@
+"""The scheduler: a queue of jobs, pull-based dispatch to a pool of workers,
+per-backend caps, drain and quarantine, and recovery after a crash.
+
+Dispatch is pull-based (seed 002: static partitioning left workers idle for
+twelve minutes): whenever a job arrives, a worker frees or a backend changes
+state, free workers take the next runnable jobs at once. The next job is the
+one with the highest priority, then the earliest ``submitted`` time, then
+the earliest submission, among the backends that are active and below their
+cap. Each backend keeps its own heap, so choosing a job costs
+O(B + log n) for B backends and n queued jobs, never a scan of the queue.
+
+A job's life::
+
+    queued -> running -> cleaning -> passed | failed | cancelled | error
+       ^         |           |
+       +---------+-----------+   (infrastructure failure with attempts left)
+
+``cleaning`` starts with the first ``cleanup ...`` step the worker reports,
+or when the daemon itself cleans up after a worker died or the daemon
+restarted. Every change is written to the store and told to watchers as a
+:class:`~txvmbot.jobs.JobEvent` (kind ``state``); so is every step event
+(kind ``step``).
+
+Infrastructure failures (a worker that died, a cloud that keeps failing at
+the transport level) are told apart from failed checks: the job's resources
+are cleaned by the injected ``cleaner`` and the job is retried while it has
+attempts left; a backend with ``quarantine_after`` of them in a row is
+quarantined (its jobs wait) until a health check passes (seed 003: a broken
+host must not eat the queue, and an operator must be able to take a backend
+out while jobs run).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from functools import partial
+from typing import Any, Literal, Protocol
+from uuid import uuid4
+
+import attrs
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txvmbot.daemon.interfaces import IJobStore, IScheduler
+from txvmbot.errors import UnknownJob, WorkerDied
+from txvmbot.jobs import (
+    FINAL_STATES,
+    BackendState,
+    BackendStatus,
+    DaemonStatus,
+    Job,
+    JobEvent,
+    JobSpec,
+    JobState,
+)
+from txvmbot.model import CheckResult, StepEvent
+
+__all__ = ["API_VERSION", "Scheduler", "WorkerPool", "is_infrastructure_failure"]
+
+#: The version of the daemon's status and job values, reported by status().
+API_VERSION = 1
+
+Listener = Callable[[JobEvent], object]
+Cleaner = Callable[[Job], Deferred[tuple[str, ...]]]
+HealthCheck = Callable[[str], Deferred[bool]]
+
+
+class WorkerPool(Protocol):
+    """What the scheduler needs of a pool: IWorkerPool plus ``cancel``."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
+
+    def run(
+        self, job: Job, on_event: Callable[[StepEvent], None], journal: Any
+    ) -> Deferred[CheckResult]: ...
+
+    def cancel(self, job_id: str, reason: str) -> object: ...
+
+
+_INFRASTRUCTURE = re.compile(
+    r"TransportError|WorkerDied|worker running job \S+ died|gave up after|\bHTTP 5\d\d\b"
+)
+
+
+def is_infrastructure_failure(error: str) -> bool:
+    """Whether a failed check's ``error`` blames the infrastructure (the
+    transport, an exhausted retry, a 5xx from the cloud, a dead worker)
+    rather than what the check tested. Those count towards a backend's
+    quarantine; other failures reset the count."""
+    return bool(_INFRASTRUCTURE.search(error))
+
+
+# The job state machine, written down: state -> the states it may go to.
+_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled"}),
+    "running": frozenset({"cleaning"} | FINAL_STATES),
+    # queued again: an infrastructure failure with attempts left;
+    # cleaning again: recovery of a job the daemon died under while cleaning.
+    "cleaning": frozenset({"queued", "cleaning"} | FINAL_STATES),
+}
+
+_QueueKey = tuple[int, float, int, str]  # (-priority, submitted, order, job id)
+
+
+@attrs.define(eq=False)
+class _Active:
+    """An unfinished job and what the scheduler knows about it."""
+
+    job: Job
+    order: int
+    last_event: int = 0
+    cancel_reason: str | None = None
+    bound_call: IDelayedCall | None = None
+    waiters: list[Deferred[Job]] = attrs.Factory(list)
+    watchers: dict[int, Listener] = attrs.Factory(dict)
+
+
+@attrs.define(eq=False)
+class _Backend:
+    name: str
+    cap: int
+    # A heap of queue keys; entries of jobs no longer queued (cancelled) stay
+    # until they reach the top and are skipped there.
+    heap: list[_QueueKey] = attrs.Factory(list)
+    queued: int = 0
+    # Jobs holding a worker (and a place under the cap).
+    running: set[str] = attrs.Factory(set)
+    # Jobs the daemon cleans up itself (worker died, daemon restarted).
+    cleaning: set[str] = attrs.Factory(set)
+    draining: bool = False
+    quarantined: bool = False
+    consecutive_failures: int = 0
+    reason: str = ""
+    health_note: str = ""
+    health_call: IDelayedCall | None = None
+    health_waiters: list[Deferred[None]] | None = None
+
+    @property
+    def state(self) -> BackendState:
+        if self.quarantined:
+            return "quarantined"
+        if self.draining:
+            return "draining"
+        return "active"
+
+    @property
+    def takes_jobs(self) -> bool:
+        return (
+            self.queued > 0
+            and not self.quarantined
+            and not self.draining
+            and len(self.running) < self.cap
+        )
+
+
+def _new_id() -> str:
+    return uuid4().hex[:12]
+
+
+def _describe(failure: Failure) -> str:
+    text = str(failure.value)
+    name = failure.type.__name__ if failure.type is not None else "error"
+    return f"{name}: {text}" if text else name
+
+
+@implementer(IScheduler)
+class Scheduler:
+    """Queues jobs, hands them to a worker pool, and keeps the store and the
+    watchers told.
+
+    :param clock: schedules the per-job bounds and the health checks.
+    :param store: an IJobStore; the scheduler is its only writer.
+    :param pool: runs a job in a worker (IWorkerPool plus ``cancel(job_id,
+        reason)``, which makes the job's Deferred fire once the worker has
+        cleaned up).
+    :param journal: the cleanup journal handed to the pool with each job.
+    :param cleaner: cleans a job's resources (from the journal and by tag)
+        when its worker died or the daemon restarted under it; fires with a
+        tuple of error descriptions, empty when all went.
+    :param caps: per-backend caps on running jobs; ``default_cap`` for the
+        others.
+    :param quarantine_after: consecutive infrastructure failures that
+        quarantine a backend.
+    :param health_check: tells whether a quarantined backend works again;
+        tried every ``health_interval`` seconds and on ``resume``. Without
+        one a quarantine lasts until an operator resumes the backend.
+    :param new_id: makes job ids.
+    :param wall: epoch seconds, for job and event times.
+
+    A job's ``bound`` runs from the start of each attempt (time spent queued
+    does not count); when it passes, the job is cancelled with the reason
+    "passed its bound of Ns". The scheduler never has more than
+    ``pool.size`` jobs in the pool: it counts a worker free when the job's
+    Deferred fires, so the pool must be ready for the next ``run`` by then.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IJobStore,
+        pool: WorkerPool,
+        journal: Any,
+        *,
+        cleaner: Cleaner,
+        caps: Mapping[str, int] = {},  # noqa: B006 - read only
+        default_cap: int = 4,
+        quarantine_after: int = 3,
+        health_check: HealthCheck | None = None,
+        health_interval: float = 60.0,
+        new_id: Callable[[], str] = _new_id,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if default_cap < 1 or any(c < 1 for c in caps.values()):
+            raise ValueError("backend caps must be at least 1")
+        if quarantine_after < 1:
+            raise ValueError("quarantine_after must be at least 1")
+        self._clock = clock
+        self._store = store
+        self._pool = pool
+        self._journal = journal
+        self._cleaner = cleaner
+        self._caps = dict(caps)
+        self._default_cap = default_cap
+        self._quarantine_after = quarantine_after
+        self._health_check = health_check
+        self._health_interval = health_interval
+        self._new_id = new_id
+        self._wall = wall
+        self._order = itertools.count()
+        self._active: dict[str, _Active] = {}
+        self._backends: dict[str, _Backend] = {}
+        self._queued: dict[str, _QueueKey] = {}
+        self._in_pool: set[str] = set()
+        self._watch_keys = itertools.count()
+        self._dispatching = False
+        self._dispatch_again = False
+        self._stopped = False
+        for name in self._caps:
+            self._backend(name)
+
+    # --- IScheduler ---------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Queue ``spec``; return the Job as stored (state queued). It may
+        have started by the time this returns."""
+        job = Job(id=self._new_id(), spec=spec, state="queued", submitted=float(self._wall()))
+        self._store.add(job)
+        active = _Active(job=job, order=next(self._order))
+        self._active[job.id] = active
+        self._emit(active, "state", "queued")
+        self.log.info(
+            "Job {job_id} queued for {backend} (priority {priority})",
+            job_id=job.id,
+            backend=spec.backend,
+            priority=spec.priority,
+        )
+        self._enqueue(active)
+        self._dispatch()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        active = self._active.get(job_id)
+        if active is not None:
+            return active.job
+        job: Job | None = self._store.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return job
+
+    def list(
+        self,
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: float | None = None,
+    ) -> list[Job]:
+        """Jobs, newest first; ``before`` (a ``submitted`` time) pages on."""
+        jobs: list[Job] = self._store.list(
+            states=states, backend=backend, limit=limit, before=before
+        )
+        return jobs
+
+    def watch(self, job_id: str, after_seq: int, listener: Listener) -> Callable[[], None]:
+        """Tell ``listener`` the job's events after ``after_seq``: the stored
+        ones now, then new ones as they happen, up to and including the one
+        that makes the job final. Returns a callable that stops it. Raises
+        UnknownJob. A listener that raises is logged and dropped."""
+        active = self._active.get(job_id)
+        if active is None and self._store.get(job_id) is None:
+            raise UnknownJob(job_id)
+        events: list[JobEvent] = self._store.events(job_id, after_seq)
+        for event in events:
+            if not self._tell(listener, event):
+                return _nothing
+        active = self._active.get(job_id)
+        if active is None:
+            return _nothing
+        key = next(self._watch_keys)
+        active.watchers[key] = listener
+        watchers = active.watchers
+
+        def stop() -> None:
+            watchers.pop(key, None)
+
+        return stop
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
+        """Cancel a job: a queued one at once; a running one through the
+        pool, final once its worker has cleaned up. Fires with the final Job
+        (at once for a job already final); fails with UnknownJob."""
+        active = self._active.get(job_id)
+        if active is None:
+            job: Job | None = self._store.get(job_id)
+            if job is None:
+                return fail(UnknownJob(job_id))
+            return succeed(job)
+        d: Deferred[Job] = Deferred()
+        active.waiters.append(d)
+        self._request_cancel(active, reason)
+        return d
+
+    def drain(self, backend: str) -> BackendStatus:
+        """Stop starting jobs on ``backend``; running ones finish, queued
+        ones wait for :meth:`resume`."""
+        b = self._backend(backend)
+        if not b.draining:
+            b.draining = True
+            self.log.info("Backend {backend} draining", backend=backend)
+        return self._backend_status(b)
+
+    def resume(self, backend: str) -> Deferred[BackendStatus]:
+        """Undo :meth:`drain`. A quarantined backend runs its health check
+        first and becomes active only if it passes; otherwise it stays
+        quarantined and the BackendStatus's ``reason`` says why. (Without a
+        health check, resume lifts the quarantine: the operator vouches.)"""
+        b = self._backend(backend)
+        if b.draining:
+            b.draining = False
+            self.log.info("Backend {backend} resumed", backend=backend)
+        if b.quarantined:
+            if self._health_check is None:
+                self._end_quarantine(b, "resumed by the operator (no health check configured)")
+            else:
+                return self._check_health(b).addCallback(lambda _: self._backend_status(b))
+        self._dispatch()
+        return succeed(self._backend_status(b))
+
+    def status(self) -> DaemonStatus:
+        """Workers, queue and backends. A backend's ``running`` counts the
+        jobs holding a worker (what its cap limits); the daemon's ``running``
+        counts every job in state running or cleaning, including those the
+        daemon is cleaning up itself after a worker died."""
+        return DaemonStatus(
+            api_version=API_VERSION,
+            workers=self._pool.size,
+            busy_workers=self._pool.busy,
+            queue_depth=len(self._queued),
+            running=len(self._active) - len(self._queued),
+            backends=tuple(
+                self._backend_status(self._backends[name]) for name in sorted(self._backends)
+            ),
+        )
+
+    # --- start-up and shut-down ----------------------------------------------------
+
+    def recover(self) -> Deferred[None]:
+        """Take back the jobs the store holds unfinished, after a crash or a
+        stop. Queued ones keep their places. Ones the daemon died under
+        (running, cleaning) are cleaned by the cleaner, then queued again if
+        they have attempts left, else ended as ``error``; either way with
+        the reason "daemon restarted". Call once at start-up, after the pool
+        started and before clients can submit. Fires when every cleanup has
+        run; queued jobs start at once."""
+        queued = 0
+        interrupted: list[_Active] = []
+        for job in self._store.unfinished():
+            if job.id in self._active:
+                continue
+            active = _Active(job=job, order=next(self._order), last_event=self._last_seq(job.id))
+            self._active[job.id] = active
+            if job.state == "queued":
+                self._enqueue(active)
+                queued += 1
+            else:
+                interrupted.append(active)
+        self.log.info(
+            "Recovered {queued} queued jobs and {interrupted} the daemon died under",
+            queued=queued,
+            interrupted=len(interrupted),
+        )
+        cleanups = []
+        for active in interrupted:
+            self.log.error(
+                "Job {job_id} was {state} on {backend} when the daemon stopped; cleaning up",
+                job_id=active.job.id,
+                state=active.job.state,
+                backend=active.job.spec.backend,
+            )
+            cleanups.append(self._clean_up(active, "daemon restarted"))
+        self._dispatch()
+        done = gatherResults(cleanups, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    def stop(self) -> Deferred[None]:
+        """Stop starting jobs and cancel the scheduler's timers; call before
+        stopping the pool. Jobs the pool's stop interrupts (cancelled, or
+        their worker gone) stay running in the store, and the next
+        :meth:`recover` cleans them up and retries them (the interrupted
+        attempt counts). Results that do arrive are recorded. Fires at once."""
+        self._stopped = True
+        for active in self._active.values():
+            self._cancel_bound(active)
+        for b in self._backends.values():
+            if b.health_call is not None and b.health_call.active():
+                b.health_call.cancel()
+            b.health_call = None
+        return succeed(None)
+
+    # --- the queue ---------------------------------------------------------------
+
+    def _backend(self, name: str) -> _Backend:
+        b = self._backends.get(name)
+        if b is None:
+            b = self._backends[name] = _Backend(name, self._caps.get(name, self._default_cap))
+        return b
+
+    def _backend_status(self, b: _Backend) -> BackendStatus:
+        reason = b.reason
+        if b.quarantined and b.health_note:
+            reason = f"{reason}; {b.health_note}"
+        return BackendStatus(
+            name=b.name,
+            capacity=b.cap,
+            running=len(b.running),
+            queued=b.queued,
+            state=b.state,
+            consecutive_failures=b.consecutive_failures,
+            reason=reason,
+        )
+
+    def _enqueue(self, active: _Active) -> None:
+        job = active.job
+        key: _QueueKey = (-job.spec.priority, job.submitted, active.order, job.id)
+        b = self._backend(job.spec.backend)
+        self._queued[job.id] = key
+        heapq.heappush(b.heap, key)
+        b.queued += 1
+
+    def _unqueue(self, active: _Active) -> None:
+        if self._queued.pop(active.job.id, None) is not None:
+            self._backends[active.job.spec.backend].queued -= 1
+
+    def _head(self, b: _Backend) -> _QueueKey:
+        """The first queued job of ``b`` (which has one), dropping stale
+        entries on the way."""
+        heap = b.heap
+        while self._queued.get(heap[0][3]) != heap[0]:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def _dispatch(self) -> None:
+        """Start queued jobs while a worker is free and some backend takes
+        jobs. Re-entrant calls (a pool that answers at once) loop here."""
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            again = True
+            while again:
+                self._dispatch_again = False
+                while not self._stopped and len(self._in_pool) < self._pool.size:
+                    best: tuple[_QueueKey, _Backend] | None = None
+                    for b in self._backends.values():
+                        if b.takes_jobs:
+                            head = self._head(b)
+                            if best is None or head < best[0]:
+                                best = (head, b)
+                    if best is None:
+                        break
+                    key, b = best
+                    heapq.heappop(b.heap)
+                    del self._queued[key[3]]
+                    b.queued -= 1
+                    self._start(self._active[key[3]], b)
+                again = self._dispatch_again
+        finally:
+            self._dispatching = False
+
+    # --- running a job ------------------------------------------------------------
+
+    def _start(self, active: _Active, b: _Backend) -> None:
+        job = active.job
+        b.running.add(job.id)
+        self._in_pool.add(job.id)
+        self._set_state(
+            active,
+            "running",
+            started=float(self._wall()),
+            attempts=job.attempts + 1,
+            reason="",
+            result=None,
+        )
+        active.bound_call = self._clock.callLater(job.spec.bound, self._bound_passed, job.id)
+        try:
+            d = self._pool.run(active.job, partial(self._on_step, job.id), self._journal)
+        except Exception:
+            d = fail()
+        d.addBoth(self._pool_done, job.id)
+        d.addErrback(self._bug, "handling the end of job {job_id}", job.id)
+
+    def _on_step(self, job_id: str, event: StepEvent) -> None:
+        active = self._active.get(job_id)
+        if active is None or job_id not in self._in_pool:
+            self.log.warn(
+                "Step event {step} for job {job_id}, which is not running; ignored",
+                step=event.name,
+                job_id=job_id,
+            )
+            return
+        if active.job.state == "running" and (
+            event.name == "cleanup" or event.name.startswith("cleanup ")
+        ):
+            self._set_state(active, "cleaning")
+        self._emit(active, "step", event.state, step=event.name, detail=event.detail, at=event.at)
+
+    def _bound_passed(self, job_id: str) -> None:
+        active = self._active.get(job_id)
+        if active is None:
+            return
+        active.bound_call = None
+        reason = f"passed its bound of {active.job.spec.bound:g}s"
+        self.log.warn("Job {job_id} {reason}; cancelling", job_id=job_id, reason=reason)
+        self._request_cancel(active, reason)
+
+    def _cancel_bound(self, active: _Active) -> None:
+        if active.bound_call is not None and active.bound_call.active():
+            active.bound_call.cancel()
+        active.bound_call = None
+
+    def _request_cancel(self, active: _Active, reason: str) -> None:
+        job_id = active.job.id
+        if active.job.state == "queued":
+            self._unqueue(active)
+            self._set_state(active, "cancelled", reason=reason)
+            self._dispatch()
+            return
+        if active.cancel_reason is not None:
+            return
+        active.cancel_reason = reason
+        self.log.info("Cancelling job {job_id}: {reason}", job_id=job_id, reason=reason)
+        if job_id in self._in_pool:
+            try:
+                self._pool.cancel(job_id, reason)
+            except Exception:
+                self.log.failure("While asking the pool to cancel job {job_id}", job_id=job_id)
+        # Otherwise the daemon is cleaning up after it; it ends cancelled then.
+
+    def _pool_done(self, outcome: CheckResult | Failure, job_id: str) -> None:
+        self._in_pool.discard(job_id)
+        active = self._active[job_id]
+        self._cancel_bound(active)
+        b = self._backends[active.job.spec.backend]
+        b.running.discard(job_id)
+        if isinstance(outcome, Failure):
+            if outcome.check(CancelledError):
+                self._set_state(active, "cancelled", reason=active.cancel_reason or "cancelled")
+            elif self._stopped:
+                self.log.info(
+                    "Job {job_id} interrupted by the daemon stopping: {why}",
+                    job_id=job_id,
+                    why=_describe(outcome),
+                )
+            else:
+                self._worker_failed(active, b, outcome)
+        elif self._stopped and _interrupted(outcome) and active.cancel_reason is None:
+            self.log.info(
+                "Job {job_id} interrupted by the daemon stopping: {why}",
+                job_id=job_id,
+                why=outcome.error,
+            )
+        else:
+            self._finished(active, b, outcome)
+        self._dispatch()
+
+    def _finished(self, active: _Active, b: _Backend, result: CheckResult) -> None:
+        state: JobState
+        if result.passed:
+            state, reason = "passed", ""
+            b.consecutive_failures = 0
+        elif active.cancel_reason is not None:
+            state, reason = "cancelled", active.cancel_reason
+        else:
+            state, reason = "failed", result.error
+            if is_infrastructure_failure(result.error):
+                self.log.error(
+                    "Job {job_id} on {backend} failed in the infrastructure: {error}",
+                    job_id=active.job.id,
+                    backend=b.name,
+                    error=result.error,
+                )
+                self._backend_failed(b, result.error)
+            else:
+                b.consecutive_failures = 0
+        self._set_state(active, state, reason=reason, result=result)
+
+    def _worker_failed(self, active: _Active, b: _Backend, failure: Failure) -> None:
+        job_id = active.job.id
+        if failure.check(WorkerDied):
+            reason = str(failure.value)
+            self.log.error(
+                "Job {job_id} on {backend}: {reason}", job_id=job_id, backend=b.name, reason=reason
+            )
+        else:
+            reason = _describe(failure)
+            self.log.failure(
+                "The pool failed job {job_id} on {backend}",
+                failure,
+                job_id=job_id,
+                backend=b.name,
+            )
+        self._backend_failed(b, reason)
+        self._clean_up(active, reason)
+
+    def _clean_up(self, active: _Active, reason: str) -> Deferred[None]:
+        """Clean up after a job whose worker is gone, then retry or end it."""
+        job = active.job
+        b = self._backend(job.spec.backend)
+        b.cleaning.add(job.id)
+        self._set_state(active, "cleaning", reason=reason)
+        d: Deferred[None] = maybeDeferred(self._cleaner, active.job).addBoth(
+            self._cleaned, job.id, reason
+        )
+        d.addErrback(self._bug, "cleaning up after job {job_id}", job.id)
+        return d
+
+    def _cleaned(self, outcome: tuple[str, ...] | Failure, job_id: str, reason: str) -> None:
+        active = self._active[job_id]
+        job = active.job
+        b = self._backends[job.spec.backend]
+        b.cleaning.discard(job_id)
+        if isinstance(outcome, Failure):
+            self.log.failure("While cleaning up after job {job_id}", outcome, job_id=job_id)
+        elif outcome:
+            self.log.error(
+                "Cleanup after job {job_id} left errors (the reaper will find what is left):"
+                " {errors}",
+                job_id=job_id,
+                errors="; ".join(outcome),
+            )
+        if active.cancel_reason is not None:
+            self._set_state(active, "cancelled", reason=active.cancel_reason)
+        elif job.attempts < job.spec.max_attempts:
+            self.log.info(
+                "Job {job_id} queued again (attempt {attempt} of {max_attempts}) after: {reason}",
+                job_id=job_id,
+                attempt=job.attempts + 1,
+                max_attempts=job.spec.max_attempts,
+                reason=reason,
+            )
+            self._set_state(active, "queued", reason=reason)
+            self._enqueue(active)
+        else:
+            self._set_state(active, "error", reason=reason)
+        self._dispatch()
+
+    # --- backends -------------------------------------------------------------------
+
+    def _backend_failed(self, b: _Backend, reason: str) -> None:
+        b.consecutive_failures += 1
+        if b.consecutive_failures < self._quarantine_after:
+            return
+        b.reason = f"{b.consecutive_failures} infrastructure failures in a row; last: {reason}"
+        if not b.quarantined:
+            b.quarantined = True
+            b.health_note = ""
+            self.log.error(
+                "Backend {backend} quarantined: {reason}", backend=b.name, reason=b.reason
+            )
+            self._schedule_health(b)
+
+    def _end_quarantine(self, b: _Backend, why: str) -> None:
+        b.quarantined = False
+        b.consecutive_failures = 0
+        b.reason = b.health_note = ""
+        if b.health_call is not None and b.health_call.active():
+            b.health_call.cancel()
+        b.health_call = None
+        self.log.info("Backend {backend} active again: {why}", backend=b.name, why=why)
+        self._dispatch()
+
+    def _schedule_health(self, b: _Backend) -> None:
+        if self._health_check is None or self._stopped or not b.quarantined:
+            return
+        if b.health_call is None or not b.health_call.active():
+            b.health_call = self._clock.callLater(self._health_interval, self._health_tick, b)
+
+    def _health_tick(self, b: _Backend) -> None:
+        b.health_call = None
+        self._check_health(b).addCallback(lambda _: self._schedule_health(b))
+
+    def _check_health(self, b: _Backend) -> Deferred[None]:
+        """Run the health check of quarantined ``b`` (once at a time); fires
+        when it has answered and the backend's state follows the answer."""
+        waiter: Deferred[None] = Deferred()
+        if b.health_waiters is not None:
+            b.health_waiters.append(waiter)
+            return waiter
+        b.health_waiters = [waiter]
+        check = self._health_check
+        assert check is not None
+
+        def answered(outcome: object) -> None:
+            waiters, b.health_waiters = b.health_waiters or [], None
+            if not b.quarantined:
+                pass
+            elif outcome is True:
+                self._end_quarantine(b, "health check passed")
+            else:
+                if isinstance(outcome, Failure):
+                    note = f"health check failed: {_describe(outcome)}"
+                else:
+                    note = f"health check did not pass (answered {outcome!r})"
+                b.health_note = note
+                self.log.error(
+                    "Backend {backend} stays quarantined: {note}", backend=b.name, note=note
+                )
+            for w in waiters:
+                w.callback(None)
+
+        maybeDeferred(check, b.name).addBoth(answered)
+        return waiter
+
+    # --- state, events, watchers --------------------------------------------------------
+
+    def _set_state(self, active: _Active, state: JobState, **changes: Any) -> None:
+        old = active.job
+        if state not in _TRANSITIONS.get(old.state, frozenset()):
+            raise AssertionError(f"job {old.id}: {old.state} -> {state} is not a transition")
+        final = state in FINAL_STATES
+        if final:
+            changes["finished"] = float(self._wall())
+        job = attrs.evolve(old, state=state, **changes)
+        self._store.update(job)
+        active.job = job
+        self._emit(active, "state", state, detail=job.reason)
+        if state != old.state:
+            self.log.info(
+                "Job {job_id} {old} -> {new}{why}",
+                job_id=job.id,
+                old=old.state,
+                new=state,
+                why=f": {job.reason}" if job.reason else "",
+            )
+        if final:
+            self._cancel_bound(active)
+            del self._active[job.id]
+            active.watchers.clear()
+            waiters, active.waiters = active.waiters, []
+            for d in waiters:
+                d.callback(job)
+
+    def _emit(
+        self,
+        active: _Active,
+        kind: Literal["state", "step"],
+        state: str,
+        *,
+        step: str = "",
+        detail: str = "",
+        at: float | None = None,
+    ) -> None:
+        active.last_event += 1
+        event = JobEvent(
+            job_id=active.job.id,
+            seq=active.last_event,
+            at=float(self._wall()) if at is None else float(at),
+            kind=kind,
+            state=state,
+            step=step,
+            detail=detail,
+        )
+        self._store.add_event(event)
+        for key, listener in list(active.watchers.items()):
+            if not self._tell(listener, event):
+                active.watchers.pop(key, None)
+
+    def _tell(self, listener: Listener, event: JobEvent) -> bool:
+        try:
+            listener(event)
+        except Exception:
+            self.log.failure("Watcher of job {job_id} failed; it is dropped", job_id=event.job_id)
+            return False
+        return True
+
+    def _last_seq(self, job_id: str) -> int:
+        last = getattr(self._store, "last_event_seq", None)
+        if last is not None:
+            return int(last(job_id))
+        events = self._store.events(job_id)
+        return events[-1].seq if events else 0
+
+    def _bug(self, failure: Failure, what: str, job_id: str) -> None:
+        self.log.failure("Bug while " + what, failure, job_id=job_id)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _interrupted(result: CheckResult) -> bool:
+    """Whether ``result`` is that of a check cancelled under it (the pool
+    cancels every job when it stops)."""
+    if result.passed:
+        return False
+    return result.error.lower().startswith("cancelled") or any(
+        step.outcome == "cancelled" for step in result.steps
+    )
