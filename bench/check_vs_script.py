@@ -194,7 +194,7 @@ def startup_costs(env: dict[str, str], runs: int) -> dict[str, float]:
     cmds = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "python -m txvmbot --help": checkrun.txvmbot_cmd("--help"),
-        "python: import botocore model": [
+        "python: import txvmbot.ec2 + load ec2 model": [
             sys.executable,
             "-c",
             "from txvmbot.ec2 import _botocore as b; b.api_version()",

@@ -219,11 +219,19 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
         self.assertEqual(again.pending("c"), [b, a])
         self.assertEqual(again.intend("c", "k", "n", "e", "r").seq, 4)
 
-    def test_wal_and_synchronous_full(self) -> None:
+    def test_wal_and_synchronous_normal_by_default(self) -> None:
         j = self.make(FakeTime())
         self.assertEqual(self.raw().execute("PRAGMA journal_mode").fetchone()[0], "wal")
-        # synchronous is per connection: FULL == 2.
+        # synchronous is per connection: NORMAL == 1 (survives a killed
+        # process in WAL mode), FULL == 2 (also survives power loss).
+        self.assertEqual(j._db.execute("PRAGMA synchronous").fetchone()[0], 1)
+
+    def test_synchronous_full_on_request(self) -> None:
+        j = SQLiteJournal(self.path, synchronous="FULL")
+        self.addCleanup(j.close)
         self.assertEqual(j._db.execute("PRAGMA synchronous").fetchone()[0], 2)
+        with self.assertRaises(ValueError):
+            SQLiteJournal(self.path, synchronous="OFF")  # type: ignore[arg-type]
 
     def test_schema_version(self) -> None:
         self.make(FakeTime())
