@@ -3,6 +3,13 @@
 A config file names clouds::
 
     state_dir = "/var/lib/txvmbot"          # optional
+    connect = "unix:path=/var/lib/txvmbot/txvmbot.sock"   # optional: where the daemon is
+
+    [tls]                                    # for connect = "tcp:host=H:port=P"
+    ca = "ca.pem"                            # the CA that signed the daemon's certificate
+    cert = "client.pem"                      # our client certificate, signed by the
+    key = "client.key"                       #   daemon's CA, and its key
+    server_name = "daemon.example.com"       # optional: default the host= of connect
 
     [clouds.prod]
     endpoint = "https://ec2.example.com/services/compute"
@@ -53,6 +60,7 @@ from txvmbot.model import CheckSpec, Cloud, Credentials, RetryPolicy, Timeouts
 
 __all__ = [
     "CheckSettings",
+    "ClientTLSSettings",
     "CloudConfig",
     "CloudSettings",
     "Config",
@@ -324,12 +332,27 @@ class CloudConfig:
 
 
 @frozen
+class ClientTLSSettings:
+    """The ``[tls]`` table: PEM files a client uses to reach the daemon over
+    TCP (paths already made relative to the config file's directory)."""
+
+    ca: str
+    cert: str
+    key: str
+    server_name: str | None = None
+
+
+@frozen
 class Config:
-    """A parsed config file."""
+    """A parsed config file. ``connect`` and ``tls`` say how clients reach
+    the daemon; the ``[daemon]`` table is the daemon's own
+    (:mod:`txvmbot.daemon.settings`) and is not parsed here."""
 
     path: str
     clouds: tuple[CloudConfig, ...] = ()
     state_dir: str | None = None
+    connect: str | None = None
+    tls: ClientTLSSettings | None = None
 
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.clouds)
@@ -394,15 +417,35 @@ def parse_config(data: Mapping[str, Any], path: str) -> Config:
     """
     src = _in(path)
     base = os.path.dirname(path)
-    _reject_unknown("", data, ("clouds", "state_dir"), src)
+    _reject_unknown("", data, ("clouds", "state_dir", "connect", "tls", "daemon"), src)
     state_dir = None
     if "state_dir" in data:
         state_dir = _relative_to(base, check_str("state_dir", data["state_dir"], src))
+    connect = None
+    if "connect" in data:
+        connect = check_str("connect", data["connect"], src)
+    tls = None
+    if "tls" in data:
+        tls = _parse_client_tls(_check_table("tls", data["tls"], src), src, base)
     clouds: list[CloudConfig] = []
     tables = _check_table("clouds", data.get("clouds", {}), src)
     for name, table in tables.items():
         clouds.append(_parse_cloud(name, table, src, base))
-    return Config(path=path, clouds=tuple(clouds), state_dir=state_dir)
+    return Config(path=path, clouds=tuple(clouds), state_dir=state_dir, connect=connect, tls=tls)
+
+
+def _parse_client_tls(table: Mapping[str, Any], src: str, base: str) -> ClientTLSSettings:
+    _reject_unknown("tls", table, ("ca", "cert", "key", "server_name"), src)
+    paths = {}
+    for key in ("ca", "cert", "key"):
+        if key not in table:
+            raise ConfigError(f"tls.{key}", f"required: a PEM file{src}")
+        p = os.path.expanduser(check_str(f"tls.{key}", table[key], src))
+        paths[key] = _relative_to(base, p)
+    name = None
+    if "server_name" in table:
+        name = check_str("tls.server_name", table["server_name"], src)
+    return ClientTLSSettings(server_name=name, **paths)
 
 
 def _relative_to(base: str, p: str) -> str:

@@ -1,0 +1,197 @@
+"""An in-memory IScheduler for testing the AMP API and its clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from txvmbot.daemon.interfaces import IScheduler
+from txvmbot.errors import TxvmbotError, UnknownJob
+from txvmbot.jobs import (
+    FINAL_STATES,
+    BackendStatus,
+    DaemonStatus,
+    Job,
+    JobEvent,
+    JobSpec,
+)
+from txvmbot.model import CheckResult, Facts, StepResult
+
+
+class BackendUnknown(TxvmbotError):
+    pass
+
+
+def passing_result(check_id: str) -> CheckResult:
+    return CheckResult(
+        check_id=check_id,
+        passed=True,
+        steps=(StepResult("keypair", 1000.0, 0.5, "passed"),),
+        facts=Facts(endpoint="http://127.0.0.1:1/"),
+    )
+
+
+def failing_result(check_id: str) -> CheckResult:
+    return CheckResult(
+        check_id=check_id,
+        passed=False,
+        steps=(
+            StepResult("keypair", 1000.0, 0.5, "passed"),
+            StepResult("wait-running", 1000.5, 3.0, "timeout", "last seen: pending"),
+        ),
+        facts=Facts(),
+        error="step 'wait-running' failed: last seen: pending",
+    )
+
+
+@implementer(IScheduler)
+class FakeScheduler:
+    """Jobs in a dict; tests drive them with :meth:`step`, :meth:`finish`.
+
+    ``cancel_later`` makes :meth:`cancel` return a Deferred the test fires
+    (with :meth:`finish_cancel`), as a running job's cleanup would.
+    ``boom`` makes every method raise that exception (a bug in the scheduler).
+    """
+
+    def __init__(self, now: Callable[[], float] = lambda: 1000.0) -> None:
+        self.now = now
+        self.jobs: dict[str, Job] = {}
+        self.events: dict[str, list[JobEvent]] = {}
+        self.listeners: dict[str, list[Callable[[JobEvent], Any]]] = {}
+        self.backends: dict[str, BackendStatus] = {}
+        self.cancel_later = False
+        self.pending_cancels: dict[str, Deferred[Job]] = {}
+        self.boom: Exception | None = None
+        self._n = 0
+
+    def _check(self) -> None:
+        if self.boom is not None:
+            raise self.boom
+
+    # --- driving -----------------------------------------------------------------
+
+    def _emit(self, job_id: str, kind: str, state: str, step: str = "", detail: str = "") -> None:
+        events = self.events[job_id]
+        ev = JobEvent(job_id, len(events) + 1, self.now(), kind, state, step, detail)  # type: ignore[arg-type]
+        events.append(ev)
+        for listener in list(self.listeners.get(job_id, [])):
+            listener(ev)
+        if kind == "state" and state in FINAL_STATES:
+            self.listeners.pop(job_id, None)
+
+    def set_state(self, job_id: str, state: str, **changes: Any) -> Job:
+        job = attrs.evolve(self.jobs[job_id], state=state, **changes)  # type: ignore[arg-type]
+        self.jobs[job_id] = job
+        self._emit(job_id, "state", state)
+        return job
+
+    def step(self, job_id: str, name: str, state: str, detail: str = "") -> None:
+        self._emit(job_id, "step", state, name, detail)
+
+    def finish(self, job_id: str, passed: bool = True, state: str | None = None) -> Job:
+        job = self.jobs[job_id]
+        check_id = f"{job_id}-{job.attempts}"
+        result = passing_result(check_id) if passed else failing_result(check_id)
+        final = state or ("passed" if passed else "failed")
+        return self.set_state(job_id, final, result=result, finished=self.now())
+
+    def finish_cancel(self, job_id: str) -> None:
+        job = self.set_state(
+            job_id, "cancelled", reason="cancelled by a client", finished=self.now()
+        )
+        self.pending_cancels.pop(job_id).callback(job)
+
+    def watcher_count(self, job_id: str) -> int:
+        return len(self.listeners.get(job_id, []))
+
+    # --- IScheduler ----------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> Job:
+        self._check()
+        self._n += 1
+        job = Job(id=f"job-{self._n}", spec=spec, state="queued", submitted=self.now())
+        self.jobs[job.id] = job
+        self.events[job.id] = []
+        self._emit(job.id, "state", "queued")
+        return job
+
+    def get(self, job_id: str) -> Job:
+        self._check()
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise UnknownJob(job_id) from None
+
+    def list(self, states: Any = None, backend: str | None = None, limit: int = 100) -> list[Job]:
+        self._check()
+        jobs = sorted(self.jobs.values(), key=lambda j: (j.submitted, j.id), reverse=True)
+        jobs = [
+            j
+            for j in jobs
+            if (states is None or j.state in states)
+            and (backend is None or j.spec.backend == backend)
+        ]
+        return jobs[:limit]
+
+    def watch(
+        self, job_id: str, after_seq: int, listener: Callable[[JobEvent], Any]
+    ) -> Callable[[], None]:
+        self._check()
+        job = self.get(job_id)
+        for ev in self.events[job_id]:
+            if ev.seq > after_seq:
+                listener(ev)
+        if job.final:
+            return lambda: None
+        self.listeners.setdefault(job_id, []).append(listener)
+
+        def stop() -> None:
+            ls = self.listeners.get(job_id, [])
+            if listener in ls:
+                ls.remove(listener)
+
+        return stop
+
+    def cancel(self, job_id: str) -> Deferred[Job]:
+        self._check()
+        job = self.get(job_id)
+        if job.final:
+            return succeed(job)
+        if self.cancel_later:
+            d: Deferred[Job] = Deferred()
+            self.pending_cancels[job_id] = d
+            return d
+        return succeed(
+            self.set_state(job_id, "cancelled", reason="cancelled by a client", finished=self.now())
+        )
+
+    def _backend(self, name: str) -> BackendStatus:
+        if name == "nowhere":
+            raise BackendUnknown(f"no backend named {name!r}")
+        return self.backends.get(name) or BackendStatus(name, 4, 0, 0, "active")
+
+    def drain(self, backend: str) -> BackendStatus:
+        self._check()
+        b = attrs.evolve(self._backend(backend), state="draining")
+        self.backends[backend] = b
+        return b
+
+    def resume(self, backend: str) -> None:
+        self._check()
+        # Returns nothing, like a scheduler may: the server looks the status up.
+        self.backends[backend] = attrs.evolve(self._backend(backend), state="active")
+
+    def status(self) -> DaemonStatus:
+        self._check()
+        return DaemonStatus(
+            api_version=1,
+            workers=2,
+            busy_workers=sum(1 for j in self.jobs.values() if j.state == "running"),
+            queue_depth=sum(1 for j in self.jobs.values() if j.state == "queued"),
+            running=sum(1 for j in self.jobs.values() if j.state == "running"),
+            backends=tuple(self.backends.values()),
+        )

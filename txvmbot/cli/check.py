@@ -1,0 +1,409 @@
+"""``txvmbot check``: one euca-style smoke check (or several in a row),
+without a daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from txvmbot.cli._common import (
+    _CONFIG_NOTE,
+    CANCEL_REASON,
+    _close,
+    _Exit,
+    _load_cloud_config,
+    _log,
+    _make_private_dir,
+    _open_journal,
+    _react,
+    _Streams,
+    _wrap,
+    add_cloud_flags,
+    add_files_flags,
+    cloud_from_args,
+    state_dir_for,
+)
+from txvmbot.config import (
+    TIMEOUT_FIELDS,
+    CheckSettings,
+    CloudConfig,
+    build_check_spec,
+    check_cidr,
+    check_float,
+    check_int,
+    check_str,
+    check_template,
+    timeout_flag,
+)
+from txvmbot.errors import ConfigError
+from txvmbot.model import DEFAULT_SSH_ENDPOINT, CheckSpec, Timeouts
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+
+def _default(name: str) -> Any:
+    return attrs.fields_dict(CheckSpec)[name].default
+
+
+def add_check_settings(p: argparse.ArgumentParser) -> None:
+    """The flags that make a check's settings (image, instance, ssh,
+    timeouts): shared by ``check`` and ``submit``."""
+    t = Timeouts()
+    img = p.add_argument_group("image and instance")
+    which = img.add_mutually_exclusive_group()
+    which.add_argument("--image", metavar="ID", help="image id such as ami-0123 (or --image-name)")
+    which.add_argument(
+        "--image-name",
+        metavar="PATTERN",
+        help="image name filter, '*' wildcards; the newest match is used (or --image)",
+    )
+    img.add_argument(
+        "--image-owner", metavar="O", help="only images of this owner id/alias (default: any)"
+    )
+    img.add_argument(
+        "--instance-type",
+        metavar="T",
+        help=f"instance type (default: {_default('instance_type')})",
+    )
+    img.add_argument(
+        "--parallel",
+        metavar="N",
+        type=int,
+        help=f"instances to run at once in one check (default: {_default('parallel')})",
+    )
+    img.add_argument(
+        "--floating-ip",
+        action=argparse.BooleanOptionalAction,
+        help="allocate and associate a floating (elastic) IP (default: no)",
+    )
+    img.add_argument(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        help="fetch and keep the console log even when the check passes (default: on failure only)",
+    )
+    ssh = p.add_argument_group("ssh")
+    ssh.add_argument(
+        "--ssh",
+        action=argparse.BooleanOptionalAction,
+        help="ssh in and run the commands; --no-ssh stops at 'running' (default: yes)",
+    )
+    ssh.add_argument(
+        "--ssh-user", metavar="U", help=f"user to log in as (default: {_default('ssh_user')})"
+    )
+    ssh.add_argument(
+        "--ssh-key",
+        metavar="PATH",
+        help="private key to log in with; its public key is imported as the check's "
+        "keypair (default: a new keypair per check)",
+    )
+    ssh.add_argument(
+        "--ssh-endpoint",
+        metavar="TEMPLATE",
+        help="Twisted endpoint string to reach the instance's sshd, with {public_ip}, "
+        "{private_ip}, {instance_id} or {index} filled in "
+        f"(default: {DEFAULT_SSH_ENDPOINT.replace('%', '%%')})",
+    )
+    ssh.add_argument(
+        "--ssh-cidr",
+        metavar="CIDR",
+        help=f"who may reach port 22 (default: {_default('ssh_cidr')})",
+    )
+    ssh.add_argument(
+        "--command",
+        metavar="CMD",
+        action="append",
+        dest="commands",
+        help="command to run over ssh; repeat for several; replaces the config's list "
+        f"(default: {' ; '.join(_default('commands'))})",
+    )
+    waits = p.add_argument_group("timeouts (seconds)")
+    for name in TIMEOUT_FIELDS:
+        waits.add_argument(
+            timeout_flag(name),
+            metavar="S",
+            type=float,
+            dest=f"timeout_{name}",
+            help=f"{name.replace('_', ' ')} (default: {getattr(t, name):g})",
+        )
+
+
+def add_parser(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    check = sub.add_parser(
+        "check",
+        help="run a euca-style smoke check (keypair, image, instance, ssh, cleanup)",
+        description=_wrap(
+            "Run a euca-style smoke check: create a keypair and a security group, "
+            "find the image, run an instance, wait for it to be running with an address, "
+            "open port 22, optionally attach a floating IP, ssh in and run the commands, "
+            "fetch the console log on failure, then terminate, revoke and delete everything."
+        ),
+        epilog=_CONFIG_NOTE,
+        formatter_class=fmt,
+    )
+    add_cloud_flags(check)
+    add_files_flags(check)
+    add_check_settings(check)
+    runs = check.add_argument_group("runs")
+    runs.add_argument(
+        "--repeat",
+        metavar="K",
+        type=int,
+        default=1,
+        help="run K checks in a row, then show the pass rate and per-step p50/p95 (default: 1)",
+    )
+    check.set_defaults(func=_cmd_check)
+
+
+# --- from arguments to values ----------------------------------------------
+
+
+def _opt(value: Any, check: Callable[[str, object], Any], where: str) -> Any:
+    return None if value is None else check(where, value)
+
+
+def spec_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str], chosen: CloudConfig | None = None
+) -> CheckSpec:
+    """The :class:`CheckSpec` of ``txvmbot check``: flags over the chosen
+    config table over the defaults. Raises ConfigError naming the flag."""
+    cloud = cloud_from_args(args, environ, chosen)
+    timeouts = {}
+    for name in TIMEOUT_FIELDS:
+        value = getattr(args, f"timeout_{name}")
+        if value is not None:
+            timeouts[name] = check_float(timeout_flag(name), value)
+    commands = None
+    if args.commands is not None:
+        commands = tuple(check_str("--command", c) for c in args.commands)
+    flags = CheckSettings(
+        image=_opt(args.image, check_str, "--image"),
+        image_name=_opt(args.image_name, check_str, "--image-name"),
+        image_owner=_opt(args.image_owner, check_str, "--image-owner"),
+        instance_type=_opt(args.instance_type, check_str, "--instance-type"),
+        ssh_user=_opt(args.ssh_user, check_str, "--ssh-user"),
+        ssh_key=_opt(args.ssh_key, check_str, "--ssh-key"),
+        ssh_endpoint=_opt(args.ssh_endpoint, check_template, "--ssh-endpoint"),
+        ssh_cidr=_opt(args.ssh_cidr, check_cidr, "--ssh-cidr"),
+        commands=commands,
+        floating_ip=args.floating_ip,
+        parallel=_opt(args.parallel, check_int, "--parallel"),
+        console=args.console,
+        ssh=args.ssh,
+        timeouts=tuple(sorted(timeouts.items())),
+    )
+    spec = build_check_spec(cloud, chosen.check if chosen else CheckSettings(), flags)
+    if spec.ssh_key is not None and spec.ssh_key.startswith("~"):
+        spec = attrs.evolve(spec, ssh_key=os.path.expanduser(spec.ssh_key))
+    return spec
+
+
+class _CheckRun:
+    """Runs the checks of one ``txvmbot check`` in a row and makes shutdown
+    (SIGINT/SIGTERM) cancel the running one and wait for its cleanup."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        spec: CheckSpec,
+        *,
+        repeat: int,
+        journal: Any,
+        evidence_root: str,
+        streams: _Streams,
+        exit: _Exit,
+        handle_signals: bool,
+    ) -> None:
+        self._reactor = reactor
+        self._spec = spec
+        self._repeat = repeat
+        self._journal = journal
+        self._evidence_root = evidence_root
+        self._streams = streams
+        self._exit = exit
+        self._handle_signals = handle_signals
+        self._current: Any = None
+        self._stopping = False
+        self._done = False
+        self._waiting: list[Deferred[None]] = []
+
+    async def run(self) -> None:
+        from twisted.python.failure import Failure
+
+        from txvmbot.model import CheckResult, Facts
+        from txvmbot.report import (
+            format_result,
+            format_summary,
+            renderer_for,
+            summarize,
+            to_json,
+        )
+        from txvmbot.scenario import Check
+
+        human = self._streams.human
+        results: list[CheckResult] = []
+        try:
+            for i in range(self._repeat):
+                if self._stopping:
+                    break
+                renderer = renderer_for(human, self._reactor)
+                check = Check(
+                    self._reactor,
+                    self._spec,
+                    journal=self._journal,
+                    observer=renderer,
+                    evidence_root=self._evidence_root,
+                )
+                self._current = check
+                counter = f" {i + 1}/{self._repeat}" if self._repeat > 1 else ""
+                human.write(f"check{counter} {check.check_id}: {_describe_spec(self._spec)}\n")
+                human.flush()
+                renderer.start()
+                try:
+                    result = await check.run()
+                except Exception:
+                    # A bug, not a check failure: the check's contract is to fire
+                    # with passed=False. Report it as a failed check all the same.
+                    f = Failure()
+                    _log.failure("Check {check_id} broke", f, check_id=check.check_id)
+                    result = CheckResult(
+                        check_id=check.check_id,
+                        passed=False,
+                        steps=(),
+                        facts=Facts(),
+                        error=f"internal error: {f.getErrorMessage()}",
+                    )
+                finally:
+                    renderer.stop()
+                    self._current = None
+                results.append(result)
+                human.write(format_result(result))
+                human.flush()
+            summary = summarize(results)
+            if self._repeat > 1:
+                human.write(format_summary(summary))
+            if self._stopping and len(results) < self._repeat:
+                human.write(
+                    f"interrupted: {len(results)} of {self._repeat} checks ran; "
+                    "`txvmbot reap` removes anything left behind\n"
+                )
+            # Always an array, one object per check, whatever --repeat is.
+            self._streams.write_json([to_json(r) for r in results])
+            ok = bool(results) and all(r.passed for r in results) and not self._stopping
+            self._exit.code = 0 if ok else 1
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def before_shutdown(self) -> Deferred[None] | None:
+        """The reactor is stopping (a signal, usually): cancel the running
+        check and make shutdown wait until its cleanup ran and the results
+        were written. A second signal stops waiting."""
+        from twisted.internet.defer import Deferred
+
+        if self._done:
+            return None
+        self._stopping = True
+        self._streams.stderr.write(
+            f"{CANCEL_REASON}: cancelling, cleaning up (send it again to stop without "
+            "waiting for cleanup)\n"
+        )
+        self._streams.stderr.flush()
+        if self._current is not None:
+            self._current.cancel(CANCEL_REASON)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        if self._handle_signals:
+            self._install_force_handlers()
+        return d
+
+    def _install_force_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def again(signum: int, frame: Any) -> None:
+            # Only Python's own default from now on: a third signal kills us.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._reactor.callFromThread(self._force)
+
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
+
+    def _force(self) -> None:
+        if self._done:
+            return
+        self._streams.stderr.write(
+            "second signal: stopping without waiting for cleanup; resources may be "
+            "left behind: run `txvmbot reap` to remove them\n"
+        )
+        self._streams.stderr.flush()
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+def _describe_spec(spec: CheckSpec) -> str:
+    image = spec.image or f"name {spec.image_name!r}"
+    extra = f" x{spec.parallel}" if spec.parallel > 1 else ""
+    return f"{spec.cloud.name} {spec.cloud.endpoint} ({spec.cloud.region}), {image}, {spec.instance_type}{extra}"
+
+
+def _cmd_check(
+    args: argparse.Namespace,
+    streams: _Streams,
+    environ: Mapping[str, str],
+    reactor: Any,
+) -> int:
+    if args.repeat < 1:
+        raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+    chosen, config_state = _load_cloud_config(args)
+    spec = spec_from_args(args, environ, chosen)
+    state_dir = state_dir_for(args.state_dir, config_state, environ)
+    evidence = os.path.join(state_dir, "evidence")
+    _make_private_dir(state_dir, "--state-dir")
+    _make_private_dir(evidence, "--state-dir")
+
+    exit = _Exit()
+    journal = _open_journal(state_dir)
+    try:
+
+        def go(r: Any) -> Any:
+            from twisted.internet.defer import Deferred, ensureDeferred
+
+            run = _CheckRun(
+                r,
+                spec,
+                repeat=args.repeat,
+                journal=journal,
+                evidence_root=evidence,
+                streams=streams,
+                exit=exit,
+                handle_signals=reactor is None,
+            )
+            r.addSystemEventTrigger("before", "shutdown", run.before_shutdown)
+            # Start once the reactor runs, so its signal handlers are in place
+            # before the first resource is created.
+            started: Deferred[None] = Deferred()
+            r.callWhenRunning(lambda: ensureDeferred(run.run()).chainDeferred(started))
+            return started
+
+        _react(go, reactor)
+    finally:
+        _close(journal)
+    if exit.code is None:
+        streams.stderr.write("txvmbot check: stopped before the check finished\n")
+        return 1
+    return exit.code

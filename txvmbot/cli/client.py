@@ -1,0 +1,521 @@
+"""The daemon's commands: ``submit``, ``watch``, ``jobs``, ``show``,
+``cancel``, ``drain``, ``resume``, ``status``.
+
+Each connects to the daemon at ``--connect`` (else ``connect`` in the
+config, else the unix socket in the state dir the daemon uses by default)
+and prints what it got: for people by default, JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+import attrs
+
+from txvmbot.cli._common import (
+    _CONFIG_NOTE,
+    _Exit,
+    _load_cloud_config,
+    _react,
+    _Streams,
+    _wrap,
+    add_cloud_flags,
+    add_files_flags,
+    state_dir_for,
+)
+from txvmbot.config import ClientTLSSettings, check_float, check_int, check_str, load_config
+from txvmbot.errors import ConfigError
+
+if TYPE_CHECKING:
+    from txvmbot.daemon.client import ClientTLS, DaemonClient, JobList
+    from txvmbot.jobs import BackendStatus, DaemonStatus, Job, JobEvent
+
+__all__ = ["EXIT_UNREACHABLE", "add_parsers", "connection_for", "execute"]
+
+#: Exit status when the daemon cannot be reached (or speaks another API).
+EXIT_UNREACHABLE = 3
+
+JOB_STATES = ("queued", "running", "cleaning", "passed", "failed", "cancelled", "error")
+
+_EXITS = """\
+exit status: 0 done (for --wait and watch: the job passed), 1 the job failed,
+was cancelled or errored, or the daemon refused the request (unknown job, not
+allowed), 2 bad usage, config or request, 3 the daemon cannot be reached.
+"""
+
+_CONNECT_NOTE = """\
+The daemon is found at --connect, else at `connect` in --config, else at
+unix:path=STATE_DIR/txvmbot.sock (STATE_DIR as for `txvmbot check`: --state-dir,
+state_dir in --config, $XDG_STATE_HOME/txvmbot, ~/.local/state/txvmbot). A
+tcp:host=H:port=P endpoint needs a [tls] table in --config (ca, cert, key).
+"""
+
+_JSON_HELP = (
+    "also write the result as JSON to FILE, or to stdout with '-' or no FILE (then "
+    "the human output goes to stderr) (default: none)"
+)
+
+
+def _add_connect(p: argparse.ArgumentParser, *, with_files: bool = True) -> None:
+    g = p.add_argument_group("daemon")
+    g.add_argument(
+        "--connect",
+        metavar="ENDPOINT",
+        help="where the daemon listens, a Twisted endpoint string such as "
+        "unix:path=/run/txvmbot.sock or tcp:host=ci.example.com:port=8443 "
+        "(default: see below)",
+    )
+    if with_files:
+        f = p.add_argument_group("config and output")
+        f.add_argument("--config", metavar="FILE", help="TOML config with connect, [tls]")
+        f.add_argument(
+            "--state-dir", metavar="DIR", help="the daemon's data dir, to find its socket"
+        )
+        f.add_argument("--json", metavar="FILE|-", nargs="?", const="-", help=_JSON_HELP)
+        f.add_argument("-v", "--verbose", action="store_true", help="log info messages to stderr")
+
+
+def add_parsers(sub: Any) -> None:
+    from txvmbot.cli.check import add_check_settings
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    epilog = _CONNECT_NOTE + "\n" + _EXITS
+
+    p = sub.add_parser(
+        "submit",
+        help="queue a check as a job of the daemon (same settings as check)",
+        description=_wrap(
+            "Queue a check as a job of the daemon. The check's settings are built "
+            "exactly as `txvmbot check` builds them (flags over the cloud's table in "
+            "--config over the defaults); credentials are not sent: the daemon uses "
+            "its own. With --wait, watch it live until it ends."
+        ),
+        epilog=_CONFIG_NOTE + "\n" + epilog,
+        formatter_class=fmt,
+    )
+    add_cloud_flags(p)
+    add_files_flags(p, json_optional=True)
+    _add_connect(p, with_files=False)
+    job = p.add_argument_group("job")
+    job.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="the pool the job runs on (default: 'ENDPOINT REGION' of the cloud)",
+    )
+    job.add_argument(
+        "--priority", metavar="N", type=int, help="-1000 to 1000, higher first (default: 0)"
+    )
+    job.add_argument(
+        "--bound", metavar="S", type=float, help="the job's overall time limit (default: 3600)"
+    )
+    job.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=int,
+        help="starts after infrastructure failures, 1 to 10 (default: 2)",
+    )
+    job.add_argument(
+        "--wait", action="store_true", help="watch the job live until it ends; exit 0 if it passed"
+    )
+    add_check_settings(p)
+    p.set_defaults(func=_cmd, action=_submit)
+
+    def simple(
+        name: str, help: str, action: Any, arg: str | None = None
+    ) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=fmt)
+        if arg is not None:
+            q.add_argument(arg.lower(), metavar=arg)
+        _add_connect(q)
+        q.set_defaults(func=_cmd, action=action)
+        return q
+
+    simple("watch", "watch a job live until it ends; exit 0 if it passed", _watch, "JOB")
+    jobs = simple("jobs", "list the daemon's jobs, newest first", _jobs)
+    jobs.add_argument(
+        "--state",
+        action="append",
+        dest="states",
+        choices=JOB_STATES,
+        metavar="STATE",
+        help=f"only jobs in this state; repeat for several ({', '.join(JOB_STATES)})",
+    )
+    jobs.add_argument("--backend", metavar="NAME", help="only jobs of this backend")
+    jobs.add_argument(
+        "--limit", metavar="N", type=int, default=50, help="at most N jobs, 1 to 1000 (default: 50)"
+    )
+    simple("show", "show one job and its result", _show, "JOB")
+    simple("cancel", "cancel a job; waits until its cleanup ran", _cancel, "JOB")
+    simple("drain", "let running jobs of a backend finish; new ones wait", _drain, "BACKEND")
+    simple("resume", "undo drain (or quarantine) of a backend", _resume, "BACKEND")
+    simple("status", "the daemon's workers, queue and backends", _status)
+
+
+# --- connecting ----------------------------------------------------------------
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def connection_for(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> tuple[str, ClientTLSSettings | None]:
+    """The endpoint string and TLS files to reach the daemon with."""
+    config = load_config(args.config) if args.config is not None else None
+    tls = config.tls if config is not None else None
+    if args.connect is not None:
+        return check_str("--connect", args.connect), tls
+    if config is not None and config.connect is not None:
+        return config.connect, tls
+    state = state_dir_for(args.state_dir, config.state_dir if config else None, environ)
+    return f"unix:path={_escape(os.path.join(state, 'txvmbot.sock'))}", tls
+
+
+def _client_tls(tls: ClientTLSSettings | None) -> ClientTLS | None:
+    if tls is None:
+        return None
+    from txvmbot.daemon.client import ClientTLS
+
+    return ClientTLS(ca=tls.ca, cert=tls.cert, key=tls.key, server_name=tls.server_name)
+
+
+# --- the commands ----------------------------------------------------------------
+
+
+def _cmd(
+    args: argparse.Namespace, streams: _Streams, environ: Mapping[str, str], reactor: Any
+) -> int:
+    prepared = args.action.prepare(args, environ) if hasattr(args.action, "prepare") else None
+    endpoint, tls = connection_for(args, environ)
+    exit = _Exit()
+
+    def go(r: Any) -> Any:
+        from twisted.internet.defer import ensureDeferred
+
+        async def main() -> None:
+            exit.code = await execute(r, args, streams, endpoint, tls, prepared)
+
+        return ensureDeferred(main())
+
+    _react(go, reactor)
+    if exit.code is None:
+        streams.stderr.write(f"txvmbot {args.command}: interrupted\n")
+        return 1
+    return exit.code
+
+
+async def execute(
+    reactor: Any,
+    args: argparse.Namespace,
+    streams: _Streams,
+    endpoint: str,
+    tls: ClientTLSSettings | None,
+    prepared: Any = None,
+) -> int:
+    """Connect, run the command ``args`` names, print; the exit status.
+    Every error is reported on ``streams.stderr``."""
+    from txvmbot.daemon.client import connect
+    from txvmbot.daemon.protocol import APIError, BadRequest
+    from txvmbot.errors import DaemonUnavailable, UnknownJob
+
+    err = streams.stderr
+    name = f"txvmbot {args.command}"
+    try:
+        client = await connect(reactor, endpoint, tls=_client_tls(tls))
+    except ConfigError as e:
+        err.write(f"{name}: error: {e}\n")
+        return 2
+    except DaemonUnavailable as e:
+        err.write(f"{name}: error: {e}\n")
+        return EXIT_UNREACHABLE
+    try:
+        code: int = await args.action(client, args, streams, reactor, prepared)
+        return code
+    except DaemonUnavailable as e:
+        err.write(f"{name}: error: {e}\n")
+        return EXIT_UNREACHABLE
+    except (BadRequest, ConfigError) as e:
+        err.write(f"{name}: error: {e}\n")
+        return 2
+    except (APIError, UnknownJob) as e:
+        err.write(f"{name}: error: {e}\n")
+        return 1
+    finally:
+        await client.close()
+
+
+def _job_spec_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The job ``submit`` sends: the CheckSpec exactly as ``check`` builds
+    it, then the job's own keys; no credentials."""
+    from txvmbot import codec
+    from txvmbot.cli.check import spec_from_args
+    from txvmbot.jobs import JobSpec
+
+    chosen, _ = _load_cloud_config(args)
+    if chosen is not None:
+        # Credentials stay here: the daemon resolves its own, so neither a
+        # secret nor a missing secret_key_env matters to a submit.
+        chosen = attrs.evolve(
+            chosen,
+            cloud=attrs.evolve(
+                chosen.cloud,
+                access_key=None,
+                secret_key=None,
+                secret_key_env=None,
+                session_token=None,
+            ),
+        )
+    check = spec_from_args(args, {}, chosen)
+    job: dict[str, Any] = {
+        "check": check,
+        "backend": f"{check.cloud.endpoint} {check.cloud.region}",
+    }
+    if args.backend is not None:
+        job["backend"] = check_str("--backend", args.backend)
+        if len(job["backend"]) > 200:
+            raise ConfigError("--backend", "at most 200 characters")
+    if args.priority is not None:
+        job["priority"] = check_int("--priority", args.priority, minimum=-1000)
+        if job["priority"] > 1000:
+            raise ConfigError("--priority", f"must be at most 1000, got {args.priority}")
+    if args.bound is not None:
+        job["bound"] = check_float("--bound", args.bound)
+    if args.max_attempts is not None:
+        job["max_attempts"] = check_int("--max-attempts", args.max_attempts)
+        if job["max_attempts"] > 10:
+            raise ConfigError("--max-attempts", f"must be at most 10, got {args.max_attempts}")
+    doc = codec.spec_to_dict(JobSpec(**job))
+    codec.spec_from_dict(doc)  # the daemon's own check, before we connect
+    return doc
+
+
+class _Submit:
+    @staticmethod
+    def prepare(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+        return _job_spec_dict(args, environ)
+
+    async def __call__(
+        self,
+        client: DaemonClient,
+        args: argparse.Namespace,
+        streams: _Streams,
+        reactor: Any,
+        spec: dict[str, Any],
+    ) -> int:
+        job = await client.submit(spec)
+        if args.wait:
+            return await _follow(client, job, streams, reactor)
+        streams.human.write(
+            f"submitted job {job.id} ({job.state}) on backend {job.spec.backend!r}, "
+            f"priority {job.spec.priority}\n  watch it: txvmbot watch {job.id}\n"
+        )
+        _print_json(streams, job)
+        return 0
+
+
+_submit = _Submit()
+
+
+async def _follow(client: DaemonClient, job: Job, streams: _Streams, reactor: Any) -> int:
+    """Watch ``job`` live with check's renderers until it is final."""
+    from txvmbot.model import StepEvent
+    from txvmbot.report import renderer_for
+
+    human = streams.human
+    human.write(f"job {job.id} on {job.spec.backend}: {job.state}\n")
+    human.flush()
+    renderer = renderer_for(human, reactor)
+
+    def on_event(e: JobEvent) -> None:
+        if e.kind == "step":
+            renderer(StepEvent(name=e.step, state=e.state, at=e.at, detail=e.detail))  # type: ignore[arg-type]
+
+    renderer.start()
+    try:
+        final = await client.watch(job.id, on_event)
+    finally:
+        renderer.stop()
+    _print_final(streams, final)
+    return 0 if final.state == "passed" else 1
+
+
+def _print_final(streams: _Streams, job: Job) -> None:
+    from txvmbot.report import format_result
+
+    human = streams.human
+    if job.result is not None:
+        human.write(format_result(job.result))
+    reason = f": {job.reason}" if job.reason else ""
+    human.write(f"job {job.id} {job.state.upper()}{reason}\n")
+    human.flush()
+    _print_json(streams, job)
+
+
+def _print_json(streams: _Streams, value: Any) -> None:
+    """With --json: ``value`` (a Job, or a JSON-able value) as JSON."""
+    from txvmbot import codec
+    from txvmbot.jobs import Job
+
+    streams.write_json(codec.job_to_dict(value) if isinstance(value, Job) else value)
+
+
+async def _watch(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    job = await client.get(args.job)
+    if job.final:
+        _print_final(streams, job)
+        return 0 if job.state == "passed" else 1
+    return await _follow(client, job, streams, reactor)
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _took(start: float | None, end: float | None) -> str:
+    if start is None:
+        return "-"
+    if end is None:
+        return "..."
+    return f"{end - start:.1f}s"
+
+
+def _table(rows: list[list[str]], out: IO[str]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+async def _jobs(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    if not 1 <= args.limit <= 1000:
+        raise ConfigError("--limit", f"must be from 1 to 1000, got {args.limit}")
+    page: JobList = await client.list(states=args.states, backend=args.backend, limit=args.limit)
+    _print_json(streams, [attrs.asdict(j) for j in page.jobs])
+    out = streams.human
+    if not page.jobs:
+        out.write("no jobs\n")
+        return 0
+    rows = [["ID", "STATE", "BACKEND", "PRI", "SUBMITTED (UTC)", "TOOK", "IMAGE", "REASON"]]
+    for j in page.jobs:
+        rows.append(
+            [
+                j.id,
+                j.state,
+                j.backend if len(j.backend) <= 40 else j.backend[:39] + "…",
+                str(j.priority),
+                _when(j.submitted),
+                _took(j.started, j.finished),
+                j.image,
+                " ".join(j.reason.split())[:60],
+            ]
+        )
+    _table(rows, out)
+    if page.more:
+        out.write("(more jobs match: narrow with --state/--backend or raise --limit)\n")
+    return 0
+
+
+async def _show(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    from txvmbot.report import format_result
+
+    job = await client.get(args.job)
+    _print_json(streams, job)
+    c = job.spec.check
+    out = streams.human
+    lines = [
+        f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""),
+        f"  backend:   {job.spec.backend} (priority {job.spec.priority}, "
+        f"bound {job.spec.bound:g}s, attempts {job.attempts}/{job.spec.max_attempts})",
+        f"  cloud:     {c.cloud.endpoint} ({c.cloud.region})",
+        f"  image:     {c.image or 'name ' + repr(c.image_name)}, {c.instance_type}",
+        f"  submitted: {_when(job.submitted)} UTC",
+        f"  started:   {_when(job.started)}",
+        f"  finished:  {_when(job.finished)}  took {_took(job.started, job.finished)}",
+    ]
+    for cmd in c.commands if c.ssh else ():
+        lines.append(f"  command:   {cmd}")
+    out.write("\n".join(lines) + "\n")
+    if job.result is not None:
+        out.write(format_result(job.result))
+    return 0
+
+
+async def _cancel(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    streams.human.write(f"cancelling job {args.job} (waiting for its cleanup)...\n")
+    streams.human.flush()
+    job = await client.cancel(args.job)
+    reason = f": {job.reason}" if job.reason else ""
+    streams.human.write(f"job {job.id} {job.state}{reason}\n")
+    _print_json(streams, job)
+    return 0
+
+
+def _backend_line(b: BackendStatus) -> str:
+    extra = f"; {b.reason}" if b.reason else ""
+    return (
+        f"backend {b.name}: {b.state} ({b.running} running, {b.queued} queued, "
+        f"capacity {b.capacity}){extra}\n"
+    )
+
+
+async def _drain(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    b = await client.drain(args.backend)
+    streams.human.write(_backend_line(b))
+    _print_json(streams, attrs.asdict(b))
+    return 0
+
+
+async def _resume(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    b = await client.resume(args.backend)
+    streams.human.write(_backend_line(b))
+    _print_json(streams, attrs.asdict(b))
+    return 0
+
+
+async def _status(
+    client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
+) -> int:
+    from txvmbot.daemon.protocol import status_to_dict
+
+    s: DaemonStatus = await client.status()
+    _print_json(streams, status_to_dict(s))
+    out = streams.human
+    out.write(
+        f"txvmbot daemon {client.daemon_version} (API {s.api_version}) at {client.where}\n"
+        f"  workers: {s.workers} ({s.busy_workers} busy)\n"
+        f"  jobs:    {s.queue_depth} queued, {s.running} running\n"
+    )
+    if s.backends:
+        rows = [["BACKEND", "STATE", "RUNNING", "QUEUED", "CAPACITY", "FAILURES", "REASON"]]
+        for b in s.backends:
+            rows.append(
+                [
+                    b.name,
+                    b.state,
+                    str(b.running),
+                    str(b.queued),
+                    str(b.capacity),
+                    str(b.consecutive_failures),
+                    b.reason,
+                ]
+            )
+        _table(rows, out)
+    return 0
