@@ -416,6 +416,99 @@ class TrackTests(SynchronousTestCase):
         self.assertEqual(calls, [])
 
 
+class DeferredJournal:
+    """An IJournal whose every method answers with a Deferred that fires
+    only when the test says so, like a worker's journal over AMP."""
+
+    def __init__(self, inner: MemoryJournal) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, Deferred[Any], Any]] = []
+
+    def _later(self, what: str, value: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((what, d, value))
+        return d
+
+    def ack(self) -> str:
+        """Fire the oldest unanswered call; return its name."""
+        what, d, value = self.calls.pop(0)
+        d.callback(value)
+        return what
+
+    def intend(self, *args: Any) -> Deferred[Any]:
+        return self._later("intend", self.inner.intend(*args))
+
+    def created(self, entry: JournalEntry, resource_id: str) -> Deferred[Any]:
+        return self._later("created", self.inner.created(entry, resource_id))
+
+    def done(self, entry: JournalEntry) -> Deferred[Any]:
+        self.inner.done(entry)
+        return self._later("done", None)
+
+    def pending(self, check_id: str | None = None) -> Deferred[Any]:
+        return self._later("pending", self.inner.pending(check_id))
+
+    def checks(self, older_than: float | None = None) -> Deferred[Any]:
+        return self._later("checks", self.inner.checks(older_than))
+
+
+class DeferredJournalTests(RunnerMixin, SynchronousTestCase):
+    """track and Cleanup wait for each journal write to be acknowledged."""
+
+    def test_track_creates_only_after_the_intent_is_acknowledged(self) -> None:
+        journal = DeferredJournal(MemoryJournal(lambda: 1.0))
+        creates: list[int] = []
+
+        def create() -> Deferred[str]:
+            creates.append(1)
+            return succeed("i-1")
+
+        d = track(journal, "c", "instance", "vm", "e", "r", create)  # type: ignore[arg-type]
+        self.assertEqual(creates, [])
+        self.assertNoResult(d)
+        self.assertEqual(journal.ack(), "intend")
+        self.assertEqual(creates, [1])
+        # The id is recorded before track fires.
+        self.assertNoResult(d)
+        self.assertEqual(journal.ack(), "created")
+        self.assertEqual(self.successResultOf(d), "i-1")
+        self.assertEqual([e.resource_id for e in journal.inner.pending("c")], ["i-1"])
+
+    def test_track_failed_intent_means_no_create(self) -> None:
+        journal = DeferredJournal(MemoryJournal(lambda: 1.0))
+        creates: list[int] = []
+        def create() -> Deferred[str]:
+            creates.append(1)
+            return succeed("x")
+
+        d = track(journal, "c", "k", "n", "e", "r", create)  # type: ignore[arg-type]
+        _, pending, _ = journal.calls.pop(0)
+        pending.errback(JournalError("/j", "disk full"))
+        self.failureResultOf(d, JournalError)
+        self.assertEqual(creates, [])
+
+    def test_cleanup_reads_and_marks_done_through_deferreds(self) -> None:
+        inner = MemoryJournal(self.wall)
+        inner.created(inner.intend("c1", "keypair", "kp", "e", "r"), "kp-1")
+        inner.created(inner.intend("c1", "instance", "vm", "e", "r"), "i-1")
+        journal = DeferredJournal(inner)
+        undone: list[str] = []
+
+        def undo(entry: JournalEntry) -> Deferred[bool]:
+            undone.append(entry.resource_id or entry.name)
+            return succeed(True)
+
+        d = Cleanup(journal, undo, self.runner, 30).run("c1")  # type: ignore[arg-type]
+        self.assertEqual(journal.ack(), "pending")
+        self.assertEqual(undone, ["i-1"])
+        # The next undo waits for the done of this one.
+        self.assertEqual(journal.ack(), "done")
+        self.assertEqual(undone, ["i-1", "kp-1"])
+        self.assertEqual(journal.ack(), "done")
+        self.assertEqual(self.successResultOf(d), ())
+        self.assertEqual(inner.pending("c1"), [])
+
+
 class CleanupTests(RunnerMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()

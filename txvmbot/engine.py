@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Literal, TypeVar, cast, overload
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -313,19 +313,22 @@ def track(
     answer was lost, so cleanup (and the reaper) look the resource up by
     ``name`` and the check's tag, which ``create`` must therefore set.
     If the journal cannot be written, ``create`` is never called.
-    """
-    try:
-        entry = journal.intend(check_id, kind, name, endpoint, region, parent_id)
-    except Exception:
-        return fail(Failure())
 
-    def record(resource_id: str) -> str:
+    The journal's methods may return plain values or Deferreds (a worker's
+    journal is the daemon's, over AMP); each is awaited before going on.
+    """
+
+    async def go() -> str:
+        entry = await maybeDeferred(
+            journal.intend, check_id, kind, name, endpoint, region, parent_id
+        )
+        resource_id = await maybeDeferred(create)
         if not isinstance(resource_id, str) or not resource_id:
             raise TypeError(f"create for {kind} {name} returned {resource_id!r}, not a resource id")
-        journal.created(entry, resource_id)
+        await maybeDeferred(journal.created, entry, resource_id)
         return resource_id
 
-    return maybeDeferred(create).addCallback(record)
+    return Deferred.fromCoroutine(go())
 
 
 class Cleanup:
@@ -371,7 +374,7 @@ class Cleanup:
         async def go() -> tuple[str, ...]:
             errors: list[str] = []
             try:
-                entries = self.journal.pending(check_id)
+                entries = await maybeDeferred(self.journal.pending, check_id)
             except Exception as e:
                 self.log.failure(
                     "Cannot read the journal to clean up check {check}", check=check_id
@@ -405,6 +408,6 @@ class Cleanup:
                 raise StepFailed(
                     step, f"{entry.kind} {entry.resource_id or entry.name} still exists"
                 )
-            self.journal.done(entry)
+            await maybeDeferred(self.journal.done, entry)
 
         return action

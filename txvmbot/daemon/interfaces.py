@@ -55,9 +55,9 @@ class IWorkerPool(Interface):
         """Run ``job`` (a txvmbot.jobs.Job) in a free worker. ``on_event``
         is called with each StepEvent the worker streams; ``journal`` (an
         IJournal) records, before each create, what the worker is about to
-        create. Returns a Deferred firing with the CheckResult, or failing
-        with WorkerDied (exit status, stderr tail) or CancelledError when
-        cancelled (the worker then runs cleanup before it answers)."""
+        create. Returns a Deferred firing with the CheckResult (also after
+        cancel(): then a failed result, cleanup done), or failing with
+        WorkerDied (exit status, stderr tail)."""
 
     def cancel(job_id: str, reason: str) -> None:
         """Cancel the running job: the worker stops at its current step and

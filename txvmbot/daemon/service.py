@@ -168,7 +168,7 @@ class DaemonService(service.MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        await super().stopService()  # type: ignore[misc]
+        await super().stopService()
         for port in self._ports:
             await port.stopListening()
         self._ports = []

@@ -1,0 +1,204 @@
+"""The daemon end to end: ``twistd -n txvmbot`` and the ``txvmbot`` client
+commands, as real processes, against moto on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests import checkrun
+from tests import daemon as D
+from tests.servers import Moto
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def image(moto: Moto) -> str:
+    images = checkrun.ec2(moto.url).describe_images(Owners=["amazon"])["Images"]
+    return str(sorted(i["ImageId"] for i in images)[0])
+
+
+@pytest.fixture
+def fresh_moto(moto: Moto) -> Iterator[Moto]:
+    moto.reset()
+    yield moto
+
+
+def job_args(moto: Moto, image: str, *extra: str) -> list[str]:
+    return ["--endpoint", moto.url, "--region", checkrun.REGION, "--image", image, "--no-ssh",
+            "--timeout-poll-interval", "0.2", "--timeout-poll-max-interval", "0.5", *extra]
+
+
+def test_importing_the_plugin_does_not_import_the_reactor() -> None:
+    code = (
+        "import sys\n"
+        "import twisted.plugins.txvmbot_plugin as p\n"
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.application.service import IServiceMaker\n"
+        "assert 'txvmbot' in [m.tapname for m in getPlugins(IServiceMaker)]\n"
+        "import txvmbot.tap\n"
+        "bad = [m for m in ('twisted.internet.reactor', 'ampoule', 'botocore') if m in sys.modules]\n"
+        "print(bad)\n"
+        "raise SystemExit(1 if bad else 0)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_embedded_default_runs_a_submitted_job_to_a_pass(
+    moto: Moto, image: str, tmp_path: object
+) -> None:
+    """No --data-dir, no --config: the daemon and the client agree on the
+    socket in the state dir by themselves."""
+    state = os.path.join(str(tmp_path), "state")
+    env = dict(checkrun.env(), XDG_STATE_HOME=state)
+    log_path = os.path.join(str(tmp_path), "twistd.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([D.TWISTD, "-n", "--pidfile=", "--logfile=-", "txvmbot"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    try:
+        sock = os.path.join(state, "txvmbot", "txvmbot.sock")
+        D.wait_for_socket(sock, proc, log_path)
+        assert oct(os.stat(sock).st_mode & 0o777) == oct(0o600)
+        p = subprocess.run(checkrun.txvmbot_cmd("submit", "--wait", *job_args(moto, image)),
+                           capture_output=True, text=True, timeout=180, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "passed" in (p.stdout + p.stderr).lower()
+    finally:
+        D.stop(proc)
+    # twistd shuts down cleanly, then re-raises the SIGTERM it was sent so
+    # that its exit status says why it stopped.
+    with open(log_path) as f:
+        log = f.read()
+    assert proc.returncode in (0, -signal.SIGTERM), log
+    assert "Server Shut Down." in log and "Traceback" not in log, log
+
+
+def test_worker_killed_mid_job_is_an_error_event_and_nothing_leaks(
+    fresh_moto: Moto, image: str, tmp_path: object
+) -> None:
+    moto = fresh_moto
+    data = os.path.join(str(tmp_path), "data")
+    closed = "tcp:host=127.0.0.1:port=9"  # discard port: nothing listens, refused at once
+    with D.daemon(data, ["--workers", "1"]) as d:
+        key, _ = checkrun.ssh_keypair(str(tmp_path))
+        p = d.client("submit", *job_args(moto, image), "--ssh", "--ssh-key", key,
+                     "--ssh-endpoint", closed, "--timeout-ssh", "60", "--max-attempts", "1")
+        assert p.returncode == 0, p.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not checkrun.leftovers(moto.url):
+            time.sleep(0.2)
+        workers = D.worker_pids(d.pid)
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        jobs: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            jobs = d.client_json("jobs")
+            if jobs and all(j["state"] in ("passed", "failed", "cancelled", "error") for j in jobs):
+                break
+            time.sleep(0.5)
+        assert jobs and jobs[0]["state"] == "error", jobs
+        assert "signal 9" in str(jobs[0]["reason"]) or "SIGKILL" in str(jobs[0]["reason"])
+        log = d.log()
+        assert "[txvmbot" in log and "#error]" in log and "died" in log
+    assert checkrun.leftovers(moto.url) == []
+
+
+def test_daemon_killed_while_jobs_run_then_restarted(
+    fresh_moto: Moto, image: str, tmp_path: object
+) -> None:
+    """Every job reaches a final state after the restart, and moto holds
+    nothing the jobs created."""
+    moto = fresh_moto
+    data = os.path.join(str(tmp_path), "data")
+    os.makedirs(data)
+    key, _ = checkrun.ssh_keypair(str(tmp_path))
+    closed = "tcp:host=127.0.0.1:port=9"
+    proc, d = D.start(data, ["--workers", "2"])
+    try:
+        ids = []
+        for _ in range(4):
+            p = d.client("submit", *job_args(moto, image), "--ssh", "--ssh-key", key,
+                         "--ssh-endpoint", closed, "--timeout-ssh", "8", "--json", "-")
+            assert p.returncode == 0, p.stderr
+            ids.append(p.stdout)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(checkrun.leftovers(moto.url)) < 2:
+            time.sleep(0.2)
+        assert checkrun.leftovers(moto.url)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # The workers die with their parent's pipes; give them a moment.
+    time.sleep(1)
+    proc, d = D.start(data, ["--workers", "2"], log_name="twistd2.log")
+    try:
+        deadline = time.monotonic() + 180
+        jobs: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            jobs = d.client_json("jobs")
+            if len(jobs) == 4 and all(j["state"] in ("passed", "failed", "cancelled", "error") for j in jobs):
+                break
+            time.sleep(0.5)
+        assert len(jobs) == 4 and all(j["state"] in ("passed", "failed", "cancelled", "error") for j in jobs), jobs
+        assert any("daemon restarted" in str(j.get("reason", "")) for j in jobs) or all(
+            j["state"] == "failed" for j in jobs
+        )
+    finally:
+        D.stop(proc)
+    assert checkrun.leftovers(moto.url) == []
+
+
+def test_two_hundred_jobs_on_four_workers_never_leave_a_worker_idle(
+    moto: Moto, image: str, tmp_path: object
+) -> None:
+    data = os.path.join(str(tmp_path), "data")
+    with D.daemon(data, ["--workers", "4"]) as d:
+        spec = job_args(moto, image)
+        # "At once": the backend is drained while the 200 are submitted,
+        # then resumed, so all 200 queue before the first one starts.
+        backend = f"{moto.url} {checkrun.REGION}"
+        p = d.client("drain", backend)
+        assert p.returncode == 0, p.stderr
+        script = (
+            "import subprocess, sys\n"
+            "from tests import checkrun\n"
+            f"args = {spec!r}\n"
+            f"connect = {d.connect!r}\n"
+            "procs = [subprocess.Popen(checkrun.txvmbot_cmd('submit', *args, '--connect', connect),"
+            " stdout=subprocess.DEVNULL, env=checkrun.env()) for _ in range(20)]\n"
+            "sys.exit(max(p.wait() for p in procs))\n"
+        )
+        for _ in range(10):
+            p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=300,
+                               capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
+        p = d.client("resume", backend)
+        assert p.returncode == 0, p.stderr
+        deadline = time.monotonic() + 600
+        jobs: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            jobs = d.client_json("jobs", "--limit", "1000")
+            if len(jobs) == 200 and all(j["state"] in ("passed", "failed", "cancelled", "error") for j in jobs):
+                break
+            time.sleep(1)
+        assert len(jobs) == 200
+        assert all(j["state"] == "passed" for j in jobs), [j["reason"] for j in jobs if j["state"] != "passed"]
+    # No idle worker while jobs queued: once the first four are running,
+    # every later job starts as soon as some job ends.
+    starts = sorted(float(j["started"]) for j in jobs)  # type: ignore[arg-type]
+    ends = sorted(float(j["finished"]) for j in jobs)  # type: ignore[arg-type]
+    slack = 0.5
+    for k in range(4, 200):
+        # The k-th start may not come later than the (k-3)-th end (4 slots).
+        assert starts[k] <= ends[k - 4] + slack, (k, starts[k], ends[k - 4])
