@@ -22,6 +22,7 @@ from typing import IO, Any
 from txvmbot import __version__
 from txvmbot.cli import check as _check
 from txvmbot.cli import client as _client
+from txvmbot.cli import doctor as _doctor
 from txvmbot.cli import reap as _reap
 from txvmbot.cli._common import (
     CANCEL_REASON,
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _check.add_parser(sub)
     _reap.add_parser(sub)
     _client.add_parsers(sub)
+    _doctor.add_parser(sub)
     return parser
 
 
@@ -111,11 +113,11 @@ def run(
         args = _parse(parser, argv, stdout, stderr)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    streams = _Streams(stdout=stdout, stderr=stderr, json_path=args.json)
+    streams = _Streams(stdout=stdout, stderr=stderr, json_path=getattr(args, "json", None))
 
     from twisted.logger import globalLogBeginner, globalLogPublisher
 
-    observer = _log_observer(stderr, args.verbose)
+    observer = _log_observer(stderr, getattr(args, "verbose", False))
     if _reactor is None:
         globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     else:
