@@ -21,7 +21,7 @@ from zope.interface.verify import verifyObject
 from txvmbot.daemon.interfaces import IScheduler, IWorkerPool
 from txvmbot.daemon.scheduler import Scheduler, is_infrastructure_failure
 from txvmbot.daemon.store import SQLiteJobStore
-from txvmbot.errors import UnknownJob
+from txvmbot.errors import ConfigError, UnknownJob
 from txvmbot.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import StepEvent
@@ -217,8 +217,8 @@ class OrderTests(SynchronousTestCase):
             h.submit("b")
         self.assertEqual(h.running(), ["j0", "j3", "j4"])
         st = {b.name: b for b in h.s.status().backends}
-        self.assertEqual(st["a"], BackendStatus("a", 1, 1, 2, "active"))
-        self.assertEqual(st["b"], BackendStatus("b", 2, 2, 1, "active"))
+        self.assertEqual(st["a"], BackendStatus("a", 1, 1, 2, "active", instances=1))
+        self.assertEqual(st["b"], BackendStatus("b", 2, 2, 1, "active", instances=2))
         # A job for an uncapped backend takes the idle worker.
         h.submit("c")
         self.assertEqual(h.running(), ["j0", "j3", "j4", "j6"])
@@ -226,6 +226,27 @@ class OrderTests(SynchronousTestCase):
         self.assertEqual(h.running(), ["j3", "j4", "j6", "j1"])
         h.pool.finish("j3")
         self.assertEqual(h.running(), ["j4", "j6", "j1", "j5"])
+
+    def test_caps_count_instances_not_jobs(self) -> None:
+        """A cap is instances per cloud: a job with parallel=3 takes three
+        places, and the head of the queue is not overtaken by smaller jobs."""
+        h = Harness(size=4, caps={"a": 4})
+        h.submit("a", parallel=3)
+        h.submit("a", parallel=2)
+        h.submit("a", parallel=1)
+        self.assertEqual(h.running(), ["j0"])
+        (st,) = h.s.status().backends
+        self.assertEqual((st.running, st.instances, st.queued), (1, 3, 2))
+        h.pool.finish("j0")
+        self.assertEqual(h.running(), ["j1", "j2"])
+
+    def test_job_larger_than_its_backend_cap_is_refused(self) -> None:
+        h = Harness(size=4, caps={"a": 2})
+        with self.assertRaises(ConfigError) as e:
+            h.submit("a", parallel=3)
+        self.assertEqual(e.exception.where, "job.parallel")
+        self.assertIn("at most 2 instances", str(e.exception))
+        self.assertEqual(h.s.list(), [])
 
     def test_default_cap(self) -> None:
         h = Harness(size=8, default_cap=3)
@@ -627,8 +648,8 @@ class BackendTests(SynchronousTestCase):
                 queue_depth=1,
                 running=3,
                 backends=(
-                    BackendStatus("a", 1, 1, 1, "active"),
-                    BackendStatus("b", 4, 2, 0, "active"),
+                    BackendStatus("a", 1, 1, 1, "active", instances=1),
+                    BackendStatus("b", 4, 2, 0, "active", instances=2),
                     BackendStatus("z", 2, 0, 0, "active"),
                 ),
             ),

@@ -78,6 +78,7 @@ class BackendStatus:
     state: BackendState
     consecutive_failures: int = 0
     reason: str = ""
+    instances: int = 0
 
 
 @frozen

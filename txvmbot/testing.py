@@ -48,11 +48,12 @@ def make_job_spec(
     image: str = "ami-12345678",
     endpoint: str = "http://127.0.0.1:5000",
     region: str = "us-east-1",
+    parallel: int = 1,
 ) -> JobSpec:
     """A valid JobSpec that survives the codec's round trip unchanged."""
     cloud = Cloud(endpoint=endpoint, region=region, name=backend)
     return JobSpec(
-        check=CheckSpec(cloud=cloud, image=image),
+        check=CheckSpec(cloud=cloud, image=image, parallel=parallel),
         backend=backend,
         priority=priority,
         bound=bound,

@@ -467,8 +467,8 @@ async def _cancel(
 def _backend_line(b: BackendStatus) -> str:
     extra = f"; {b.reason}" if b.reason else ""
     return (
-        f"backend {b.name}: {b.state} ({b.running} running, {b.queued} queued, "
-        f"capacity {b.capacity}){extra}\n"
+        f"backend {b.name}: {b.state} ({b.running} running with {b.instances} instances, "
+        f"{b.queued} queued, capacity {b.capacity} instances){extra}\n"
     )
 
 
@@ -504,13 +504,14 @@ async def _status(
         f"  jobs:    {s.queue_depth} queued, {s.running} running\n"
     )
     if s.backends:
-        rows = [["BACKEND", "STATE", "RUNNING", "QUEUED", "CAPACITY", "FAILURES", "REASON"]]
+        rows = [["BACKEND", "STATE", "RUNNING", "INSTANCES", "QUEUED", "CAPACITY", "FAILURES", "REASON"]]
         for b in s.backends:
             rows.append(
                 [
                     b.name,
                     b.state,
                     str(b.running),
+                    f"{b.instances}",
                     str(b.queued),
                     str(b.capacity),
                     str(b.consecutive_failures),

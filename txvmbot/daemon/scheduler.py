@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon.interfaces import IJobStore, IScheduler
-from txvmbot.errors import UnknownJob, WorkerDied
+from txvmbot.errors import ConfigError, UnknownJob, WorkerDied
 from txvmbot.jobs import (
     FINAL_STATES,
     BackendState,
@@ -141,8 +141,9 @@ class _Backend:
     # until they reach the top and are skipped there.
     heap: list[_QueueKey] = attrs.Factory(list)
     queued: int = 0
-    # Jobs holding a worker (and a place under the cap).
-    running: set[str] = attrs.Factory(set)
+    # Jobs holding a worker, with the instances each runs (the cap limits
+    # instances: a job with parallel=N holds N places).
+    running: dict[str, int] = attrs.Factory(dict)
     # Jobs the daemon cleans up itself (worker died, daemon restarted).
     cleaning: set[str] = attrs.Factory(set)
     draining: bool = False
@@ -162,13 +163,13 @@ class _Backend:
         return "active"
 
     @property
-    def takes_jobs(self) -> bool:
-        return (
-            self.queued > 0
-            and not self.quarantined
-            and not self.draining
-            and len(self.running) < self.cap
-        )
+    def instances(self) -> int:
+        return sum(self.running.values())
+
+    @property
+    def may_start(self) -> bool:
+        """Whether it may start its head job, placed aside its size."""
+        return self.queued > 0 and not self.quarantined and not self.draining
 
 
 def _new_id() -> str:
@@ -195,7 +196,8 @@ class Scheduler:
     :param cleaner: cleans a job's resources (from the journal and by tag)
         when its worker died or the daemon restarted under it; fires with a
         tuple of error descriptions, empty when all went.
-    :param caps: per-backend caps on running jobs; ``default_cap`` for the
+    :param caps: per-backend caps on running instances (a job with
+        ``parallel=N`` takes N); ``default_cap`` for the
         others.
     :param quarantine_after: consecutive infrastructure failures that
         quarantine a backend.
@@ -263,6 +265,13 @@ class Scheduler:
     def submit(self, spec: JobSpec) -> Job:
         """Queue ``spec``; return the Job as stored (state queued). It may
         have started by the time this returns."""
+        cap = self._backend(spec.backend).cap
+        if spec.check.parallel > cap:
+            raise ConfigError(
+                "job.parallel",
+                f"backend {spec.backend!r} runs at most {cap} instances at once; this job "
+                f"asks for {spec.check.parallel}, so it could never start",
+            )
         job = Job(id=self._new_id(), spec=spec, state="queued", submitted=float(self._wall()))
         self._store.add(job)
         active = _Active(job=job, order=next(self._order))
@@ -452,6 +461,7 @@ class Scheduler:
             name=b.name,
             capacity=b.cap,
             running=len(b.running),
+            instances=b.instances,
             queued=b.queued,
             state=b.state,
             consecutive_failures=b.consecutive_failures,
@@ -492,8 +502,11 @@ class Scheduler:
                 while not self._stopped and len(self._in_pool) < self._pool.size:
                     best: tuple[_QueueKey, _Backend] | None = None
                     for b in self._backends.values():
-                        if b.takes_jobs:
+                        if b.may_start:
                             head = self._head(b)
+                            size = self._active[head[3]].job.spec.check.parallel
+                            if b.instances + size > b.cap:
+                                continue  # its head waits for room: no overtaking
                             if best is None or head < best[0]:
                                 best = (head, b)
                     if best is None:
@@ -511,7 +524,7 @@ class Scheduler:
 
     def _start(self, active: _Active, b: _Backend) -> None:
         job = active.job
-        b.running.add(job.id)
+        b.running[job.id] = job.spec.check.parallel
         self._in_pool.add(job.id)
         self._set_state(
             active,
@@ -581,7 +594,7 @@ class Scheduler:
         active = self._active[job_id]
         self._cancel_bound(active)
         b = self._backends[active.job.spec.backend]
-        b.running.discard(job_id)
+        b.running.pop(job_id, None)
         if isinstance(outcome, Failure):
             if outcome.check(CancelledError):
                 self._set_state(active, "cancelled", reason=active.cancel_reason or "cancelled")
