@@ -172,7 +172,7 @@ class ClientCommandTests(TestCase):
         self.assertIn("job job-1 cancelled: cancelled by a client", out)
         code, out, _ = await self.cli("drain", "prod")
         self.assertEqual(
-            (code, out), (0, "backend prod: draining (0 running, 0 queued, capacity 4)\n")
+            (code, out), (0, "backend prod: draining (0 running with 0 instances, 0 queued, capacity 4 instances)\n")
         )
         code, out, _ = await self.cli("resume", "prod", "--json")
         self.assertEqual(json.loads(out)["state"], "active")
