@@ -142,7 +142,7 @@ class ClientCommandTests(TestCase):
         code, out, _ = await self.cli("show", "job-1")
         self.assertEqual(code, 0)
         self.assertIn("job job-1: failed", out)
-        self.assertIn("cloud:     http://127.0.0.1:1/ (r)", out)
+        self.assertIn("target:    a on http://127.0.0.1:1/ (r)", out)
         self.assertIn("failing step: wait-running", out)
         code, out, _ = await self.cli("show", "job-1", "--json")
         self.assertEqual(json.loads(out)["id"], "job-1")

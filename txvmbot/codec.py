@@ -26,6 +26,7 @@ from txvmbot.model import (
     StepResult,
     Timeouts,
 )
+from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
 
 #: The largest JSON document accepted from a client or a worker.
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -64,6 +65,8 @@ def _changed(value: Any, default: Any) -> dict[str, Any]:
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     """A job spec as a JSON-able dict, in the shape of a config cloud table
     plus the job's own keys. Credentials are left out."""
+    if isinstance(spec.check, LocalSpec):
+        return _local_to_dict(spec, spec.check)
     check = spec.check
     cloud = check.cloud
     d: dict[str, Any] = {
@@ -94,9 +97,19 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     return d
 
 
-def spec_from_dict(data: Any, where: str = "job") -> JobSpec:
+def spec_from_dict(
+    data: Any, where: str = "job", pools: Mapping[str, LocalPool] | None = None
+) -> JobSpec:
     """Validate a decoded job spec into a JobSpec. Raises ConfigError naming
-    the key (``job.commands``)."""
+    the key (``job.commands``).
+
+    A spec with a ``pool`` key is a local VM job. With ``pools`` (the
+    daemon's, on the public side) the pool is looked up by name and a
+    client may not send its settings; without (the daemon's own store and
+    its workers) the settings travel in ``pool_settings``.
+    """
+    if isinstance(data, Mapping) and "pool" in data:
+        return _local_from_dict(data, where, pools)
     from txvmbot.config import (
         CheckSettings,
         CloudSettings,
@@ -273,3 +286,93 @@ def step_event_from_dict(d: Mapping[str, Any]) -> StepEvent:
         return StepEvent(**d)
     except TypeError as e:
         raise ConfigError("step event", f"malformed step event: {e}") from None
+
+
+# --- local VM jobs -------------------------------------------------------------
+
+_LOCAL_KEYS = ("pool", "pool_settings", "commands", "ssh_user", "console", "timeouts")
+
+
+def _local_to_dict(spec: JobSpec, check: LocalSpec) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "backend": spec.backend,
+        "priority": spec.priority,
+        "bound": spec.bound,
+        "max_attempts": spec.max_attempts,
+        "pool": check.pool.name,
+        "pool_settings": attrs.asdict(check.pool),
+        "commands": list(check.commands),
+        "ssh_user": check.ssh_user,
+        "console": check.console,
+    }
+    timeouts = _changed(check.timeouts, LocalTimeouts())
+    if timeouts:
+        d["timeouts"] = timeouts
+    return d
+
+
+def _local_from_dict(
+    data: Mapping[str, Any], where: str, pools: Mapping[str, LocalPool] | None
+) -> JobSpec:
+    from txvmbot.config import check_bool, check_commands, check_float, check_int, check_str
+
+    for key in data:
+        if key not in _LOCAL_KEYS + _JOB_KEYS:
+            raise ConfigError(
+                f"{where}.{key}",
+                f"unknown key for a local VM job; expected one of "
+                f"{', '.join(sorted(_LOCAL_KEYS + _JOB_KEYS))}",
+            )
+    name = check_str(f"{where}.pool", data["pool"])
+    if pools is not None:
+        if "pool_settings" in data:
+            raise ConfigError(f"{where}.pool_settings", "set by the daemon, not by a job")
+        if name not in pools:
+            known = ", ".join(sorted(pools)) or "none"
+            raise ConfigError(f"{where}.pool", f"the daemon has no pool {name!r} (it has: {known})")
+        pool = pools[name]
+    elif "pool_settings" in data:
+        raw = data["pool_settings"]
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}.pool_settings", "expected a table")
+        try:
+            pool = LocalPool(**raw)
+        except TypeError as e:
+            raise ConfigError(f"{where}.pool_settings", str(e)) from None
+    else:
+        pool = LocalPool(name=name)
+    timeouts: dict[str, float] = {}
+    if "timeouts" in data:
+        t = data["timeouts"]
+        if not isinstance(t, Mapping):
+            raise ConfigError(f"{where}.timeouts", "expected a table of seconds")
+        fields = {a.name for a in attrs.fields(LocalTimeouts)}
+        for key, value in t.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{where}.timeouts.{key}", f"unknown; expected one of {', '.join(sorted(fields))}"
+                )
+            timeouts[key] = check_float(f"{where}.timeouts.{key}", value)
+    check = LocalSpec(
+        pool=pool,
+        commands=check_commands(f"{where}.commands", data["commands"])
+        if "commands" in data
+        else ("uname -a",),
+        ssh_user=check_str(f"{where}.ssh_user", data["ssh_user"]) if "ssh_user" in data else "root",
+        console=check_bool(f"{where}.console", data["console"]) if "console" in data else False,
+        timeouts=LocalTimeouts(**timeouts),
+    )
+    priority = check_int(f"{where}.priority", data.get("priority", 0), minimum=-1000)
+    if priority > 1000:
+        raise ConfigError(f"{where}.priority", f"must be at most 1000, got {priority}")
+    max_attempts = check_int(f"{where}.max_attempts", data.get("max_attempts", 2), minimum=1)
+    if max_attempts > 10:
+        raise ConfigError(f"{where}.max_attempts", f"must be at most 10, got {max_attempts}")
+    backend = check_str(f"{where}.backend", data.get("backend", name))
+    return JobSpec(
+        check=check,
+        backend=backend,
+        priority=priority,
+        bound=check_float(f"{where}.bound", data.get("bound", 3600.0)),
+        max_attempts=max_attempts,
+    )

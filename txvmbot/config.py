@@ -417,7 +417,7 @@ def parse_config(data: Mapping[str, Any], path: str) -> Config:
     """
     src = _in(path)
     base = os.path.dirname(path)
-    _reject_unknown("", data, ("clouds", "state_dir", "connect", "tls", "daemon"), src)
+    _reject_unknown("", data, ("clouds", "state_dir", "connect", "tls", "daemon", "pools"), src)
     state_dir = None
     if "state_dir" in data:
         state_dir = _relative_to(base, check_str("state_dir", data["state_dir"], src))

@@ -8,6 +8,7 @@ from typing import Literal
 from attrs import frozen
 
 from txvmbot.model import CheckResult, CheckSpec
+from txvmbot.qemu.model import LocalSpec
 
 JobState = Literal["queued", "running", "cleaning", "passed", "failed", "cancelled", "error"]
 FINAL_STATES: frozenset[str] = frozenset({"passed", "failed", "cancelled", "error"})
@@ -26,11 +27,24 @@ class JobSpec:
     that died, a daemon restart) may start it again.
     """
 
-    check: CheckSpec
+    check: CheckSpec | LocalSpec
     backend: str
     priority: int = 0
     bound: float = 3600.0
     max_attempts: int = 2
+
+    @property
+    def instances(self) -> int:
+        """How many machines the job runs at once (what backend caps count)."""
+        return self.check.parallel if isinstance(self.check, CheckSpec) else 1
+
+    @property
+    def target(self) -> str:
+        """What the job runs on, for people: an image on a cloud, or a pool."""
+        c = self.check
+        if isinstance(c, LocalSpec):
+            return f"local pool {c.pool.name}"
+        return f"{c.image or c.image_name or ''} on {c.cloud.endpoint} ({c.cloud.region})"
 
 
 @frozen

@@ -438,13 +438,12 @@ async def _show(
         f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""),
         f"  backend:   {job.spec.backend} (priority {job.spec.priority}, "
         f"bound {job.spec.bound:g}s, attempts {job.attempts}/{job.spec.max_attempts})",
-        f"  cloud:     {c.cloud.endpoint} ({c.cloud.region})",
-        f"  image:     {c.image or 'name ' + repr(c.image_name)}, {c.instance_type}",
+        f"  target:    {job.spec.target}",
         f"  submitted: {_when(job.submitted)} UTC",
         f"  started:   {_when(job.started)}",
         f"  finished:  {_when(job.finished)}  took {_took(job.started, job.finished)}",
     ]
-    for cmd in c.commands if c.ssh else ():
+    for cmd in c.commands if getattr(c, "ssh", True) else ():
         lines.append(f"  command:   {cmd}")
     out.write("\n".join(lines) + "\n")
     if job.result is not None:

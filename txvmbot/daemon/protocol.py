@@ -34,6 +34,7 @@ from twisted.protocols import amp
 from txvmbot.codec import MAX_SPEC_BYTES
 from txvmbot.errors import DaemonUnavailable, TxvmbotError, UnknownJob
 from txvmbot.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job
+from txvmbot.model import CheckSpec
 
 __all__ = [
     "API_VERSION",
@@ -461,7 +462,8 @@ def job_summary(job: Job) -> dict[str, Any]:
         "state": job.state,
         "backend": job.spec.backend,
         "priority": job.spec.priority,
-        "image": check.image or check.image_name or "",
+        "image": (check.image or check.image_name or "") if isinstance(check, CheckSpec) else "",
+        "target": job.spec.target,
         "submitted": job.submitted,
         "started": job.started,
         "finished": job.finished,

@@ -266,11 +266,11 @@ class Scheduler:
         """Queue ``spec``; return the Job as stored (state queued). It may
         have started by the time this returns."""
         cap = self._backend(spec.backend).cap
-        if spec.check.parallel > cap:
+        if spec.instances > cap:
             raise ConfigError(
                 "job.parallel",
                 f"backend {spec.backend!r} runs at most {cap} instances at once; this job "
-                f"asks for {spec.check.parallel}, so it could never start",
+                f"asks for {spec.instances}, so it could never start",
             )
         job = Job(id=self._new_id(), spec=spec, state="queued", submitted=float(self._wall()))
         self._store.add(job)
@@ -504,7 +504,7 @@ class Scheduler:
                     for b in self._backends.values():
                         if b.may_start:
                             head = self._head(b)
-                            size = self._active[head[3]].job.spec.check.parallel
+                            size = self._active[head[3]].job.spec.instances
                             if b.instances + size > b.cap:
                                 continue  # its head waits for room: no overtaking
                             if best is None or head < best[0]:
@@ -524,7 +524,7 @@ class Scheduler:
 
     def _start(self, active: _Active, b: _Backend) -> None:
         job = active.job
-        b.running[job.id] = job.spec.check.parallel
+        b.running[job.id] = job.spec.instances
         self._in_pool.add(job.id)
         self._set_state(
             active,

@@ -148,10 +148,15 @@ class DaemonAMP(amp.AMP):
 
     log = _log
 
-    def __init__(self, scheduler: Any, daemon_version: str = __version__) -> None:
+    def __init__(
+        self, scheduler: Any, daemon_version: str = __version__, pools: Any = None
+    ) -> None:
         super().__init__()
         self._scheduler = scheduler
         self._daemon_version = daemon_version
+        # The daemon's local VM pools, by name: a job names one, the daemon
+        # supplies its settings.
+        self._pools = pools if pools is not None else {}
         self._watches: dict[str, _Watch] = {}
         self._starting: list[_Watch] = []
         self.connected = False
@@ -300,7 +305,7 @@ class DaemonAMP(amp.AMP):
     @Submit.responder
     def submit(self, spec: dict[str, Any]) -> Deferred[dict[str, Any]]:
         def go() -> Any:
-            job_spec = codec.spec_from_dict(spec, "spec")
+            job_spec = codec.spec_from_dict(spec, "spec", self._pools)
             return maybeDeferred(self._scheduler.submit, job_spec)
 
         return self._call("Submit", go, then=lambda job: {"job": _job_doc(job)})
@@ -414,7 +419,9 @@ class AMPServerFactory(Factory):
     """Builds a :class:`DaemonAMP` for each client, all answering with
     ``scheduler``."""
 
-    def __init__(self, scheduler: Any, daemon_version: str = __version__) -> None:
+    def __init__(
+        self, scheduler: Any, daemon_version: str = __version__, pools: Any = None
+    ) -> None:
         if not IScheduler.providedBy(scheduler):
             raise TypeError(
                 f"{scheduler!r} does not provide IScheduler; is it marked with "
@@ -422,8 +429,9 @@ class AMPServerFactory(Factory):
             )
         self.scheduler = scheduler
         self.daemon_version = daemon_version
+        self.pools = pools
 
     def buildProtocol(self, addr: Any) -> DaemonAMP:
-        p = DaemonAMP(self.scheduler, self.daemon_version)
+        p = DaemonAMP(self.scheduler, self.daemon_version, self.pools)
         p.factory = self
         return p

@@ -133,14 +133,14 @@ class DaemonService(service.MultiService):
             self.pool,
             self.journal,
             cleaner=make_cleaner(self.reactor, self.journal),
-            caps=dict(s.caps),
+            caps={**{p.name: p.max_vms for p in s.pools_by_name.values()}, **dict(s.caps)},
             default_cap=s.default_cap,
             quarantine_after=s.quarantine_after,
             health_check=make_health_check(self.reactor, self.store),
             health_interval=s.health_interval,
         )
         await self.scheduler.recover()
-        factory = AMPServerFactory(self.scheduler)
+        factory = AMPServerFactory(self.scheduler, pools=s.pools_by_name)
         for description in s.listen_endpoints:
             endpoint = self._server_endpoint(description)
             self._ports.append(await endpoint.listen(factory))

@@ -11,9 +11,11 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from attrs import frozen
 
 from txvmbot.errors import ConfigError
+from txvmbot.qemu.model import LocalPool
 
 _KEYS = (
     "data_dir",
@@ -53,6 +55,15 @@ class DaemonSettings:
     tls: TLSFiles | None = None
     log_json: str | None = None
     config_path: str | None = None
+    pools: tuple[LocalPool, ...] = ()
+
+    @property
+    def pools_by_name(self) -> dict[str, LocalPool]:
+        """The local VM pools: the configured ones, else the embedded
+        ``local`` pool on the image ``txvmbot image build`` makes."""
+        if self.pools:
+            return {p.name: p for p in self.pools}
+        return {"local": default_pool(self.data_dir)}
 
     @property
     def socket_path(self) -> str:
@@ -65,6 +76,14 @@ class DaemonSettings:
         if self.listen:
             return self.listen
         return (f"unix:{self.socket_path}:mode=600",)
+
+
+def default_pool(data_dir: str, environ: Mapping[str, str] = os.environ) -> LocalPool:
+    from txvmbot.qemu.image import default_image_dir
+
+    return LocalPool(
+        name="local", image_dir=default_image_dir(environ), run_dir=os.path.join(data_dir, "vms")
+    )
 
 
 def default_data_dir(environ: Mapping[str, str] = os.environ) -> str:
@@ -153,7 +172,8 @@ def parse_daemon_table(
         if not isinstance(items, list) or not items:
             raise ConfigError("daemon.listen", f"expected endpoint strings, found {raw!r}{src}")
         listen = tuple(
-            check_listen(_str("listen", e, src), tls is not None, "daemon.listen", src) for e in items
+            check_listen(_str("listen", e, src), tls is not None, "daemon.listen", src)
+            for e in items
         )
 
     caps: dict[str, int] = {}
@@ -198,4 +218,62 @@ def load(path: str, environ: Mapping[str, str] = os.environ) -> DaemonSettings:
     table = data.get("daemon", {})
     if not isinstance(table, Mapping):
         raise ConfigError("daemon", f"expected a [daemon] table (in {path})")
-    return parse_daemon_table(table, path, environ)
+    settings = parse_daemon_table(table, path, environ)
+    pools = data.get("pools", {})
+    if not isinstance(pools, Mapping):
+        raise ConfigError("pools", f"expected [pools.NAME] tables (in {path})")
+    parsed = tuple(
+        parse_pool_table(name, t, path, settings.data_dir, environ) for name, t in pools.items()
+    )
+    return attrs.evolve(settings, pools=parsed)
+
+
+_POOL_TYPES: dict[str, type | tuple[type, ...]] = {
+    "image_dir": str,
+    "run_dir": str,
+    "accel": str,
+    "max_vms": int,
+    "memory_mb": int,
+    "cpus": int,
+    "min_free_mb": int,
+    "fast_start": bool,
+    "keep_on_failure": bool,
+}
+
+
+def parse_pool_table(
+    name: str, table: object, path: str, data_dir: str, environ: Mapping[str, str] = os.environ
+) -> LocalPool:
+    """One ``[pools.NAME]`` table: a local VM pool."""
+    src = f" (in {path})"
+    where = f"pools.{name}"
+    if not isinstance(table, Mapping):
+        raise ConfigError(where, f"expected a table{src}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _POOL_TYPES:
+            raise ConfigError(
+                f"{where}.{key}",
+                f"unknown key; expected one of {', '.join(sorted(_POOL_TYPES))}{src}",
+            )
+        want = _POOL_TYPES[key]
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(
+                f"{where}.{key}",
+                f"expected {getattr(want, '__name__', want)}, found {value!r}{src}",
+            )
+        if want is int and value < 1:
+            raise ConfigError(f"{where}.{key}", f"must be at least 1, got {value}{src}")
+        values[key] = value
+    if values.get("accel", "auto") not in ("auto", "kvm", "tcg"):
+        raise ConfigError(
+            f"{where}.accel", f"expected auto, kvm or tcg, found {values['accel']!r}{src}"
+        )
+    base = os.path.dirname(path)
+    for key in ("image_dir", "run_dir"):
+        if key in values:
+            p = os.path.expanduser(values[key])
+            values[key] = p if os.path.isabs(p) else os.path.join(base, p)
+    default = default_pool(data_dir, environ)
+    return attrs.evolve(default, name=name, **values)

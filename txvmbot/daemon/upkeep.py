@@ -14,6 +14,7 @@ from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.interfaces import IJournal
 from txvmbot.jobs import Job, check_id_for
 from txvmbot.model import Cloud
+from txvmbot.qemu.model import LocalSpec
 
 log = Logger()
 
@@ -34,14 +35,21 @@ def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tu
             from txvmbot.engine import Cleanup, StepRunner
 
             check_id = check_id_for(job)
-            client = make_client(reactor, job.spec.check.cloud)
-            try:
-                t = job.spec.check.timeouts
-                undo = Undoer(client, reactor, t.poll_interval, t.poll_max_interval)
-                steps = StepRunner(reactor)
-                errors = await Cleanup(journal, undo, steps, CLEANUP_BOUND).run(check_id)
-            finally:
-                await client.close()
+            spec = job.spec.check
+            steps = StepRunner(reactor)
+            if isinstance(spec, LocalSpec):
+                from txvmbot.qemu.scenario import LocalUndoer
+
+                local = LocalUndoer(spec.timeouts.shutdown)
+                errors = await Cleanup(journal, local, steps, CLEANUP_BOUND).run(check_id)
+            else:
+                client = make_client(reactor, spec.cloud)
+                try:
+                    t = spec.timeouts
+                    undo = Undoer(client, reactor, t.poll_interval, t.poll_max_interval)
+                    errors = await Cleanup(journal, undo, steps, CLEANUP_BOUND).run(check_id)
+                finally:
+                    await client.close()
             if errors:
                 log.error(
                     "Cleanup after job {job_id} (check {check_id}) left errors: {errors}",
@@ -68,7 +76,7 @@ def make_health_check(reactor: Any, store: IJobStore) -> Callable[[str], Deferre
             from txvmbot.ec2 import make_client
 
             jobs = store.list(backend=backend, limit=1)
-            if not jobs:
+            if not jobs or isinstance(jobs[0].spec.check, LocalSpec):
                 return True
             cloud: Cloud = jobs[0].spec.check.cloud
             client = make_client(reactor, cloud)

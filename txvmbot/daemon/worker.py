@@ -48,7 +48,7 @@ from txvmbot.daemon.worker_protocol import (
 )
 from txvmbot.errors import ConfigError
 from txvmbot.interfaces import IJournal
-from txvmbot.model import CheckResult, CheckSpec, JournalEntry, StepEvent
+from txvmbot.model import CheckResult, JournalEntry, StepEvent
 
 __all__ = ["RemoteJournal", "Worker", "encode_result"]
 
@@ -64,10 +64,16 @@ class _Check(Protocol):
 CheckFactory = Callable[..., _Check]
 
 
-def _default_check_factory(*args: Any, **kwargs: Any) -> _Check:
+def _default_check_factory(reactor: Any, spec: Any, **kwargs: Any) -> _Check:
+    from txvmbot.qemu.model import LocalSpec
+
+    if isinstance(spec, LocalSpec):
+        from txvmbot.qemu.scenario import LocalCheck
+
+        return LocalCheck(reactor, spec, **kwargs)
     from txvmbot.scenario import Check
 
-    return Check(*args, **kwargs)
+    return Check(reactor, spec, **kwargs)
 
 
 @implementer(IJournal)
@@ -233,7 +239,7 @@ class Worker(amp.AMP):
             job_spec = codec.spec_from_dict(codec.loads(spec, "spec", codec.MAX_SPEC_BYTES))
         except ConfigError as e:
             raise MalformedArgument(f"job {job_id}: {e}") from None
-        check_spec: CheckSpec = job_spec.check
+        check_spec = job_spec.check
         journal = RemoteJournal(self, job_id, check_id)
         try:
             check = self._check_factory(
