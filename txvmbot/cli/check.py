@@ -123,6 +123,37 @@ def add_check_settings(p: argparse.ArgumentParser) -> None:
         help="command to run over ssh; repeat for several; replaces the config's list "
         f"(default: {' ; '.join(_default('commands'))})",
     )
+    local = p.add_argument_group("local VMs (QEMU)")
+    local.add_argument(
+        "--image-dir",
+        metavar="DIR",
+        help="the test image `txvmbot image build` made (default: <state dir>/image)",
+    )
+    local.add_argument(
+        "--accel",
+        choices=("auto", "kvm", "tcg"),
+        help="QEMU acceleration; auto uses KVM only with kvm_intel or kvm_amd loaded "
+        "(default: auto)",
+    )
+    local.add_argument("--memory", metavar="MB", type=int, help="guest memory (default: 256)")
+    local.add_argument(
+        "--keep-on-failure",
+        action=argparse.BooleanOptionalAction,
+        help="keep a failed VM's overlay, console log and saved state until "
+        "`txvmbot release` (default: yes)",
+    )
+    local.add_argument(
+        "--timeout-boot",
+        metavar="S",
+        type=float,
+        help="QEMU start to the guest's ready marker (default: 60)",
+    )
+    local.add_argument(
+        "--timeout-shutdown",
+        metavar="S",
+        type=float,
+        help="ACPI powerdown to QEMU's exit, before quit and kill (default: 10)",
+    )
     waits = p.add_argument_group("timeouts (seconds)")
     for name in TIMEOUT_FIELDS:
         waits.add_argument(
@@ -150,6 +181,12 @@ def add_parser(sub: Any) -> None:
     )
     add_cloud_flags(check)
     add_files_flags(check)
+    check.add_argument(
+        "--local",
+        action="store_true",
+        help="run the smoke job on a fresh local QEMU VM instead of a cloud "
+        "(boot, ready, ssh, commands, console, teardown) (default: a cloud)",
+    )
     add_check_settings(check)
     runs = check.add_argument_group("runs")
     runs.add_argument(
@@ -205,6 +242,86 @@ def spec_from_args(
     return spec
 
 
+_CLOUD_ONLY = (
+    "endpoint",
+    "region",
+    "image",
+    "image_name",
+    "image_owner",
+    "instance_type",
+    "parallel",
+    "floating_ip",
+    "ssh_key",
+    "ssh_endpoint",
+    "ssh_cidr",
+    "ssh",
+)
+_CLOUD_ONLY_TIMEOUTS = ("api_step", "running", "terminate", "poll_interval", "poll_max_interval")
+
+
+def local_spec_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str], state_dir: str
+) -> Any:
+    """The :class:`LocalSpec` of ``check --local``: a job on the state
+    dir's local pool. Cloud-only flags are refused, naming the flag."""
+    from txvmbot.qemu.image import default_image_dir
+    from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
+
+    for name in _CLOUD_ONLY:
+        if getattr(args, name, None) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(flag, "not used with --local (it is a cloud setting)")
+    for name in _CLOUD_ONLY_TIMEOUTS:
+        if getattr(args, f"timeout_{name}", None) is not None:
+            raise ConfigError(timeout_flag(name), "not used with --local")
+    timeouts: dict[str, float] = {}
+    for name, flag in (
+        ("boot", "--timeout-boot"),
+        ("shutdown", "--timeout-shutdown"),
+        ("ssh", "--timeout-ssh"),
+        ("ssh_connect", "--timeout-ssh-connect"),
+        ("command", "--timeout-command"),
+    ):
+        value = getattr(args, f"timeout_{name}", None)
+        if value is not None:
+            timeouts[name] = check_float(flag, value)
+    memory = 256 if args.memory is None else check_int("--memory", args.memory, minimum=64)
+    pool = LocalPool(
+        name="local",
+        image_dir=os.path.abspath(os.path.expanduser(args.image_dir))
+        if args.image_dir
+        else default_image_dir(environ),
+        run_dir=os.path.join(state_dir, "vms"),
+        accel=args.accel or "auto",
+        memory_mb=memory,
+        keep_on_failure=True if args.keep_on_failure is None else args.keep_on_failure,
+    )
+    commands: tuple[str, ...] = ("uname -a",)
+    if args.commands is not None:
+        commands = tuple(check_str("--command", c) for c in args.commands)
+    return LocalSpec(
+        pool=pool,
+        commands=commands,
+        ssh_user=args.ssh_user or "root",
+        console=bool(args.console),
+        timeouts=LocalTimeouts(**timeouts),
+    )
+
+
+def _local_flags_given(args: argparse.Namespace) -> str | None:
+    for name in (
+        "image_dir",
+        "accel",
+        "memory",
+        "keep_on_failure",
+        "timeout_boot",
+        "timeout_shutdown",
+    ):
+        if getattr(args, name, None) is not None:
+            return "--" + name.replace("_", "-")
+    return None
+
+
 class _CheckRun:
     """Runs the checks of one ``txvmbot check`` in a row and makes shutdown
     (SIGINT/SIGTERM) cancel the running one and wait for its cleanup."""
@@ -212,7 +329,7 @@ class _CheckRun:
     def __init__(
         self,
         reactor: Any,
-        spec: CheckSpec,
+        spec: Any,
         *,
         repeat: int,
         journal: Any,
@@ -238,6 +355,8 @@ class _CheckRun:
         from twisted.python.failure import Failure
 
         from txvmbot.model import CheckResult, Facts
+        from txvmbot.qemu.model import LocalSpec
+        from txvmbot.qemu.scenario import LocalCheck
         from txvmbot.report import (
             format_result,
             format_summary,
@@ -247,6 +366,7 @@ class _CheckRun:
         )
         from txvmbot.scenario import Check
 
+        make = LocalCheck if isinstance(self._spec, LocalSpec) else Check
         human = self._streams.human
         results: list[CheckResult] = []
         try:
@@ -254,7 +374,7 @@ class _CheckRun:
                 if self._stopping:
                     break
                 renderer = renderer_for(human, self._reactor)
-                check = Check(
+                check = make(
                     self._reactor,
                     self._spec,
                     journal=self._journal,
@@ -355,7 +475,12 @@ class _CheckRun:
             d.callback(None)
 
 
-def _describe_spec(spec: CheckSpec) -> str:
+def _describe_spec(spec: Any) -> str:
+    from txvmbot.qemu.model import LocalSpec
+
+    if isinstance(spec, LocalSpec):
+        p = spec.pool
+        return f"local VM on {p.image_dir}, {p.memory_mb} MiB, accel {p.accel}"
     image = spec.image or f"name {spec.image_name!r}"
     extra = f" x{spec.parallel}" if spec.parallel > 1 else ""
     return f"{spec.cloud.name} {spec.cloud.endpoint} ({spec.cloud.region}), {image}, {spec.instance_type}{extra}"
@@ -370,8 +495,15 @@ def _cmd_check(
     if args.repeat < 1:
         raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
     chosen, config_state = _load_cloud_config(args)
-    spec = spec_from_args(args, environ, chosen)
     state_dir = state_dir_for(args.state_dir, config_state, environ)
+    spec: Any
+    if args.local:
+        spec = local_spec_from_args(args, environ, state_dir)
+    else:
+        flag = _local_flags_given(args)
+        if flag is not None:
+            raise ConfigError(flag, "only used with --local")
+        spec = spec_from_args(args, environ, chosen)
     evidence = os.path.join(state_dir, "evidence")
     _make_private_dir(state_dir, "--state-dir")
     _make_private_dir(evidence, "--state-dir")

@@ -102,6 +102,12 @@ def add_parsers(sub: Any) -> None:
     _add_connect(p, with_files=False)
     job = p.add_argument_group("job")
     job.add_argument(
+        "--pool",
+        metavar="NAME",
+        help="run on the daemon's local VM pool NAME (the embedded default has 'local') "
+        "instead of a cloud (default: a cloud)",
+    )
+    job.add_argument(
         "--backend",
         metavar="NAME",
         help="the pool the job runs on (default: 'ENDPOINT REGION' of the cloud)",
@@ -256,6 +262,8 @@ def _job_spec_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict
     from txvmbot.cli.check import spec_from_args
     from txvmbot.jobs import JobSpec
 
+    if args.pool is not None:
+        return _local_job_dict(args)
     chosen, _ = _load_cloud_config(args)
     if chosen is not None:
         # Credentials stay here: the daemon resolves its own, so neither a
@@ -291,6 +299,45 @@ def _job_spec_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict
             raise ConfigError("--max-attempts", f"must be at most 10, got {args.max_attempts}")
     doc = codec.spec_to_dict(JobSpec(**job))
     codec.spec_from_dict(doc)  # the daemon's own check, before we connect
+    return doc
+
+
+def _local_job_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """A job on one of the daemon's local VM pools, by name: the daemon
+    supplies the pool's image and settings."""
+    from txvmbot import codec
+    from txvmbot.cli.check import _CLOUD_ONLY, _CLOUD_ONLY_TIMEOUTS
+
+    for name in _CLOUD_ONLY:
+        if getattr(args, name, None) not in (None, False):
+            raise ConfigError("--" + name.replace("_", "-"), "not used with --pool")
+    for name in _CLOUD_ONLY_TIMEOUTS:
+        if getattr(args, f"timeout_{name}", None) is not None:
+            raise ConfigError("--timeout-" + name.replace("_", "-"), "not used with --pool")
+    for name in ("image_dir", "accel", "memory", "keep_on_failure"):
+        if getattr(args, name, None) is not None:
+            raise ConfigError(
+                "--" + name.replace("_", "-"), "set in the daemon's [pools.NAME], not per job"
+            )
+    doc: dict[str, Any] = {"pool": check_str("--pool", args.pool)}
+    if args.commands is not None:
+        doc["commands"] = [check_str("--command", c) for c in args.commands]
+    if args.ssh_user is not None:
+        doc["ssh_user"] = args.ssh_user
+    if args.console is not None:
+        doc["console"] = bool(args.console)
+    timeouts = {}
+    for name in ("boot", "shutdown", "ssh", "ssh_connect", "command"):
+        value = getattr(args, f"timeout_{name}", None)
+        if value is not None:
+            timeouts[name] = check_float("--timeout-" + name.replace("_", "-"), value)
+    if timeouts:
+        doc["timeouts"] = timeouts
+    for key in ("backend", "priority", "bound", "max_attempts"):
+        value = getattr(args, key)
+        if value is not None:
+            doc[key] = value
+    codec.spec_from_dict(doc)  # the same checks the daemon makes, before we connect
     return doc
 
 
