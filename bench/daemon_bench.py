@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -67,6 +68,7 @@ from bench._common import (  # noqa: E402
     REGION,
     ReactorThread,
     bench_env,
+    median,
     pick_image,
     proc_cpu,
     reproduce_line,
@@ -174,6 +176,14 @@ def memory(daemon_pid: int) -> dict[str, float]:
     }
 
 
+def system_busy() -> float:
+    """CPU seconds all cores spent busy so far (/proc/stat: everything but
+    idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     """Nearest-rank percentile."""
     if not xs:
@@ -191,6 +201,18 @@ def stored_counts(path: str) -> dict[tuple[str, str], int]:
         return {(b, s): int(n) for b, s, n in rows.fetchall()}
     finally:
         conn.close()
+
+
+def cold_jobs(log: str) -> set[str]:
+    """Jobs that were the first of their worker process, from the pool's
+    "Job J (check C) runs on worker W (pid P)" log lines."""
+    seen: set[str] = set()
+    cold: set[str] = set()
+    for m in re.finditer(r"Job (\S+) \(check \S+\) runs on worker \S+ \(pid (\d+)\)", log):
+        if m.group(2) not in seen:
+            seen.add(m.group(2))
+            cold.add(m.group(1))
+    return cold
 
 
 # --- the daemon ---------------------------------------------------------------------
@@ -276,27 +298,29 @@ async def sequential(client: Any, spec: dict[str, Any], n: int) -> tuple[float, 
 
 async def pipelined(
     clients: list[Any], spec: dict[str, Any], n: int, window: int
-) -> tuple[float, list[float], list[Any]]:
+) -> tuple[float, list[float], list[Any], list[float]]:
     """``n`` submits, ``window`` in flight on each client: (wall s, round
-    trips s, jobs answered)."""
+    trips s, jobs answered, perf_counter of each answer)."""
     from twisted.internet.defer import ensureDeferred, gatherResults
 
     todo = iter(range(n))
     rtts: list[float] = []
     jobs: list[Any] = []
+    done: list[float] = []
 
     async def lane(client: Any) -> None:
         for _ in todo:  # shared by every lane: n submits in all
             t = time.perf_counter()
             job = await client.submit(spec)
-            rtts.append(time.perf_counter() - t)
+            done.append(time.perf_counter())
+            rtts.append(done[-1] - t)
             jobs.append(job)
 
     t0 = time.perf_counter()
     await gatherResults(
         [ensureDeferred(lane(c)) for c in clients for _ in range(window)], consumeErrors=True
     )
-    return time.perf_counter() - t0, rtts, jobs
+    return time.perf_counter() - t0, rtts, jobs, done
 
 
 async def cancel_all(clients: list[Any], ids: list[str]) -> list[Any]:
@@ -419,6 +443,8 @@ async def hold_running(
 def main(argv: list[str]) -> int:
     args = parse_args(argv[1:])
     set_test_credentials()
+    import txvmbot
+
     tmp = tempfile.mkdtemp(prefix="txvmbot-daemon-bench-")
     key, _ = checkrun.ssh_keypair(tmp)
     out: dict[str, Any] = {}
@@ -428,9 +454,10 @@ def main(argv: list[str]) -> int:
             image = pick_image(moto)
             proc, d, started = start_daemon(tmp, args.workers)
             print(
-                f"moto {moto.url} (pid {moto.pid}); daemon pid {d.pid}, --workers {args.workers}, "
+                f"load average {os.getloadavg()[0]:.2f}; moto {moto.url} (pid {moto.pid}); daemon pid {d.pid}, --workers {args.workers}, "
                 f"listening {started:.1f}s after start; data {d.data_dir}; {os.cpu_count()} CPUs "
-                "shared by moto, the daemon, its workers and this client",
+                "shared by moto, the daemon, its workers and this client; txvmbot from "
+                f"{os.path.dirname(os.path.dirname(os.path.abspath(txvmbot.__file__)))}",
                 flush=True,
             )
             rt = ReactorThread()
@@ -496,10 +523,12 @@ def run(
         assert all(j.state == "cancelled" for j in cancelled), "a queued job did not cancel"
         print(f"  sequential: {len(ids)} submits in {wall:.2f}s, then cancelled", flush=True)
     alive()
-    c0, o0 = proc_cpu(d.pid), self_cpu()
-    wall, rtts, jobs = call(pipelined(submitters, spec_a, args.jobs, args.window), 900)
+    c0, o0, m0, s0 = proc_cpu(d.pid), self_cpu(), proc_cpu(moto.pid), system_busy()
+    wall, rtts, jobs, done = call(pipelined(submitters, spec_a, args.jobs, args.window), 900)
+    ours = proc_cpu(d.pid) - c0 + self_cpu() - o0 + proc_cpu(moto.pid) - m0
+    out["pipe_other_cpu"] = system_busy() - s0 - ours
     out["pipe"] = {
-        "n": len(jobs), "wall": wall, "rtts": rtts,
+        "n": len(jobs), "wall": wall, "rtts": rtts, "done": done,
         "daemon_cpu": proc_cpu(d.pid) - c0, "client_cpu": self_cpu() - o0,
         "distinct": len({j.id for j in jobs}),
         "queued": sum(1 for j in jobs if j.state == "queued"),
@@ -525,6 +554,7 @@ def run(
     out["lat"] = {"samples": samples, "seen": seen, "wall": wall, "daemon_cpu": proc_cpu(d.pid) - c0}
     status = rt.call(submitters[0].status)
     out["lat"]["depth_after"] = status.queue_depth
+    out["lat"]["cold"] = cold_jobs(d.log())
     print(f"  latency: {len(samples)} jobs on {BACKEND_B} in {wall:.1f}s", flush=True)
     alive()
 
@@ -588,10 +618,24 @@ def report(args: argparse.Namespace, argv: list[str], out: dict[str, Any]) -> in
         )
         if not stored_ok:
             ok = False
+        chunk = 1000
+        windows = [
+            chunk / (p["done"][i + chunk - 1] - p["done"][i])
+            for i in range(0, len(p["done"]) - chunk + 1, chunk)
+            if p["done"][i + chunk - 1] > p["done"][i]
+        ]
+        if windows:
+            print(
+                f"  rate per {chunk} answers: min {min(windows):.0f}/s, median "
+                f"{median(windows):.0f}/s, max {max(windows):.0f}/s; CPU used by other "
+                f"processes of the machine meanwhile: {out['pipe_other_cpu'] / p['wall']:.2f} "
+                f"of {os.cpu_count()} cores"
+            )
     p99 = worker_p99 = float("nan")
     if "lat" in out:
         lat = out["lat"]
         daemon_ms, worker_ms, answer_ms = [], [], []
+        cold_ms, warm_ms = [], []
         passed = 0
         for s in lat["samples"]:
             q, r, first = s.at("state", "queued"), s.at("state", "running"), s.first_step()
@@ -599,6 +643,8 @@ def report(args: argparse.Namespace, argv: list[str], out: dict[str, Any]) -> in
                 daemon_ms.append((r - q) * 1000)
             if q is not None and first is not None:
                 worker_ms.append((first - q) * 1000)
+                is_cold = s.final is not None and s.final.id in lat["cold"]
+                (cold_ms if is_cold else warm_ms).append((first - q) * 1000)
             answer_ms.append((s.answered - s.sent) * 1000)
             passed += s.final is not None and s.final.state == "passed"
         seen_ms = [x * 1000 for x in lat["seen"]]
@@ -606,6 +652,8 @@ def report(args: argparse.Namespace, argv: list[str], out: dict[str, Any]) -> in
         for name, xs in (
             ("daemon: queued->running state events", daemon_ms),
             ("worker: queued->first step event", worker_ms),
+            ("  of which a worker process's 1st job", cold_ms),
+            ("  of which a later job of its worker", warm_ms),
             ("client: Submit sent->answered", answer_ms),
             ("client: Submit sent->'running' seen", seen_ms),
         ):
@@ -615,7 +663,9 @@ def report(args: argparse.Namespace, argv: list[str], out: dict[str, Any]) -> in
             f"dispatch latency, {BACKEND_B} jobs one at a time (<= {args.inflight} unfinished, "
             f"{args.workers} workers) while {BACKEND_A} holds {lat['depth_after']} queued; "
             f"{passed}/{len(lat['samples'])} passed; {len(lat['samples']) / lat['wall']:.1f} jobs/s; "
-            f"daemon CPU {lat['daemon_cpu'] / lat['wall']:.2f} of a core"
+            f"daemon CPU {lat['daemon_cpu'] / lat['wall']:.2f} of a core; {len(cold_ms)} were the "
+            f"first job of a worker process (the pool takes the first free worker; a worker is "
+            f"replaced after recycle_after jobs, 50 by default)"
         )
         print(table(["ms", "n", "p50", "p90", "p99", "max"], rows))
         p99 = pct(daemon_ms, 99)

@@ -15,8 +15,9 @@ from zope.interface import Attribute, Interface
 class IJobStore(Interface):
     """Durable jobs and their events. Written by the daemon process alone."""
 
-    def add(job: Any) -> None:
-        """Store a new job (a txvmbot.jobs.Job in state queued)."""
+    def add(job: Any, event: Any = None) -> None:
+        """Store a new job (a txvmbot.jobs.Job in state queued), and its
+        first JobEvent if given, in one transaction."""
 
     def update(job: Any) -> None:
         """Replace the stored job with this newer value of it."""

@@ -330,8 +330,23 @@ class SQLiteJobStore:
 
     # --- IJobStore ---------------------------------------------------------------
 
-    def add(self, job: Job) -> None:
-        """Store a new job. Raises StoreError if its id is taken."""
+    def add(self, job: Job, event: JobEvent | None = None) -> None:
+        """Store a new job, and with it its first event, in one transaction
+        (a submit is one commit, not two). Raises StoreError if its id is
+        taken."""
+        if event is not None:
+            self._write(f"add job {job.id}", "BEGIN IMMEDIATE", ())
+            try:
+                self._add(job)
+                self.add_event(event)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._write(f"add job {job.id}", "COMMIT", ())
+            return
+        self._add(job)
+
+    def _add(self, job: Job) -> None:
         self._write(
             f"add job {job.id}",
             "INSERT INTO jobs (id, state, backend, priority, submitted, started, finished,"
