@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.qemu_fixtures import qemu_image  # noqa: F401
 from tests.servers import Moto, moto_server
 
 

@@ -1,0 +1,144 @@
+"""``txvmbot image build`` and ``txvmbot image show``: the local VM test
+image, built offline from Debian packages."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from txvmbot.cli._common import _Streams, _wrap, state_dir_for
+
+
+def add_parser(sub: Any) -> None:
+    image = sub.add_parser(
+        "image",
+        help="build or inspect the local VM test image (QEMU)",
+        description=_wrap(
+            "The test image local jobs boot under QEMU: a Debian kernel, an initrd with "
+            "busybox and dropbear, a small ext4 base disk and an ssh key pair, built "
+            "offline from Debian packages."
+        ),
+    )
+    isub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND", required=True)
+    build = isub.add_parser(
+        "build",
+        help="build the test image (reused if up to date)",
+        description=_wrap(
+            "Build the test image into DIR: the kernel package linux-image-amd64 depends "
+            "on (fetched with apt-get download into the cache dir and reused), busybox "
+            "and dropbear from this host's busybox-static and dropbear-bin packages. "
+            "The build is atomic; an image built from the same inputs is kept unless "
+            "--force. Needs: apt-get install qemu-utils busybox-static dropbear-bin "
+            "e2fsprogs openssh-client."
+        ),
+    )
+    _state_flags(build)
+    build.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where kernel .debs are kept between builds (default: STATE_DIR/cache/debs)",
+    )
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.set_defaults(func=_cmd_build)
+
+    show = isub.add_parser(
+        "show",
+        help="check an image against its manifest and print what it holds",
+        description=_wrap(
+            "Load the image in DIR, check every file against manifest.json (size and "
+            "mtime, or sha256 with --verify) and print its files and provenance. Exits 1 "
+            "if a file is missing or changed."
+        ),
+    )
+    _state_flags(show)
+    show.add_argument("--verify", action="store_true", help="check every file's sha256")
+    show.set_defaults(func=_cmd_show)
+
+
+def _state_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--output",
+        "--dir",
+        dest="output",
+        metavar="DIR",
+        help="the image directory (default: STATE_DIR/image)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="default: $XDG_STATE_HOME/txvmbot, else ~/.local/state/txvmbot",
+    )
+
+
+def _dirs(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str]:
+    from txvmbot.qemu.image import default_cache_dir, default_image_dir
+
+    state = state_dir_for(args.state_dir, None, environ)
+    output = args.output or default_image_dir(environ, state)
+    cache = getattr(args, "cache_dir", None) or default_cache_dir(environ, state)
+    return os.path.abspath(os.path.expanduser(output)), os.path.expanduser(cache)
+
+
+def _cmd_build(
+    args: argparse.Namespace, streams: _Streams, environ: Mapping[str, str], reactor: Any
+) -> int:
+    from txvmbot.qemu.image import ImageError, build_image, load_image
+
+    output, cache = _dirs(args, environ)
+    out = streams.human
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {line}", file=out, flush=True)
+
+    try:
+        result = build_image(output, cache_dir=cache, force=args.force, progress=progress)
+        info = load_image(output)
+    except ImageError as e:
+        print(f"txvmbot image build: error: {e}", file=streams.stderr)
+        return 1
+    progress(f"{result}: kernel {info.kernel_version} ({os.path.basename(info.kernel or '')})")
+    _print_info(info, out)
+    return 0
+
+
+def _cmd_show(
+    args: argparse.Namespace, streams: _Streams, environ: Mapping[str, str], reactor: Any
+) -> int:
+    from txvmbot.qemu.image import ImageError, load_image
+
+    output, _cache = _dirs(args, environ)
+    try:
+        info = load_image(output, verify=args.verify)
+    except ImageError as e:
+        print(f"txvmbot image show: error: {e}", file=streams.stderr)
+        return 1
+    _print_info(info, streams.human)
+    return 0
+
+
+def _print_info(info: Any, out: Any) -> None:
+    m = info.manifest
+    rows = [
+        ("image", info.dir),
+        ("kernel", f"{info.kernel} ({info.kernel_version})"),
+        ("initrd", info.initrd),
+        ("disk", info.disk),
+        ("ssh key", f"{info.ssh_key} (user {info.ssh_user})"),
+        ("host key", info.host_key_fingerprint),
+        ("cmdline", info.cmdline),
+        ("ready marker", info.ready_marker),
+    ]
+    pkgs = m.get("packages") or {}
+    if m.get("kernel"):
+        pkgs = {m["kernel"]["package"]: m["kernel"]["version"], **pkgs}
+    if pkgs:
+        rows.append(("packages", ", ".join(f"{k} {v}" for k, v in pkgs.items())))
+    if m.get("built_at"):
+        built = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m["built_at"]))
+        rows.append(("built", f"{built} on {m.get('builder', {}).get('host_kernel', '?')}"))
+    for k, v in rows:
+        print(f"  {k + ':':<13} {v}", file=out)
