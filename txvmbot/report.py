@@ -388,7 +388,9 @@ class PlainLines:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.at))
         stamp += f".{int((event.at % 1) * 1000):03d}Z"
         if event.state == "running":
-            self._started[event.name] = event.at
+            # Progress ("saw ...") comes as further running events: the
+            # step started at the first.
+            self._started.setdefault(event.name, event.at)
             took = ""
         else:
             began = self._started.pop(event.name, None)

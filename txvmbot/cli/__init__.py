@@ -24,6 +24,7 @@ from txvmbot.cli import check as _check
 from txvmbot.cli import client as _client
 from txvmbot.cli import doctor as _doctor
 from txvmbot.cli import image as _image
+from txvmbot.cli import local as _local
 from txvmbot.cli import reap as _reap
 from txvmbot.cli._common import (
     CANCEL_REASON,
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reap.add_parser(sub)
     _client.add_parsers(sub)
     _doctor.add_parser(sub)
+    _local.add_parsers(sub)
     _image.add_parser(sub)
     return parser
 

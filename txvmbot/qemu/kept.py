@@ -1,6 +1,6 @@
 """The VM directories of a pool's run dir, and the evidence kept in them.
 
-Each VM lives in ``<run_dir>/vms/<vm id>/`` (overlay, console log, QMP
+Each VM lives in ``<run_dir>/<vm id>/`` (overlay, console log, QMP
 socket, ``vm.json``). A failed job's directory is kept, with its saved
 state, until someone releases it (seed 000: the bug vanished before it was
 captured); ``kept.json`` in it says so and why.
@@ -43,7 +43,8 @@ class Kept:
 
 
 def vms_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "vms")
+    """Where a pool's VM directories live: its run dir itself."""
+    return run_dir
 
 
 def vm_dir(run_dir: str, vm_id: str) -> str:

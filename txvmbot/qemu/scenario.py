@@ -201,7 +201,7 @@ class LocalCheck:
     # -- steps ------------------------------------------------------------
 
     def _disk_space(self, ctx: StepContext) -> None:
-        from txvmbot.qemu.vm import check_free_disk
+        from txvmbot.qemu.disk import check_free_disk
 
         pool = self.spec.pool
         os.makedirs(K.vms_dir(pool.run_dir), mode=0o700, exist_ok=True)
@@ -215,7 +215,7 @@ class LocalCheck:
         ctx.saw(f"{self.spec.pool.image_dir} (kernel {self._image.kernel_version})")
 
     async def _overlay(self, ctx: StepContext) -> None:
-        from txvmbot.qemu.vm import create_overlay
+        from txvmbot.qemu.disk import create_overlay
 
         pool = self.spec.pool
         self._vm_id = f"{self.check_id}-{uuid.uuid4().hex[:6]}"
@@ -240,18 +240,17 @@ class LocalCheck:
         ctx.saw(self._vm_dir)
 
     async def _boot(self, ctx: StepContext) -> None:
-        from txvmbot.qemu.vm import boot, detect_accel
+        from txvmbot.qemu.vm import boot
 
         pool = self.spec.pool
-        accel, why = detect_accel(pool.accel)
-        ctx.saw(f"qemu ({accel}: {why})")
         self._vm = await boot(
             self.reactor,
             self._image,
             self._vm_dir,
-            accel=accel,
+            accel=pool.accel,
             memory_mb=pool.memory_mb,
             cpus=pool.cpus,
+            disk=os.path.join(self._vm_dir, K.OVERLAY_FILE),
         )
         self.undo.running[self._vm_dir] = self._vm
         ctx.saw(f"pid {self._vm.pid}, ssh on {self._vm.ssh_endpoint}")
@@ -325,7 +324,9 @@ class LocalCheck:
     async def _keep(self, ctx: StepContext) -> None:
         """Save the failed VM's state next to its overlay and console log,
         and mark the directory kept, so a person can start it again."""
-        if self._vm is not None and self._vm.running:
+        from txvmbot.qemu.vm import VMState
+
+        if self._vm is not None and self._vm.state in (VMState.BOOTING, VMState.READY):
             ctx.saw("saving the VM's state")
             await self._vm.save_state(os.path.join(self._vm_dir, K.STATE_FILE))
             self.undo.running.pop(self._vm_dir, None)

@@ -1,0 +1,714 @@
+"""Tests for one QEMU VM: unit tests of its state machine and stop sequence on
+a fake process reactor and a fake clock, then real QEMU under TCG booting the
+session's test image (``qemu_image``). At most two VMs run at once; every
+QEMU started here is stopped by its pid in the test's cleanup, and its only
+network is a forward from 127.0.0.1 (restrict=on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from txvmbot.errors import StepTimeout
+from txvmbot.qemu.accel import AccelError, detect_accel, qemu_version
+from txvmbot.qemu.disk import (
+    DiskFull,
+    DiskImageError,
+    check_free_disk,
+    check_image,
+    create_overlay,
+)
+from txvmbot.qemu.model import READY_MARKER
+from txvmbot.qemu.qmp import QMPProtocol
+from txvmbot.qemu.vm import (
+    VM,
+    QEMUExited,
+    VMConfig,
+    VMNotReady,
+    VMState,
+    VMStateError,
+    boot,
+    free_port,
+    qemu_argv,
+    stop_from_record,
+)
+from txvmbot.ssh import SSHOutcome, load_private_key, run_commands
+
+reactor: Any = _reactor
+
+
+# -- doubles ----------------------------------------------------------------
+
+
+class FakeImage:
+    dir = "/images/test"
+    kernel: str | None = "/images/test/vmlinux"
+    initrd: str | None = "/images/test/initrd"
+    disk: str | None = "/images/test/disk.qcow2"
+    cmdline = "console=ttyS0 quiet"
+    kernel_version = "6.1.0-test"
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, sig: str) -> None:
+        self.signals.append(sig)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """A MemoryReactorClock that records spawnProcess calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, FakeProcess, str, list[str], str | None]] = []
+
+    def spawnProcess(
+        self, proto: Any, executable: str, args: Any, env: Any = None, path: Any = None, **kw: Any
+    ) -> FakeProcess:
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((proto, process, executable, list(args), path))
+        proto.makeConnection(process)
+        return process
+
+
+def make_vm(vm_dir: str, incoming: str | None = None) -> tuple[VM, ProcessReactor, StringTransport]:
+    r = ProcessReactor()
+    argv = qemu_argv(
+        binary="/usr/bin/qemu-system-x86_64",
+        image=FakeImage(),
+        vm_dir=vm_dir,
+        disk=os.path.join(vm_dir, "disk.qcow2"),
+        accel="tcg",
+        machine="q35",
+        memory_mb=256,
+        cpus=1,
+        ssh_port=2222,
+        incoming=incoming,
+    )
+    config = VMConfig(
+        vm_dir=vm_dir,
+        image_dir="/images/test",
+        disk=os.path.join(vm_dir, "disk.qcow2"),
+        accel="tcg",
+        accel_reason="tcg asked for",
+        machine="q35",
+        memory_mb=256,
+        cpus=1,
+        ssh_port=2222,
+        qemu_binary="/usr/bin/qemu-system-x86_64",
+        qemu_version="7.2.22",
+        argv=tuple(argv),
+        incoming=incoming,
+    )
+    vm = VM(r, r, config)
+    vm._spawn()
+    qmp = QMPProtocol()
+    transport = StringTransport()
+    qmp.makeConnection(transport)
+    vm.qmp = qmp
+    return vm, r, transport
+
+
+def sent(transport: StringTransport) -> list[str]:
+    return [json.loads(line)["execute"] for line in transport.value().splitlines()]
+
+
+def answer(vm: VM, transport: StringTransport, value: Any = None) -> None:
+    """Answer the last command sent on the VM's QMP session."""
+    last = json.loads(transport.value().splitlines()[-1])
+    assert vm.qmp is not None
+    vm.qmp.dataReceived(json.dumps({"return": value or {}, "id": last["id"]}).encode() + b"\r\n")
+
+
+def end(vm: VM, r: ProcessReactor, reason: Failure) -> None:
+    r.spawned[-1][0].processEnded(reason)
+
+
+class TempDirMixin:
+    def mktemp_dir(self) -> str:
+        d = tempfile.mkdtemp(prefix="txvmbot-vm-")
+        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
+        return d
+
+
+# -- unit tests -------------------------------------------------------------
+
+
+class ArgvTests(SynchronousTestCase):
+    def test_argv(self) -> None:
+        argv = qemu_argv(
+            binary="/usr/bin/qemu-system-x86_64",
+            image=FakeImage(),
+            vm_dir="/run/vms/a,b",
+            disk="/run/vms/a,b/disk.qcow2",
+            accel="tcg",
+            machine="q35",
+            memory_mb=256,
+            cpus=2,
+            ssh_port=2222,
+            incoming="/run/tmpl/state file",
+        )
+        joined = " ".join(argv)
+        for expected in (
+            "-nodefaults",
+            "-no-user-config",
+            "-display none",
+            "-machine q35,accel=tcg",
+            "-m 256",
+            "-smp 2",
+            "-kernel /images/test/vmlinux",
+            "-initrd /images/test/initrd",
+            "-append console=ttyS0 quiet",
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22",
+            "virtio-net-pci,netdev=n0",
+            "virtio-rng-pci",
+            "-pidfile /run/vms/a,b/qemu.pid",
+        ):
+            self.assertIn(expected, joined)
+        # commas in paths are doubled inside QEMU options
+        self.assertIn("file=/run/vms/a,,b/disk.qcow2,format=qcow2", joined)
+        self.assertIn("node-name=disk0", joined)
+        self.assertIn("unix:/run/vms/a,,b/qmp.sock,server=on,wait=off", joined)
+        self.assertEqual(argv[argv.index("-incoming") + 1], "exec:cat '/run/tmpl/state file'")
+        self.assertNotIn("-cpu", argv)
+
+    def test_kvm_and_disk_boot(self) -> None:
+        image = FakeImage()
+        image.kernel = None
+        argv = qemu_argv(
+            binary="q",
+            image=image,
+            vm_dir="/v",
+            disk="/v/d.qcow2",
+            accel="kvm",
+            machine="pc",
+            memory_mb=512,
+            cpus=1,
+            ssh_port=1,
+        )
+        self.assertIn("-cpu", argv)
+        self.assertNotIn("-kernel", argv)
+        self.assertNotIn("-incoming", argv)
+
+    def test_free_port(self) -> None:
+        port = free_port()
+        self.assertTrue(1024 <= port < 65536)
+
+
+class AccelTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp_dir()
+        self.dev = os.path.join(self.dir, "kvm")
+        open(self.dev, "w").close()
+
+    def modules(self, *names: str) -> str:
+        path = os.path.join(self.dir, "modules")
+        with open(path, "w") as f:
+            for n in names:
+                f.write(f"{n} 1234 0 - Live 0x0000000000000000\n")
+        return path
+
+    def test_hardware_kvm(self) -> None:
+        accel, reason = detect_accel("auto", self.modules("kvm_intel", "kvm"), self.dev)
+        self.assertEqual(accel, "kvm")
+        self.assertIn("kvm_intel loaded", reason)
+
+    def test_software_kvm_module_is_not_kvm(self) -> None:
+        accel, reason = detect_accel("auto", self.modules("kvm_pvm", "kvm"), self.dev)
+        self.assertEqual(accel, "tcg")
+        self.assertIn("neither kvm_intel nor kvm_amd", reason)
+        self.assertIn("kvm_pvm", reason)
+
+    def test_kvm_asked_for_without_module(self) -> None:
+        e = self.assertRaises(AccelError, detect_accel, "kvm", self.modules("kvm_pvm"), self.dev)
+        self.assertIn("accel kvm asked for, but neither kvm_intel nor kvm_amd", str(e))
+
+    def test_dev_kvm_unusable(self) -> None:
+        accel, reason = detect_accel("auto", self.modules("kvm_amd"), "/nonexistent/kvm")
+        self.assertEqual(accel, "tcg")
+        self.assertIn("kvm_amd loaded but /nonexistent/kvm", reason)
+        self.assertRaises(AccelError, detect_accel, "kvm", self.modules("kvm_amd"), "/nonexistent")
+
+    def test_no_proc_modules(self) -> None:
+        accel, reason = detect_accel("auto", "/nonexistent/modules", self.dev)
+        self.assertEqual(accel, "tcg")
+        self.assertIn("unreadable", reason)
+
+    def test_tcg_override_and_nonsense(self) -> None:
+        self.assertEqual(
+            detect_accel("tcg", self.modules("kvm_intel"), self.dev), ("tcg", "tcg asked for")
+        )
+        self.assertRaises(AccelError, detect_accel, "hvf")
+
+    def test_qemu_version(self) -> None:
+        if shutil.which("qemu-system-x86_64") is None:
+            self.skipTest("no QEMU")
+        v = qemu_version("qemu-system-x86_64")
+        self.assertRegex(v, r"^\d+\.\d+")
+        self.assertIs(qemu_version("qemu-system-x86_64"), v)
+
+
+class StateMachineTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp_dir()
+        self.vm, self.r, self.qmp = make_vm(self.dir)
+
+    def console(self, data: bytes) -> None:
+        self.r.spawned[-1][0].outReceived(data)
+
+    def test_record_written_at_spawn(self) -> None:
+        with open(os.path.join(self.dir, "vm.json")) as f:
+            record = json.load(f)
+        self.assertEqual(record["pid"], 1000)
+        self.assertEqual(record["port"], 2222)
+        self.assertEqual(record["argv"], list(self.vm.config.argv))
+        self.assertIsInstance(record["started"], float)
+        self.assertEqual(record["image_dir"], "/images/test")
+        self.assertEqual(self.vm.pid, 1000)
+        self.assertEqual(self.vm.ssh_endpoint, "tcp:host=127.0.0.1:port=2222")
+        self.assertEqual(self.vm.facts["qemu_accel_reason"], "tcg asked for")
+
+    def test_marker_split_across_chunks(self) -> None:
+        d = self.vm.wait_ready(60)
+        half = len(READY_MARKER) // 2
+        self.console(b"booting...\r\n" + READY_MARKER[:half].encode())
+        self.assertNoResult(d)
+        self.assertIs(self.vm.state, VMState.BOOTING)
+        self.console(READY_MARKER[half:].encode() + b" 6.1.0\r\n")
+        self.successResultOf(d)
+        self.assertIs(self.vm.state, VMState.READY)
+        self.assertIn(READY_MARKER, self.vm.console_text())
+        self.successResultOf(self.vm.wait_ready(1))
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_not_ready_at_bound(self) -> None:
+        d = self.vm.wait_ready(30)
+        self.console(b"Kernel panic - not syncing: no init\r\n")
+        self.r.advance(29.9)
+        self.assertNoResult(d)
+        self.r.advance(0.1)
+        e = self.failureResultOf(d, VMNotReady).value
+        self.assertIsInstance(e, StepTimeout)
+        self.assertIn("Kernel panic - not syncing", str(e))
+        self.assertIn("30s", str(e))
+        self.assertEqual(self.r.getDelayedCalls(), [])
+        self.assertIs(self.vm.state, VMState.BOOTING)  # left for the caller
+
+    def test_exit_while_waiting(self) -> None:
+        d = self.vm.wait_ready(30)
+        self.r.spawned[-1][0].errReceived(b"qemu-system-x86_64: something broke\n")
+        end(self.vm, self.r, Failure(ProcessTerminated(exitCode=1)))
+        e = self.failureResultOf(d, QEMUExited).value
+        self.assertIn("exit status 1", str(e))
+        self.assertIn("something broke", str(e))
+        self.assertIs(self.vm.state, VMState.GONE)
+        self.assertEqual(self.vm.ended_how, "exited")
+        self.assertEqual(self.r.getDelayedCalls(), [])
+        self.failureResultOf(self.vm.wait_ready(1), QEMUExited)
+        with open(os.path.join(self.dir, "vm.json")) as f:
+            self.assertEqual(json.load(f)["state"], "gone")
+
+    def test_cancel_wait_ready(self) -> None:
+        d = self.vm.wait_ready(30)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_illegal_transition(self) -> None:
+        end(self.vm, self.r, Failure(ProcessDone(0)))
+        self.assertRaises(VMStateError, self.vm._move, VMState.READY)
+        self.failureResultOf(self.vm.save_state("/tmp/x"), VMStateError)
+
+
+class StopSequenceTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp_dir()
+        self.vm, self.r, self.qmp = make_vm(self.dir)
+        self.proto = self.r.spawned[-1][0]
+        self.process = self.r.spawned[-1][1]
+        self.proto.outReceived(READY_MARKER.encode() + b"\n")
+
+    def test_powerdown(self) -> None:
+        d = self.vm.stop(10)
+        self.assertIs(self.vm.state, VMState.STOPPING)
+        self.assertEqual(sent(self.qmp), ["system_powerdown"])
+        answer(self.vm, self.qmp)
+        self.r.advance(3)
+        self.proto.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(d), "powerdown")
+        self.assertIs(self.vm.state, VMState.GONE)
+        self.assertEqual(self.process.signals, [])
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_powerdown_then_quit_then_kill(self) -> None:
+        d = self.vm.stop(10, quit_bound=5, kill_bound=5)
+        answer(self.vm, self.qmp)
+        self.r.advance(9.9)
+        self.assertEqual(sent(self.qmp), ["system_powerdown"])
+        self.r.advance(0.1)
+        self.assertEqual(sent(self.qmp), ["system_powerdown", "quit"])
+        answer(self.vm, self.qmp)
+        self.r.advance(5)
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.assertNoResult(d)
+        self.proto.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.successResultOf(d), "kill")
+        self.assertEqual(self.vm.exit_status, "killed by signal 9")
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_quit(self) -> None:
+        d = self.vm.stop(10, keep=True)
+        answer(self.vm, self.qmp)
+        self.r.advance(10)
+        answer(self.vm, self.qmp)
+        self.proto.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(d), "quit")
+        self.assertIs(self.vm.state, VMState.KEPT)
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_unanswered_qmp_is_bounded(self) -> None:
+        d = self.vm.stop(10, quit_bound=5, kill_bound=5)
+        self.r.advance(5)  # system_powerdown never answered
+        self.r.advance(10)
+        self.r.advance(5)  # quit never answered
+        self.r.advance(5)
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.proto.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.successResultOf(d), "kill")
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_survives_kill(self) -> None:
+        d = self.vm.kill(kill_bound=5)
+        self.r.advance(5)
+        self.assertIn("still there 5s after SIGKILL", str(self.failureResultOf(d).value))
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_cancel_kills(self) -> None:
+        d = self.vm.stop(10)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.assertEqual(self.r.getDelayedCalls(), [])
+        self.proto.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.vm.ended_how, "kill")
+
+    def test_stop_after_exit(self) -> None:
+        self.proto.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(self.vm.stop(10)), "exited")
+
+    def test_save_state(self) -> None:
+        path = os.path.join(self.dir, "state")
+        d = self.vm.save_state(path, poll=0.1)
+        self.assertEqual(sent(self.qmp), ["stop"])
+        answer(self.vm, self.qmp)
+        answer(self.vm, self.qmp)  # migrate-set-parameters
+        migrate = json.loads(self.qmp.value().splitlines()[-1])
+        self.assertEqual(migrate["arguments"]["uri"], f"exec:cat > {path}.partial")
+        open(path + ".partial", "w").close()
+        answer(self.vm, self.qmp)
+        answer(self.vm, self.qmp, {"status": "active"})
+        self.r.advance(0.1)
+        answer(self.vm, self.qmp, {"status": "completed", "total-time": 5})
+        self.assertTrue(os.path.exists(path))
+        self.assertEqual(sent(self.qmp)[-1], "quit")
+        answer(self.vm, self.qmp)
+        self.proto.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(d), path)
+        self.assertEqual(self.vm.ended_how, "quit")
+        self.assertEqual(self.r.getDelayedCalls(), [])
+
+    def test_save_state_failure_removes_partial(self) -> None:
+        path = os.path.join(self.dir, "state")
+        d = self.vm.save_state(path)
+        answer(self.vm, self.qmp)
+        answer(self.vm, self.qmp)
+        open(path + ".partial", "w").close()
+        answer(self.vm, self.qmp)
+        answer(self.vm, self.qmp, {"status": "failed", "error-desc": "disk full"})
+        self.assertIn("migration failed: disk full", str(self.failureResultOf(d).value))
+        self.assertFalse(os.path.exists(path + ".partial"))
+
+
+class IncomingTests(TempDirMixin, SynchronousTestCase):
+    def test_paused_state_is_continued(self) -> None:
+        d = self.mktemp_dir()
+        vm, r, qmp = make_vm(d, incoming=os.path.join(d, "state"))
+        task = Deferred.fromCoroutine(vm._resume_incoming(0.02))
+        answer(vm, qmp, {"status": "inmigrate"})
+        r.advance(0.02)
+        answer(vm, qmp, {"status": "paused"})
+        self.assertEqual(sent(qmp)[-1], "cont")
+        answer(vm, qmp)
+        answer(vm, qmp, {"status": "running"})
+        self.successResultOf(task)
+        self.assertIs(vm.state, VMState.READY)
+        self.assertEqual(vm.facts["vm_start"], "incoming state")
+
+
+class RecordTests(TempDirMixin, SynchronousTestCase):
+    def test_refuses_a_pid_that_is_not_that_qemu(self) -> None:
+        d = self.mktemp_dir()
+        sleeper = subprocess.Popen(["sleep", "30"])
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        argv = ["/usr/bin/qemu-system-x86_64", "-pidfile", os.path.join(d, "qemu.pid")]
+        with open(os.path.join(d, "vm.json"), "w") as f:
+            json.dump({"pid": sleeper.pid, "argv": argv}, f)
+        self.assertFalse(stop_from_record(d))
+        self.assertIsNone(sleeper.poll())
+        # the argv of another directory: refused even if it matched
+        with open(os.path.join(d, "vm.json"), "w") as f:
+            json.dump({"pid": sleeper.pid, "argv": ["sleep", "30"]}, f)
+        self.assertFalse(stop_from_record(d))
+        self.assertIsNone(sleeper.poll())
+
+    def test_no_record(self) -> None:
+        self.assertFalse(stop_from_record(self.mktemp_dir()))
+
+
+# -- real QEMU ----------------------------------------------------------------
+
+
+def _kill_pid(pid: int | None) -> None:
+    """Last-resort cleanup by pid, if the VM's own stop did not happen."""
+    if pid is None:
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"qemu-system" not in f.read():
+                return
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
+@pytest.fixture(scope="class")
+def _image_for_class(request: pytest.FixtureRequest, qemu_image: Any) -> Iterator[None]:
+    request.cls.image = qemu_image
+    yield
+
+
+@pytest.mark.usefixtures("_image_for_class")
+class RealVMTests(TestCase):
+    """Real QEMU under TCG on the test image."""
+
+    timeout = 90
+    image: Any
+
+    def setUp(self) -> None:
+        # Short: the QMP socket path must fit in 107 bytes.
+        self.dir = tempfile.mkdtemp(prefix="txvm-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.key = load_private_key(self.image.ssh_key)
+
+    async def boot(self, name: str, **kw: Any) -> VM:
+        kw.setdefault("accel", "auto")
+        kw.setdefault("memory_mb", 256)
+        kw.setdefault("cpus", 1)
+        vm = await boot(reactor, self.image, os.path.join(self.dir, name), **kw)
+        self.addCleanup(_kill_pid, vm.pid)
+        self.addCleanup(vm.kill)
+        return vm
+
+    def ssh(self, vm: VM, *commands: str) -> Deferred[SSHOutcome]:
+        return run_commands(
+            reactor,
+            vm.ssh_endpoint,
+            "root",
+            self.key,
+            commands,
+            command_timeout=10,
+            connect_timeout=5,
+        )
+
+    async def test_boot_ssh_and_powerdown(self) -> None:
+        t0 = time.monotonic()
+        vm = await self.boot("a")
+        await vm.wait_ready(60)
+        ready = time.monotonic() - t0
+        outcome = await self.ssh(vm, "uname -a")
+        to_ssh = time.monotonic() - t0
+        [r] = outcome.results
+        self.assertEqual(r.exit_status, 0)
+        self.assertIn(b"Linux", r.stdout)
+        self.assertEqual(vm.facts["qemu_accel"], "tcg")  # no kvm_intel/kvm_amd here
+        self.assertIn(READY_MARKER, vm.console_text())
+        how = await vm.stop(10)
+        self.assertEqual(how, "powerdown")
+        self.assertEqual(vm.exit_status, "exit status 0")
+        self.assertIs(vm.state, VMState.GONE)
+        print(f"\nboot-to-ready {ready:.2f}s, boot-to-ssh {to_ssh:.2f}s")
+
+    async def test_never_ready(self) -> None:
+        # /bin/sh as init: the guest sits at a prompt, no marker, no acpid.
+        vm = await self.boot("a", append=self.image.cmdline + " rdinit=/bin/sh")
+        try:
+            await vm.wait_ready(8)
+        except VMNotReady as e:
+            self.assertTrue(e.console_tail)
+            self.assertIn(e.console_tail, str(e))
+            self.assertIn("8s", str(e))
+        else:
+            self.fail("became ready without its marker")
+        # no acpid in the guest: powerdown does nothing, quit ends it
+        self.assertEqual(await vm.stop(1.0), "quit")
+
+    async def test_bad_argument(self) -> None:
+        try:
+            await self.boot("a", extra_args=["-no-such-option"])
+        except QEMUExited as e:
+            self.assertIn("exit status 1", str(e))
+            self.assertIn("-no-such-option", e.stderr_tail)
+        else:
+            self.fail("QEMU started with a bad argument")
+
+    async def test_port_taken_is_retried(self) -> None:
+        import socket
+
+        import txvmbot.qemu.vm as vm_module
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1], free_port()]
+        self.patch(vm_module, "free_port", lambda: ports.pop(0))
+        vm = await self.boot("a")
+        self.assertEqual(ports, [])
+        self.assertNotEqual(vm.ssh_port, taken.getsockname()[1])
+        self.assertEqual(await vm.kill(), "kill")
+
+    async def test_stop_from_record(self) -> None:
+        vm = await self.boot("a")
+        self.assertTrue(stop_from_record(vm.vm_dir))
+        self.assertTrue(await vm.wait_exited(10))
+        self.assertIs(vm.state, VMState.GONE)
+        self.assertEqual(vm.ended_how, "exited")
+        self.assertFalse(stop_from_record(vm.vm_dir))
+
+    async def test_two_at_once(self) -> None:
+        vms: list[VM] = await gatherResults(
+            [Deferred.fromCoroutine(self.boot("a")), Deferred.fromCoroutine(self.boot("b"))]
+        )
+        self.assertNotEqual(vms[0].ssh_port, vms[1].ssh_port)
+        await gatherResults([vm.wait_ready(60) for vm in vms])
+        outcomes = await gatherResults([self.ssh(vm, "hostname") for vm in vms])
+        self.assertEqual([o.results[0].exit_status for o in outcomes], [0, 0])
+        self.assertEqual(await gatherResults([vm.stop(10) for vm in vms]), ["powerdown"] * 2)
+
+    async def test_template(self) -> None:
+        template = await self.boot("tmpl")
+        await template.wait_ready(60)
+        state = os.path.join(self.dir, "state")
+        t = time.monotonic()
+        await template.save_state(state)
+        saved = time.monotonic() - t
+        self.assertIs(template.state, VMState.GONE)
+        self.assertEqual(template.ended_how, "quit")
+        # The template's guest mounted /dev/vda before its snapshot, so each
+        # clone's disk is an overlay on the template's (now frozen) overlay.
+        assert template.config.disk is not None
+        await check_image(reactor, template.config.disk)
+        clone_dir = os.path.join(self.dir, "clone")
+        os.makedirs(clone_dir)
+        disk = await create_overlay(
+            reactor, template.config.disk, os.path.join(clone_dir, "d.qcow2")
+        )
+        t = time.monotonic()
+        clone = await self.boot("clone", incoming=state, disk=disk)
+        await clone.wait_ready(30)
+        outcome = await self.ssh(
+            clone, "uname -a; cat /data/README >/dev/null && echo ok > /data/job"
+        )
+        to_ssh = time.monotonic() - t
+        self.assertEqual(outcome.results[0].exit_status, 0)
+        self.assertEqual(clone.facts["vm_start"], "incoming state")
+        self.assertEqual(await clone.stop(10), "powerdown")
+        await check_image(reactor, disk)
+        print(f"\nsave_state {saved:.2f}s, template-to-ssh {to_ssh:.2f}s")
+
+
+class DiskTests(TempDirMixin, TestCase):
+    timeout = 60
+
+    async def test_overlay_and_check(self) -> None:
+        if shutil.which("qemu-img") is None:
+            self.skipTest("no qemu-img")
+        d = self.mktemp_dir()
+        base = os.path.join(d, "base.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "16M"], check=True)
+        overlay = await create_overlay(reactor, base, os.path.join(d, "o.qcow2"))
+        await check_image(reactor, overlay)
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", overlay], capture_output=True, check=True
+        )
+        self.assertEqual(json.loads(info.stdout)["backing-filename"], base)
+
+    async def test_errors_name_the_file(self) -> None:
+        d = self.mktemp_dir()
+        try:
+            await create_overlay(reactor, os.path.join(d, "missing.qcow2"), os.path.join(d, "o"))
+        except DiskImageError as e:
+            self.assertIn("missing.qcow2", str(e))
+        else:
+            self.fail("overlay on a missing base")
+        junk = os.path.join(d, "junk.qcow2")
+        with open(junk, "wb") as f:
+            f.write(b"QFI\xfb" + b"\xff" * 1000)
+        try:
+            await check_image(reactor, junk)
+        except DiskImageError as e:
+            self.assertIn(junk, str(e))
+            self.assertIsNotNone(e.status)
+            self.assertTrue(e.output.strip())
+        else:
+            self.fail("junk passed qemu-img check")
+
+    def test_free_disk_on_small_tmpfs(self) -> None:
+        d = self.mktemp_dir()
+        mnt = os.path.join(d, "small")
+        os.makedirs(mnt)
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], capture_output=True
+        )
+        if p.returncode != 0:
+            self.skipTest(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+        self.addCleanup(subprocess.run, ["umount", mnt], check=True)
+        e = self.assertRaises(DiskFull, check_free_disk, os.path.join(mnt, "vm1"), 256)
+        self.assertIn(os.path.join(mnt, "vm1"), str(e))
+        self.assertIn("at least 256 MB", str(e))
+        self.assertLessEqual(e.free_mb, 1.0)
+        self.assertGreater(check_free_disk(mnt, 0.5), 0.5)
+        # boot refuses before it creates anything or starts QEMU
+        failure = self.failureResultOf(
+            boot(
+                reactor,
+                FakeImage(),
+                os.path.join(mnt, "vm1"),
+                accel="tcg",
+                memory_mb=256,
+                cpus=1,
+                min_free_mb=256,
+            ),
+            DiskFull,
+        )
+        self.assertFalse(os.path.exists(os.path.join(mnt, "vm1")))
+        del failure
