@@ -233,6 +233,9 @@ def _last_line(text: str, limit: int = 200) -> str:
     return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
+_SHOWN_LINES = 3
+
+
 def format_result(result: CheckResult) -> str:
     """The final word on one check: passed or failed, the failing step and
     its reason, the commands' exit statuses and where the evidence is."""
@@ -261,6 +264,13 @@ def format_result(result: CheckResult) -> str:
             tail = _last_line(_text(c.stderr)) or _last_line(_text(c.stdout))
             if tail:
                 lines.append(f"    {tail}")
+        else:
+            # What a smoke command said is the point of running it: its
+            # first lines (the rest is in the JSON and the evidence).
+            out = _text(c.stdout).splitlines()
+            lines += [f"    {line[:200]}" for line in out[:_SHOWN_LINES]]
+            if len(out) > _SHOWN_LINES:
+                lines.append(f"    ... ({len(out) - _SHOWN_LINES} more lines)")
     if result.evidence_dir:
         lines.append(f"  evidence: {result.evidence_dir}")
     return "\n".join(lines) + "\n"
