@@ -7,6 +7,8 @@ started); every wait is bounded.
 
 from __future__ import annotations
 
+import copy
+import http.client
 import os
 import queue
 import statistics
@@ -170,8 +172,10 @@ def counting_agent(agent: Any) -> Any:
     return CountingAgent(agent)
 
 
-def counting_client(inner: Any) -> Any:
-    """An IEC2Client decorator that counts API calls per operation."""
+def counting_client(inner: Any, record: bool = False) -> Any:
+    """An IEC2Client decorator that counts API calls per operation; with
+    ``record``, it also keeps every call, in order, as (operation, params)
+    in ``log`` (off by default: the timed shapes only count)."""
     from zope.interface import implementer
 
     from txvmbot.interfaces import IEC2Client
@@ -181,6 +185,7 @@ def counting_client(inner: Any) -> Any:
         def __init__(self, inner: Any) -> None:
             self.inner = inner
             self.calls: dict[str, int] = {}
+            self.log: list[tuple[str, dict[str, Any]]] = []
 
         endpoint = property(lambda self: self.inner.endpoint)
         region = property(lambda self: self.inner.region)
@@ -193,6 +198,8 @@ def counting_client(inner: Any) -> Any:
 
         def call(self, operation: str, params: dict[str, Any] | None = None) -> Any:
             self.calls[operation] = self.calls.get(operation, 0) + 1
+            if record:
+                self.log.append((operation, copy.deepcopy(params or {})))
             return self.inner.call(operation, params)
 
         def close(self) -> Any:
@@ -201,9 +208,10 @@ def counting_client(inner: Any) -> Any:
     return CountingClient(inner)
 
 
-def make_counting_client(reactor: Any, cloud: Any) -> tuple[Any, Any]:
+def make_counting_client(reactor: Any, cloud: Any, record: bool = False) -> tuple[Any, Any]:
     """(counting IEC2Client, counting agent) over a real EC2Client built as
-    make_client builds it (persistent pool, Twisted Agent)."""
+    make_client builds it (persistent pool, Twisted Agent). ``record``: see
+    counting_client."""
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from txvmbot.ec2 import make_client
@@ -213,7 +221,52 @@ def make_counting_client(reactor: Any, cloud: Any) -> tuple[Any, Any]:
     pool.cachedConnectionTimeout = 50
     agent = counting_agent(Agent(reactor, pool=pool, connectTimeout=cloud.retry.request_timeout))
     client = make_client(reactor, cloud, pool=pool, agent=agent)
-    return counting_client(client), agent
+    return counting_client(client, record), agent
+
+
+# --- raw EC2 Query requests -----------------------------------------------------
+
+#: Headers of an unsigned EC2 Query request that moto accepts: it checks no
+#: signature but routes by the credential scope, so the header names ec2.
+RAW_HEADERS = {
+    "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+    "Authorization": f"AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/ec2/aws4_request, "
+    "SignedHeaders=host, Signature=0",
+    "X-Amz-Date": "20260101T000000Z",
+}
+
+
+def query_body(operation: str, params: dict[str, Any]) -> str:
+    """The form body botocore would send for ``operation(**params)``
+    (serialized by botocore's EC2 serializer, urlencoded as AWSRequest
+    does). Built ahead of any timing."""
+    from urllib.parse import urlencode
+
+    import botocore.session
+    from botocore.serialize import create_serializer
+
+    global _service_model
+    if _service_model is None:
+        _service_model = botocore.session.Session().get_service_model("ec2")
+    request = create_serializer("ec2", include_validation=True).serialize_to_request(
+        params, _service_model.operation_model(operation)
+    )
+    return urlencode(request["body"], doseq=True)
+
+
+_service_model: Any = None
+
+
+def raw_post(port: int, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]:
+    """POST ``body`` to moto on 127.0.0.1:``port`` over http.client, one
+    connection per request (moto answers ``Connection: close`` anyway)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/", body, RAW_HEADERS)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
 
 
 # --- figures ------------------------------------------------------------------

@@ -685,3 +685,38 @@ class CredentialsTests(SynchronousTestCase):
         with mock.patch.dict(os.environ, {"HOME": self.dir}, clear=True):
             with self.assertRaises(ConfigError):
                 make_client(MemoryReactorClock(), cloud)
+
+
+class DirectEndpointsTests(SynchronousTestCase):
+    """IP literals connect without a name lookup; names and https as the
+    Agent's default would."""
+
+    def endpoint(self, url: str) -> object:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import URI
+
+        from txvmbot.ec2.client import DirectEndpoints
+
+        return DirectEndpoints(MemoryReactorClock(), 7.0).endpointForURI(URI.fromBytes(url.encode()))
+
+    def test_ipv4_literal_is_a_plain_tcp4_endpoint(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        ep = self.endpoint("http://127.0.0.1:5000/")
+        self.assertIsInstance(ep, TCP4ClientEndpoint)
+        self.assertEqual((ep._host, ep._port, ep._timeout), ("127.0.0.1", 5000, 7.0))  # type: ignore[attr-defined]
+
+    def test_ipv6_literal_is_a_plain_tcp6_endpoint(self) -> None:
+        from twisted.internet.endpoints import TCP6ClientEndpoint
+
+        self.assertIsInstance(self.endpoint("http://[::1]:5000/"), TCP6ClientEndpoint)
+
+    def test_names_are_resolved(self) -> None:
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        self.assertIsInstance(self.endpoint("http://localhost:5000/"), HostnameEndpoint)
+
+    def test_https_is_wrapped_in_tls(self) -> None:
+        from twisted.internet.endpoints import _WrapperEndpoint
+
+        self.assertIsInstance(self.endpoint("https://ec2.example.com/"), _WrapperEndpoint)

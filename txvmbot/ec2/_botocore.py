@@ -120,11 +120,19 @@ def botocore_version() -> str:
     return str(botocore.__version__)
 
 
+_operations: dict[str, OperationModel] = {}
+
+
 def _operation(operation: str) -> OperationModel:
-    model = _load().service_model
-    if operation not in model.operation_names:
-        raise ParamError(operation, f"no such EC2 operation in API version {model.api_version}")
-    return model.operation_model(operation)
+    # Cached: botocore's operation_names is a list, scanned on every lookup
+    # (three per request; bench/parallel_vs_boto3.py's profile).
+    found = _operations.get(operation)
+    if found is None:
+        model = _load().service_model
+        if operation not in model.operation_names:
+            raise ParamError(operation, f"no such EC2 operation in API version {model.api_version}")
+        found = _operations[operation] = model.operation_model(operation)
+    return found
 
 
 def prepare_params(operation: str, params: dict[str, Any]) -> dict[str, Any]:
