@@ -137,6 +137,13 @@ def add_check_settings(p: argparse.ArgumentParser) -> None:
     )
     local.add_argument("--memory", metavar="MB", type=int, help="guest memory (default: 256)")
     local.add_argument(
+        "--fast-start",
+        action="store_true",
+        default=None,
+        help="resume the VM from the pool's template (booted once, saved, kept in "
+        "<state dir>/vms/template) instead of booting it; the first run builds it",
+    )
+    local.add_argument(
         "--keep-on-failure",
         action=argparse.BooleanOptionalAction,
         help="keep a failed VM's overlay, console log and saved state until "
@@ -294,6 +301,7 @@ def local_spec_from_args(
         run_dir=os.path.join(state_dir, "vms"),
         accel=args.accel or "auto",
         memory_mb=memory,
+        fast_start=bool(args.fast_start),
         keep_on_failure=True if args.keep_on_failure is None else args.keep_on_failure,
     )
     commands: tuple[str, ...] = ("uname -a",)
@@ -313,6 +321,7 @@ def _local_flags_given(args: argparse.Namespace) -> str | None:
         "image_dir",
         "accel",
         "memory",
+        "fast_start",
         "keep_on_failure",
         "timeout_boot",
         "timeout_shutdown",
@@ -480,7 +489,8 @@ def _describe_spec(spec: Any) -> str:
 
     if isinstance(spec, LocalSpec):
         p = spec.pool
-        return f"local VM on {p.image_dir}, {p.memory_mb} MiB, accel {p.accel}"
+        start = ", from its template" if p.fast_start else ""
+        return f"local VM on {p.image_dir}, {p.memory_mb} MiB, accel {p.accel}{start}"
     image = spec.image or f"name {spec.image_name!r}"
     extra = f" x{spec.parallel}" if spec.parallel > 1 else ""
     return f"{spec.cloud.name} {spec.cloud.endpoint} ({spec.cloud.region}), {image}, {spec.instance_type}{extra}"

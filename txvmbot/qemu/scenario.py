@@ -3,7 +3,10 @@ space, image, overlay, boot, ready, ssh, commands, console, teardown; the
 same step results and facts.
 
 Every job gets a fresh qcow2 overlay on the pool's base image (seed 000: a
-reused VM kept stale state). The VM directory is journalled before it is
+reused VM kept stale state). With the pool's ``fast_start``, the overlay is
+on the pool's template's frozen overlay instead, and the VM resumes from the
+template's saved state rather than booting (see ``txvmbot.qemu.template``);
+the step ``template`` before ``overlay`` builds or reuses it. The VM directory is journalled before it is
 created, so a crash leaves a trace that cleanup and the daemon's recovery
 follow to stop QEMU and remove the overlay. A failed job's VM, with
 ``keep_on_failure``, is saved (QMP migrate to a file) and kept with its
@@ -96,6 +99,7 @@ class LocalCheck:
         self._current: Deferred[Any] | None = None
         self._cancelled: str | None = None
         self._image: Any = None
+        self._template: Any = None
         self._vm: Any = None
         self._vm_dir = ""
         self._vm_id = ""
@@ -131,6 +135,8 @@ class LocalCheck:
         try:
             await self._step("disk-space", 10, self._disk_space)
             await self._step("image", 30, self._load_image)
+            if self.spec.pool.fast_start:
+                await self._step("template", self._template_bound(), self._ensure_template)
             await self._step("overlay", 30, self._overlay)
             await self._step("boot", t.boot, self._boot)
             await self._step("ready", t.boot, self._ready)
@@ -175,6 +181,9 @@ class LocalCheck:
         extra: dict[str, str] = {}
         if self._vm is not None:
             extra.update({k: str(v) for k, v in self._vm.facts.items()})
+        if self._template is not None:
+            extra["template"] = "built" if self._template.built else "reused"
+            extra["template_image_key"] = self._template.image_key
         if self._kept:
             extra["kept_vm"] = self._vm_id
             extra["kept_path"] = self._vm_dir
@@ -214,18 +223,42 @@ class LocalCheck:
         self._image = load_image(self.spec.pool.image_dir)
         ctx.saw(f"{self.spec.pool.image_dir} (kernel {self._image.kernel_version})")
 
+    def _template_bound(self) -> float:
+        # Waiting for another builder, then (if it failed) building here.
+        return 2 * self._lock_bound() + 10
+
+    def _lock_bound(self) -> float:
+        return self.spec.timeouts.boot + 90.0
+
+    async def _ensure_template(self, ctx: StepContext) -> None:
+        from txvmbot.qemu.template import ensure_template, template_dir
+
+        pool = self.spec.pool
+        ctx.saw(f"checking {template_dir(pool.run_dir)}")
+        t = await ensure_template(
+            self.reactor,
+            self._image,
+            pool,
+            boot_bound=self.spec.timeouts.boot,
+            lock_bound=self._lock_bound(),
+        )
+        self._template = t
+        if t.built:
+            ctx.saw(f"built in {t.build_seconds:.2f}s: {t.dir} (image {t.image_key})")
+        else:
+            ctx.saw(f"reused {t.dir} (image {t.image_key}, built in {t.build_seconds:.2f}s)")
+
     async def _overlay(self, ctx: StepContext) -> None:
         from txvmbot.qemu.disk import create_overlay
 
         pool = self.spec.pool
+        base = self._image.disk if self._template is None else self._template.overlay
         self._vm_id = f"{self.check_id}-{uuid.uuid4().hex[:6]}"
         self._vm_dir = K.vm_dir(pool.run_dir, self._vm_id)
 
         async def creating() -> str:
             os.makedirs(self._vm_dir, mode=0o700)
-            await create_overlay(
-                self.reactor, self._image.disk, os.path.join(self._vm_dir, K.OVERLAY_FILE)
-            )
+            await create_overlay(self.reactor, base, os.path.join(self._vm_dir, K.OVERLAY_FILE))
             return self._vm_id
 
         await track(
@@ -237,26 +270,45 @@ class LocalCheck:
             pool.run_dir,
             lambda: ensureDeferred(creating()),
         )
-        ctx.saw(self._vm_dir)
+        ctx.saw(self._vm_dir + (" (on the template's overlay)" if self._template else ""))
 
     async def _boot(self, ctx: StepContext) -> None:
         from txvmbot.qemu.vm import boot
 
         pool = self.spec.pool
-        self._vm = await boot(
-            self.reactor,
-            self._image,
-            self._vm_dir,
-            accel=pool.accel,
-            memory_mb=pool.memory_mb,
-            cpus=pool.cpus,
-            disk=os.path.join(self._vm_dir, K.OVERLAY_FILE),
-        )
+        tmpl = self._template
+        disk = os.path.join(self._vm_dir, K.OVERLAY_FILE)
+        if tmpl is None:
+            self._vm = await boot(
+                self.reactor,
+                self._image,
+                self._vm_dir,
+                accel=pool.accel,
+                memory_mb=pool.memory_mb,
+                cpus=pool.cpus,
+                disk=disk,
+            )
+        else:
+            # The saved state only fits the machine it was saved from.
+            self._vm = await boot(
+                self.reactor,
+                self._image,
+                self._vm_dir,
+                accel=tmpl.accel,
+                memory_mb=tmpl.memory_mb,
+                cpus=tmpl.cpus,
+                machine=tmpl.machine,
+                disk=disk,
+                incoming=tmpl.state,
+            )
         self.undo.running[self._vm_dir] = self._vm
         ctx.saw(f"pid {self._vm.pid}, ssh on {self._vm.ssh_endpoint}")
 
     async def _ready(self, ctx: StepContext) -> None:
-        ctx.saw("waiting for the ready marker on the serial console")
+        if self._template is not None:
+            ctx.saw("waiting for the template's saved state to run again")
+        else:
+            ctx.saw("waiting for the ready marker on the serial console")
         await self._vm.wait_ready(self.spec.timeouts.boot)
         ctx.saw("ready")
 
@@ -332,6 +384,19 @@ class LocalCheck:
             self.undo.running.pop(self._vm_dir, None)
         elif self._vm is not None:
             self.undo.running.pop(self._vm_dir, None)
+        if (
+            self._template is not None
+            and self._image.disk
+            and (self._vm is None or not self._vm.running)
+        ):
+            # The template may be rebuilt before someone looks at this
+            # evidence: make the kept overlay stand on the image's disk alone.
+            from txvmbot.qemu.template import detach_overlay
+
+            ctx.saw("detaching the overlay from the template")
+            await detach_overlay(
+                self.reactor, os.path.join(self._vm_dir, K.OVERLAY_FILE), self._image.disk
+            )
         K.mark_kept(self._vm_dir, self.check_id, self._error)
         self._kept = True
         ctx.saw(f"kept in {self._vm_dir}")
