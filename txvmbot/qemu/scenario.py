@@ -309,7 +309,15 @@ class LocalCheck:
             ctx.saw("waiting for the template's saved state to run again")
         else:
             ctx.saw("waiting for the ready marker on the serial console")
-        await self._vm.wait_ready(self.spec.timeouts.boot)
+        from txvmbot.qemu.vm import VMNotReady
+
+        try:
+            await self._vm.wait_ready(self.spec.timeouts.boot)
+        except VMNotReady as e:
+            # The VM's own timeout names its wait; the step's is "ready".
+            marker = getattr(self._image, "ready_marker", None) or "the ready marker"
+            seen = f"no {marker} on the serial console; its tail:{e.last_seen}"
+            raise StepTimeout("ready", e.bound, seen) from e
         ctx.saw("ready")
 
     async def _wait_ssh(self, ctx: StepContext) -> None:
@@ -378,11 +386,15 @@ class LocalCheck:
         and mark the directory kept, so a person can start it again."""
         from txvmbot.qemu.vm import VMState
 
-        if self._vm is not None and self._vm.state in (VMState.BOOTING, VMState.READY):
+        if self._vm is not None and self._vm.state is VMState.READY:
             ctx.saw("saving the VM's state")
             await self._vm.save_state(os.path.join(self._vm_dir, K.STATE_FILE))
-            self.undo.running.pop(self._vm_dir, None)
-        elif self._vm is not None:
+        elif self._vm is not None and self._vm.state is VMState.BOOTING:
+            # Never got ready: there is no state worth saving, but its
+            # console log and overlay are the evidence of why.
+            ctx.saw("stopping the VM that never got ready, keeping its disk")
+            await self._vm.stop(self.spec.timeouts.shutdown, keep=True)
+        if self._vm is not None:
             self.undo.running.pop(self._vm_dir, None)
         if (
             self._template is not None

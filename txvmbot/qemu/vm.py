@@ -1063,10 +1063,11 @@ def stop_from_record(
     """Stop the QEMU that ``vm_dir/vm.json`` records, if it still runs.
 
     For recovery after a crash, synchronously. The pid is killed only if
-    /proc/PID/cmdline is exactly the recorded QEMU command line, and that
-    command line is this directory's (its pidfile): a pid recycled by another
-    process is never touched. SIGTERM (QEMU closes its disks cleanly), then
-    SIGKILL after ``term_bound`` seconds. Returns True if such a QEMU was
+    /proc/PID/cmdline is exactly the recorded QEMU command line, that
+    command line runs a ``qemu-system-*`` binary and is this directory's (its
+    pidfile): a pid recycled by another process, or a record of a process
+    that is not QEMU, is never touched. SIGTERM (QEMU closes its disks
+    cleanly), then SIGKILL after ``term_bound`` seconds. Returns True if such a QEMU was
     running; raises VMStopError if it survives SIGKILL for ``kill_bound``.
     """
     vm_dir = os.path.abspath(vm_dir)
@@ -1081,6 +1082,14 @@ def stop_from_record(
     argv = record.get("argv")
     if not isinstance(pid, int) or pid <= 1 or not isinstance(argv, list):
         log.warn("{path}: no usable pid/argv", path=os.path.join(vm_dir, RECORD))
+        return False
+    if not argv or not os.path.basename(str(argv[0])).startswith("qemu-system"):
+        log.warn(
+            "{path} records {program!r}, not a QEMU; not touching pid {pid}",
+            path=os.path.join(vm_dir, RECORD),
+            program=argv[0] if argv else None,
+            pid=pid,
+        )
         return False
     if os.path.join(vm_dir, PIDFILE) not in argv:
         log.warn(
