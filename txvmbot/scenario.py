@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from txvmbot import facts as _facts
 from txvmbot.ec2 import resources as R
 from txvmbot.engine import Cleanup, StepContext, StepRunner, poll, track
-from txvmbot.errors import CloudError, StepFailed, StepTimeout, TxvmbotError
+from txvmbot.errors import CloudError, StepFailed, TxvmbotError
 from txvmbot.evidence import write_evidence
 from txvmbot.interfaces import IEC2Client, IJournal
 from txvmbot.model import (
@@ -27,6 +27,7 @@ from txvmbot.model import (
     CommandResult,
     StepEvent,
 )
+from txvmbot.smoke import UNAME, StepSequence, cut_off, judge
 
 log = Logger()
 
@@ -66,10 +67,9 @@ class Check:
         self.evidence_root = evidence_root
         self.check_id = check_id or new_check_id()
         self.steps = StepRunner(reactor, observer)
+        self.sequence = StepSequence(self.steps, f"check {self.check_id}")
         self._client = client
         self._own_client = client is None
-        self._current: Deferred[Any] | None = None
-        self._cancelled: str | None = None
         # What the check learnt, as it goes.
         self._image: dict[str, Any] = {}
         self._key: Any = None
@@ -87,11 +87,7 @@ class Check:
         return ensureDeferred(self._run())
 
     def cancel(self, reason: str) -> None:
-        if self._cancelled is None:
-            self._cancelled = reason
-            self.log.warn("Cancelling check {check_id}: {reason}", check_id=self.check_id, reason=reason)
-            if self._current is not None:
-                self._current.cancel()
+        self.sequence.cancel(reason)
 
     # -- the flow ---------------------------------------------------------
 
@@ -104,14 +100,7 @@ class Check:
         return self._client
 
     async def _step(self, name: str, bound: float, action: Callable[[StepContext], Any]) -> Any:
-        if self._cancelled is not None:
-            raise CancelledError(self._cancelled)
-        d = self.steps.run(name, bound, action)
-        self._current = d
-        try:
-            return await d
-        finally:
-            self._current = None
+        return await self.sequence.step(name, bound, action)
 
     async def _run(self) -> CheckResult:
         spec = self.spec
@@ -133,7 +122,7 @@ class Check:
                 bound = t.command * (len(spec.commands) + 1) + t.ssh_connect
                 await self._step("commands", bound, self._run_commands)
         except CancelledError:
-            error = f"cancelled: {self._cancelled or 'cancelled'}"
+            error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
         except TxvmbotError as e:
             error = str(e)
         except Exception as e:  # a bug of ours: report it, still clean up
@@ -460,7 +449,7 @@ class Check:
         from txvmbot import ssh
 
         t = self.spec.timeouts
-        commands = ["uname -a", *self.spec.commands]
+        commands = [UNAME, *self.spec.commands]
 
         def running(index: int, inst: dict[str, Any]) -> Deferred[Any]:
             return ssh.run_commands(
@@ -476,25 +465,16 @@ class Check:
         try:
             outcomes = await _gather([running(i, inst) for i, inst in enumerate(self._instances)])
         except ssh.SSHCommandFailed as e:
-            # Keep what ran and what the cut-off command printed so far.
-            self._commands.extend(("", r) for r in (*e.results[1:], e.partial))
-            out = (e.partial.stdout + e.partial.stderr).decode("utf-8", "replace").strip()[-200:]
-            seen = f"{e.command!r} still running" + (f", output so far: {out}" if out else "")
-            if isinstance(e, ssh.SSHCommandTimeout):
-                raise StepTimeout("commands", e.bound, seen) from e
-            raise StepFailed("commands", str(e)) from e
-        failures = []
+            kept, error = cut_off(e)
+            self._commands.extend(("", r) for r in kept)
+            raise error from e
+        failures: list[str] = []
         for inst, outcome in zip(self._instances, outcomes, strict=True):
             iid = inst["InstanceId"]
-            uname, *rest = outcome.results
-            if uname.ok and not self._guest_uname:
-                self._guest_uname = uname.stdout.decode("utf-8", "replace").strip()
-            for r in rest:
-                self._commands.append((iid, r))
-                if not r.ok:
-                    how = f"signal {r.signal}" if r.signal else f"exit status {r.exit_status}"
-                    tail = r.stderr.decode("utf-8", "replace").strip()[-300:]
-                    failures.append(f"{iid}: {r.command!r} ended with {how}" + (f": {tail}" if tail else ""))
+            done = judge(outcome.results)
+            self._guest_uname = self._guest_uname or done.uname
+            self._commands.extend((iid, r) for r in done.results)
+            failures.extend(f"{iid}: {f}" for f in done.failures)
         if failures:
             raise StepFailed("commands", "; ".join(failures))
         ctx.saw(f"{len(commands) - 1} command(s) passed on {len(outcomes)} instance(s)")

@@ -33,6 +33,7 @@ from txvmbot.interfaces import IJournal
 from txvmbot.model import CheckResult, CommandResult, JournalEntry, StepEvent
 from txvmbot.qemu import kept as K
 from txvmbot.qemu.model import LocalSpec
+from txvmbot.smoke import UNAME, StepSequence, cut_off, judge
 
 log = Logger()
 
@@ -95,9 +96,8 @@ class LocalCheck:
         self.evidence_root = evidence_root
         self.check_id = check_id or uuid.uuid4().hex[:12]
         self.steps = StepRunner(reactor, observer)
+        self.sequence = StepSequence(self.steps, f"job {self.check_id}")
         self.undo = LocalUndoer(spec.timeouts.shutdown)
-        self._current: Deferred[Any] | None = None
-        self._cancelled: str | None = None
         self._image: Any = None
         self._template: Any = None
         self._vm: Any = None
@@ -113,21 +113,10 @@ class LocalCheck:
         return ensureDeferred(self._run())
 
     def cancel(self, reason: str) -> None:
-        if self._cancelled is None:
-            self._cancelled = reason
-            self.log.warn("Cancelling job {check_id}: {reason}", check_id=self.check_id, reason=reason)
-            if self._current is not None:
-                self._current.cancel()
+        self.sequence.cancel(reason)
 
     async def _step(self, name: str, bound: float, action: Callable[[StepContext], Any]) -> Any:
-        if self._cancelled is not None:
-            raise CancelledError(self._cancelled)
-        d = self.steps.run(name, bound, action)
-        self._current = d
-        try:
-            return await d
-        finally:
-            self._current = None
+        return await self.sequence.step(name, bound, action)
 
     async def _run(self) -> CheckResult:
         t = self.spec.timeouts
@@ -144,7 +133,7 @@ class LocalCheck:
             bound = t.command * (len(self.spec.commands) + 1) + t.ssh_connect
             await self._step("commands", bound, self._run_commands)
         except CancelledError:
-            error = f"cancelled: {self._cancelled or 'cancelled'}"
+            error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
         except TxvmbotError as e:
             error = str(e)
         except Exception as e:
@@ -158,7 +147,7 @@ class LocalCheck:
             not passed
             and self.spec.pool.keep_on_failure
             and self._vm_dir
-            and self._cancelled is None
+            and self.sequence.cancelled is None
         ):
             self._error = error
             try:
@@ -356,30 +345,20 @@ class LocalCheck:
                 self._vm.ssh_endpoint,
                 self.spec.ssh_user,
                 key,
-                ["uname -a", *self.spec.commands],
+                [UNAME, *self.spec.commands],
                 command_timeout=t.command,
                 connect_timeout=t.ssh_connect,
             )
         except ssh.SSHCommandFailed as e:
-            self._commands.extend((*e.results[1:], e.partial))
-            out = (e.partial.stdout + e.partial.stderr).decode("utf-8", "replace").strip()[-200:]
-            seen = f"{e.command!r} still running" + (f", output so far: {out}" if out else "")
-            if isinstance(e, ssh.SSHCommandTimeout):
-                raise StepTimeout("commands", e.bound, seen) from e
-            raise StepFailed("commands", str(e)) from e
-        uname, *rest = outcome.results
-        if uname.ok:
-            self._guest_uname = uname.stdout.decode("utf-8", "replace").strip()
-        self._commands.extend(rest)
-        failures = []
-        for r in rest:
-            if not r.ok:
-                how = f"signal {r.signal}" if r.signal else f"exit status {r.exit_status}"
-                tail = r.stderr.decode("utf-8", "replace").strip()[-300:]
-                failures.append(f"{r.command!r} ended with {how}" + (f": {tail}" if tail else ""))
-        if failures:
-            raise StepFailed("commands", "; ".join(failures))
-        ctx.saw(f"{len(rest)} command(s) passed")
+            kept, error = cut_off(e)
+            self._commands.extend(kept)
+            raise error from e
+        done = judge(outcome.results)
+        self._guest_uname = done.uname
+        self._commands.extend(done.results)
+        if done.failures:
+            raise StepFailed("commands", "; ".join(done.failures))
+        ctx.saw(f"{len(done.results)} command(s) passed")
 
     async def _keep(self, ctx: StepContext) -> None:
         """Save the failed VM's state next to its overlay and console log,
