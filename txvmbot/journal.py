@@ -37,6 +37,7 @@ from attrs import frozen
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txvmbot._sqlite import FileKind, Migration
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.model import JournalEntry
@@ -101,47 +102,18 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
 
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
+_MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-def _user_tables(conn: sqlite3.Connection) -> set[str]:
-    rows = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _schema_version(conn: sqlite3.Connection, path: str) -> int:
-    """The schema version of the database, 0 if it is empty.
-
-    Raises JournalError if the file holds something that is not a journal.
-    """
-    tables = _user_tables(conn)
-    if not tables:
-        return 0
-    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
-    if "schema_version" not in tables or app_id != APPLICATION_ID:
-        raise JournalError(
-            path,
-            "is an SQLite database but not a txvmbot journal "
-            f"(tables: {', '.join(sorted(tables))}); point the journal at a new file",
-        )
-    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-    if row is None or not isinstance(row[0], int):
-        raise JournalError(path, "has no schema version; the file is damaged")
-    return int(row[0])
-
-
-def _refuse_newer(path: str, found: int) -> None:
-    if found > SCHEMA_VERSION:
-        raise JournalError(
-            path,
-            f"has schema version {found} but this txvmbot understands up to "
-            f"{SCHEMA_VERSION}; upgrade txvmbot or use another journal file",
-        )
+_KIND = FileKind(
+    what="journal",
+    application_id=APPLICATION_ID,
+    migrations=_MIGRATIONS,
+    error=JournalError,
+)
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> int:
@@ -152,19 +124,7 @@ def migrate(conn: sqlite3.Connection, path: str) -> int:
     before migrating. Refuses a newer schema, which this code would
     misread, with a JournalError that says what to do.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        found = _schema_version(conn, path)
-        _refuse_newer(path, found)
-        for version in range(found, SCHEMA_VERSION):
-            _MIGRATIONS[version](conn)
-            conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return found
+    return _KIND.migrate(conn, path)
 
 
 # --- SQLite -------------------------------------------------------------------
@@ -232,51 +192,12 @@ class SQLiteJournal:
         busy_timeout: float = 10.0,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
     ) -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = path
         self._clock = clock
         self._busy_timeout = busy_timeout
-        self._synchronous = synchronous
-        self._conn: sqlite3.Connection | None = None
-        try:
-            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-        except sqlite3.Error as e:
-            raise JournalError(path, f"cannot be opened: {e}") from e
-        try:
-            self._open(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    def _open(self, conn: sqlite3.Connection) -> None:
-        path = self.path
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            # Look before writing anything: never turn someone else's file
-            # into WAL mode or add tables to it.
-            _refuse_newer(path, _schema_version(conn, path))
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if str(mode).lower() != "wal":
-                raise JournalError(
-                    path,
-                    f"cannot use write-ahead logging (journal_mode is {mode!r}); "
-                    "put the journal on a local filesystem",
-                )
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            found = migrate(conn, path)
-        except JournalError:
-            raise
-        except sqlite3.Error as e:
-            raise JournalError(path, f"cannot be opened as a journal: {e}") from e
-        if found != SCHEMA_VERSION:
-            self.log.info(
-                "Journal {path} migrated from schema {found} to {version}",
-                path=path,
-                found=found,
-                version=SCHEMA_VERSION,
-            )
+        self._conn: sqlite3.Connection | None = _KIND.open(
+            path, busy_timeout=busy_timeout, synchronous=synchronous, log=self.log
+        )
 
     def __repr__(self) -> str:
         return f"<SQLiteJournal {self.path!r}>"

@@ -26,9 +26,11 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Literal
 
+import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txvmbot._sqlite import FileKind, Migration
 from txvmbot.codec import dumps, event_from_dict, event_to_dict, job_from_dict, job_to_dict, loads
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.errors import ConfigError, TxvmbotError
@@ -120,53 +122,24 @@ def _create_v1(conn: sqlite3.Connection) -> None:
 
 
 #: The migrations this code knows, oldest first.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
+MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _user_tables(conn: sqlite3.Connection) -> set[str]:
-    rows = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _schema_version(conn: sqlite3.Connection, path: str) -> int:
-    """The schema version of the database, 0 if it is empty.
-
-    Raises StoreError if the file holds something that is not a job store.
-    """
-    tables = _user_tables(conn)
-    if not tables:
-        return 0
-    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
-    if "schema_version" not in tables or app_id != APPLICATION_ID:
-        raise StoreError(
-            path,
-            "is an SQLite database but not a txvmbot job store "
-            f"(tables: {', '.join(sorted(tables))}); point the store at a new file",
-        )
-    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-    if row is None or not isinstance(row[0], int):
-        raise StoreError(path, "has no schema version; the file is damaged")
-    return int(row[0])
-
-
-def _refuse_newer(path: str, found: int, known: int) -> None:
-    if found > known:
-        raise StoreError(
-            path,
-            f"has schema version {found} but this txvmbot understands up to "
-            f"{known}; upgrade txvmbot or use another job store file",
-        )
+_KIND = FileKind(
+    what="job store",
+    application_id=APPLICATION_ID,
+    migrations=MIGRATIONS,
+    error=StoreError,
+)
 
 
 def migrate(
     conn: sqlite3.Connection,
     path: str,
-    migrations: Sequence[Callable[[sqlite3.Connection], None]] = MIGRATIONS,
+    migrations: Sequence[Migration] = MIGRATIONS,
 ) -> int:
     """Bring the store in ``conn`` up to ``len(migrations)``.
 
@@ -175,19 +148,7 @@ def migrate(
     schema, which this code would misread, with a StoreError that says what
     to do.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        found = _schema_version(conn, path)
-        _refuse_newer(path, found, len(migrations))
-        for version in range(found, len(migrations)):
-            migrations[version](conn)
-            conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return found
+    return attrs.evolve(_KIND, migrations=tuple(migrations)).migrate(conn, path)
 
 
 # --- the store ------------------------------------------------------------------
@@ -237,56 +198,16 @@ class SQLiteJobStore:
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         busy_timeout: float = 5.0,
     ) -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         self.path = path
         self._clock = clock
-        self._synchronous = synchronous
-        self._busy_timeout = busy_timeout
-        self._conn: sqlite3.Connection | None = None
-        try:
-            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-        except sqlite3.Error as e:
-            raise StoreError(path, f"cannot be opened: {e}") from e
-        try:
-            self._open(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+        self._conn: sqlite3.Connection | None = _KIND.open(
+            path, busy_timeout=busy_timeout, synchronous=synchronous, log=self.log, memory_ok=True
+        )
 
     @classmethod
     def memory(cls, *, clock: Callable[[], float] = time.time) -> SQLiteJobStore:
         """A store in memory: the same SQL, no file. For tests."""
         return cls(":memory:", clock=clock)
-
-    def _open(self, conn: sqlite3.Connection) -> None:
-        path = self.path
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            # Look before writing anything: never turn someone else's file
-            # into WAL mode or add tables to it.
-            _refuse_newer(path, _schema_version(conn, path), SCHEMA_VERSION)
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if str(mode).lower() != "wal" and path != ":memory:":
-                raise StoreError(
-                    path,
-                    f"cannot use write-ahead logging (journal_mode is {mode!r}); "
-                    "put the job store on a local filesystem",
-                )
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            found = migrate(conn, path)
-        except StoreError:
-            raise
-        except sqlite3.Error as e:
-            raise StoreError(path, f"cannot be opened as a job store: {e}") from e
-        if found != SCHEMA_VERSION:
-            self.log.info(
-                "Job store {path} migrated from schema {found} to {version}",
-                path=path,
-                found=found,
-                version=SCHEMA_VERSION,
-            )
 
     def __repr__(self) -> str:
         return f"<SQLiteJobStore {self.path!r}>"
