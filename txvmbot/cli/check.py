@@ -141,7 +141,7 @@ def add_check_settings(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="resume the VM from the pool's template (booted once, saved, kept in "
-        "<state dir>/vms/template) instead of booting it; the first run builds it",
+        "<state dir>/vms/template) instead of booting it; the first run builds it (default: cold boot)",
     )
     local.add_argument(
         "--keep-on-failure",
