@@ -219,3 +219,23 @@ def test_two_hundred_jobs_on_four_workers_never_leave_a_worker_idle(
     for k in range(4, 200):
         # The k-th start may not come later than the (k-3)-th end (4 slots).
         assert starts[k] <= ends[k - 4] + slack, (k, starts[k], ends[k - 4])
+
+
+def test_a_pool_without_a_usable_image_is_drained_at_start(tmp_path: object) -> None:
+    """The base image is checked when a pool starts; a pool that has none
+    waits for an operator (drained, the reason in the log) instead of
+    failing every job, and the daemon serves the rest."""
+    data = os.path.join(str(tmp_path), "data")
+    config = os.path.join(str(tmp_path), "txvmbot.toml")
+    with open(config, "w") as f:
+        f.write(
+            "[pools.broken]\n"
+            f"image_dir = {os.path.join(str(tmp_path), 'no-image')!r}\n"
+            f"run_dir = {os.path.join(str(tmp_path), 'vms')!r}\n"
+        )
+    with D.daemon(data, ["--config", config]) as d:
+        status = d.client_json("status")
+        (broken,) = [b for b in status["backends"] if b["name"] == "broken"]
+        assert broken["state"] == "draining", broken
+        log = d.log()
+        assert "Local pool broken is drained" in log and "no-image" in log, log

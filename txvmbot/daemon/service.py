@@ -140,6 +140,8 @@ class DaemonService(service.MultiService):
             health_interval=s.health_interval,
         )
         await self.scheduler.recover()
+        for pool in s.pools_by_name.values():
+            await self._check_pool(pool)
         factory = AMPServerFactory(self.scheduler, pools=s.pools_by_name)
         for description in s.listen_endpoints:
             endpoint = self._server_endpoint(description)
@@ -150,6 +152,30 @@ class DaemonService(service.MultiService):
             listen=", ".join(s.listen_endpoints),
             data_dir=s.data_dir,
         )
+
+    async def _check_pool(self, pool: Any) -> None:
+        """``qemu-img check`` of a local pool's base image when the pool
+        starts (seed 003: a full disk corrupted VM images). A pool whose
+        image is missing or damaged is drained, with the reason logged:
+        its jobs wait for an operator instead of failing one by one."""
+        from txvmbot.qemu.disk import check_image
+        from txvmbot.qemu.image import load_image
+
+        try:
+            image = load_image(pool.image_dir)
+            if image.disk:
+                await check_image(self.reactor, image.disk)
+        except TxvmbotError as e:
+            self.log.error(
+                "Local pool {pool} is drained: {error}; fix it (txvmbot image build), "
+                "then txvmbot resume {pool}",
+                pool=pool.name,
+                error=e,
+            )
+            self.scheduler.drain(pool.name)
+        else:
+            self.log.info("Local pool {pool}: image {image} checked", pool=pool.name,
+                          image=pool.image_dir)
 
     def _server_endpoint(self, description: str) -> Any:
         from twisted.internet.endpoints import serverFromString
