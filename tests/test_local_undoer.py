@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 
+from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from txvmbot.errors import StepFailed
@@ -57,7 +58,9 @@ class LocalUndoerTests(SynchronousTestCase):
                 "-pidfile", os.path.join(self.vm_dir, "qemu.pid")]
 
     def undo(self) -> bool:
-        return bool(self.successResultOf(LocalUndoer(shutdown_bound=1.0)(entry(self.vm_dir))))
+        # Blocking calls run at once here; the daemon runs them in a thread.
+        undo = LocalUndoer(shutdown_bound=1.0, blocking=lambda f, *a: maybeDeferred(f, *a))
+        return bool(self.successResultOf(undo(entry(self.vm_dir))))
 
     def test_recycled_pid_is_not_killed_and_the_dir_is_removed(self) -> None:
         """vm.json records a QEMU, but its pid is now a ``sleep``."""
@@ -100,6 +103,8 @@ class LocalUndoerTests(SynchronousTestCase):
         self.assertTrue(self.undo())
 
     def test_unknown_kind_is_refused(self) -> None:
-        d = LocalUndoer()(entry(self.vm_dir, kind="instance"))
+        d = LocalUndoer(blocking=lambda f, *a: maybeDeferred(f, *a))(
+            entry(self.vm_dir, kind="instance")
+        )
         self.failureResultOf(d, StepFailed)
         self.assertTrue(os.path.exists(self.vm_dir))

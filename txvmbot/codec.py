@@ -368,7 +368,11 @@ def _local_from_dict(
     max_attempts = check_int(f"{where}.max_attempts", data.get("max_attempts", 2), minimum=1)
     if max_attempts > 10:
         raise ConfigError(f"{where}.max_attempts", f"must be at most 10, got {max_attempts}")
-    backend = check_str(f"{where}.backend", data.get("backend", name))
+    # A local job's backend is its pool: the pool's cap (max_vms) and its
+    # drain apply by that name, and a job may not step around them.
+    backend = name
+    if "backend" in data and data["backend"] != name:
+        raise ConfigError(f"{where}.backend", f"a local job runs on its pool, {name!r}")
     return JobSpec(
         check=check,
         backend=backend,

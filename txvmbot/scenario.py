@@ -413,6 +413,16 @@ class Check:
             "instance_id": iid,
             "index": str(index),
         }
+        import string
+
+        used = {f for _, f, _, _ in string.Formatter().parse(self.spec.ssh_endpoint) if f}
+        empty = sorted(f for f in used if f in values and not values[f])
+        if empty:
+            raise StepFailed(
+                "wait-ssh",
+                f"instance {iid} has no {', '.join(empty)} for --ssh-endpoint "
+                f"{self.spec.ssh_endpoint!r} (use --floating-ip, or {{private_ip}})",
+            )
         try:
             return self.spec.ssh_endpoint.format(**values)
         except (KeyError, IndexError, ValueError) as e:

@@ -132,13 +132,25 @@ def _cmd_revive(
         from twisted.internet.defer import Deferred
         from twisted.internet.task import deferLater
 
+        from txvmbot.qemu.disk import create_overlay
         from txvmbot.qemu.image import load_image
         from txvmbot.qemu.vm import boot
 
         image = load_image(image_dir)
         state = os.path.join(k.path, K.STATE_FILE)
-        revive_dir = os.path.join(k.path, "revived")
-        os.makedirs(revive_dir, exist_ok=True)
+        revive_dir = os.path.join(k.path, K.REVIVED_DIR)
+        if os.path.isdir(revive_dir):
+            import shutil
+
+            from txvmbot.qemu.vm import stop_from_record
+
+            stop_from_record(revive_dir)
+            shutil.rmtree(revive_dir)
+        os.makedirs(revive_dir)
+        # The kept overlay is evidence: the revived guest writes to an
+        # overlay of its own on top of it, so every revive starts the same.
+        disk = os.path.join(revive_dir, "disk.qcow2")
+        await create_overlay(r, os.path.join(k.path, K.OVERLAY_FILE), disk)
         vm = await boot(
             r,
             image,
@@ -146,10 +158,14 @@ def _cmd_revive(
             accel="auto",
             memory_mb=memory,
             cpus=cpus,
-            disk=os.path.join(k.path, K.OVERLAY_FILE),
+            disk=disk,
             incoming=state if os.path.exists(state) else None,
         )
-        await vm.wait_ready(120)
+        try:
+            await vm.wait_ready(120)
+        except BaseException:
+            await vm.stop(10)
+            raise
         streams.human.write(
             f"{k.vm_id} is running (pid {vm.pid}); log in with:\n"
             f"  ssh -i {image.ssh_key} -p {vm.ssh_port} -o StrictHostKeyChecking=no "
@@ -158,7 +174,7 @@ def _cmd_revive(
         )
         streams.human.flush()
         stopped: Deferred[None] = Deferred()
-        r.addSystemEventTrigger("before", "shutdown", lambda: vm.stop(10))
+        r.addSystemEventTrigger("before", "shutdown", lambda: vm.stop(10) if vm.running else None)
         if args.seconds is not None:
             await deferLater(r, args.seconds, lambda: None)
             await vm.stop(10)

@@ -183,6 +183,7 @@ class DaemonService(service.MultiService):
         kind = description.split(":", 1)[0].lower()
         if kind == "unix":
             path = description.split(":")[1]
+            path = path[len("path=") :] if path.startswith("path=") else path
             _remove_stale_socket(path)
             return serverFromString(self.reactor, description)
         from txvmbot.daemon.tls import tls_server_endpoint

@@ -121,7 +121,10 @@ def check_listen(endpoint: str, has_tls: bool, where: str = "daemon.listen", src
     plain TCP listener would serve anyone who can reach the port."""
     kind = endpoint.split(":", 1)[0].lower()
     if kind == "unix":
-        return endpoint
+        # Whoever can write the socket can run jobs with the daemon's cloud
+        # credentials: owner only, whatever the string said or left out.
+        parts = [p for p in endpoint.split(":")[1:] if not p.startswith("mode=")]
+        return ":".join(["unix", *parts, "mode=600"])
     if kind in ("tcp", "tcp6"):
         raise ConfigError(
             where,

@@ -265,13 +265,12 @@ async def terminate_and_wait(
                     raise
     delay = interval
     while True:
-        try:
-            answer = await client.call("DescribeInstances", {"InstanceIds": remaining})
-            states = {i["InstanceId"]: i["State"]["Name"] for i in instances_of(answer)}
-        except CloudError as e:
-            if not is_gone(e):
-                raise
-            states = {}
+        # A filter, not InstanceIds: one unknown id would fail the whole
+        # call, and "no answer" must never read as "all terminated".
+        answer = await client.call(
+            "DescribeInstances", {"Filters": [{"Name": "instance-id", "Values": remaining}]}
+        )
+        states = {i["InstanceId"]: i["State"]["Name"] for i in instances_of(answer)}
         remaining = [iid for iid, state in states.items() if state != "terminated"]
         if not remaining:
             return

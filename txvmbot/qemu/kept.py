@@ -22,6 +22,7 @@ KEPT_FILE = "kept.json"
 STATE_FILE = "state.bin"
 OVERLAY_FILE = "overlay.qcow2"
 CONSOLE_FILE = "console.log"
+REVIVED_DIR = "revived"
 
 
 class UnknownKept(TxvmbotError):
@@ -116,6 +117,7 @@ def release(run_dir: str, vm_id: str) -> Kept:
 
     k = get_kept(run_dir, vm_id)
     stop_from_record(k.path)
+    stop_from_record(os.path.join(k.path, REVIVED_DIR))
     shutil.rmtree(k.path)
     return k
 

@@ -50,9 +50,20 @@ class LocalUndoer:
     process started it, by its recorded pid otherwise) and removes the VM
     directory unless its evidence is kept."""
 
-    def __init__(self, shutdown_bound: float = 10.0) -> None:
+    def __init__(
+        self,
+        shutdown_bound: float = 10.0,
+        blocking: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        """``blocking`` runs a blocking call off the reactor thread
+        (deferToThread by default; tests pass one that runs it at once)."""
         self.shutdown_bound = shutdown_bound
         self.running: dict[str, Any] = {}  # vm dir -> VM started by this process
+        if blocking is None:
+            from twisted.internet.threads import deferToThread
+
+            blocking = deferToThread
+        self._blocking = blocking
 
     def __call__(self, entry: JournalEntry) -> Deferred[bool]:
         return ensureDeferred(self._undo(entry))
@@ -67,9 +78,10 @@ class LocalUndoer:
         if vm is not None:
             await vm.stop(self.shutdown_bound)
         else:
-            stop_from_record(path)
+            # Waits for the process and deletes gigabytes: not on the reactor.
+            await self._blocking(stop_from_record, path)
         if os.path.isdir(path) and not K.is_kept(path):
-            shutil.rmtree(path)
+            await self._blocking(shutil.rmtree, path)
         return True
 
 
