@@ -7,6 +7,7 @@ started); every wait is bounded.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import http.client
 import os
@@ -302,3 +303,25 @@ def reproduce_line(argv: Sequence[str]) -> str:
     return "reproduce: cd " + shlex.quote(ROOT) + " && . .venv/bin/activate && python " + " ".join(
         shlex.quote(a) for a in [script, *argv[1:]]
     )
+
+
+def bench_parser(
+    doc: str | None, *, unit: str = "side", timeout: float = 120.0, warmup: bool = True
+) -> argparse.ArgumentParser:
+    """The options every benchmark here shares: --runs, --warmup (when
+    ``warmup``) and --timeout, the bound of one run of a ``unit``."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--runs", type=int, default=5, help=f"timed runs of each {unit} (default: 5)")
+    if warmup:
+        p.add_argument(
+            "--warmup", type=int, default=1, help=f"untimed runs of each {unit} first (default: 1)"
+        )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help=f"bound of one run of a {unit}, s (default: {timeout:g})",
+    )
+    return p

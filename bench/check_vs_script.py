@@ -32,10 +32,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (  # noqa: E402
+from bench._common import (
     REGION,
     ReactorThread,
     bench_env,
+    bench_parser,  # noqa: E402
     make_counting_client,
     median,
     pick_image,
@@ -51,21 +52,12 @@ TARGET = 3.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--runs", type=int, default=5, help="timed runs of each side (default: 5)")
-    p.add_argument(
-        "--warmup", type=int, default=1, help="untimed runs of each side first (default: 1)"
-    )
+    p = bench_parser(__doc__, timeout=120.0)
     p.add_argument(
         "--poll-interval",
         type=float,
         default=1.0,
         help="seconds between state polls, both sides (default: 1.0, txvmbot's default)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=120.0, help="bound of one run of a side, s (default: 120)"
     )
     args = p.parse_args(argv)
     if not 1 <= args.runs <= 100 or not 0 <= args.warmup <= 10:

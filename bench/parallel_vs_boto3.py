@@ -52,10 +52,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (  # noqa: E402
+from bench._common import (
     REGION,
     CPUWindow,
     ReactorThread,
+    bench_parser,  # noqa: E402
     make_counting_client,
     median,
     pick_image,
@@ -72,10 +73,7 @@ TARGET = 0.90
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--runs", type=int, default=5, help="timed runs of each shape (default: 5)")
+    p = bench_parser(__doc__, unit="shape", timeout=120.0, warmup=False)
     p.add_argument("--parallel", type=int, default=20, help="lifecycles at once (default: 20)")
     p.add_argument(
         "--poll-interval",
@@ -108,9 +106,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="do not reset moto before each measurement; moto keeps terminated instances "
         "forever and its filtered DescribeInstances slows down as they pile up "
         "(default: reset, so every shape starts from the same empty moto)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=120.0, help="bound of one run of a shape, s (default: 120)"
     )
     args = p.parse_args(argv)
     if not 1 <= args.runs <= 50 or not 1 <= args.parallel <= 100:

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import ReactorThread, median, reproduce_line, table  # noqa: E402
+from bench._common import ReactorThread, bench_parser, median, reproduce_line, table  # noqa: E402
 from tests import checkrun  # noqa: E402
 
 TARGET_RATIO = 1.10
@@ -48,13 +48,7 @@ TARGET_FAST = 1.5
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--runs", type=int, default=5, help="timed runs of each side (default: 5)")
-    p.add_argument(
-        "--warmup", type=int, default=1, help="untimed runs of each side first (default: 1)"
-    )
+    p = bench_parser(__doc__, timeout=90.0)
     p.add_argument(
         "--image-dir",
         help="the image to boot (default: the test image, built if needed, as tests do)",
@@ -65,9 +59,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=0.05,
         help="seconds between the plain side's ssh attempts (default: 0.05)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=90.0, help="bound of one run of a side, s (default: 90)"
     )
     args = p.parse_args(argv)
     if not 1 <= args.runs <= 50 or not 0 <= args.warmup <= 5:
