@@ -8,7 +8,6 @@ names its step, keeps the console log and leaves nothing behind.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,14 +26,17 @@ from txvmbot.model import (
     CommandResult,
     StepEvent,
 )
-from txvmbot.smoke import UNAME, StepSequence, cut_off, judge
+from txvmbot.smoke import (
+    UNAME,
+    StepSequence,
+    commands_bound,
+    cut_off,
+    judge,
+    new_check_id,
+    ssh_wait_bound,
+)
 
 log = Logger()
-
-
-def new_check_id() -> str:
-    """Short, unique, and safe in resource names and tags."""
-    return uuid.uuid4().hex[:12]
 
 
 def valid_address(address: str | None) -> bool:
@@ -76,7 +78,7 @@ class Check:
         self._group_id: str | None = None
         self._instances: list[dict[str, Any]] = []
         self._addresses: dict[str, str] = {}
-        self._commands: list[tuple[str, CommandResult]] = []
+        self._commands: list[CommandResult] = []
         self._host_keys: list[tuple[str, str]] = []
         self._console: list[tuple[str, str]] = []
         self._guest_uname = ""
@@ -117,9 +119,7 @@ class Check:
                 await self._step("floating-ip", t.api_step, self._floating_ip)
             if spec.ssh:
                 await self._step("wait-ssh", t.ssh, self._wait_ssh)
-                # Each command has its own bound inside; the step's bound
-                # covers all of them plus uname and connecting.
-                bound = t.command * (len(spec.commands) + 1) + t.ssh_connect
+                bound = commands_bound(t.command, len(spec.commands), t.ssh_connect)
                 await self._step("commands", bound, self._run_commands)
         except CancelledError:
             error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
@@ -172,7 +172,7 @@ class Check:
             passed=passed,
             steps=self.steps.results,
             facts=facts,
-            commands=tuple(r for _, r in self._commands),
+            commands=tuple(self._commands),
             console=tuple(self._console),
             host_keys=tuple(self._host_keys),
             error=error,
@@ -445,9 +445,7 @@ class Check:
                 self.spec.ssh_user,
                 self._key,
                 connect_timeout=t.ssh_connect,
-                # A little inside the step's own bound, so the wait's own
-                # error (attempts, last error) is the one reported.
-                bound=max(t.ssh - min(1.0, t.ssh * 0.1), t.ssh * 0.9),
+                bound=ssh_wait_bound(t.ssh),
                 on_attempt=progress,
             )
 
@@ -476,14 +474,14 @@ class Check:
             outcomes = await _gather([running(i, inst) for i, inst in enumerate(self._instances)])
         except ssh.SSHCommandFailed as e:
             kept, error = cut_off(e)
-            self._commands.extend(("", r) for r in kept)
+            self._commands.extend(kept)
             raise error from e
         failures: list[str] = []
         for inst, outcome in zip(self._instances, outcomes, strict=True):
             iid = inst["InstanceId"]
             done = judge(outcome.results)
             self._guest_uname = self._guest_uname or done.uname
-            self._commands.extend((iid, r) for r in done.results)
+            self._commands.extend(done.results)
             failures.extend(f"{iid}: {f}" for f in done.failures)
         if failures:
             raise StepFailed("commands", "; ".join(failures))

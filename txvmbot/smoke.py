@@ -21,6 +21,25 @@ from txvmbot.model import CommandResult
 UNAME = "uname -a"
 
 
+def new_check_id() -> str:
+    """Short, unique, and safe in resource names, tags and paths."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def ssh_wait_bound(step_bound: float) -> float:
+    """The bound given to wait_for_ssh: a little inside its step's, so the
+    wait's own error (attempts, last error) is the one reported."""
+    return max(step_bound - min(1.0, step_bound * 0.1), step_bound * 0.9)
+
+
+def commands_bound(command: float, commands: int, connect: float) -> float:
+    """The commands step's bound: each command has its own inside it; the
+    step covers all of them plus ``uname -a`` and connecting."""
+    return command * (commands + 1) + connect
+
+
 class StepSequence:
     """Runs a job's steps one at a time; :meth:`cancel` cancels the step
     that runs and refuses the ones after it, so the job goes straight to

@@ -173,10 +173,6 @@ class EC2Client:
         """The EC2 API version of the botocore model (loads it on first use)."""
         return _botocore.api_version()
 
-    @property
-    def botocore_version(self) -> str:
-        return _botocore.botocore_version()
-
     def call(
         self, operation: str, params: dict[str, Any] | None = None
     ) -> Deferred[dict[str, Any]]:

@@ -33,7 +33,15 @@ from txvmbot.interfaces import IJournal
 from txvmbot.model import CheckResult, CommandResult, JournalEntry, StepEvent
 from txvmbot.qemu import kept as K
 from txvmbot.qemu.model import LocalSpec
-from txvmbot.smoke import UNAME, StepSequence, cut_off, judge
+from txvmbot.smoke import (
+    UNAME,
+    StepSequence,
+    commands_bound,
+    cut_off,
+    judge,
+    new_check_id,
+    ssh_wait_bound,
+)
 
 log = Logger()
 
@@ -106,7 +114,7 @@ class LocalCheck:
         self.spec = spec
         self.journal = journal
         self.evidence_root = evidence_root
-        self.check_id = check_id or uuid.uuid4().hex[:12]
+        self.check_id = check_id or new_check_id()
         self.steps = StepRunner(reactor, observer)
         self.sequence = StepSequence(self.steps, f"job {self.check_id}")
         self.undo = LocalUndoer(spec.timeouts.shutdown)
@@ -115,6 +123,7 @@ class LocalCheck:
         self._vm: Any = None
         self._vm_dir = ""
         self._vm_id = ""
+        self._key: Any = None
         self._commands: list[CommandResult] = []
         self._guest_uname = ""
         self._host_key = ""
@@ -142,7 +151,7 @@ class LocalCheck:
             await self._step("boot", t.boot, self._boot)
             await self._step("ready", t.boot, self._ready)
             await self._step("wait-ssh", t.ssh, self._wait_ssh)
-            bound = t.command * (len(self.spec.commands) + 1) + t.ssh_connect
+            bound = commands_bound(t.command, len(self.spec.commands), t.ssh_connect)
             await self._step("commands", bound, self._run_commands)
         except CancelledError:
             error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
@@ -325,7 +334,7 @@ class LocalCheck:
         from txvmbot import ssh
 
         t = self.spec.timeouts
-        key = ssh.load_private_key(self._image.ssh_key)
+        self._key = ssh.load_private_key(self._image.ssh_key)
 
         def progress(attempt: int, last: str) -> None:
             ctx.saw(f"attempt {attempt}: {last}")
@@ -334,9 +343,9 @@ class LocalCheck:
             self.reactor,
             self._vm.ssh_endpoint,
             self.spec.ssh_user,
-            key,
+            self._key,
             connect_timeout=t.ssh_connect,
-            bound=max(t.ssh - min(1.0, t.ssh * 0.1), t.ssh * 0.9),
+            bound=ssh_wait_bound(t.ssh),
             on_attempt=progress,
         )
         expected = getattr(self._image, "host_key_fingerprint", "")
@@ -350,13 +359,12 @@ class LocalCheck:
         from txvmbot import ssh
 
         t = self.spec.timeouts
-        key = ssh.load_private_key(self._image.ssh_key)
         try:
             outcome = await ssh.run_commands(
                 self.reactor,
                 self._vm.ssh_endpoint,
                 self.spec.ssh_user,
-                key,
+                self._key,
                 [UNAME, *self.spec.commands],
                 command_timeout=t.command,
                 connect_timeout=t.ssh_connect,
