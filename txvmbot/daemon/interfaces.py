@@ -39,6 +39,9 @@ class IJobStore(Interface):
     def events(job_id: str, after_seq: int = 0) -> Any:
         """A job's events with seq > after_seq, in order."""
 
+    def last_event_seq(job_id: str) -> int:
+        """The seq of the job's last event, 0 if none."""
+
     def close() -> None:
         """Close the database."""
 

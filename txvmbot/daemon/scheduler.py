@@ -144,8 +144,6 @@ class _Backend:
     # Jobs holding a worker, with the instances each runs (the cap limits
     # instances: a job with parallel=N holds N places).
     running: dict[str, int] = attrs.Factory(dict)
-    # Jobs the daemon cleans up itself (worker died, daemon restarted).
-    cleaning: set[str] = attrs.Factory(set)
     draining: bool = False
     quarantined: bool = False
     consecutive_failures: int = 0
@@ -656,8 +654,6 @@ class Scheduler:
     def _clean_up(self, active: _Active, reason: str) -> Deferred[None]:
         """Clean up after a job whose worker is gone, then retry or end it."""
         job = active.job
-        b = self._backend(job.spec.backend)
-        b.cleaning.add(job.id)
         self._set_state(active, "cleaning", reason=reason)
         d: Deferred[None] = maybeDeferred(self._cleaner, active.job).addBoth(
             self._cleaned, job.id, reason
@@ -668,8 +664,6 @@ class Scheduler:
     def _cleaned(self, outcome: tuple[str, ...] | Failure, job_id: str, reason: str) -> None:
         active = self._active[job_id]
         job = active.job
-        b = self._backends[job.spec.backend]
-        b.cleaning.discard(job_id)
         if isinstance(outcome, Failure):
             self.log.failure("While cleaning up after job {job_id}", outcome, job_id=job_id)
         elif outcome:
@@ -825,11 +819,7 @@ class Scheduler:
         return True
 
     def _last_seq(self, job_id: str) -> int:
-        last = getattr(self._store, "last_event_seq", None)
-        if last is not None:
-            return int(last(job_id))
-        events = self._store.events(job_id)
-        return events[-1].seq if events else 0
+        return int(self._store.last_event_seq(job_id))
 
     def _bug(self, failure: Failure, what: str, job_id: str) -> None:
         self.log.failure("Bug while " + what, failure, job_id=job_id)

@@ -150,25 +150,11 @@ def _fields(description: str) -> tuple[str, list[str], dict[str, str]]:
 
 
 def check_listen(description: str, has_tls: bool, where: str = "daemon.listen") -> str:
-    """Accept ``unix:PATH[:mode=600]``, and ``ssl:PORT[:interface=ADDR]``
-    only with TLS files; refuse plain TCP and anything else."""
-    kind = description.split(":", 1)[0].lower()
-    if kind == "unix":
-        return description
-    if kind in ("tcp", "tcp6"):
-        raise ConfigError(
-            where,
-            f"{description!r}: a plain TCP listener would serve unauthenticated clients; "
-            "use ssl:PORT:interface=ADDR with a [daemon.tls] table (ca, cert, key) so "
-            "only clients with a certificate from that CA are served",
-        )
-    if kind == "ssl":
-        if not has_tls:
-            raise ConfigError(
-                where, f"{description!r} needs a [daemon.tls] table with ca, cert and key"
-            )
-        return description
-    raise ConfigError(where, f"{description!r}: listen on unix:PATH or ssl:PORT, not {kind!r}")
+    """The daemon's listen rules, kept in one place (txvmbot.daemon.settings):
+    unix sockets owner-only, ssl only with TLS files, no plain TCP."""
+    from txvmbot.daemon.settings import check_listen as rules
+
+    return rules(description, has_tls, where)
 
 
 def tls_server_endpoint(
@@ -216,7 +202,7 @@ def listen_endpoint(
     TLS with client certificates (:func:`tls_server_endpoint`)."""
     from twisted.internet.endpoints import serverFromString
 
-    check_listen(description, tls is not None, where)
+    description = check_listen(description, tls is not None, where)
     if description.split(":", 1)[0].lower() == "unix":
         return serverFromString(reactor, description)
     assert tls is not None
