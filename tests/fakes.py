@@ -66,6 +66,8 @@ class FakeScheduler:
         self.cancel_later = False
         self.pending_cancels: dict[str, Deferred[Job]] = {}
         self.boom: Exception | None = None
+        #: How many specs each submit_many call was given, in order.
+        self.batches: list[int] = []
         self._n = 0
 
     def _check(self) -> None:
@@ -109,6 +111,11 @@ class FakeScheduler:
         return len(self.listeners.get(job_id, []))
 
     # --- IScheduler ----------------------------------------------------------------
+
+    def submit_many(self, specs: list[JobSpec]) -> list[Job]:
+        self._check()
+        self.batches.append(len(specs))
+        return [self.submit(spec) for spec in specs]
 
     def submit(self, spec: JobSpec) -> Job:
         self._check()

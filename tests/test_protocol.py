@@ -126,14 +126,17 @@ class ArgumentTests(SynchronousTestCase):
 class FitTests(SynchronousTestCase):
     def test_small_documents_are_unchanged(self) -> None:
         doc = {"a": "b", "result": {"console": [["i", "x" * 10]]}}
-        self.assertIs(fit_document(doc, "result"), doc)
+        fitted = fit_document(doc, "result")
+        self.assertIs(fitted.doc, doc)
+        self.assertEqual(fitted.data, codec.dumps(doc))
 
     def test_long_outputs_are_cut_to_their_ends(self) -> None:
         doc = {"id": "j", "result": {"console": [["i", "a" * 100_000 + "THE END"]]}}
         fitted = fit_document(doc, "result")
-        self.assertTrue(fitted["truncated"])
-        self.assertTrue(fitted["result"]["console"][0][1].endswith("THE END"))
-        self.assertLessEqual(len(codec.dumps(fitted)), amp.MAX_VALUE_LENGTH)
+        self.assertTrue(fitted.doc["truncated"])
+        self.assertTrue(fitted.doc["result"]["console"][0][1].endswith("THE END"))
+        self.assertEqual(fitted.data, codec.dumps(fitted.doc))
+        self.assertLessEqual(len(fitted.data), amp.MAX_VALUE_LENGTH)
 
 
 def connected(

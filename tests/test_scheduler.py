@@ -7,7 +7,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from txvmbot.daemon.interfaces import IScheduler, IWorkerPool
 from txvmbot.daemon.scheduler import Scheduler, is_infrastructure_failure
-from txvmbot.daemon.store import SQLiteJobStore
+from txvmbot.daemon.store import SQLiteJobStore, StoreError
 from txvmbot.errors import ConfigError, UnknownJob
 from txvmbot.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
 from txvmbot.journal import MemoryJournal
@@ -73,6 +73,18 @@ class Harness:
         return [(e.kind, e.state, e.step) for e in self.store.events(job_id)]
 
 
+class CountingStore(SQLiteJobStore):
+    """Records how many jobs each add_many stored."""
+
+    def __init__(self, path: str, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self.batches: list[int] = []
+
+    def add_many(self, submits: Sequence[tuple[Job, JobEvent]]) -> None:
+        self.batches.append(len(submits))
+        super().add_many(submits)
+
+
 class BasicsTests(SynchronousTestCase):
     def test_interfaces(self) -> None:
         h = Harness()
@@ -97,6 +109,30 @@ class BasicsTests(SynchronousTestCase):
         self.assertEqual(job.result.check_id, "j0-1")
         self.assertEqual(h.store.get("j0"), job)
         self.assertEqual([e.seq for e in h.store.events("j0")], [1, 2, 3])
+
+    def test_submit_many_stores_once_and_refuses_one_alone(self) -> None:
+        store = CountingStore.memory()
+        h = Harness(size=1, caps={"b": 2}, store=store)
+        out = h.s.submit_many(
+            [make_job_spec("b"), make_job_spec("b", parallel=3), make_job_spec("b", priority=5)]
+        )
+        self.assertEqual(store.batches, [2])
+        self.assertEqual([r.id for r in out if isinstance(r, Job)], ["j0", "j1"])
+        err = out[1]
+        assert isinstance(err, ConfigError)
+        self.assertEqual(err.where, "job.parallel")
+        self.assertIn("at most 2 instances", err.message)
+        # Both stored with their queued event; the one free worker took the
+        # higher priority, though it came later in the batch.
+        self.assertEqual(h.running(), ["j1"])
+        self.assertEqual(h.events("j0"), [("state", "queued", "")])
+        self.assertEqual(h.s.status().queue_depth, 1)
+
+    def test_submit_many_queues_nothing_when_the_store_fails(self) -> None:
+        h = Harness()
+        h.store.close()
+        self.assertRaises(StoreError, h.s.submit_many, [make_job_spec("b"), make_job_spec("b")])
+        self.assertEqual((h.running(), h.s.status().queue_depth), ([], 0))
 
     def test_failed_check(self) -> None:
         h = Harness()

@@ -26,6 +26,7 @@ from txvmbot.daemon.protocol import (
     Watch,
 )
 from txvmbot.daemon.server import MAX_WATCHES, AMPServerFactory
+from txvmbot.daemon.store import StoreError
 from txvmbot.errors import DaemonUnavailable
 from txvmbot.jobs import JobEvent
 
@@ -132,6 +133,41 @@ class ServerTests(SynchronousTestCase):
             with self.subTest(key=key):
                 self.assertError(self.a.raw(b"Submit", spec=codec.dumps(spec)), b"BAD_REQUEST", key)
         self.assertEqual(list(self.sched.jobs), ["job-1"])
+
+    def test_submits_of_one_read_are_stored_together(self) -> None:
+        """Group commit: the Submits that arrive in one read reach the
+        scheduler as one submit_many (one store commit); a bad spec among
+        them is refused alone; each is answered only once stored."""
+        self.sched.batches.clear()
+        specs = [SPEC, {**SPEC, "priority": 5000}, {**SPEC, "image": "ami-2"}]
+        answers: list[list[Any]] = [[] for _ in specs]
+        for spec, answer in zip(specs, answers, strict=True):
+            self.a.proto.callRemoteString(b"Submit", spec=codec.dumps(spec)).addBoth(
+                answer.append
+            )
+        self.a.pump.flush()
+        self.assertEqual(self.sched.batches, [2])
+        (first,), (refused,), (last,) = answers
+        self.assertEqual(
+            [codec.loads(a[b"job"], "job")["id"] for a in (first, last)], ["job-2", "job-3"]
+        )
+        self.assertEqual(self.sched.jobs["job-3"].spec.check.image, "ami-2")  # type: ignore[union-attr]
+        self.assertError(refused, b"BAD_REQUEST", "spec.priority")
+        # A batch the store refuses fails every submit in it, with the
+        # store's words; the connection goes on.
+        self.sched.batches.clear()
+        self.sched.boom = StoreError("/data/jobs.sqlite", "cannot add 2 jobs: disk I/O error")
+        failed: list[Any] = []
+        for spec in specs[:1] * 2:
+            self.a.proto.callRemoteString(b"Submit", spec=codec.dumps(spec)).addBoth(
+                failed.append
+            )
+        self.a.pump.flush()
+        self.sched.boom = None
+        self.assertEqual(len(failed), 2)
+        for answer in failed:
+            self.assertError(answer, b"NOT_ALLOWED", "/data/jobs.sqlite", "disk I/O error")
+        self.assertEqual(sorted(self.sched.jobs), ["job-1", "job-2", "job-3"])
 
     def test_unknown_command(self) -> None:
         self.assertError(self.a.raw(b"Frobnicate", x=b"1"), b"UNHANDLED", "Frobnicate")

@@ -102,6 +102,26 @@ class StoreBehaviour(_Base):
         err = self.assertRaises(StoreError, s.update, job("b", 2.0))
         self.assertIn("no such job", str(err))
 
+    def test_add_many_is_all_or_nothing(self) -> None:
+        s = self.make()
+        s.add_many([(job("a", 1.0), event("a", 1)), (job("b", 2.0), event("b", 1))])
+        self.assertEqual([j.id for j in s.unfinished()], ["a", "b"])
+        self.assertEqual(s.last_event_seq("b"), 1)
+        # "a" again in the middle of a batch: none of the batch is stored.
+        err = self.assertRaises(
+            StoreError,
+            s.add_many,
+            [(job("c", 3.0), event("c", 1)), (job("a", 4.0), event("a", 1)),
+             (job("d", 5.0), event("d", 1))],
+        )
+        self.assertIn("cannot add job a: UNIQUE", str(err))
+        self.assertEqual([j.id for j in s.unfinished()], ["a", "b"])
+        self.assertEqual((s.get("c"), s.events("c")), (None, []))
+        # The store goes on: the failed batch left no transaction open.
+        s.add_many([(job("c", 3.0), event("c", 1))])
+        self.assertEqual(s.get("c"), job("c", 3.0))
+        s.add_many([])
+
     def test_ordering_is_by_time_as_a_number(self) -> None:
         """Seed 004: times that sort one way as text and another as numbers.
         They are added out of order, so neither text nor insertion order

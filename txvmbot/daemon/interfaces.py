@@ -19,6 +19,10 @@ class IJobStore(Interface):
         """Store a new job (a txvmbot.jobs.Job in state queued), and its
         first JobEvent if given, in one transaction."""
 
+    def add_many(submits: Any) -> None:
+        """Store new jobs, each with its first JobEvent ((job, event)
+        pairs), in one transaction: all or none."""
+
     def update(job: Any) -> None:
         """Replace the stored job with this newer value of it."""
 
@@ -77,6 +81,11 @@ class IScheduler(Interface):
 
     def submit(spec: Any) -> Any:
         """Queue a JobSpec; return the Job (state queued), stored."""
+
+    def submit_many(specs: Any) -> Any:
+        """Queue JobSpecs with one write to the store; return, for each in
+        order, its Job (state queued) or the TxvmbotError that refused it
+        alone. Raises (nothing queued) when the store write fails."""
 
     def get(job_id: str) -> Any:
         """The Job, or raise UnknownJob."""

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import attrs
 from twisted.protocols import amp
 
-from txvmbot.codec import MAX_SPEC_BYTES
+from txvmbot.codec import MAX_SPEC_BYTES, dumps
 from txvmbot.errors import DaemonUnavailable, TxvmbotError, UnknownJob
 from txvmbot.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job
 from txvmbot.model import CheckSpec
@@ -59,6 +59,7 @@ __all__ = [
     "WatchEnded",
     "backend_from_dict",
     "backend_to_dict",
+    "Fitted",
     "fit_document",
     "job_summary",
     "status_from_dict",
@@ -243,7 +244,7 @@ class JSONArgument(_Checked):
         return value
 
     def toString(self, inObject: Any) -> bytes:
-        data = json.dumps(inObject, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        data = inObject.data if isinstance(inObject, Fitted) else dumps(inObject)
         if len(data) > self.limit:
             raise BadRequest(f"{len(data)} bytes is over the limit of {self.limit}")
         return data
@@ -477,8 +478,14 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 15] + "...[truncated]"
 
 
-def _size(doc: Any) -> int:
-    return len(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode("utf-8"))
+@attrs.frozen
+class Fitted:
+    """A document that fits in one AMP value, with the bytes a
+    :class:`JSONArgument` sends for it: measuring it meant encoding it, so
+    it is not encoded a second time on the way out."""
+
+    doc: dict[str, Any]
+    data: bytes
 
 
 def _cut_strings(value: Any, limit: int) -> Any:
@@ -494,22 +501,25 @@ def _cut_strings(value: Any, limit: int) -> Any:
 
 def fit_document(
     doc: dict[str, Any], part: str, limit: int = MAX_VALUE, describe: Callable[[], str] = str
-) -> dict[str, Any]:
+) -> Fitted:
     """``doc``, with the long strings of ``doc[part]`` (a check result's
     console logs and command outputs) cut to their ends until the whole
     fits in ``limit`` bytes; ``truncated`` is then true. Raises
     :class:`InternalError` if even that does not fit."""
-    if _size(doc) <= limit:
-        return doc
+    data = dumps(doc)
+    if len(data) <= limit:
+        return Fitted(doc, data)
+    size = len(data)
     cut = 8192
     while cut >= 64:
         smaller = dict(doc, truncated=True)
         if smaller.get(part) is not None:
             smaller[part] = _cut_strings(doc[part], cut)
-        if _size(smaller) <= limit:
-            return smaller
+        data = dumps(smaller)
+        if len(data) <= limit:
+            return Fitted(smaller, data)
         cut //= 2
     raise InternalError(
-        f"{describe() or 'the answer'} is {_size(doc)} bytes, too large for one AMP value "
+        f"{describe() or 'the answer'} is {size} bytes, too large for one AMP value "
         f"({limit} bytes) even with its outputs cut"
     )

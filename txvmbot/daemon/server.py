@@ -29,6 +29,7 @@ from txvmbot.daemon.protocol import (
     BadRequest,
     Cancel,
     Drain,
+    Fitted,
     Get,
     Hello,
     InternalError,
@@ -58,7 +59,7 @@ MAX_WATCHES = 100
 _log = Logger(namespace="txvmbot.daemon.server")
 
 
-def _job_doc(job: Job) -> dict[str, Any]:
+def _job_doc(job: Job) -> Fitted:
     return fit_document(codec.job_to_dict(job), "result", describe=lambda: f"job {job.id}")
 
 
@@ -70,7 +71,7 @@ class _Watch:
     def __init__(self, proto: DaemonAMP, job_id: str) -> None:
         self.proto = proto
         self.job_id = job_id
-        self.queue: deque[dict[str, Any]] = deque()
+        self.queue: deque[Fitted] = deque()
         self.stop: Callable[[], Any] | None = None
         self.started = False
         self.sending = False
@@ -159,6 +160,10 @@ class DaemonAMP(amp.AMP):
         self._pools = pools if pools is not None else {}
         self._watches: dict[str, _Watch] = {}
         self._starting: list[_Watch] = []
+        # Submits of the read being handled: stored with one commit when it
+        # ends (see dataReceived).
+        self._submits: list[tuple[Any, Deferred[Any]]] = []
+        self._reading = False
         self.connected = False
         self.peer = "?"
 
@@ -186,6 +191,35 @@ class DaemonAMP(amp.AMP):
             watches=len(watches),
         )
         super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Handle one read; then store all the submits it held with one
+        commit (group commit) and answer them. A commit costs several times
+        an insert, so a client that pipelines submits gets them stored many
+        to a commit, and none is answered before it is stored."""
+        self._reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._reading = False
+            self._store_submits()
+
+    def _store_submits(self) -> None:
+        pending, self._submits = self._submits, []
+        if not pending:
+            return
+        try:
+            results = self._scheduler.submit_many([spec for spec, _ in pending])
+        except BaseException as e:
+            failure = Failure(e)
+            for _, d in pending:
+                d.errback(failure)
+            return
+        for (_, d), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                d.errback(Failure(result))
+            else:
+                d.callback(result)
 
     def locateResponder(self, name: bytes) -> Any:
         responder = super().locateResponder(name)
@@ -304,9 +338,13 @@ class DaemonAMP(amp.AMP):
 
     @Submit.responder
     def submit(self, spec: dict[str, Any]) -> Deferred[dict[str, Any]]:
-        def go() -> Any:
+        def go() -> Deferred[Any]:
             job_spec = codec.spec_from_dict(spec, "spec", self._pools)
-            return maybeDeferred(self._scheduler.submit, job_spec)
+            stored: Deferred[Any] = Deferred()
+            self._submits.append((job_spec, stored))
+            if not self._reading:  # a box handed over outside a read
+                self._store_submits()
+            return stored
 
         return self._call("Submit", go, then=lambda job: {"job": _job_doc(job)})
 
