@@ -211,16 +211,13 @@ def counting_client(inner: Any, record: bool = False) -> Any:
 
 def make_counting_client(reactor: Any, cloud: Any, record: bool = False) -> tuple[Any, Any]:
     """(counting IEC2Client, counting agent) over a real EC2Client built as
-    make_client builds it (persistent pool, Twisted Agent). ``record``: see
+    make_client builds it (its pool and agent, counted). ``record``: see
     counting_client."""
-    from twisted.web.client import Agent, HTTPConnectionPool
-
     from txvmbot.ec2 import make_client
+    from txvmbot.ec2.client import make_agent, make_pool
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    pool.cachedConnectionTimeout = 50
-    agent = counting_agent(Agent(reactor, pool=pool, connectTimeout=cloud.retry.request_timeout))
+    pool = make_pool(reactor)
+    agent = counting_agent(make_agent(reactor, cloud, pool))
     client = make_client(reactor, cloud, pool=pool, agent=agent)
     return counting_client(client, record), agent
 

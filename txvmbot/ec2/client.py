@@ -34,7 +34,7 @@ from txvmbot.errors import ConfigError, TransportError
 from txvmbot.interfaces import IEC2Client
 from txvmbot.model import Cloud, Credentials
 
-__all__ = ["EC2Client", "make_client"]
+__all__ = ["DirectEndpoints", "EC2Client", "make_agent", "make_client", "make_pool"]
 
 
 @implementer(IBodyProducer)
@@ -292,6 +292,26 @@ class DirectEndpoints:
         return endpoint
 
 
+def make_pool(reactor: Any) -> HTTPConnectionPool:
+    """The persistent connection pool an EC2Client uses by default."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    # Servers close idle connections; reusing one that was just closed
+    # costs a (safe, logged) retry, so do not keep them long.
+    pool.cachedConnectionTimeout = 50
+    return pool
+
+
+def make_agent(reactor: Any, cloud: Cloud, pool: HTTPConnectionPool) -> Any:
+    """The IAgent an EC2Client for ``cloud`` uses by default: Twisted's
+    Agent over ``pool`` with :class:`DirectEndpoints`."""
+    from twisted.web.client import Agent
+
+    return Agent.usingEndpointFactory(
+        reactor, DirectEndpoints(reactor, cloud.retry.request_timeout), pool=pool
+    )
+
+
 def make_client(
     reactor: Any,
     cloud: Cloud,
@@ -309,17 +329,9 @@ def make_client(
     """
     credentials = resolve(cloud)
     if pool is None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 8
-        # Servers close idle connections; reusing one that was just closed
-        # costs a (safe, logged) retry, so do not keep them long.
-        pool.cachedConnectionTimeout = 50
+        pool = make_pool(reactor)
     if agent is None:
-        from twisted.web.client import Agent
-
-        agent = Agent.usingEndpointFactory(
-            reactor, DirectEndpoints(reactor, cloud.retry.request_timeout), pool=pool
-        )
+        agent = make_agent(reactor, cloud, pool)
     return EC2Client(
         cloud,
         credentials,
