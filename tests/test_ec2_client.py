@@ -306,6 +306,39 @@ class ResponseTests(SynchronousTestCase):
         self.assertIn("Welcome to nginx", str(f.value))
         self.assertEqual(len(agent.requests), 1)
 
+    def test_timestamps(self) -> None:
+        """Timestamps parse to the same aware datetimes botocore's own
+        parser gives, whichever of the two parses them."""
+        from botocore.utils import parse_timestamp as botocore_parse
+
+        from txvmbot.ec2._botocore import parse_timestamp
+
+        for text in (
+            "2026-11-22T05:39:00.000Z",
+            "2026-11-22T05:39:00Z",
+            "2026-11-22T07:39:00.250+02:00",
+            "2026-11-22T05:39:00",  # no zone: botocore's parser, as before
+            "Sun, 22 Nov 2026 05:39:00 GMT",
+            "1795325940",
+            1795325940,
+        ):
+            with self.subTest(text=text):
+                self.assertEqual(parse_timestamp(text), botocore_parse(text))
+        self.assertRaises(ValueError, parse_timestamp, "not a time")
+        launch = "<launchTime>2026-11-22T05:39:00.000Z</launchTime>"
+        agent = ScriptedAgent(
+            ok(
+                "DescribeInstances",
+                "<reservationSet><item><instancesSet><item><instanceId>i-1</instanceId>"
+                f"{launch}</item></instancesSet></item></reservationSet>",
+            )
+        )
+        client, _ = client_for(agent)
+        answer = self.successResultOf(client.call("DescribeInstances", {}))
+        instance = answer["Reservations"][0]["Instances"][0]
+        self.assertEqual(instance["LaunchTime"], botocore_parse("2026-11-22T05:39:00.000Z"))
+        self.assertIsNotNone(instance["LaunchTime"].tzinfo)
+
     def test_ec2_error(self) -> None:
         agent = ScriptedAgent(
             ec2_error(400, "InvalidKeyPair.NotFound", "The key pair 'k' does not exist", "rid-9")
