@@ -183,10 +183,12 @@ class SQLiteJobStore:
     while it also records every step event. Hence NORMAL. The commit is most
     of a submit's cost, so the AMP server hands the submits of one read to
     :meth:`add_many`: 10,000 submits in batches of 64 cost 57 µs each
-    against 206 µs one commit each (NORMAL, same machine, 2026-11-22). What is lost in a power cut is the last instant of queue
-    changes, which clients see as a lost connection and resubmit; the cloud
-    resources themselves are guarded by the cleanup journal, which stays
-    ``synchronous=FULL``.
+    against 206 µs one commit each (NORMAL, same machine, 2026-11-22).
+
+    What is lost in a power cut is the last instant of queue changes, which
+    clients see as a lost connection and resubmit; the cloud resources
+    themselves carry the check's tag, which cleanup and ``txvmbot reap``
+    search by whatever the journal lost.
 
     Raises StoreError naming the path when the file cannot be opened, is not
     a job store, or has a newer schema.
