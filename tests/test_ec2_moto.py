@@ -7,6 +7,9 @@ out.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
 from typing import Any
 
@@ -141,3 +144,42 @@ class MotoRoundTripTests(TestCase):
 
     def test_errors(self) -> Any:
         return ensureDeferred(self._errors())
+
+
+class EvidenceTests(TestCase):
+    """A check whose evidence cannot be written (a full or broken disk)
+    still returns its result, cleaned up, and says why in the log."""
+
+    timeout = 120
+
+    @pytest.fixture(autouse=True)
+    def _moto(self, moto: Moto) -> None:
+        self.moto = moto
+
+    async def test_unwritable_evidence_keeps_the_result(self) -> None:
+        from twisted.internet import reactor
+        from twisted.logger import LogLevel, capturedLogs
+
+        from txvmbot.journal import MemoryJournal
+        from txvmbot.model import CheckSpec
+        from txvmbot.scenario import Check
+
+        tmp = tempfile.mkdtemp(prefix="txvmbot-test-")
+        self.addCleanup(shutil.rmtree, tmp)
+        blocker = os.path.join(tmp, "file")
+        with open(blocker, "w") as f:
+            f.write("a file where the evidence directory's parent should be\n")
+        root = f"{blocker}/evidence"  # makedirs fails, even for root
+        spec = CheckSpec(cloud=moto_cloud(self.moto.url), image="ami-00000000", ssh=False)
+        journal = MemoryJournal()
+        check = Check(reactor, spec, journal=journal, evidence_root=root)
+        with capturedLogs() as events:
+            result = await check.run()
+        self.assertFalse(result.passed)
+        self.assertIn("image", result.error)
+        self.assertIsNone(result.evidence_dir)
+        self.assertEqual(journal.pending(check.check_id), [])
+        errors = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["root"], root)
+        self.assertIsInstance(errors[0]["e"], NotADirectoryError)

@@ -253,7 +253,9 @@ class FastStartFlagTests(SynchronousTestCase):
         from txvmbot.cli.check import local_spec_from_args
 
         args: argparse.Namespace = build_parser().parse_args(["check", "--local", *flags])
-        return local_spec_from_args(args, {}, self.mktemp())
+        data_dir = tempfile.mkdtemp(prefix="txvmbot-test-")
+        self.addCleanup(shutil.rmtree, data_dir)
+        return local_spec_from_args(args, {}, data_dir)
 
     def test_fast_start_flag(self) -> None:
         self.assertTrue(self.spec("--fast-start").pool.fast_start)

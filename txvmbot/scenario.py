@@ -139,14 +139,27 @@ class Check:
             passed = False
             error = "cleanup failed: " + "; ".join(cleanup_errors)
         result = self._result(passed, error)
-        if not passed or spec.console:
-            if self.evidence_root:
+        if (not passed or spec.console) and self.evidence_root:
+            try:
                 path = write_evidence(self.evidence_root, result)
+            except OSError as e:
+                # The result itself still goes to the caller (its JSON, the
+                # daemon's store): a full or read-only disk loses only the copy.
+                self.log.error(
+                    "Check {check_id}: cannot save its evidence under {root}: {e}",
+                    check_id=self.check_id,
+                    root=self.evidence_root,
+                    e=e,
+                )
+            else:
                 result = _with_evidence(result, path)
         if self._own_client and self._client is not None:
             close = getattr(self._client, "close", None)
             if close is not None:
-                await close()
+                try:
+                    await close()
+                except Exception:
+                    self.log.failure("Check {check_id}: closing its EC2 client", check_id=self.check_id)
         return result
 
     async def _cleanup(self) -> tuple[str, ...]:
