@@ -239,3 +239,51 @@ def test_a_pool_without_a_usable_image_is_drained_at_start(tmp_path: object) -> 
         assert broken["state"] == "draining", broken
         log = d.log()
         assert "Local pool broken is drained" in log and "no-image" in log, log
+
+
+def test_sigterm_while_workers_start_stops_cleanly(tmp_path: object) -> None:
+    """SIGTERM before the daemon is ready (its workers still starting): it
+    stops within its bound, says start-up was interrupted rather than that
+    it failed, starts no replacement worker, and leaves no process."""
+    data = os.path.join(str(tmp_path), "data")
+    os.makedirs(data)
+    log_path = os.path.join(str(tmp_path), "twistd.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [D.TWISTD, "-n", "--pidfile=", "--logfile=-", "txvmbot", "--data-dir", data,
+             "--workers", "6"],
+            stdout=log, stderr=subprocess.STDOUT, env=checkrun.env(), cwd=data,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        text = ""
+        while "Worker w1 started" not in text and time.monotonic() < deadline:
+            assert proc.poll() is None, text
+            time.sleep(0.05)
+            with open(log_path, errors="replace") as f:
+                text = f.read()
+        assert "Worker w1 started" in text, text
+        assert "txvmbot daemon ready" not in text  # still starting
+        workers = D.worker_pids(proc.pid)
+        assert workers
+        os.kill(proc.pid, signal.SIGTERM)
+        # twistd exits by re-raising the signal that stopped it.
+        assert proc.wait(60) == -signal.SIGTERM
+    finally:
+        D.stop(proc)
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    assert "start-up interrupted" in text, text
+    assert "failed to start" not in text and "Traceback" not in text, text
+    assert "Worker w7 started" not in text, text  # six workers, none replaced
+    assert "txvmbot daemon stopped" in text, text
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} left running"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

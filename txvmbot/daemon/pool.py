@@ -439,11 +439,17 @@ class AmpoulePool:
         workers = [self._spawn() for _ in range(self._size)]
 
         def all_ready(_: object) -> None:
+            if self._state != "starting":
+                raise PoolNotRunning("the pool was stopped while its workers started")
             self._state = "running"
             self.log.info("Worker pool started: {size} workers", size=self._size)
             self._dispatch()
 
         def failed(f: Failure) -> Failure:
+            if self._state != "starting":
+                # stop() was called meanwhile and shuts the workers down;
+                # none is replaced.
+                return Failure(PoolNotRunning("the pool was stopped while its workers started"))
             self._state = "running"  # so that stop() stops the others
             first: Any = f.value  # a FirstError
             return first.subFailure

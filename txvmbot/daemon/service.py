@@ -67,6 +67,10 @@ def _remove_stale_socket(path: str) -> None:
         s.close()
 
 
+class _StartInterrupted(Exception):
+    pass
+
+
 class DaemonService(service.MultiService):
     """Everything the daemon runs. ``ready`` fires once it accepts work."""
 
@@ -77,6 +81,8 @@ class DaemonService(service.MultiService):
         self.settings = settings
         self.reactor = reactor
         self.ready: Deferred[None] = Deferred()
+        self._starting: Deferred[None] | None = None
+        self._stopping = False
         self._ports: list[Any] = []
         self._lockfile: IO[str] | None = None
         self._json_log: IO[str] | None = None
@@ -90,7 +96,18 @@ class DaemonService(service.MultiService):
         super().startService()
         d = ensureDeferred(self._start())
 
+        def started(_: object) -> None:
+            if not self._stopping:
+                self.ready.callback(None)
+
         def failed(f: Any) -> None:
+            if self._stopping:
+                # SIGTERM while starting: not a failure to start.
+                self.log.info(
+                    "txvmbot daemon start-up interrupted: told to stop ({why})",
+                    why=f.getErrorMessage(),
+                )
+                return
             self.log.failure("txvmbot daemon failed to start", f)
             self.ready.errback(f)
             if self.reactor.running:
@@ -98,7 +115,12 @@ class DaemonService(service.MultiService):
             else:
                 self.reactor.callWhenRunning(self.reactor.stop)
 
-        d.addCallbacks(lambda _: self.ready.callback(None), failed)
+        self._starting = d.addCallbacks(started, failed)
+
+    def _go_on(self) -> None:
+        """Called by _start after each wait: stop starting if told to stop."""
+        if self._stopping:
+            raise _StartInterrupted("the daemon was told to stop while starting")
 
     async def _start(self) -> None:
         from txvmbot.daemon.pool import AmpoulePool
@@ -127,6 +149,7 @@ class DaemonService(service.MultiService):
             env=dict(os.environ),
         )
         await self.pool.start()
+        self._go_on()
         self.scheduler = Scheduler(
             self.reactor,
             self.store,
@@ -140,12 +163,15 @@ class DaemonService(service.MultiService):
             health_interval=s.health_interval,
         )
         await self.scheduler.recover()
+        self._go_on()
         for pool in s.pools_by_name.values():
             await self._check_pool(pool)
+            self._go_on()
         factory = AMPServerFactory(self.scheduler, pools=s.pools_by_name)
         for description in s.listen_endpoints:
             endpoint = self._server_endpoint(description)
             self._ports.append(await endpoint.listen(factory))
+            self._go_on()
         self.log.info(
             "txvmbot daemon ready: {workers} workers, listening on {listen}, data in {data_dir}",
             workers=s.workers,
@@ -195,7 +221,16 @@ class DaemonService(service.MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        self._stopping = True
         await super().stopService()
+        pool_stopped = None
+        if self._starting is not None and not self._starting.called:
+            # Told to stop while starting: stopping the pool makes a start
+            # that waits for workers give up at once; wait for _start to
+            # give up before taking down what it made.
+            if self.pool is not None:
+                pool_stopped = self.pool.stop()
+            await self._starting
         for port in self._ports:
             await port.stopListening()
         self._ports = []
@@ -203,7 +238,9 @@ class DaemonService(service.MultiService):
             stop = getattr(self.scheduler, "stop", None)
             if stop is not None:
                 await stop()
-        if self.pool is not None:
+        if pool_stopped is not None:
+            await pool_stopped
+        elif self.pool is not None:
             await self.pool.stop()
         for thing in (self.store, self.journal):
             if thing is not None:
