@@ -204,6 +204,7 @@ def test_default_state_dir(world: World, tmp_path: Any) -> None:
         (["--timeout-running", "-5"], "--timeout-running", "greater than 0"),
         (["--timeout-ssh", "nan"], "--timeout-ssh", "finite"),
         (["--ssh-cidr", "10.0.0.300/8"], "--ssh-cidr", "CIDR"),
+        (["--address-domain", "classic"], "--address-domain", '"vpc" or "standard"'),
         (["--ssh-endpoint", "tcp:host={ip}"], "--ssh-endpoint", "{public_ip}"),
         (["--endpoint", "ec2.example.com"], "--endpoint", "http(s) URL"),
         (["--command", ""], "--command", "non-empty"),
@@ -290,6 +291,8 @@ def test_flags_to_check_spec() -> None:
             "--command",
             "id",
             "--floating-ip",
+            "--address-domain",
+            "standard",
             "--parallel",
             "2",
             "--console",
@@ -319,6 +322,7 @@ def test_flags_to_check_spec() -> None:
         ssh_cidr="203.0.113.7/32",
         commands=("uname -a", "id"),
         floating_ip=True,
+        address_domain="standard",
         parallel=2,
         console=True,
         ssh=False,
@@ -345,6 +349,7 @@ def test_flags_override_config(tmp_path: Any) -> None:
             image_name = "deb-*"
             parallel = 4
             floating_ip = true
+            address_domain = "standard"
             commands = ["a", "b"]
             [clouds.prod.timeouts]
             running = 900
@@ -359,6 +364,9 @@ def test_flags_override_config(tmp_path: Any) -> None:
     assert spec.cloud.endpoint == "https://prod.example/"
     assert (spec.image, spec.image_name) == ("ami-2", None)
     assert (spec.parallel, spec.floating_ip, spec.commands) == (4, False, ("a", "b"))
+    assert spec.address_domain == "standard"
+    flagged = spec_of([*argv, "--image", "ami-2", "--address-domain", "vpc"])
+    assert flagged.address_domain == "vpc"
     assert spec.timeouts.running == 900.0
     with pytest.raises(ConfigError) as info:
         spec_of(["check", "--config", str(config), "--image", "a"])

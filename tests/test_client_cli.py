@@ -23,6 +23,7 @@ from txvmbot import codec
 from txvmbot.cli import _Streams, build_parser, run, spec_from_args
 from txvmbot.cli.client import connection_for, execute
 from txvmbot.daemon.server import AMPServerFactory
+from txvmbot.errors import ConfigError
 from txvmbot.jobs import Job
 
 reactor: Any = _reactor
@@ -89,6 +90,20 @@ class ClientCommandTests(TestCase):
         self.assertEqual(job.spec.check.commands, check.commands)
         self.assertEqual(job.spec.check.timeouts, check.timeouts)
         self.assertEqual(job.spec.check.image, "ami-1")
+
+    async def test_submit_carries_the_address_domain(self) -> None:
+        argv = [*CLOUD, "--image", "ami-1", "--floating-ip", "--address-domain", "standard"]
+        code, out, err = await self.cli("submit", *argv, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["spec"]["address_domain"], "standard")
+        check = self.sched.jobs["job-1"].spec.check
+        self.assertEqual((check.floating_ip, check.address_domain), (True, "standard"))
+        with self.assertRaises(ConfigError) as e:
+            codec.spec_from_dict(
+                {"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "a",
+                 "address_domain": "classic"}
+            )
+        self.assertEqual(e.exception.where, "job.address_domain")
 
     async def test_submit_sends_no_credentials(self) -> None:
         config = os.path.join(self.dir, "clouds.toml")

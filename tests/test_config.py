@@ -47,6 +47,7 @@ ssh_endpoint = "tcp:host={public_ip}:port=2222"
 ssh_cidr = "203.0.113.0/24"
 commands = ["uname -a", "true"]
 floating_ip = true
+address_domain = "standard"
 parallel = 3
 console = true
 ssh = false
@@ -101,6 +102,7 @@ def test_full_config() -> None:
         ssh_cidr="203.0.113.0/24",
         commands=("uname -a", "true"),
         floating_ip=True,
+        address_domain="standard",
         parallel=3,
         console=True,
         ssh=False,
@@ -150,6 +152,12 @@ BAD: list[tuple[str, str, list[str]]] = [
     (CLOUD + "parallel = '2'", "clouds.prod.parallel", ["integer", "string '2'"]),
     (CLOUD + "floating_ip = 1", "clouds.prod.floating_ip", ["true or false", "integer 1"]),
     (CLOUD + "console = 'yes'", "clouds.prod.console", ["true or false"]),
+    (
+        CLOUD + "address_domain = 'classic'",
+        "clouds.prod.address_domain",
+        ['"vpc" or "standard"', "Eucalyptus", "'classic'"],
+    ),
+    (CLOUD + "address_domain = true", "clouds.prod.address_domain", ["a string", "boolean"]),
     (CLOUD + "ssh = 0", "clouds.prod.ssh", ["true or false"]),
     (CLOUD + "commands = 'uname'", "clouds.prod.commands", ["array of strings"]),
     (CLOUD + "commands = ['ok', 3]", "clouds.prod.commands[1]", ["a string", "integer 3"]),
@@ -424,6 +432,7 @@ cloud_tables = st.fixed_dictionaries(
         ),
         "commands": st.lists(text, max_size=3),
         "floating_ip": st.booleans(),
+        "address_domain": st.sampled_from(["vpc", "standard"]),
         "parallel": st.integers(1, 50),
         "console": st.booleans(),
         "ssh": st.booleans(),
@@ -502,6 +511,7 @@ known_keys = st.sampled_from(
         "commands",
         "parallel",
         "floating_ip",
+        "address_domain",
         "timeouts",
         "retry",
         "ssh",

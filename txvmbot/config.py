@@ -56,7 +56,7 @@ import attrs
 from attrs import frozen
 
 from txvmbot.errors import ConfigError
-from txvmbot.model import CheckSpec, Cloud, Credentials, RetryPolicy, Timeouts
+from txvmbot.model import ADDRESS_DOMAINS, CheckSpec, Cloud, Credentials, RetryPolicy, Timeouts
 
 __all__ = [
     "CheckSettings",
@@ -66,6 +66,7 @@ __all__ = [
     "Config",
     "build_check_spec",
     "build_cloud",
+    "check_address_domain",
     "check_cidr",
     "check_endpoint",
     "check_float",
@@ -106,7 +107,10 @@ _CLOUD_KEYS = (
     "session_token",
 )
 _CLOUD_TABLE_KEYS = frozenset(
-    _CLOUD_KEYS + _STR_CHECK_KEYS + _BOOL_CHECK_KEYS + ("commands", "parallel", "timeouts", "retry")
+    _CLOUD_KEYS
+    + _STR_CHECK_KEYS
+    + _BOOL_CHECK_KEYS
+    + ("address_domain", "commands", "parallel", "timeouts", "retry")
 )
 
 
@@ -216,6 +220,17 @@ def check_signature_version(where: str, value: object, source: str = "") -> str:
     return text
 
 
+def check_address_domain(where: str, value: object, source: str = "") -> str:
+    """The Domain a floating IP is allocated in: "vpc", or "standard" for
+    clouds with only EC2-Classic addresses (Eucalyptus, OpenStack's ec2-api)."""
+    text = check_str(where, value, source)
+    if text not in ADDRESS_DOMAINS:
+        raise ConfigError(
+            where, f'expected "vpc" or "standard" (EC2-Classic, Eucalyptus), found {text!r}{source}'
+        )
+    return text
+
+
 SSH_ENDPOINT_FIELDS = ("public_ip", "private_ip", "instance_id", "index")
 
 
@@ -315,6 +330,7 @@ class CheckSettings:
     ssh_cidr: str | None = None
     commands: tuple[str, ...] | None = None
     floating_ip: bool | None = None
+    address_domain: str | None = None
     parallel: int | None = None
     console: bool | None = None
     ssh: bool | None = None
@@ -519,6 +535,7 @@ def _parse_cloud(
         ssh_cidr=get("ssh_cidr", check_cidr),
         commands=get("commands", check_commands),
         floating_ip=get("floating_ip", check_bool),
+        address_domain=get("address_domain", check_address_domain),
         parallel=get("parallel", check_int),
         console=get("console", check_bool),
         ssh=get("ssh", check_bool),

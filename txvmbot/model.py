@@ -13,6 +13,8 @@ from attrs import field, frozen
 
 SignatureVersion = Literal["v4", "v2"]
 Outcome = Literal["passed", "failed", "timeout", "cancelled", "skipped"]
+AddressDomain = Literal["vpc", "standard"]
+ADDRESS_DOMAINS: tuple[AddressDomain, ...] = ("vpc", "standard")
 
 DEFAULT_SSH_ENDPOINT = "tcp:host={public_ip}:port=22"
 
@@ -80,6 +82,9 @@ class CheckSpec:
     ssh_cidr: str = "0.0.0.0/0"
     commands: tuple[str, ...] = ("uname -a",)
     floating_ip: bool = False
+    #: AllocateAddress's Domain: "standard" for clouds with only EC2-Classic
+    #: addresses (Eucalyptus, OpenStack's ec2-api in classic mode).
+    address_domain: AddressDomain = "vpc"
     parallel: int = 1
     console: bool = False
     ssh: bool = True
@@ -90,6 +95,8 @@ class CheckSpec:
             raise ValueError("an image id or an image name filter is required")
         if self.parallel < 1:
             raise ValueError("parallel must be at least 1")
+        if self.address_domain not in ADDRESS_DOMAINS:
+            raise ValueError(f"address_domain must be vpc or standard, not {self.address_domain!r}")
 
 
 @frozen

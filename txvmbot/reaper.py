@@ -152,6 +152,8 @@ class _Reaper:
             self.removed.extend(names)
 
     async def _addresses(self, ctx: StepContext) -> None:
+        # A classic address carries no tag and is not seen here; the
+        # journal (its public IP) is what finds it.
         answer = await self.client.call("DescribeAddresses", {"Filters": self._tagged()})
         victims = [a for a in answer.get("Addresses", []) if self._old_enough(a)]
         names = [

@@ -395,25 +395,37 @@ class Check:
             ctx.saw(f"{ip} -> {inst['InstanceId']}")
 
     async def _attach_address(self, iid: str) -> str:
-        """Allocate an address, journalled, and associate it with ``iid``."""
+        """Allocate an address, journalled, and associate it with ``iid``.
+
+        The address goes by its AllocationId if the cloud gave one, else (a
+        classic address) by its public IP; the journal holds that id, and
+        ``R.address_key`` tells which it is. A classic address is not
+        tagged: EC2-Classic refused tags on one (and moto, given some, fails
+        every later search by tag), so cleanup and ``txvmbot reap`` find it
+        by its journalled IP.
+        """
         holder: dict[str, str] = {}
+        params: dict[str, Any] = {"Domain": self.spec.address_domain}
+        if self.spec.address_domain == "vpc":
+            params["TagSpecifications"] = R.tag_specs("elastic-ip", self.check_id, self._now())
 
         async def allocating() -> str:
-            answer = await self.client.call(
-                "AllocateAddress",
-                {"Domain": "vpc", "TagSpecifications": R.tag_specs("elastic-ip", self.check_id, self._now())},
-            )
+            answer = await self.client.call("AllocateAddress", params)
             holder["ip"] = answer["PublicIp"]
             return str(answer.get("AllocationId") or answer["PublicIp"])
 
-        allocation = await self._track(R.ADDRESS, f"address-for-{iid}", lambda: ensureDeferred(allocating()))
+        address = await self._track(R.ADDRESS, f"address-for-{iid}", lambda: ensureDeferred(allocating()))
 
         async def associating() -> str:
-            answer = await self.client.call("AssociateAddress", {"AllocationId": allocation, "InstanceId": iid})
-            return str(answer.get("AssociationId") or "")
+            answer = await self.client.call(
+                "AssociateAddress", {R.address_key(address): address, "InstanceId": iid}
+            )
+            # A classic association has no id: the address's own stands in
+            # (and tells the undo so, see R.Undoer._association).
+            return str(answer.get("AssociationId") or address)
 
         await self._track(
-            R.ASSOCIATION, f"{allocation}->{iid}", lambda: ensureDeferred(associating()), allocation
+            R.ASSOCIATION, f"{address}->{iid}", lambda: ensureDeferred(associating()), address
         )
         self._addresses[iid] = holder["ip"]
         return holder["ip"]

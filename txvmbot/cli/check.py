@@ -34,6 +34,7 @@ from txvmbot.config import (
     CheckSettings,
     CloudConfig,
     build_check_spec,
+    check_address_domain,
     check_cidr,
     check_float,
     check_int,
@@ -82,6 +83,13 @@ def add_check_settings(p: argparse.ArgumentParser) -> None:
         "--floating-ip",
         action=argparse.BooleanOptionalAction,
         help="allocate and associate a floating (elastic) IP (default: no)",
+    )
+    img.add_argument(
+        "--address-domain",
+        metavar="{vpc,standard}",
+        help="where the floating IP is allocated: vpc (an allocation id), or standard "
+        "for clouds that have only EC2-Classic addresses, such as Eucalyptus or "
+        f"OpenStack's ec2-api (default: {_default('address_domain')})",
     )
     img.add_argument(
         "--console",
@@ -238,6 +246,7 @@ def spec_from_args(
         ssh_cidr=_opt(args.ssh_cidr, check_cidr, "--ssh-cidr"),
         commands=commands,
         floating_ip=args.floating_ip,
+        address_domain=_opt(args.address_domain, check_address_domain, "--address-domain"),
         parallel=_opt(args.parallel, check_int, "--parallel"),
         console=args.console,
         ssh=args.ssh,
@@ -258,6 +267,7 @@ _CLOUD_ONLY = (
     "instance_type",
     "parallel",
     "floating_ip",
+    "address_domain",
     "ssh_key",
     "ssh_endpoint",
     "ssh_cidr",

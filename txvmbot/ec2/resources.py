@@ -6,13 +6,22 @@ process, after ``check`` was killed, can run it. Every undo is idempotent: a
 resource that is already gone counts as undone. Undo also searches by the
 check's tag, so a resource whose create answer was lost (the cloud acted,
 we never heard) is found and removed too.
+
+Addresses come in two kinds. A VPC address has an AllocationId (and, once
+associated, an AssociationId); an EC2-Classic one (Eucalyptus, OpenStack's
+ec2-api in classic mode, ``--address-domain standard``) has neither and goes
+by its public IP everywhere. The journal holds whichever id the cloud gave
+(:func:`address_key` tells them apart). A classic address carries no tag
+(EC2-Classic refused them), so only its journalled IP finds it: one whose
+AllocateAddress answer was lost cannot be found at all.
 """
 
 from __future__ import annotations
 
 import calendar
+import ipaddress
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -66,6 +75,17 @@ def rule_name(cidr: str) -> str:
 
 def ssh_permission(cidr: str) -> list[dict[str, Any]]:
     return [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr}]}]
+
+
+def address_key(address_id: str) -> Literal["PublicIp", "AllocationId"]:
+    """The parameter that names an address journalled as ``address_id``:
+    ``PublicIp`` if it is an IP address (a classic address, which has no
+    allocation id), else ``AllocationId`` (``eipalloc-…``, never an IP)."""
+    try:
+        ipaddress.ip_address(address_id)
+    except ValueError:
+        return "AllocationId"
+    return "PublicIp"
 
 
 def is_gone(err: CloudError) -> bool:
@@ -185,20 +205,30 @@ class Undoer:
             "DescribeAddresses", {"Filters": [{"Name": f"tag:{TAG_CHECK}", "Values": [entry.check_id]}]}
         )
         addresses = list(answer.get("Addresses", []))
-        known = {a.get("AllocationId") for a in addresses}
-        if entry.resource_id and entry.resource_id not in known:
+        key = address_key(entry.resource_id or "")
+        if entry.resource_id and entry.resource_id not in {a.get(key) for a in addresses}:
             try:
-                answer = await self.client.call("DescribeAddresses", {"AllocationIds": [entry.resource_id]})
-                addresses.extend(answer.get("Addresses", []))
+                answer = await self.client.call("DescribeAddresses", {f"{key}s": [entry.resource_id]})
             except CloudError as e:
                 if not is_gone(e):
                     raise
+            else:
+                # A released IP may since have gone to another check: never
+                # release an address tagged as someone else's.
+                addresses.extend(
+                    a
+                    for a in answer.get("Addresses", [])
+                    if tags_of(a).get(TAG_CHECK, entry.check_id) == entry.check_id
+                )
         await release_addresses(self.client, addresses)
         return True
 
     async def _association(self, entry: JournalEntry) -> bool:
-        if not entry.resource_id:
-            return True  # the address undo disassociates whatever is attached
+        if not entry.resource_id or entry.resource_id == entry.parent_id:
+            # No association id (a classic address has none, so the journal
+            # holds the address's own id): the address undo, which runs
+            # next, disassociates whatever is attached.
+            return True
         return await self._ignore_gone("DisassociateAddress", {"AssociationId": entry.resource_id})
 
 
@@ -219,12 +249,17 @@ async def delete_group(client: IEC2Client, clock: IReactorTime, group_id: str) -
 
 async def release_addresses(client: IEC2Client, addresses: Iterable[dict[str, Any]]) -> None:
     """Disassociate (moto and some clouds keep an association after the
-    instance is gone) and release each address."""
+    instance is gone) and release each address, VPC or classic."""
     for address in addresses:
-        association = address.get("AssociationId")
-        if association:
+        detach: dict[str, Any] | None = None
+        if address.get("AssociationId"):
+            detach = {"AssociationId": address["AssociationId"]}
+        elif address.get("InstanceId"):
+            # An associated classic address has no association id.
+            detach = {"PublicIp": address["PublicIp"]}
+        if detach is not None:
             try:
-                await client.call("DisassociateAddress", {"AssociationId": association})
+                await client.call("DisassociateAddress", detach)
             except CloudError as e:
                 if not is_gone(e):
                     raise
