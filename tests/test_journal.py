@@ -22,6 +22,7 @@ from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.journal import (
     APPLICATION_ID,
+    PRUNE_BATCH,
     SCHEMA_VERSION,
     JournalError,
     MemoryJournal,
@@ -176,6 +177,54 @@ class JournalBehaviour(_Base):
         err = self.assertRaises(JournalError, j.intend, "c", "k", "n", "e", "r")
         self.assertTrue(isinstance(err, TxvmbotError))
         self.assertRaises(JournalError, j.pending)
+        self.assertRaises(JournalError, j.prune, 1e9)
+
+    def test_prune_forgets_old_done_entries_only(self) -> None:
+        """Done entries last written before the cutoff go; pending ones,
+        newer done ones and the done entries of a check that still has
+        pending ones stay, so what cleanup and the reaper read is the same."""
+        t = FakeTime(100.0)
+        j = self.make(t)
+        for i in range(3):
+            j.done(j.intend("old", "k", f"n{i}", "e", "r"))
+        j.done(j.intend("stuck", "k", "a", "e", "r"))
+        stuck = j.created(j.intend("stuck", "k", "b", "e", "r"), "i-1")
+        late = j.intend("late", "k", "n", "e", "r")
+        t.now = 200.0
+        j.done(j.intend("recent", "k", "n", "e", "r"))
+        j.done(late)  # intended at 100, done at 200: last written at 200
+        pending, checks = j.pending(), j.checks()
+        self.assertEqual(pending, [stuck])
+
+        self.assertEqual(j.prune(150.0), 3)
+        self.assertEqual(j.prune(150.0), 0)
+        self.assertEqual(j.pending(), pending)
+        self.assertEqual(j.checks(), checks)
+        self.assertEqual(j.checks(older_than=150.0), ["stuck"])
+        # The cutoff is strict.
+        self.assertEqual(j.prune(200.0), 0)
+        self.assertEqual(j.prune(200.5), 2)  # recent and late
+        self.assertEqual(j.pending(), pending)
+        # Once the stuck check is cleaned up, its whole record can go.
+        j.done(stuck)
+        self.assertEqual(j.prune(1e12), 2)
+        self.assertEqual(j.pending(), [])
+        # A new check starts from seq 1 as before.
+        self.assertEqual(j.intend("old", "k", "n", "e", "r").seq, 1)
+
+    def test_prune_is_bounded_and_oldest_first(self) -> None:
+        t = FakeTime()
+        j = self.make(t)
+        for i in range(7):
+            t.now = 1000.0 - i  # intended newest first, done at 1000 - i
+            j.done(j.intend(f"c{i}", "k", "n", "e", "r"))
+        self.assertEqual(j.prune(2000.0, limit=3), 3)
+        t.now = 5000.0
+        j.intend("c0", "k", "again", "e", "r")  # c0 (the newest) now has a pending entry
+        self.assertEqual(j.prune(2000.0, limit=3), 3)
+        self.assertEqual(j.prune(2000.0, limit=3), 0)  # c0 kept: it has pending work
+        self.assertEqual([e.check_id for e in j.pending()], ["c0"])
+        self.assertRaises(ValueError, j.prune, 2000.0, 0)
 
 
 class MemoryJournalTests(JournalBehaviour, SynchronousTestCase):
@@ -187,6 +236,14 @@ class MemoryJournalTests(JournalBehaviour, SynchronousTestCase):
         e = j.intend("c", "k", "n", "e", "r")
         j.done(e)
         self.assertEqual([x.done for x in j.entries], [True])
+
+    def test_prune_removes_from_entries(self) -> None:
+        t = FakeTime(1.0)
+        j = MemoryJournal(t)
+        j.done(j.intend("c", "k", "n", "e", "r"))
+        kept = j.intend("d", "k", "n", "e", "r")
+        self.assertEqual(j.prune(2.0), 1)
+        self.assertEqual(j.entries, (kept,))
 
 
 class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
@@ -236,9 +293,61 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
     def test_schema_version(self) -> None:
         self.make(FakeTime())
         conn = self.raw()
-        self.assertEqual(SCHEMA_VERSION, 1)
-        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+        self.assertEqual(SCHEMA_VERSION, 2)
+        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(2,)])
         self.assertEqual(conn.execute("PRAGMA application_id").fetchone()[0], APPLICATION_ID)
+        # Pruning finds old done entries through their own index, not by
+        # reading every done entry.
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT rowid FROM entries INDEXED BY entries_done"
+                " WHERE done = 1 AND updated < 5.0 ORDER BY updated LIMIT 10"
+            )
+        )
+        self.assertIn("entries_done (updated<?)", plan)
+        self.assertNotIn("TEMP B-TREE", plan)
+
+    def test_v1_file_made_by_hand_opens_and_migrates(self) -> None:
+        """A journal laid out as v1 shipped (written here without the
+        journal's code) opens, is migrated to the current schema keeping
+        every entry, and prunes."""
+        conn = self.raw()
+        for statement in V1_SCHEMA:
+            conn.execute(statement)
+        insert = (
+            "INSERT INTO entries (check_id, seq, kind, name, endpoint, region, created,"
+            " updated, resource_id, parent_id, done) VALUES (?, ?, 'k', 'n', 'e', 'r', ?, ?, ?,"
+            " NULL, ?)"
+        )
+        conn.execute(insert, ("gone", 1, 10.0, 20.0, "i-1", 1))
+        conn.execute(insert, ("live", 1, 10.0, 10.0, "i-2", 0))
+        j = self.make(FakeTime(30.0))
+        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(2,)])
+        self.assertEqual([e.resource_id for e in j.pending()], ["i-2"])
+        self.assertEqual(j.prune(25.0), 1)
+        self.assertEqual(conn.execute("SELECT check_id FROM entries").fetchall(), [("live",)])
+
+    def test_prune_is_one_transaction_and_survives_reopen(self) -> None:
+        t = FakeTime(1.0)
+        j = self.make(t)
+        for i in range(PRUNE_BATCH + 2):
+            j.done(j.intend(f"c{i}", "k", "n", "e", "r"))
+        self.assertEqual(j.prune(2.0), PRUNE_BATCH)
+        j.close()
+        again = self.make(t)
+        self.assertEqual(self.raw().execute("SELECT COUNT(*) FROM entries").fetchone(), (2,))
+        self.assertEqual(again.prune(2.0), 2)
+        # Another process holding the write lock: JournalError, nothing lost.
+        again.done(again.intend("x", "k", "n", "e", "r"))
+        slow = SQLiteJournal(self.path, t, busy_timeout=0.05)
+        self.addCleanup(slow.close)
+        other = self.raw()
+        other.execute("BEGIN IMMEDIATE")
+        err = self.assertRaises(JournalError, slow.prune, 2.0)
+        self.assertIn("prune done entries", str(err))
+        other.execute("ROLLBACK")
+        self.assertEqual(slow.prune(2.0), 1)
 
     def test_migrate_empty_and_idempotent(self) -> None:
         conn = self.raw()
@@ -247,10 +356,10 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
 
     def test_newer_schema_refused(self) -> None:
         self.make(FakeTime()).close()
-        self.raw().execute("UPDATE schema_version SET version = 2")
+        self.raw().execute(f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")
         err = self.assertRaises(JournalError, SQLiteJournal, self.path)
         self.assertIn(self.path, str(err))
-        self.assertIn("schema version 2", str(err))
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(err))
         self.assertIn("upgrade txvmbot", str(err))
 
     def test_not_a_database(self) -> None:
@@ -385,11 +494,36 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
 
 # --- property: pending == intended minus done, newest first ---------------------
 
+
 CHECKS = ("a", "b", "c")
 op = st.one_of(
     st.tuples(st.just("intend"), st.sampled_from(CHECKS), st.sampled_from([9.5, 10.0, 99.0, 1e9])),
     st.tuples(st.just("created"), st.integers(0, 30), st.just(0.0)),
     st.tuples(st.just("done"), st.integers(0, 30), st.just(0.0)),
+)
+
+
+# The v1 schema exactly as it shipped. Never change this: journals in the
+# field look like this, and txvmbot must keep opening them.
+V1_SCHEMA = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "INSERT INTO schema_version (version) VALUES (1)",
+    """CREATE TABLE entries (
+        check_id    TEXT    NOT NULL,
+        seq         INTEGER NOT NULL CHECK (seq >= 1),
+        kind        TEXT    NOT NULL,
+        name        TEXT    NOT NULL,
+        endpoint    TEXT    NOT NULL,
+        region      TEXT    NOT NULL,
+        created     REAL    NOT NULL CHECK (typeof(created) = 'real'),
+        updated     REAL    NOT NULL CHECK (typeof(updated) = 'real'),
+        resource_id TEXT,
+        parent_id   TEXT,
+        done        INTEGER NOT NULL DEFAULT 0 CHECK (done IN (0, 1)),
+        PRIMARY KEY (check_id, seq)
+    )""",
+    "CREATE INDEX entries_pending ON entries (done, check_id)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
 
@@ -446,5 +580,63 @@ class JournalPropertyTests(SynchronousTestCase):
                     for c in CHECKS:
                         seqs = [s for (cc, s) in order if cc == c]
                         self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
+            finally:
+                sql.close()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        st.lists(op, max_size=25),
+        st.sampled_from([9.5, 9.75, 10.0, 50.0, 1e10]),
+        st.integers(1, 8),
+    )
+    def test_prune_forgets_exactly_old_finished_history(
+        self, ops: list[tuple[str, object, float]], cutoff: float, limit: int
+    ) -> None:
+        """Both journals prune the same number of entries: the done ones
+        last written before the cutoff, of checks with nothing pending, at
+        most ``limit``; what is pending and which checks need work stay."""
+        with tempfile.TemporaryDirectory() as d:
+            t = FakeTime()
+            sql = SQLiteJournal(os.path.join(d, "j.sqlite"), t)
+            mem = MemoryJournal(t)
+            try:
+                entries: dict[tuple[str, int], JournalEntry] = {}
+                updated: dict[tuple[str, int], float] = {}
+                done: set[tuple[str, int]] = set()
+                for kind, arg, when in ops:
+                    if kind == "intend":
+                        assert isinstance(arg, str)
+                        t.now = when
+                        e = sql.intend(arg, "k", "n", "e", "r")
+                        mem.intend(arg, "k", "n", "e", "r")
+                        entries[(e.check_id, e.seq)] = e
+                        updated[(e.check_id, e.seq)] = when
+                    elif entries:
+                        assert isinstance(arg, int)
+                        key = sorted(entries)[arg % len(entries)]
+                        if kind == "created":
+                            sql.created(entries[key], "i-1")
+                            mem.created(entries[key], "i-1")
+                        else:
+                            sql.done(entries[key])
+                            mem.done(entries[key])
+                            done.add(key)
+                        updated[key] = t.now
+                busy = {c for (c, s) in entries if (c, s) not in done}
+                old = {k for k in done if updated[k] < cutoff and k[0] not in busy}
+                pending, checks = sql.pending(), sql.checks()
+
+                n = sql.prune(cutoff, limit)
+                self.assertEqual(n, min(len(old), limit))
+                self.assertEqual(mem.prune(cutoff, limit), n)
+                for j in (sql, mem):
+                    self.assertEqual(j.pending(), pending)
+                    self.assertEqual(j.checks(), checks)
+                left = set(sql._db.execute("SELECT check_id, seq FROM entries").fetchall())
+                self.assertEqual(len(left), len(entries) - n)
+                self.assertEqual(len(mem.entries), len(entries) - n)
+                if len(old) <= limit:
+                    self.assertEqual(left, set(entries) - old)
+                    self.assertEqual({(e.check_id, e.seq) for e in mem.entries}, left)
             finally:
                 sql.close()

@@ -21,6 +21,7 @@ from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.store import (
     APPLICATION_ID,
     MIGRATIONS,
+    PRUNE_BATCH,
     SCHEMA_VERSION,
     SQLiteJobStore,
     StoreError,
@@ -47,12 +48,14 @@ def job(
     state: str = "queued",
     backend: str = "b",
     priority: int = 0,
+    finished: float | None = None,
 ) -> Job:
     return Job(
         id=job_id,
         spec=make_job_spec(backend, priority=priority),
         state=state,  # type: ignore[arg-type]
         submitted=submitted,
+        finished=finished,
     )
 
 
@@ -189,6 +192,61 @@ class StoreBehaviour(_Base):
         err = self.assertRaises(StoreError, s.add_event, event("a", 1))
         self.assertIn("event 1 of job a", str(err))
 
+    def test_prune_forgets_old_final_jobs_with_their_events(self) -> None:
+        """Every final state finished before the cutoff goes, with its
+        events; unfinished jobs (even with a stale ``finished``), newer
+        final jobs and their events stay."""
+        s = self.make()
+        old = [
+            job(f"old-{st}", 1.0, st, finished=99.5)
+            for st in ("passed", "failed", "cancelled", "error")
+        ]
+        kept = [
+            job("queued", 1.0),
+            job("running", 1.0, "running"),
+            # Not final, whatever its finished says: never pruned.
+            job("cleaning", 1.0, "cleaning", finished=5.0),
+            job("new", 1.0, "passed", finished=100.0),
+            job("newer", 1.0, "failed", finished=1e9),
+        ]
+        for j in old + kept:
+            s.add(j, event(j.id, 1))
+            s.add_event(event(j.id, 2, state=j.state))
+        self.assertEqual(s.prune(100.0), 4)  # strictly before: 100.0 stays
+        for j in old:
+            self.assertIsNone(s.get(j.id))
+            self.assertEqual(s.events(j.id), [])
+            self.assertEqual(s.last_event_seq(j.id), 0)
+        self.assertEqual(sorted(j.id for j in s.list()), sorted(j.id for j in kept))
+        for j in kept:
+            self.assertEqual(s.get(j.id), j)
+            self.assertEqual(s.last_event_seq(j.id), 2)
+        self.assertEqual([j.id for j in s.unfinished()], ["queued", "running", "cleaning"])
+        self.assertEqual(s.prune(100.0), 0)
+        # Compared as numbers: 1e9 is after 999999999.5.
+        self.assertEqual(s.prune(999999999.5), 1)
+        self.assertIsNotNone(s.get("newer"))
+        self.assertEqual(s.prune(1e12), 1)
+        self.assertEqual([j.id for j in s.list()], ["cleaning", "running", "queued"])
+
+    def test_prune_batch_is_bounded_oldest_first(self) -> None:
+        s = self.make()
+        s.add_many(
+            [
+                (job(f"j{i}", float(i), "passed", finished=1000.0 - i), event(f"j{i}", 1))
+                for i in range(PRUNE_BATCH + 3)
+            ]
+        )
+        self.assertEqual(s.prune(2000.0, limit=2), 2)
+        # The two that finished first (the last submitted) went first.
+        gone = {f"j{PRUNE_BATCH + 2}", f"j{PRUNE_BATCH + 1}"}
+        self.assertEqual({j.id for j in s.list(limit=10)} & gone, set())
+        self.assertEqual(s.prune(2000.0), PRUNE_BATCH)
+        self.assertEqual(s.prune(2000.0), 1)
+        self.assertEqual(s.prune(2000.0), 0)
+        self.assertEqual(s.list(), [])
+        self.assertRaises(ValueError, s.prune, 2000.0, 0)
+
     def test_closed(self) -> None:
         s = self.make()
         s.close()
@@ -196,6 +254,7 @@ class StoreBehaviour(_Base):
         err = self.assertRaises(StoreError, s.get, "a")
         self.assertIn("is closed", str(err))
         self.assertRaises(StoreError, s.add, job("a", 1.0))
+        self.assertRaises(StoreError, s.prune, 1e9)
 
     def test_times_are_real(self) -> None:
         s = self.make()
@@ -275,13 +334,26 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
     def test_schema_and_indexes(self) -> None:
         self.make()
         conn = self.raw()
-        self.assertEqual(SCHEMA_VERSION, 1)
-        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+        self.assertEqual(SCHEMA_VERSION, 2)
+        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(2,)])
         self.assertEqual(conn.execute("PRAGMA application_id").fetchone()[0], APPLICATION_ID)
         indexes = {
             r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
-        self.assertTrue({"jobs_queue", "jobs_submitted", "jobs_backend"} <= indexes, indexes)
+        self.assertTrue(
+            {"jobs_queue", "jobs_submitted", "jobs_backend", "jobs_finished"} <= indexes, indexes
+        )
+        # Pruning range-scans the jobs that finished before the cutoff,
+        # oldest first, instead of reading every final job.
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM jobs INDEXED BY jobs_finished"
+                " WHERE finished < 5.0 AND state IN ('passed', 'failed') ORDER BY finished LIMIT 3"
+            )
+        )
+        self.assertIn("jobs_finished (finished<?)", plan)
+        self.assertNotIn("TEMP B-TREE", plan)
         # The queue in dispatch order is read from the index, not sorted.
         plan = " ".join(
             str(r[-1])
@@ -304,47 +376,96 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         with capturedLogs() as events:
             self.make()
         self.assertIn(
-            f"Job store {self.path} migrated from schema 0 to 1",
+            f"Job store {self.path} migrated from schema 0 to {SCHEMA_VERSION}",
             [formatEvent(e) for e in events],
         )
 
-    def test_v1_file_made_by_hand_opens_and_migrates_to_v2(self) -> None:
+    def test_v1_file_made_by_hand_opens_and_migrates(self) -> None:
         """A file laid out as v1 shipped (written here without the store's
-        code) opens; and the migration path takes it to a v2 that adds a
-        column, keeping every job, after which this v1 code refuses it."""
+        code) opens and is migrated to v2 (the index retention reads),
+        keeping every job, and prunes; and the migration path takes it on
+        to a v3 that adds a column, after which this code refuses it."""
         conn = self.raw()
         for statement in V1_SCHEMA:
             conn.execute(statement)
         old = job("old", 99.5, state="running")
-        conn.execute(
-            "INSERT INTO jobs (id, state, backend, priority, submitted, started, finished,"
-            " updated, attempts, data) VALUES (?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
-            ("old", "running", "b", 0, 99.5, 100.0, 0, dumps(job_to_dict(old)).decode()),
+        done = job("done", 50.0, state="passed", finished=60.0)
+        for j, state, finished in ((old, "running", None), (done, "passed", 60.0)):
+            conn.execute(
+                "INSERT INTO jobs (id, state, backend, priority, submitted, started, finished,"
+                " updated, attempts, data) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+                (
+                    *(j.id, state, "b", 0, j.submitted, finished, 100.0, 0),
+                    dumps(job_to_dict(j)).decode(),
+                ),
+            )
+            conn.execute(
+                "INSERT INTO events (job_id, seq, at, data) VALUES (?, 1, ?, ?)",
+                (j.id, j.submitted, dumps(attrs.asdict(event(j.id, 1, at=j.submitted))).decode()),
+            )
+        with capturedLogs() as logged:
+            s = self.make()
+        self.assertIn(
+            f"Job store {self.path} migrated from schema 1 to 2",
+            [formatEvent(e) for e in logged],
         )
-        conn.execute(
-            "INSERT INTO events (job_id, seq, at, data) VALUES ('old', 1, 99.5, ?)",
-            (dumps(attrs.asdict(event("old", 1, at=99.5))).decode(),),
-        )
-        s = self.make()
+        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(2,)])
         self.assertEqual(s.unfinished(), [old])
+        self.assertEqual(s.get("done"), done)
         self.assertEqual(s.events("old"), [event("old", 1, at=99.5)])
+        self.assertEqual(s.prune(100.0), 1)
+        self.assertEqual((s.get("done"), s.events("done")), (None, []))
         s.add(job("new", 100.0))
         s.close()
 
-        def v1_to_v2(c: sqlite3.Connection) -> None:
+        def v2_to_v3(c: sqlite3.Connection) -> None:
             c.execute("ALTER TABLE jobs ADD COLUMN worker TEXT")
             c.execute("CREATE INDEX jobs_worker ON jobs (worker)")
 
-        self.assertEqual(migrate(conn, self.path, (*MIGRATIONS, v1_to_v2)), 1)
-        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(2,)])
+        self.assertEqual(migrate(conn, self.path, (*MIGRATIONS, v2_to_v3)), 2)
+        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(3,)])
         self.assertEqual(
             conn.execute("SELECT id, worker FROM jobs ORDER BY seq").fetchall(),
             [("old", None), ("new", None)],
         )
-        # Idempotent at v2.
-        self.assertEqual(migrate(conn, self.path, (*MIGRATIONS, v1_to_v2)), 2)
+        # Idempotent at v3.
+        self.assertEqual(migrate(conn, self.path, (*MIGRATIONS, v2_to_v3)), 3)
         err = self.assertRaises(StoreError, SQLiteJobStore, self.path)
-        self.assertIn("schema version 2", str(err))
+        self.assertIn("schema version 3", str(err))
+
+    def test_prune_on_a_file_survives_reopen(self) -> None:
+        s = self.make()
+        s.add_many(
+            [
+                (job(f"j{i}", float(i), "passed", finished=10.0 + i), event(f"j{i}", 1))
+                for i in range(5)
+            ]
+        )
+        s.add(job("q", 1.0), event("q", 1))
+        self.assertEqual(s.prune(13.0, limit=2), 2)
+        s.close()
+        again = self.make()
+        self.assertEqual(
+            self.raw().execute("SELECT job_id FROM events ORDER BY job_id").fetchall(),
+            [("j2",), ("j3",), ("j4",), ("q",)],
+        )
+        self.assertEqual(again.prune(13.0), 1)
+        self.assertEqual([j.id for j in again.list()], ["j4", "j3", "q"])
+        self.assertEqual([j.id for j in again.unfinished()], ["q"])
+
+    def test_prune_locked_is_a_store_error_and_deletes_nothing(self) -> None:
+        s = self.make(busy_timeout=0.05)
+        s.add(job("a", 1.0, "passed", finished=2.0), event("a", 1))
+        other = self.raw()
+        other.execute("BEGIN IMMEDIATE")
+        err = self.assertRaises(StoreError, s.prune, 10.0)
+        self.assertIn(self.path, str(err))
+        self.assertIn("cannot prune finished jobs", str(err))
+        self.assertIn("only writer", str(err))
+        other.execute("ROLLBACK")
+        self.assertFalse(s._db.in_transaction)
+        self.assertEqual(s.last_event_seq("a"), 1)
+        self.assertEqual(s.prune(10.0), 1)
 
     def test_migration_failure_rolls_back(self) -> None:
         self.make().close()
@@ -355,7 +476,9 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
             raise RuntimeError("half way")
 
         self.assertRaises(RuntimeError, migrate, conn, self.path, (*MIGRATIONS, broken))
-        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+        self.assertEqual(
+            conn.execute("SELECT version FROM schema_version").fetchall(), [(SCHEMA_VERSION,)]
+        )
         columns = [r[1] for r in conn.execute("PRAGMA table_info(jobs)")]
         self.assertNotIn("worker", columns)
 

@@ -53,3 +53,9 @@ class IJournal(Interface):
     def checks(older_than: float | None = None) -> Any:
         """Ids of checks with pending entries, optionally only those whose
         newest entry is older than ``older_than`` (epoch seconds)."""
+
+    def prune(done_before: float, limit: int = 500) -> int:
+        """Forget up to ``limit`` done entries last written before
+        ``done_before`` (epoch seconds) of checks with nothing pending;
+        return how many went. Pending entries are never touched: cleanup
+        and the reaper need them. Call again while it returns ``limit``."""

@@ -46,6 +46,12 @@ class IJobStore(Interface):
     def last_event_seq(job_id: str) -> int:
         """The seq of the job's last event, 0 if none."""
 
+    def prune(finished_before: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` jobs in a final state that finished before
+        ``finished_before`` (epoch seconds), with their events, in one
+        transaction; return how many jobs went. Never touches unfinished
+        jobs. Call again while it returns ``limit``."""
+
     def close() -> None:
         """Close the database."""
 

@@ -1,5 +1,6 @@
-"""The daemon as a Twisted service: store, journal, worker pool, scheduler
-and AMP listeners, started in that order and stopped in reverse.
+"""The daemon as a Twisted service: store, journal, worker pool, scheduler,
+retention (:class:`~txvmbot.daemon.upkeep.Pruner`) and AMP listeners, started
+in that order and stopped in reverse.
 
 One daemon owns a data dir (an exclusive lock on ``daemon.lock``): the
 store and the journal have exactly one writer (seed 004).
@@ -127,7 +128,7 @@ class DaemonService(service.MultiService):
         from txvmbot.daemon.scheduler import Scheduler
         from txvmbot.daemon.server import AMPServerFactory
         from txvmbot.daemon.store import SQLiteJobStore
-        from txvmbot.daemon.upkeep import make_cleaner, make_health_check
+        from txvmbot.daemon.upkeep import Pruner, make_cleaner, make_health_check
         from txvmbot.journal import SQLiteJournal
 
         s = self.settings
@@ -164,6 +165,10 @@ class DaemonService(service.MultiService):
         )
         await self.scheduler.recover()
         self._go_on()
+        if s.keep_finished_days > 0:
+            # A child service: stopped before the store and journal close.
+            keep = s.keep_finished_days * 86400
+            Pruner(self.reactor, self.store, self.journal, keep).setServiceParent(self)
         for pool in s.pools_by_name.values():
             await self._check_pool(pool)
             self._go_on()

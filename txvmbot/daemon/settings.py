@@ -6,6 +6,7 @@ Every error names the key (``daemon.workers``) and the file.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ _KEYS = (
     "default_cap",
     "caps",
     "health_interval",
+    "keep_finished_days",
     "tls",
     "log_json",
 )
@@ -52,6 +54,9 @@ class DaemonSettings:
     default_cap: int = 4
     caps: tuple[tuple[str, int], ...] = ()
     health_interval: float = 60.0
+    #: Days to keep a finished job (with its events) and a done journal
+    #: entry before the daemon prunes them; 0 keeps them forever.
+    keep_finished_days: float = 30.0
     tls: TLSFiles | None = None
     log_json: str | None = None
     config_path: str | None = None
@@ -191,6 +196,18 @@ def parse_daemon_table(
     if isinstance(health, bool) or not isinstance(health, int | float) or health <= 0:
         raise ConfigError("daemon.health_interval", f"expected seconds > 0, found {health!r}{src}")
 
+    keep = table.get("keep_finished_days", 30.0)
+    if (
+        isinstance(keep, bool)
+        or not isinstance(keep, int | float)
+        or not math.isfinite(keep)
+        or keep < 0
+    ):
+        raise ConfigError(
+            "daemon.keep_finished_days",
+            f"expected days >= 0 (0 keeps finished jobs forever), found {keep!r}{src}",
+        )
+
     return DaemonSettings(
         data_dir=rel(_str("data_dir", table["data_dir"], src))
         if "data_dir" in table
@@ -202,6 +219,7 @@ def parse_daemon_table(
         default_cap=_int("default_cap", table.get("default_cap", 4), src),
         caps=tuple(sorted(caps.items())),
         health_interval=float(health),
+        keep_finished_days=float(keep),
         tls=tls,
         log_json=rel(_str("log_json", table["log_json"], src)) if "log_json" in table else None,
         config_path=path,

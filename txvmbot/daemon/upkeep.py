@@ -1,16 +1,20 @@
-"""What the daemon does to a backend on its own behalf: clean up after a job
-whose worker died (from the journal, and by tag), and check a quarantined
-backend's health before it gets jobs again."""
+"""What the daemon does on its own behalf: clean up after a job whose worker
+died (from the journal, and by tag), check a quarantined backend's health
+before it gets jobs again, and prune what it no longer needs to keep."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.application import service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.jobs import Job, check_id_for
 from txvmbot.model import Cloud
@@ -22,6 +26,10 @@ log = Logger()
 CLEANUP_BOUND = 300.0
 #: How long a health check may take.
 HEALTH_BOUND = 60.0
+#: How often the daemon prunes, after once at start-up.
+PRUNE_INTERVAL = 3600.0
+#: The most jobs (or journal entries) one prune transaction deletes.
+PRUNE_BATCH = 500
 
 
 def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tuple[str, ...]]]:
@@ -94,3 +102,116 @@ def make_health_check(reactor: Any, store: IJobStore) -> Callable[[str], Deferre
         return ensureDeferred(go())
 
     return check
+
+
+class Pruner(service.Service):
+    """Forgets finished jobs (with their events) and done journal entries
+    older than ``keep`` seconds: at start-up, then every ``interval``.
+
+    Each ``prune`` call on the store or the journal deletes at most
+    ``batch`` rows in one short transaction; while a call deletes a full
+    batch the pruner calls again on the next reactor turn, so clients are
+    served between batches however much there is to prune. A StoreError or
+    JournalError is logged and tried again at the next interval.
+
+    :param clock: schedules the rounds and the batches; its ``seconds()``
+        are the epoch seconds the cutoff is counted from.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IJobStore,
+        journal: IJournal,
+        keep: float,
+        *,
+        interval: float = PRUNE_INTERVAL,
+        batch: int = PRUNE_BATCH,
+    ) -> None:
+        if keep <= 0 or interval <= 0 or batch < 1:
+            raise ValueError(
+                f"keep and interval must be > 0 and batch >= 1, got {keep}, {interval}, {batch}"
+            )
+        self._clock = clock
+        self._store = store
+        self._journal = journal
+        self._keep = keep
+        self._interval = interval
+        self._batch = batch
+        self._loop: LoopingCall | None = None
+        self._done: Deferred[LoopingCall] | None = None
+        self._turn: Deferred[None] | None = None
+        self._stopped = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+        self._loop = LoopingCall(self.prune)
+        self._loop.clock = self._clock
+        # prune() never fails (it logs), so this fires when stopService stops it.
+        self._done = self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the rounds, and a round between two batches at once."""
+        super().stopService()
+        self._stopped = True
+        loop, self._loop = self._loop, None
+        done, self._done = self._done, None
+        if loop is not None and loop.running:
+            loop.stop()
+        if self._turn is not None:
+            self._turn.cancel()
+        if done is None:
+            return succeed(None)
+        return done.addCallback(lambda _: None)
+
+    def prune(self) -> Deferred[None]:
+        """One round: prune the store, then the journal, a batch a turn."""
+        return Deferred.fromCoroutine(self._round())
+
+    async def _round(self) -> None:
+        cutoff = self._clock.seconds() - self._keep
+        jobs = await self._batches("finished jobs", self._store.prune, cutoff)
+        entries = 0
+        if not self._stopped:
+            entries = await self._batches("done journal entries", self._journal.prune, cutoff)
+        if jobs or entries:
+            self.log.info(
+                "Pruned {jobs} finished jobs (with their events) and {entries} done journal "
+                "entries older than {days:g} days",
+                jobs=jobs,
+                entries=entries,
+                days=self._keep / 86400,
+            )
+
+    async def _batches(self, what: str, prune: Callable[[float, int], int], cutoff: float) -> int:
+        """Call ``prune`` once a reactor turn while it deletes a full batch;
+        return how many rows went, also when a call failed (logged) or the
+        pruner was stopped between two calls."""
+        total = 0
+        while True:
+            try:
+                n = prune(cutoff, self._batch)
+            except TxvmbotError as e:
+                self.log.error(
+                    "Cannot prune {what}: {error}; trying again in {interval:g}s",
+                    what=what,
+                    error=e,
+                    interval=self._interval,
+                )
+                return total
+            except Exception:
+                self.log.failure("While pruning {what}", what=what)
+                return total
+            total += n
+            if n < self._batch:
+                return total
+            self._turn = deferLater(self._clock, 0, lambda: None)
+            try:
+                await self._turn
+            except CancelledError:
+                return total  # stopService
+            finally:
+                self._turn = None

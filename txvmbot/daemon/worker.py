@@ -95,8 +95,9 @@ class RemoteJournal:
 
     Every method returns a Deferred that fires when the daemon has written
     the change to its own journal (on disk). It reads and writes only the
-    job's own check: :meth:`pending` of another check and :meth:`checks`
-    fail with WorkerProtocolError (the reaper runs in the daemon, not here).
+    job's own check: :meth:`pending` of another check, :meth:`checks` and
+    :meth:`prune` fail with WorkerProtocolError (the reaper and retention run
+    in the daemon, not here).
     """
 
     def __init__(self, protocol: amp.AMP, job_id: str, check_id: str) -> None:
@@ -169,6 +170,12 @@ class RemoteJournal:
     def checks(self, older_than: float | None = None) -> Deferred[list[str]]:
         return fail(
             WorkerProtocolError("a worker's journal does not list checks; the daemon's reaper does")
+        )
+
+    # Any, not Deferred[int], for mypy-zope: IJournal.prune answers an int.
+    def prune(self, done_before: float, limit: int = 500) -> Any:
+        return fail(
+            WorkerProtocolError("a worker's journal does not prune; the daemon's retention does")
         )
 
     def _call(self, command: type[amp.Command], **kwargs: Any) -> Deferred[Any]:
