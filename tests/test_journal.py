@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.test_store import query_plan
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.journal import (
@@ -298,12 +299,10 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
         self.assertEqual(conn.execute("PRAGMA application_id").fetchone()[0], APPLICATION_ID)
         # Pruning finds old done entries through their own index, not by
         # reading every done entry.
-        plan = " ".join(
-            str(r[-1])
-            for r in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT rowid FROM entries INDEXED BY entries_done"
-                " WHERE done = 1 AND updated < 5.0 ORDER BY updated LIMIT 10"
-            )
+        plan = query_plan(
+            conn,
+            "SELECT rowid FROM entries INDEXED BY entries_done"
+            " WHERE done = 1 AND updated < 5.0 ORDER BY updated LIMIT 10"
         )
         self.assertIn("entries_done (updated<?)", plan)
         self.assertNotIn("TEMP B-TREE", plan)

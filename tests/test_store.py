@@ -59,6 +59,11 @@ def job(
     )
 
 
+def query_plan(conn: sqlite3.Connection, sql: str) -> str:
+    """SQLite's plan for ``sql``, its steps' details on one line."""
+    return " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+
+
 def event(job_id: str, seq: int, at: float = 1.0, state: str = "queued") -> JobEvent:
     return JobEvent(job_id=job_id, seq=seq, at=at, kind="state", state=state)
 
@@ -345,30 +350,24 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         )
         # Pruning range-scans the jobs that finished before the cutoff,
         # oldest first, instead of reading every final job.
-        plan = " ".join(
-            str(r[-1])
-            for r in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT id FROM jobs INDEXED BY jobs_finished"
-                " WHERE finished < 5.0 AND state IN ('passed', 'failed') ORDER BY finished LIMIT 3"
-            )
+        plan = query_plan(
+            conn,
+            "SELECT id FROM jobs INDEXED BY jobs_finished"
+            " WHERE finished < 5.0 AND state IN ('passed', 'failed') ORDER BY finished LIMIT 3"
         )
         self.assertIn("jobs_finished (finished<?)", plan)
         self.assertNotIn("TEMP B-TREE", plan)
         # The queue in dispatch order is read from the index, not sorted.
-        plan = " ".join(
-            str(r[-1])
-            for r in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE state = 'queued'"
-                " ORDER BY priority DESC, submitted, seq"
-            )
+        plan = query_plan(
+            conn,
+            "SELECT id FROM jobs WHERE state = 'queued'"
+            " ORDER BY priority DESC, submitted, seq"
         )
         self.assertIn("jobs_queue", plan)
         self.assertNotIn("TEMP B-TREE", plan)
-        plan = " ".join(
-            str(r[-1])
-            for r in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT data FROM jobs ORDER BY submitted DESC, seq DESC LIMIT 5"
-            )
+        plan = query_plan(
+            conn,
+            "SELECT data FROM jobs ORDER BY submitted DESC, seq DESC LIMIT 5"
         )
         self.assertIn("jobs_submitted", plan)
 
