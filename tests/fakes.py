@@ -133,9 +133,17 @@ class FakeScheduler:
         except KeyError:
             raise UnknownJob(job_id) from None
 
-    def list(self, states: Any = None, backend: str | None = None, limit: int = 100) -> list[Job]:
+    def list(
+        self, states: Any = None, backend: str | None = None, limit: int = 100,
+        before: str | None = None,
+    ) -> list[Job]:
         self._check()
-        jobs = sorted(self.jobs.values(), key=lambda j: (j.submitted, j.id), reverse=True)
+        # Newest first: by submitted time, then by submission (job-N's N).
+        jobs = sorted(
+            self.jobs.values(), key=lambda j: (j.submitted, int(j.id.split("-")[1])), reverse=True
+        )
+        if before is not None:
+            jobs = jobs[jobs.index(self.get(before)) + 1 :]
         jobs = [
             j
             for j in jobs

@@ -176,7 +176,30 @@ class ClientCommandTests(TestCase):
         with open(path) as f:
             self.assertEqual(len(json.loads(f.read())), 2)
         code, out, _ = await self.cli("jobs", "--limit", "1")
-        self.assertIn("more jobs match", out)
+        self.assertIn("more jobs match: the next page is --before job-2, or use --all", out)
+
+    async def test_jobs_pages(self) -> None:
+        """--before JOB is the next page; --all fetches every page. The
+        jobs share one submitted time, so only the cursor orders them."""
+        spec = codec.spec_from_dict({"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "a"})
+        for _ in range(7):
+            self.sched.submit(spec)
+        newest_first = [f"job-{n}" for n in range(7, 0, -1)]
+        code, out, _ = await self.cli("jobs", "--limit", "3", "--json", "-")
+        self.assertEqual([j["id"] for j in json.loads(out)], newest_first[:3])
+        code, out, _ = await self.cli("jobs", "--limit", "3", "--before", "job-5", "--json", "-")
+        self.assertEqual([j["id"] for j in json.loads(out)], newest_first[3:6])
+        code, out, _ = await self.cli("jobs", "--limit", "3", "--all", "--json", "-")
+        self.assertEqual((code, [j["id"] for j in json.loads(out)]), (0, newest_first))
+        code, out, _ = await self.cli("jobs", "--limit", "3", "--all")
+        self.assertEqual(len(out.splitlines()), 8, out)  # the header and seven jobs
+        self.assertNotIn("more jobs match", out)
+        code, _, err = await self.cli("jobs", "--before", "job-404")
+        self.assertEqual(code, 1)
+        self.assertIn("no job with id 'job-404'", err)
+        code, _, err = await self.cli("jobs", "--before", "../etc")
+        self.assertEqual(code, 2)
+        self.assertIn("'before'", err)
 
     async def test_cancel_drain_resume_status(self) -> None:
         self.sched.submit(

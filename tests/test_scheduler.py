@@ -151,7 +151,10 @@ class BasicsTests(SynchronousTestCase):
         self.assertEqual([j.id for j in h.s.list()], ["j3", "j2", "j1", "j0"])
         self.assertEqual([j.id for j in h.s.list(states={"queued"}, backend="b")], ["j2", "j1"])
         self.assertEqual([j.id for j in h.s.list(limit=1)], ["j3"])
-        self.assertEqual([j.id for j in h.s.list(before=T0 + 2)], ["j1", "j0"])
+        self.assertEqual([j.id for j in h.s.list(before="j2")], ["j1", "j0"])
+        self.assertEqual([j.id for j in h.s.list(before="j2", limit=1)], ["j1"])
+        self.assertEqual(h.s.list(before="j0"), [])
+        self.assertRaises(UnknownJob, h.s.list, before="nope")
 
     def test_step_events_and_cleaning(self) -> None:
         h = Harness()

@@ -142,10 +142,9 @@ class StoreBehaviour(_Base):
         newest_first = [j.submitted for j in s.list()]
         self.assertEqual(newest_first, [1000000000.0, 999999999.0, 10.0, 9.5])
         self.assertEqual([j.submitted for j in s.unfinished()], [9.5, 10.0, 999999999.0, 1e9])
-        self.assertEqual(
-            [j.submitted for j in s.list(before=1000000000.0)], [999999999.0, 10.0, 9.5]
-        )
-        self.assertEqual([j.submitted for j in s.list(before=10.0)], [9.5])
+        # j2 (1e9) and j0 (10.0) as cursors: what comes after them, by number.
+        self.assertEqual([j.submitted for j in s.list(before="j2")], [999999999.0, 10.0, 9.5])
+        self.assertEqual([j.submitted for j in s.list(before="j0")], [9.5])
 
     def test_same_time_keeps_submission_order(self) -> None:
         s = self.make()
@@ -153,6 +152,29 @@ class StoreBehaviour(_Base):
             s.add(job(name, 5.0))
         self.assertEqual([j.id for j in s.unfinished()], ["c", "a", "b"])
         self.assertEqual([j.id for j in s.list()], ["b", "a", "c"])
+
+    def test_pages_with_the_same_submitted_time(self) -> None:
+        """Paging by cursor (the last job of the previous page) neither
+        skips nor repeats jobs submitted at the same instant."""
+        s = self.make()
+        ids = [f"j{i:02d}" for i in range(25)]
+        for i, job_id in enumerate(ids):
+            s.add(job(job_id, 100.0 + i // 10, backend="a" if i % 3 else "b"))
+        newest_first = sorted(ids, key=lambda j: (100.0 + int(j[1:]) // 10, int(j[1:])), reverse=True)
+        seen: list[str] = []
+        before = None
+        for _ in range(10):
+            page = [j.id for j in s.list(limit=4, before=before)]
+            seen += page
+            if len(page) < 4:
+                break
+            before = page[-1]
+        self.assertEqual(seen, newest_first)
+        # With a filter, the cursor is a job of the filtered listing.
+        page = [j.id for j in s.list(backend="a", limit=3)]
+        rest = [j.id for j in s.list(backend="a", before=page[-1])]
+        self.assertEqual(page + rest, [j for j in newest_first if int(j[1:]) % 3])
+        self.assertEqual(s.list(before="no-such-job"), [])
 
     def test_list_filters(self) -> None:
         s = self.make()

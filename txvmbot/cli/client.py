@@ -31,13 +31,15 @@ from txvmbot.config import ClientTLSSettings, check_float, check_int, check_str,
 from txvmbot.errors import ConfigError
 
 if TYPE_CHECKING:
-    from txvmbot.daemon.client import ClientTLS, DaemonClient, JobList
+    from txvmbot.daemon.client import ClientTLS, DaemonClient, JobList, JobSummary
     from txvmbot.jobs import BackendStatus, DaemonStatus, Job, JobEvent
 
 __all__ = ["EXIT_UNREACHABLE", "add_parsers", "connection_for", "execute"]
 
 #: Exit status when the daemon cannot be reached (or speaks another API).
 EXIT_UNREACHABLE = 3
+#: The most pages ``jobs --all`` fetches (at --limit 1000, a million jobs).
+MAX_PAGES = 1000
 
 JOB_STATES = ("queued", "running", "cleaning", "passed", "failed", "cancelled", "error")
 
@@ -152,7 +154,21 @@ def add_parsers(sub: Any) -> None:
     )
     jobs.add_argument("--backend", metavar="NAME", help="only jobs of this backend")
     jobs.add_argument(
-        "--limit", metavar="N", type=int, default=50, help="at most N jobs, 1 to 1000 (default: 50)"
+        "--limit",
+        metavar="N",
+        type=int,
+        default=50,
+        help="at most N jobs, 1 to 1000 (default: 50); with --all, N a page",
+    )
+    jobs.add_argument(
+        "--before",
+        metavar="JOB",
+        help="the next page: the jobs listed after JOB (the last one of the previous page)",
+    )
+    jobs.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every matching job, fetched a page at a time (at most {MAX_PAGES} pages)",
     )
     simple("show", "show one job and its result", _show, "JOB")
     simple("cancel", "cancel a job; waits until its cleanup ran", _cancel, "JOB")
@@ -446,14 +462,25 @@ async def _jobs(
 ) -> int:
     if not 1 <= args.limit <= 1000:
         raise ConfigError("--limit", f"must be from 1 to 1000, got {args.limit}")
-    page: JobList = await client.list(states=args.states, backend=args.backend, limit=args.limit)
-    _print_json(streams, [attrs.asdict(j) for j in page.jobs])
+    jobs: list[JobSummary] = []
+    before = args.before
+    more = True
+    for _ in range(MAX_PAGES if args.all else 1):
+        page: JobList = await client.list(
+            states=args.states, backend=args.backend, limit=args.limit, before=before
+        )
+        jobs.extend(page.jobs)
+        more = page.more and bool(page.jobs)
+        if not more:
+            break
+        before = page.jobs[-1].id
+    _print_json(streams, [attrs.asdict(j) for j in jobs])
     out = streams.human
-    if not page.jobs:
+    if not jobs:
         out.write("no jobs\n")
         return 0
     rows = [["ID", "STATE", "BACKEND", "PRI", "SUBMITTED (UTC)", "TOOK", "IMAGE", "REASON"]]
-    for j in page.jobs:
+    for j in jobs:
         rows.append(
             [
                 j.id,
@@ -467,8 +494,8 @@ async def _jobs(
             ]
         )
     _table(rows, out)
-    if page.more:
-        out.write("(more jobs match: narrow with --state/--backend or raise --limit)\n")
+    if more:
+        out.write(f"(more jobs match: the next page is --before {jobs[-1].id}, or use --all)\n")
     return 0
 
 

@@ -205,8 +205,15 @@ class DaemonClient:
         return self._call(Get, job_id=job_id).addCallback(lambda r: _job(r["job"]))
 
     def list(
-        self, states: Iterable[str] | None = None, backend: str | None = None, limit: int = 100
+        self,
+        states: Iterable[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
     ) -> Deferred[JobList]:
+        """One page of job summaries, newest first; ``before``: the id of
+        the last job of the previous page."""
+
         def parse(r: dict[str, Any]) -> JobList:
             try:
                 jobs = tuple(
@@ -222,6 +229,7 @@ class DaemonClient:
             states=None if states is None else list(states),
             backend=backend,
             limit=limit,
+            before=before,
         ).addCallback(parse)
 
     def watch(

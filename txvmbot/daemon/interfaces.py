@@ -30,9 +30,10 @@ class IJobStore(Interface):
         """The Job, or None."""
 
     def list(
-        states: Any = None, backend: str | None = None, limit: int = 100, before: float | None = None
+        states: Any = None, backend: str | None = None, limit: int = 100, before: str | None = None
     ) -> Any:
-        """Jobs, newest first, filtered by state set and backend."""
+        """Jobs, newest first, filtered by state set and backend; with
+        ``before`` (a job id), those listed after that job."""
 
     def unfinished() -> Any:
         """Jobs not in a final state, oldest first (for recovery)."""
@@ -96,8 +97,12 @@ class IScheduler(Interface):
     def get(job_id: str) -> Any:
         """The Job, or raise UnknownJob."""
 
-    def list(states: Any = None, backend: str | None = None, limit: int = 100) -> Any:
-        """Jobs, newest first."""
+    def list(
+        states: Any = None, backend: str | None = None, limit: int = 100, before: str | None = None
+    ) -> Any:
+        """Jobs, newest first; with ``before`` (a job id, the last of the
+        previous page), the next page. Raises UnknownJob for an unknown
+        ``before``."""
 
     def watch(job_id: str, after_seq: int, listener: Any) -> Any:
         """Call ``listener(event)`` with the job's events after ``after_seq``

@@ -339,16 +339,18 @@ class Get(amp.Command):
 
 class List(amp.Command):
     """Job summaries, newest first; ``more`` is true when more jobs matched
-    than ``limit`` or than fit in one answer."""
+    than ``limit`` or than fit in one answer. The next page: the same
+    filters with ``before`` set to the id of the last job of this one."""
 
     commandName = b"List"
     arguments = [
         (b"states", StatesArgument(optional=True)),
         (b"backend", BackendArgument(optional=True)),
         (b"limit", BoundedInteger(1, MAX_LIMIT)),
+        (b"before", JobIdArgument(optional=True)),
     ]
     response = [(b"jobs", JSONArgument(kind=list)), (b"more", _Bool())]
-    errors = _PLAIN_ERRORS
+    errors = _JOB_ERRORS  # an unknown ``before``
 
 
 class Watch(amp.Command):

@@ -320,9 +320,13 @@ class Scheduler:
         states: Collection[str] | None = None,
         backend: str | None = None,
         limit: int = 100,
-        before: float | None = None,
+        before: str | None = None,
     ) -> list[Job]:
-        """Jobs, newest first; ``before`` (a ``submitted`` time) pages on."""
+        """Jobs, newest first; ``before`` (the id of the last job of the
+        previous page) pages on. Raises UnknownJob if there is no such job
+        (any more: pruned)."""
+        if before is not None:
+            self.get(before)
         jobs: list[Job] = self._store.list(
             states=states, backend=backend, limit=limit, before=before
         )

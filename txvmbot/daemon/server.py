@@ -356,7 +356,7 @@ class DaemonAMP(amp.AMP):
 
     @List.responder
     def list_jobs(
-        self, states: list[str] | None, backend: str | None, limit: int
+        self, states: list[str] | None, backend: str | None, limit: int, before: str | None = None
     ) -> Deferred[dict[str, Any]]:
         wanted = frozenset(states) if states else None
 
@@ -376,7 +376,9 @@ class DaemonAMP(amp.AMP):
                 size += n
             return {"jobs": docs, "more": more}
 
-        return self._call("List", self._scheduler.list, wanted, backend, limit + 1, then=answer)
+        return self._call(
+            "List", self._scheduler.list, wanted, backend, limit + 1, before, then=answer
+        )
 
     @Watch.responder
     def watch(self, job_id: str, after_seq: int) -> dict[str, Any]:

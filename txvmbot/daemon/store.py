@@ -355,11 +355,13 @@ class SQLiteJobStore:
         states: Collection[str] | None = None,
         backend: str | None = None,
         limit: int = 100,
-        before: float | None = None,
+        before: str | None = None,
     ) -> list[Job]:
         """Jobs, newest first (by submitted time as a number, then order of
         submission), optionally only in ``states``, on ``backend``, or
-        submitted strictly before ``before`` (epoch seconds; for paging)."""
+        listed after the job with id ``before`` (the cursor of the next
+        page: jobs with the same submitted time are neither skipped nor
+        repeated). A ``before`` that names no job gives no jobs."""
         where: list[str] = []
         args: list[object] = []
         if states is not None:
@@ -372,8 +374,8 @@ class SQLiteJobStore:
             where.append("backend = ?")
             args.append(backend)
         if before is not None:
-            where.append("submitted < ?")
-            args.append(float(before))
+            where.append("(submitted, seq) < (SELECT submitted, seq FROM jobs WHERE id = ?)")
+            args.append(before)
         sql = _JOB_DATA
         if where:
             sql += " WHERE " + " AND ".join(where)
