@@ -44,12 +44,14 @@ class ScriptedEC2:
         return succeed(answer)
 
 
-def entry(kind: str, resource_id: str | None, parent_id: str | None = None) -> JournalEntry:
+def entry(
+    kind: str, resource_id: str | None, parent_id: str | None = None, name: str = "n"
+) -> JournalEntry:
     return JournalEntry(
         check_id="c1",
         seq=1,
         kind=kind,
-        name="n",
+        name=name,
         endpoint="http://127.0.0.1:1/",
         region="r",
         created=0.0,
@@ -75,34 +77,34 @@ class UndoerAddressTests(SynchronousTestCase):
         return self.successResultOf(R.Undoer(client, Clock())(e))
 
     def test_classic_address_goes_by_its_public_ip(self) -> None:
-        client = ScriptedEC2(
-            DescribeAddresses=[
-                {"Addresses": []},  # a cloud that cannot tag a classic address
-                {"Addresses": [{"PublicIp": IP, "Domain": "standard", "InstanceId": "i-1"}]},
-            ]
-        )
-        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP)))
+        """No search by tag (a classic address has none, and a cloud may
+        refuse the filter): by the journalled IP, detached and released."""
+        attached = {"PublicIp": IP, "Domain": "standard", "InstanceId": "i-1"}
+        client = ScriptedEC2(DescribeAddresses=[{"Addresses": [attached]}])
+        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP, name=R.address_name("i-1"))))
         self.assertEqual(
             client.calls,
             [
-                BY_TAG,
                 ("DescribeAddresses", {"PublicIps": [IP]}),
                 ("DisassociateAddress", {"PublicIp": IP}),
                 ("ReleaseAddress", {"PublicIp": IP}),
             ],
         )
 
-    def test_classic_address_found_by_tag_not_associated(self) -> None:
-        found = {"PublicIp": IP, "Domain": "standard", "InstanceId": "", "Tags": []}
-        client = ScriptedEC2(DescribeAddresses=[{"Addresses": [found]}])
-        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP)))
-        self.assertEqual(client.calls, [BY_TAG, ("ReleaseAddress", {"PublicIp": IP})])
+    def test_classic_address_not_associated(self) -> None:
+        free = {"PublicIp": IP, "Domain": "standard", "InstanceId": ""}
+        client = ScriptedEC2(DescribeAddresses=[{"Addresses": [free]}])
+        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP, name=R.address_name("i-1"))))
+        self.assertEqual(
+            client.calls,
+            [("DescribeAddresses", {"PublicIps": [IP]}), ("ReleaseAddress", {"PublicIp": IP})],
+        )
 
     def test_classic_address_already_gone(self) -> None:
         gone = CloudError("DescribeAddresses", "InvalidAddress.NotFound", f"Address '{IP}' not found.")
-        client = ScriptedEC2(DescribeAddresses=[{"Addresses": []}, gone])
+        client = ScriptedEC2(DescribeAddresses=[gone])
         self.assertTrue(self.undo(client, entry(R.ADDRESS, IP)))
-        self.assertEqual(client.calls, [BY_TAG, ("DescribeAddresses", {"PublicIps": [IP]})])
+        self.assertEqual(client.calls, [("DescribeAddresses", {"PublicIps": [IP]})])
 
     def test_an_ip_now_tagged_for_another_check_is_left_alone(self) -> None:
         theirs = {
@@ -111,9 +113,17 @@ class UndoerAddressTests(SynchronousTestCase):
             "InstanceId": "i-9",
             "Tags": [{"Key": R.TAG_CHECK, "Value": "c2"}],
         }
-        client = ScriptedEC2(DescribeAddresses=[{"Addresses": []}, {"Addresses": [theirs]}])
-        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP)))
-        self.assertEqual(client.calls, [BY_TAG, ("DescribeAddresses", {"PublicIps": [IP]})])
+        client = ScriptedEC2(DescribeAddresses=[{"Addresses": [theirs]}])
+        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP, name=R.address_name("i-9"))))
+        self.assertEqual(client.calls, [("DescribeAddresses", {"PublicIps": [IP]})])
+
+    def test_an_ip_now_attached_to_another_instance_is_left_alone(self) -> None:
+        """This check released IP but never marked it done; the cloud gave
+        it to another check, which attached it to its own instance."""
+        theirs = {"PublicIp": IP, "Domain": "standard", "InstanceId": "i-9"}
+        client = ScriptedEC2(DescribeAddresses=[{"Addresses": [theirs]}])
+        self.assertTrue(self.undo(client, entry(R.ADDRESS, IP, name=R.address_name("i-1"))))
+        self.assertEqual(client.calls, [("DescribeAddresses", {"PublicIps": [IP]})])
 
     def test_vpc_address_goes_by_its_ids(self) -> None:
         vpc = {"PublicIp": IP, "AllocationId": "eipalloc-1", "AssociationId": "eipassoc-1",

@@ -85,6 +85,13 @@ class CountingStore(SQLiteJobStore):
         super().add_many(submits)
 
 
+class UpdateFailsStore(SQLiteJobStore):
+    """Stores jobs; cannot update them (a disk that filled up)."""
+
+    def update(self, job: Job) -> None:
+        raise StoreError(self.path, f"cannot update job {job.id}: database or disk is full")
+
+
 class BasicsTests(SynchronousTestCase):
     def test_interfaces(self) -> None:
         h = Harness()
@@ -127,6 +134,21 @@ class BasicsTests(SynchronousTestCase):
         self.assertEqual(h.running(), ["j1"])
         self.assertEqual(h.events("j0"), [("state", "queued", "")])
         self.assertEqual(h.s.status().queue_depth, 1)
+
+    def test_submit_many_answers_once_stored_whatever_starting_does(self) -> None:
+        """Stored and queued is what a submit promises: the store failing
+        to record a job's start afterwards is logged, not thrown at the
+        submitters (who would resubmit and double their jobs)."""
+        store = UpdateFailsStore.memory()
+        h = Harness(store=store)
+        with capturedLogs() as events:
+            out = h.s.submit_many([make_job_spec("b"), make_job_spec("b")])
+        self.assertEqual([j.id for j in out if isinstance(j, Job)], ["j0", "j1"])
+        self.assertEqual([j.id for j in store.unfinished()], ["j0", "j1"])
+        failures = [e for e in events if e.get("log_failure") is not None]
+        self.assertEqual(len(failures), 1)
+        self.assertTrue(failures[0]["log_failure"].check(StoreError))
+        self.flushLoggedErrors(StoreError)
 
     def test_submit_many_queues_nothing_when_the_store_fails(self) -> None:
         h = Harness()

@@ -169,6 +169,23 @@ class ServerTests(SynchronousTestCase):
             self.assertError(answer, b"NOT_ALLOWED", "/data/jobs.sqlite", "disk I/O error")
         self.assertEqual(sorted(self.sched.jobs), ["job-1", "job-2", "job-3"])
 
+    def test_a_pipeline_keeps_its_order(self) -> None:
+        """Submits held for one commit are stored before any other command
+        of the same read runs: a Status after two Submits counts them."""
+        self.sched.batches.clear()
+        answers: list[Any] = []
+        for command, kw in [
+            (b"Submit", {"spec": codec.dumps(SPEC)}),
+            (b"Submit", {"spec": codec.dumps(SPEC)}),
+            (b"Status", {}),
+            (b"Submit", {"spec": codec.dumps(SPEC)}),
+        ]:
+            self.a.proto.callRemoteString(command, **kw).addBoth(answers.append)
+        self.a.pump.flush()
+        self.assertEqual(self.sched.batches, [2, 1])
+        status = [a for a in answers if b"status" in a]
+        self.assertEqual(codec.loads(status[0][b"status"], "status")["queue_depth"], 3)
+
     def test_unknown_command(self) -> None:
         self.assertError(self.a.raw(b"Frobnicate", x=b"1"), b"UNHANDLED", "Frobnicate")
 

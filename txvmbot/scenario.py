@@ -414,7 +414,9 @@ class Check:
             holder["ip"] = answer["PublicIp"]
             return str(answer.get("AllocationId") or answer["PublicIp"])
 
-        address = await self._track(R.ADDRESS, f"address-for-{iid}", lambda: ensureDeferred(allocating()))
+        address = await self._track(
+            R.ADDRESS, R.address_name(iid), lambda: ensureDeferred(allocating())
+        )
 
         async def associating() -> str:
             answer = await self.client.call(

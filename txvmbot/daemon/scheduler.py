@@ -303,7 +303,13 @@ class Scheduler:
             self._active[job.id] = active
             self._enqueue(active)
         if new:
-            self._dispatch()
+            # Stored and queued: whatever goes wrong starting them now (the
+            # store failing to record a start, say) is not the submitters'
+            # error, who would resubmit and double their jobs.
+            try:
+                self._dispatch()
+            except Exception:
+                self.log.failure("Starting jobs after a submit")
         return results
 
     def get(self, job_id: str) -> Job:

@@ -256,6 +256,10 @@ class DaemonAMP(amp.AMP):
         )
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        if self._submits and box.get(b"_command") != b"Submit":
+            # Keep a pipeline's order: a Drain or Status sent after a Submit
+            # sees it stored and queued.
+            self._store_submits()
         super().ampBoxReceived(box)
         # A Watch answer has been sent by now (its responder is synchronous):
         # only now may its events follow.

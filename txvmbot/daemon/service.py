@@ -73,7 +73,9 @@ class _StartInterrupted(Exception):
 
 
 class DaemonService(service.MultiService):
-    """Everything the daemon runs. ``ready`` fires once it accepts work."""
+    """Everything the daemon runs. ``ready`` fires once it accepts work (or
+    fails if it cannot start); it never fires if the daemon is told to stop
+    while starting."""
 
     log = Logger()
 
@@ -225,24 +227,32 @@ class DaemonService(service.MultiService):
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())
 
+    async def _stop_scheduler(self) -> None:
+        """Stop the scheduler, if there is one yet (idempotent)."""
+        stop = getattr(self.scheduler, "stop", None)
+        if stop is not None:
+            await stop()
+
     async def _stop(self) -> None:
         self._stopping = True
         await super().stopService()
         pool_stopped = None
         if self._starting is not None and not self._starting.called:
-            # Told to stop while starting: stopping the pool makes a start
-            # that waits for workers give up at once; wait for _start to
-            # give up before taking down what it made.
+            # Told to stop while starting (waiting for workers, recovering,
+            # checking an image): the scheduler stops first, as always, then
+            # the pool, and what start-up is waiting for is cancelled, so
+            # start-up gives up at once (what recovery did not clean stays
+            # in the journal for the next start), before what it made is
+            # taken down.
+            await self._stop_scheduler()
             if self.pool is not None:
                 pool_stopped = self.pool.stop()
+            self._starting.cancel()
             await self._starting
         for port in self._ports:
             await port.stopListening()
         self._ports = []
-        if self.scheduler is not None:
-            stop = getattr(self.scheduler, "stop", None)
-            if stop is not None:
-                await stop()
+        await self._stop_scheduler()
         if pool_stopped is not None:
             await pool_stopped
         elif self.pool is not None:

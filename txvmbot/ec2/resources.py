@@ -88,6 +88,29 @@ def address_key(address_id: str) -> Literal["PublicIp", "AllocationId"]:
     return "PublicIp"
 
 
+#: The journal name of the address a check attaches to an instance.
+ADDRESS_NAME_PREFIX = "address-for-"
+
+
+def address_name(instance_id: str) -> str:
+    return ADDRESS_NAME_PREFIX + instance_id
+
+
+def _still_ours(entry: JournalEntry, address: dict[str, Any]) -> bool:
+    """Whether ``address``, found by the public IP journalled in ``entry``,
+    is still the check's own. A released IP may since have gone to another check:
+    never release one tagged as another check's or, untagged (classic),
+    attached to an instance other than the one the entry was for. (An
+    unattached classic IP another check allocated a moment ago cannot be
+    told apart; the window is that check's AllocateAddress to its
+    AssociateAddress.)"""
+    tag = tags_of(address).get(TAG_CHECK)
+    if tag is not None:
+        return tag == entry.check_id
+    attached = address.get("InstanceId") or ""
+    return not attached or entry.name == address_name(attached)
+
+
 def is_gone(err: CloudError) -> bool:
     """The cloud says the resource does not exist (any more)."""
     return err.code.endswith((".NotFound", ".Malformed")) or err.code in (
@@ -199,13 +222,17 @@ class Undoer:
         return True
 
     async def _address(self, entry: JournalEntry) -> bool:
-        # By tag as well as by id: a retried AllocateAddress whose first
-        # answer was lost has allocated a second address nobody was told of.
-        answer = await self.client.call(
-            "DescribeAddresses", {"Filters": [{"Name": f"tag:{TAG_CHECK}", "Values": [entry.check_id]}]}
-        )
-        addresses = list(answer.get("Addresses", []))
         key = address_key(entry.resource_id or "")
+        addresses: list[dict[str, Any]] = []
+        if key == "AllocationId":
+            # By tag as well as by id: a retried AllocateAddress whose first
+            # answer was lost has allocated a second address nobody was
+            # told of. (A classic address has no tag to search by.)
+            answer = await self.client.call(
+                "DescribeAddresses",
+                {"Filters": [{"Name": f"tag:{TAG_CHECK}", "Values": [entry.check_id]}]},
+            )
+            addresses = list(answer.get("Addresses", []))
         if entry.resource_id and entry.resource_id not in {a.get(key) for a in addresses}:
             try:
                 answer = await self.client.call("DescribeAddresses", {f"{key}s": [entry.resource_id]})
@@ -213,13 +240,10 @@ class Undoer:
                 if not is_gone(e):
                     raise
             else:
-                # A released IP may since have gone to another check: never
-                # release an address tagged as someone else's.
-                addresses.extend(
-                    a
-                    for a in answer.get("Addresses", [])
-                    if tags_of(a).get(TAG_CHECK, entry.check_id) == entry.check_id
-                )
+                found = answer.get("Addresses", [])
+                if key == "PublicIp":  # an allocation id is never reused; an IP is
+                    found = [a for a in found if _still_ours(entry, a)]
+                addresses.extend(found)
         await release_addresses(self.client, addresses)
         return True
 
