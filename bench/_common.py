@@ -197,11 +197,13 @@ def counting_client(inner: Any, record: bool = False) -> Any:
         def total(self) -> int:
             return sum(self.calls.values())
 
-        def call(self, operation: str, params: dict[str, Any] | None = None) -> Any:
+        def call(
+            self, operation: str, params: dict[str, Any] | None = None, *, repeatable: bool = True
+        ) -> Any:
             self.calls[operation] = self.calls.get(operation, 0) + 1
             if record:
                 self.log.append((operation, copy.deepcopy(params or {})))
-            return self.inner.call(operation, params)
+            return self.inner.call(operation, params, repeatable=repeatable)
 
         def close(self) -> Any:
             return self.inner.close()

@@ -416,6 +416,27 @@ class RetryTests(SynchronousTestCase):
         self.assertIn("ResponseNeverReceived", texts[2])
         self.assertIn("no answer within 10s", texts[3])
 
+    def test_unrepeatable_call_retries_only_refusals(self) -> None:
+        """repeatable=False: throttling (the cloud did not act) is retried; a
+        503 or a lost answer (it may have acted) is not."""
+        refused_then_ok = ScriptedAgent(
+            ec2_error(503, "RequestLimitExceeded", "slow down"),
+            ok("AllocateAddress", "<publicIp>203.0.113.5</publicIp><domain>standard</domain>"),
+        )
+        client, clock = client_for(refused_then_ok)
+        d = client.call("AllocateAddress", {"Domain": "standard"}, repeatable=False)
+        clock.advance(10)
+        self.assertEqual(self.successResultOf(d)["PublicIp"], "203.0.113.5")
+        self.assertEqual(len(refused_then_ok.requests), 2)
+        for answer in (ec2_error(503, "Unavailable", "try later"), never_received()):
+            with self.subTest(answer=answer):
+                agent = ScriptedAgent(answer, ok("AllocateAddress"))
+                client, clock = client_for(agent)
+                d = client.call("AllocateAddress", {"Domain": "standard"}, repeatable=False)
+                clock.advance(10)
+                self.failureResultOf(d)
+                self.assertEqual(len(agent.requests), 1)
+
     def test_no_retry_on_4xx(self) -> None:
         agent = ScriptedAgent(ec2_error(400, "InvalidParameterValue", "nope"))
         client, _ = client_for(agent)

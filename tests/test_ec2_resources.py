@@ -34,9 +34,14 @@ class ScriptedEC2:
     def __init__(self, **answers: list[Any]) -> None:
         self.answers = answers
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        #: The ``repeatable`` of the last call of each operation.
+        self.repeatable: dict[str, bool] = {}
 
-    def call(self, operation: str, params: dict[str, Any]) -> Deferred[Any]:
+    def call(
+        self, operation: str, params: dict[str, Any], *, repeatable: bool = True
+    ) -> Deferred[Any]:
         self.calls.append((operation, params))
+        self.repeatable[operation] = repeatable
         queue = self.answers.get(operation) or [{}]
         answer = queue.pop(0) if len(queue) > 1 else queue[0]
         if isinstance(answer, Exception):
@@ -169,8 +174,11 @@ class AttachAddressTests(SynchronousTestCase):
         client = ScriptedEC2(AllocateAddress=[{"PublicIp": IP, "Domain": "standard"}])
         ip, journal = self.attach(client, "standard")
         self.assertEqual(ip, IP)
-        # EC2-Classic refused tags on an address: none are sent.
+        # EC2-Classic refused tags on an address: none are sent; and as
+        # nothing could find a duplicate, a maybe-acted allocation is not
+        # repeated.
         self.assertEqual(client.calls[0], ("AllocateAddress", {"Domain": "standard"}))
+        self.assertFalse(client.repeatable["AllocateAddress"])
         self.assertEqual(client.calls[1], ("AssociateAddress", {"PublicIp": IP, "InstanceId": "i-1"}))
         self.assertEqual(
             self.journalled(journal), [(R.ADDRESS, IP, None), (R.ASSOCIATION, IP, IP)]
@@ -189,6 +197,7 @@ class AttachAddressTests(SynchronousTestCase):
         ip, journal = self.attach(client, "vpc")
         allocate = client.calls[0][1]
         self.assertEqual(allocate["Domain"], "vpc")
+        self.assertTrue(client.repeatable["AllocateAddress"])  # the tag sweep finds duplicates
         self.assertEqual(allocate["TagSpecifications"][0]["ResourceType"], "elastic-ip")
         self.assertEqual(
             client.calls[1], ("AssociateAddress", {"AllocationId": "eipalloc-1", "InstanceId": "i-1"})

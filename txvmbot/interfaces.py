@@ -19,11 +19,12 @@ class IEC2Client(Interface):
     signature_version = Attribute("'v4' or 'v2'.")
     api_version = Attribute("The EC2 API version of the botocore model (str).")
 
-    def call(operation: str, params: dict[str, Any]) -> Any:
+    def call(operation: str, params: dict[str, Any], *, repeatable: bool = True) -> Any:
         """Call ``operation`` (e.g. ``"RunInstances"``) with botocore-shaped
         ``params``; return a Deferred that fires with the parsed answer (a
         dict without ``ResponseMetadata``) or fails with CloudError or
-        TransportError after transient errors were retried."""
+        TransportError after transient errors were retried (with
+        ``repeatable=False``, only those that say the cloud did not act)."""
 
 
 class IJournal(Interface):

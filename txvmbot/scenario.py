@@ -410,7 +410,11 @@ class Check:
             params["TagSpecifications"] = R.tag_specs("elastic-ip", self.check_id, self._now())
 
         async def allocating() -> str:
-            answer = await self.client.call("AllocateAddress", params)
+            # Untagged, a classic address a lost answer's retry duplicated
+            # could never be found: only retry what the cloud refused.
+            answer = await self.client.call(
+                "AllocateAddress", params, repeatable=self.spec.address_domain == "vpc"
+            )
             holder["ip"] = answer["PublicIp"]
             return str(answer.get("AllocationId") or answer["PublicIp"])
 

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from txvmbot import __version__
 from txvmbot.ec2 import _botocore
 from txvmbot.ec2.credentials import resolve
-from txvmbot.ec2.retry import call_with_retries, describe
+from txvmbot.ec2.retry import call_with_retries, describe, is_refused, is_transient
 from txvmbot.errors import ConfigError, TransportError
 from txvmbot.interfaces import IEC2Client
 from txvmbot.model import Cloud, Credentials
@@ -174,7 +174,7 @@ class EC2Client:
         return _botocore.api_version()
 
     def call(
-        self, operation: str, params: dict[str, Any] | None = None
+        self, operation: str, params: dict[str, Any] | None = None, *, repeatable: bool = True
     ) -> Deferred[dict[str, Any]]:
         """Call ``operation`` with botocore-shaped ``params``.
 
@@ -182,6 +182,9 @@ class EC2Client:
         with ParamError (before sending), CloudError or TransportError (after
         transient errors were retried). The ClientToken of a RunInstances is
         chosen once here, so every retry of this call carries the same one.
+        With ``repeatable=False`` only errors that say the cloud did not act
+        (throttling) are retried: for a create whose duplicate nothing could
+        find (no ClientToken, no tag).
         """
         try:
             prepared = _botocore.prepare_params(operation, params or {})
@@ -193,6 +196,7 @@ class EC2Client:
             operation,
             lambda: Deferred.fromCoroutine(self._attempt(operation, prepared)),
             random=self._random,
+            retryable=is_transient if repeatable else is_refused,
         )
 
     async def _attempt(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -96,6 +96,15 @@ def is_transient(failure_or_exc: Failure | BaseException) -> bool:
     return isinstance(exc, _TRANSIENT_EXCEPTIONS)
 
 
+def is_refused(failure_or_exc: Failure | BaseException) -> bool:
+    """True when the cloud refused the request before acting on it
+    (throttling): the one transient error a call that must not be repeated
+    once the cloud may have acted can still retry. A 5xx, a reset or a
+    timeout may come after the cloud acted."""
+    exc = failure_or_exc.value if isinstance(failure_or_exc, Failure) else failure_or_exc
+    return isinstance(exc, CloudError) and (exc.code in THROTTLING_CODES or exc.status == 429)
+
+
 def backoff_delay(
     policy: RetryPolicy, failures: int, random: Callable[[], float] = _random.random
 ) -> float:
@@ -143,9 +152,11 @@ def call_with_retries(
     operation: str,
     attempt: Callable[[], Deferred[T]],
     random: Callable[[], float] = _random.random,
+    retryable: Callable[[BaseException], bool] = is_transient,
 ) -> Deferred[T]:
-    """Call ``attempt()`` until it succeeds, fails with a non-transient error,
-    or the policy's attempts or elapsed time run out.
+    """Call ``attempt()`` until it succeeds, fails with an error
+    ``retryable`` refuses (default: any that is not transient), or the
+    policy's attempts or elapsed time run out.
 
     Each attempt is bounded by ``policy.request_timeout`` (and by what is left
     of ``policy.max_elapsed``) on ``clock``; a timed-out attempt is cancelled
@@ -175,7 +186,7 @@ def call_with_retries(
                 err.__cause__ = e
             except Exception as e:
                 err = e
-            if not is_transient(err):
+            if not retryable(err):
                 raise err
             elapsed = clock.seconds() - start
             if attempts >= policy.max_attempts:
