@@ -210,7 +210,7 @@ class DaemonAMP(amp.AMP):
             return
         try:
             results = self._scheduler.submit_many([spec for spec, _ in pending])
-        except BaseException as e:
+        except Exception as e:
             failure = Failure(e)
             for _, d in pending:
                 d.errback(failure)
