@@ -238,3 +238,28 @@ def test_live_table_restarted_step_resets_elapsed() -> None:
     table(StepEvent("wait-ssh", "failed", T0 + 5))
     table(StepEvent("wait-ssh", "running", T0 + 8))
     assert "2.0s" in table.lines()[1]
+
+
+def test_save_evidence(tmp_path: object) -> None:
+    """Written under the root, or (the root unusable) logged and the result
+    returned as it was; no root, nothing written."""
+    import os
+
+    from twisted.logger import LogLevel, Logger, capturedLogs
+
+    from txvmbot.evidence import save_evidence
+
+    log = Logger()
+    r = attrs.evolve(failed_result(), evidence_dir=None)
+    saved = save_evidence(str(tmp_path), r, log)
+    assert saved.evidence_dir is not None
+    assert "steps.txt" in os.listdir(saved.evidence_dir)
+    assert save_evidence(None, r, log) is r
+    blocker = os.path.join(str(tmp_path), "file")
+    with open(blocker, "w") as f:
+        f.write("not a directory\n")
+    with capturedLogs() as events:
+        assert save_evidence(os.path.join(blocker, "evidence"), r, log) is r
+    (error,) = [e for e in events if e["log_level"] == LogLevel.error]
+    assert isinstance(error["e"], NotADirectoryError)
+    assert error["check_id"] == r.check_id

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 
+import attrs
+from twisted.logger import Logger
+
 from txvmbot.model import CheckResult
 
 
@@ -45,3 +48,23 @@ def write_evidence(root: str, result: CheckResult) -> str:
     put("facts.json", json.dumps(result.facts.as_dict(), indent=2, sort_keys=True))
     put("result.json", json.dumps(to_json(result), indent=2, sort_keys=True))
     return path
+
+
+def save_evidence(root: str | None, result: CheckResult, log: Logger) -> CheckResult:
+    """``result`` with its evidence written under ``root`` (if given) and
+    ``evidence_dir`` set. A write that fails (a full or read-only disk, a
+    file where the directory should be) is an error in ``log`` naming the
+    directory; the result comes back without ``evidence_dir``, never lost."""
+    if not root:
+        return result
+    try:
+        path = write_evidence(root, result)
+    except OSError as e:
+        log.error(
+            "Check {check_id}: cannot save its evidence under {root}: {e}",
+            check_id=result.check_id,
+            root=root,
+            e=e,
+        )
+        return result
+    return attrs.evolve(result, evidence_dir=path)

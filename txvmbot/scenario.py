@@ -18,7 +18,7 @@ from txvmbot import facts as _facts
 from txvmbot.ec2 import resources as R
 from txvmbot.engine import Cleanup, StepContext, StepRunner, poll, track
 from txvmbot.errors import CloudError, StepFailed, TxvmbotError
-from txvmbot.evidence import write_evidence
+from txvmbot.evidence import save_evidence
 from txvmbot.interfaces import IEC2Client, IJournal
 from txvmbot.model import (
     CheckResult,
@@ -139,20 +139,8 @@ class Check:
             passed = False
             error = "cleanup failed: " + "; ".join(cleanup_errors)
         result = self._result(passed, error)
-        if (not passed or spec.console) and self.evidence_root:
-            try:
-                path = write_evidence(self.evidence_root, result)
-            except OSError as e:
-                # The result itself still goes to the caller (its JSON, the
-                # daemon's store): a full or read-only disk loses only the copy.
-                self.log.error(
-                    "Check {check_id}: cannot save its evidence under {root}: {e}",
-                    check_id=self.check_id,
-                    root=self.evidence_root,
-                    e=e,
-                )
-            else:
-                result = _with_evidence(result, path)
+        if not passed or spec.console:
+            result = save_evidence(self.evidence_root, result, self.log)
         if self._own_client and self._client is not None:
             close = getattr(self._client, "close", None)
             if close is not None:
@@ -574,12 +562,6 @@ async def _gather(ds: list[Deferred[Any]]) -> list[Any]:
             sub.raiseException()
         raise
     return [value for _ok, value in results]
-
-
-def _with_evidence(result: CheckResult, path: str) -> CheckResult:
-    import attrs
-
-    return attrs.evolve(result, evidence_dir=path)
 
 
 __all__ = ["Check", "new_check_id", "valid_address"]

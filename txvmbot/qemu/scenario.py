@@ -21,14 +21,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from txvmbot import facts as _facts
 from txvmbot.engine import Cleanup, StepContext, StepRunner, track
 from txvmbot.errors import StepFailed, StepTimeout, TxvmbotError
-from txvmbot.evidence import write_evidence
+from txvmbot.evidence import save_evidence
 from txvmbot.interfaces import IJournal
 from txvmbot.model import CheckResult, CommandResult, JournalEntry, StepEvent
 from txvmbot.qemu import kept as K
@@ -182,8 +181,8 @@ class LocalCheck:
             passed = False
             error = "cleanup failed: " + "; ".join(errors)
         result = self._result(passed, error, console)
-        if (not passed or self.spec.console) and self.evidence_root:
-            result = attrs.evolve(result, evidence_dir=write_evidence(self.evidence_root, result))
+        if not passed or self.spec.console:
+            result = save_evidence(self.evidence_root, result, self.log)
         return result
 
     def _result(self, passed: bool, error: str, console: tuple[tuple[str, str], ...]) -> CheckResult:
