@@ -245,7 +245,7 @@ def test_save_evidence(tmp_path: object) -> None:
     returned as it was; no root, nothing written."""
     import os
 
-    from twisted.logger import LogLevel, Logger, capturedLogs
+    from twisted.logger import Logger, LogLevel, capturedLogs
 
     from txvmbot.evidence import save_evidence
 
