@@ -166,14 +166,16 @@ def check_int(where: str, value: object, source: str = "", *, minimum: int = 1) 
     return value
 
 
-def check_float(where: str, value: object, source: str = "", *, positive: bool = True) -> float:
-    """A finite number of seconds, > 0 (``positive``) or >= 0."""
+def check_float(
+    where: str, value: object, source: str = "", *, positive: bool = True, unit: str = "seconds"
+) -> float:
+    """A finite number of ``unit``, > 0 (``positive``) or >= 0."""
     bound = "greater than 0" if positive else "at least 0"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(where, f"a number of seconds {bound}", value, source)
+        raise _fail(where, f"a number of {unit} {bound}", value, source)
     number = float(value)
     if not math.isfinite(number):
-        raise ConfigError(where, f"must be a finite number of seconds, got {value}{source}")
+        raise ConfigError(where, f"must be a finite number of {unit}, got {value}{source}")
     if number < 0 or (positive and number == 0):
         raise ConfigError(where, f"must be {bound}, got {value:g}{source}")
     return number

@@ -6,7 +6,6 @@ Every error names the key (``daemon.workers``) and the file.
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from typing import Any
 import attrs
 from attrs import frozen
 
+from txvmbot.config import check_float
 from txvmbot.errors import ConfigError
 from txvmbot.qemu.model import LocalPool
 
@@ -192,21 +192,14 @@ def parse_daemon_table(
         for name, v in c.items():
             caps[name] = _int(f"caps.{name}", v, src)
 
-    health = table.get("health_interval", 60.0)
-    if isinstance(health, bool) or not isinstance(health, int | float) or health <= 0:
-        raise ConfigError("daemon.health_interval", f"expected seconds > 0, found {health!r}{src}")
-
-    keep = table.get("keep_finished_days", 30.0)
-    if (
-        isinstance(keep, bool)
-        or not isinstance(keep, int | float)
-        or not math.isfinite(keep)
-        or keep < 0
-    ):
-        raise ConfigError(
-            "daemon.keep_finished_days",
-            f"expected days >= 0 (0 keeps finished jobs forever), found {keep!r}{src}",
-        )
+    health = check_float("daemon.health_interval", table.get("health_interval", 60.0), src)
+    keep = check_float(
+        "daemon.keep_finished_days",
+        table.get("keep_finished_days", 30.0),
+        f" (0 keeps finished jobs forever){src}",
+        positive=False,
+        unit="days",
+    )
 
     return DaemonSettings(
         data_dir=rel(_str("data_dir", table["data_dir"], src))
@@ -218,8 +211,8 @@ def parse_daemon_table(
         quarantine_after=_int("quarantine_after", table.get("quarantine_after", 3), src),
         default_cap=_int("default_cap", table.get("default_cap", 4), src),
         caps=tuple(sorted(caps.items())),
-        health_interval=float(health),
-        keep_finished_days=float(keep),
+        health_interval=health,
+        keep_finished_days=keep,
         tls=tls,
         log_json=rel(_str("log_json", table["log_json"], src)) if "log_json" in table else None,
         config_path=path,
