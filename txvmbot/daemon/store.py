@@ -200,8 +200,8 @@ class SQLiteJobStore:
     1.3 ms), about 1,600/s, below the 2,000 submits/s the daemon must take
     while it also records every step event. Hence NORMAL. The commit is most
     of a submit's cost, so the AMP server hands the submits of one read to
-    :meth:`add_many`: 10,000 submits in batches of 64 cost 57 µs each
-    against 206 µs one commit each (NORMAL, same machine, 2026-11-22).
+    :meth:`add_many`: in batches of 64 a submit costs about a third of one
+    committed alone (bench/hot_paths.py prints both).
 
     What is lost in a power cut is the last instant of queue changes, which
     clients see as a lost connection and resubmit; the cloud resources
