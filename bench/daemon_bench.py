@@ -253,7 +253,7 @@ def spec_dict(url: str, image: str, backend: str, *, key: str | None = None) -> 
     """A job as `txvmbot submit` sends it: --no-ssh, quick polls; with
     ``key``, ssh to the closed port with a 600 s wait (it hangs)."""
     from txvmbot import codec
-    from txvmbot.jobs import JobSpec
+    from txvmbot.daemon.jobs import JobSpec
     from txvmbot.model import CheckSpec, Cloud, Timeouts
 
     cloud = Cloud(endpoint=url, region=REGION)

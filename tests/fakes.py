@@ -10,8 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from txvmbot.daemon.interfaces import IScheduler
-from txvmbot.errors import TxvmbotError, UnknownJob
-from txvmbot.jobs import (
+from txvmbot.daemon.jobs import (
     FINAL_STATES,
     BackendStatus,
     DaemonStatus,
@@ -19,6 +18,7 @@ from txvmbot.jobs import (
     JobEvent,
     JobSpec,
 )
+from txvmbot.errors import TxvmbotError, UnknownJob
 from txvmbot.model import CheckResult, Facts, StepResult
 
 

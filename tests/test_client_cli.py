@@ -22,9 +22,9 @@ from tests.fakes import FakeScheduler
 from txvmbot import codec
 from txvmbot.cli import _Streams, build_parser, run, spec_from_args
 from txvmbot.cli.client import connection_for, execute
+from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.server import AMPServerFactory
 from txvmbot.errors import ConfigError
-from txvmbot.jobs import Job
 
 reactor: Any = _reactor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,6 +28,7 @@ from tests import checkrun
 from tests.servers import Moto
 from txvmbot import codec
 from txvmbot.daemon.interfaces import IWorkerPool
+from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.daemon.pool import (
     AmpoulePool,
     PoolFull,
@@ -36,7 +37,6 @@ from txvmbot.daemon.pool import (
 )
 from txvmbot.ec2 import resources as R
 from txvmbot.errors import WorkerDied
-from txvmbot.jobs import Job, check_id_for
 from txvmbot.journal import SQLiteJournal
 from txvmbot.model import CheckResult, JournalEntry, StepEvent
 

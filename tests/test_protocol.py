@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.fakes import FakeScheduler
 from txvmbot import __version__, codec
 from txvmbot.daemon.client import DaemonClient, JobSummary, _ClientAMP
+from txvmbot.daemon.jobs import JobEvent
 from txvmbot.daemon.protocol import (
     API_VERSION,
     BackendArgument,
@@ -29,7 +30,6 @@ from txvmbot.daemon.protocol import (
 )
 from txvmbot.daemon.server import AMPServerFactory, DaemonAMP
 from txvmbot.errors import UnknownJob
-from txvmbot.jobs import JobEvent
 
 SPEC = {"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "ami-1"}
 

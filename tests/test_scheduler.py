@@ -19,10 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from txvmbot.daemon.interfaces import IScheduler, IWorkerPool
+from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
 from txvmbot.daemon.scheduler import Scheduler, is_infrastructure_failure
 from txvmbot.daemon.store import SQLiteJobStore, StoreError
 from txvmbot.errors import ConfigError, UnknownJob
-from txvmbot.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import StepEvent
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec

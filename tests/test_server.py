@@ -18,6 +18,7 @@ from tests.fakes import FakeScheduler
 from tests.test_protocol import SPEC
 from txvmbot import __version__, codec
 from txvmbot.daemon.client import DaemonClient, _ClientAMP
+from txvmbot.daemon.jobs import JobEvent
 from txvmbot.daemon.protocol import (
     API_VERSION,
     InternalError,
@@ -28,7 +29,6 @@ from txvmbot.daemon.protocol import (
 from txvmbot.daemon.server import MAX_WATCHES, AMPServerFactory
 from txvmbot.daemon.store import StoreError
 from txvmbot.errors import DaemonUnavailable
-from txvmbot.jobs import JobEvent
 
 
 class Conn:

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from txvmbot.codec import dumps, job_to_dict
 from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.store import (
     APPLICATION_ID,
     MIGRATIONS,
@@ -28,7 +29,6 @@ from txvmbot.daemon.store import (
     migrate,
 )
 from txvmbot.errors import TxvmbotError
-from txvmbot.jobs import Job, JobEvent
 from txvmbot.testing import make_job_spec, make_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -552,7 +552,7 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         code = f"""
             import time
             from txvmbot.daemon.store import SQLiteJobStore
-            from txvmbot.jobs import Job, JobEvent
+            from txvmbot.daemon.jobs import Job, JobEvent
             from txvmbot.testing import make_job_spec
             s = SQLiteJobStore({self.path!r})
             spec = make_job_spec("b")

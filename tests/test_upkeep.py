@@ -10,9 +10,9 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.store import SQLiteJobStore, StoreError
 from txvmbot.daemon.upkeep import PRUNE_INTERVAL, Pruner
-from txvmbot.jobs import Job, JobEvent
 from txvmbot.journal import MemoryJournal
 from txvmbot.testing import make_job_spec
 

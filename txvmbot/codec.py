@@ -14,8 +14,8 @@ from typing import Any
 
 import attrs
 
+from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent, JobSpec
 from txvmbot.errors import ConfigError
-from txvmbot.jobs import FINAL_STATES, Job, JobEvent, JobSpec
 from txvmbot.model import (
     CheckResult,
     CheckSpec,

@@ -25,8 +25,8 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from txvmbot.daemon.interfaces import IWorkerPool
+from txvmbot.daemon.jobs import Job, JobSpec, check_id_for
 from txvmbot.errors import WorkerDied
-from txvmbot.jobs import Job, JobSpec, check_id_for
 from txvmbot.model import CheckResult, CheckSpec, Cloud, Facts, StepEvent, StepResult
 
 __all__ = [

@@ -32,7 +32,7 @@ from txvmbot.errors import ConfigError
 
 if TYPE_CHECKING:
     from txvmbot.daemon.client import ClientTLS, DaemonClient, JobList, JobSummary
-    from txvmbot.jobs import BackendStatus, DaemonStatus, Job, JobEvent
+    from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent
 
 __all__ = ["EXIT_UNREACHABLE", "add_parsers", "connection_for", "execute"]
 
@@ -276,7 +276,7 @@ def _job_spec_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict
     it, then the job's own keys; no credentials."""
     from txvmbot import codec
     from txvmbot.cli.check import spec_from_args
-    from txvmbot.jobs import JobSpec
+    from txvmbot.daemon.jobs import JobSpec
 
     if args.pool is not None:
         return _local_job_dict(args)
@@ -422,7 +422,7 @@ def _print_final(streams: _Streams, job: Job) -> None:
 def _print_json(streams: _Streams, value: Any) -> None:
     """With --json: ``value`` (a Job, or a JSON-able value) as JSON."""
     from txvmbot import codec
-    from txvmbot.jobs import Job
+    from txvmbot.daemon.jobs import Job
 
     streams.write_json(codec.job_to_dict(value) if isinstance(value, Job) else value)
 

@@ -32,6 +32,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txvmbot import __version__, codec
+from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
 from txvmbot.daemon.protocol import (
     API_VERSION,
     APIError,
@@ -53,7 +54,6 @@ from txvmbot.daemon.protocol import (
     status_from_dict,
 )
 from txvmbot.errors import ConfigError, DaemonUnavailable
-from txvmbot.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
 
 __all__ = ["ClientTLS", "DaemonClient", "JobList", "JobSummary", "connect"]
 

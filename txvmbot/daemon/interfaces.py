@@ -16,7 +16,7 @@ class IJobStore(Interface):
     """Durable jobs and their events. Written by the daemon process alone."""
 
     def add(job: Any, event: Any = None) -> None:
-        """Store a new job (a txvmbot.jobs.Job in state queued), and its
+        """Store a new job (a txvmbot.daemon.jobs.Job in state queued), and its
         first JobEvent if given, in one transaction."""
 
     def add_many(submits: Any) -> None:
@@ -67,7 +67,7 @@ class IWorkerPool(Interface):
         """Start the workers; Deferred fires when they are ready."""
 
     def run(job: Any, on_event: Any, journal: Any) -> Any:
-        """Run ``job`` (a txvmbot.jobs.Job) in a free worker. ``on_event``
+        """Run ``job`` (a txvmbot.daemon.jobs.Job) in a free worker. ``on_event``
         is called with each StepEvent the worker streams; ``journal`` (an
         IJournal) records, before each create, what the worker is about to
         create. Returns a Deferred firing with the CheckResult (also after

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from txvmbot import codec
 from txvmbot.daemon.interfaces import IWorkerPool
+from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.daemon.worker_protocol import (
     MAX_EVENT_BYTES,
     MAX_RESULT_BYTES,
@@ -55,7 +56,6 @@ from txvmbot.daemon.worker_protocol import (
     WorkerProtocolError,
 )
 from txvmbot.errors import ConfigError, TxvmbotError, WorkerDied
-from txvmbot.jobs import Job, check_id_for
 from txvmbot.model import CheckResult, Facts, JournalEntry, StepEvent
 
 __all__ = [

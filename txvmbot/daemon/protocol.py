@@ -32,8 +32,8 @@ import attrs
 from twisted.protocols import amp
 
 from txvmbot.codec import MAX_SPEC_BYTES, dumps
+from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job
 from txvmbot.errors import DaemonUnavailable, TxvmbotError, UnknownJob
-from txvmbot.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job
 from txvmbot.model import CheckSpec
 
 __all__ = [

@@ -18,7 +18,7 @@ A job's life::
 ``cleaning`` starts with the first ``cleanup ...`` step the worker reports,
 or when the daemon itself cleans up after a worker died or the daemon
 restarted. Every change is written to the store and told to watchers as a
-:class:`~txvmbot.jobs.JobEvent` (kind ``state``); so is every step event
+:class:`~txvmbot.daemon.jobs.JobEvent` (kind ``state``); so is every step event
 (kind ``step``).
 
 Infrastructure failures (a worker that died, a cloud that keeps failing at
@@ -56,8 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon.interfaces import IJobStore, IScheduler
-from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
-from txvmbot.jobs import (
+from txvmbot.daemon.jobs import (
     FINAL_STATES,
     BackendState,
     BackendStatus,
@@ -67,6 +66,7 @@ from txvmbot.jobs import (
     JobSpec,
     JobState,
 )
+from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
 from txvmbot.model import CheckResult, StepEvent
 
 __all__ = ["API_VERSION", "Scheduler", "WorkerPool", "is_infrastructure_failure"]

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from txvmbot import __version__, codec
 from txvmbot.daemon.interfaces import IScheduler
+from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, Job, JobEvent
 from txvmbot.daemon.protocol import (
     API_VERSION,
     MIN_API_VERSION,
@@ -49,7 +50,6 @@ from txvmbot.daemon.protocol import (
     status_to_dict,
 )
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob
-from txvmbot.jobs import FINAL_STATES, BackendStatus, Job, JobEvent
 
 __all__ = ["AMPServerFactory", "DaemonAMP"]
 

@@ -36,8 +36,8 @@ from zope.interface import implementer
 from txvmbot._sqlite import FileKind, Migration
 from txvmbot.codec import dumps, event_from_dict, event_to_dict, job_from_dict, job_to_dict, loads
 from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
 from txvmbot.errors import ConfigError, TxvmbotError
-from txvmbot.jobs import FINAL_STATES, Job, JobEvent
 
 __all__ = [
     "APPLICATION_ID",

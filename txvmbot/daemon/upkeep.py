@@ -14,9 +14,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
-from txvmbot.jobs import Job, check_id_for
 from txvmbot.model import Cloud
 from txvmbot.qemu.model import LocalSpec
 
