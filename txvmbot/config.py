@@ -695,3 +695,17 @@ def build_check_spec(cloud: Cloud, config: CheckSettings, flags: CheckSettings) 
         timeouts=timeouts,
         **values,
     )
+
+
+def state_dir_for(flag: str | None, config: str | None, environ: Mapping[str, str]) -> str:
+    """--state-dir, else the config's state_dir, else $XDG_STATE_HOME/txvmbot
+    (if absolute, as the XDG spec asks), else ~/.local/state/txvmbot."""
+    if flag is not None:
+        return os.path.expanduser(check_str("--state-dir", flag))
+    if config is not None:
+        return os.path.expanduser(config)
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "txvmbot")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".local", "state", "txvmbot")

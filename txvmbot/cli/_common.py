@@ -22,6 +22,7 @@ from txvmbot.config import (
     check_str,
     key_path,
     load_config,
+    state_dir_for,  # noqa: F401 (the cli modules take it from here)
 )
 from txvmbot.errors import ConfigError
 from txvmbot.model import Cloud
@@ -121,20 +122,6 @@ def cloud_from_args(
     return build_cloud(
         chosen.cloud, flags, environ, name=chosen.name, where=key_path("clouds", chosen.name)
     )
-
-
-def state_dir_for(flag: str | None, config: str | None, environ: Mapping[str, str]) -> str:
-    """--state-dir, else the config's state_dir, else $XDG_STATE_HOME/txvmbot
-    (if absolute, as the XDG spec asks), else ~/.local/state/txvmbot."""
-    if flag is not None:
-        return os.path.expanduser(check_str("--state-dir", flag))
-    if config is not None:
-        return os.path.expanduser(config)
-    xdg = environ.get("XDG_STATE_HOME", "")
-    if os.path.isabs(xdg):
-        return os.path.join(xdg, "txvmbot")
-    home = environ.get("HOME") or os.path.expanduser("~")
-    return os.path.join(home, ".local", "state", "txvmbot")
 
 
 def _make_private_dir(path: str, where: str) -> None:

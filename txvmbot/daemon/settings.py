@@ -94,7 +94,7 @@ def default_pool(data_dir: str, environ: Mapping[str, str] = os.environ) -> Loca
 def default_data_dir(environ: Mapping[str, str] = os.environ) -> str:
     """The same state dir ``txvmbot check`` uses, so clients find the
     daemon's socket without being told."""
-    from txvmbot.cli import state_dir_for
+    from txvmbot.config import state_dir_for
 
     return state_dir_for(None, None, environ)
 

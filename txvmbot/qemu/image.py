@@ -82,7 +82,7 @@ class ImageInfo:
 
 
 def _state_dir(environ: Mapping[str, str]) -> str:
-    from txvmbot.cli._common import state_dir_for
+    from txvmbot.config import state_dir_for
 
     return state_dir_for(None, None, environ)
 
