@@ -139,7 +139,7 @@ class Sides:
         )
 
     def _inproc(self, journal: Any, record: bool) -> float:
-        from txvmbot.scenario import Check
+        from txvmbot.jobs.smoke import Check
 
         spec = self._spec()
         reactor = self.rt.reactor

@@ -188,7 +188,7 @@ class Txvmbot:
     def _checks(self, specs: list[Any]) -> Any:
         from twisted.internet.defer import gatherResults
 
-        from txvmbot.scenario import Check
+        from txvmbot.jobs.smoke import Check
 
         async def body(client: Any) -> Any:
             checks = [Check(self.rt.reactor, s, journal=self.journal, client=client) for s in specs]

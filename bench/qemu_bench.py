@@ -231,9 +231,9 @@ class Sides:
     # -- txvmbot in process ---------------------------------------------
 
     def _job(self, name: str, fast: bool, record: bool) -> float:
+        from txvmbot.jobs.smoke import LocalCheck
         from txvmbot.journal import MemoryJournal
         from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
-        from txvmbot.qemu.scenario import LocalCheck
 
         pool = LocalPool(
             name="bench",

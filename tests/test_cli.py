@@ -117,15 +117,16 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[World]:
         w.reaps.append(dict(kw, cloud=cloud))
         return succeed(w.reap_report)
 
-    scenario = types.ModuleType("txvmbot.scenario")
+    scenario = types.ModuleType("txvmbot.jobs.smoke")
     scenario.Check = FakeCheck  # type: ignore[attr-defined]
+    scenario.LocalCheck = FakeCheck  # type: ignore[attr-defined]
     journal = types.ModuleType("txvmbot.journal")
     journal.SQLiteJournal = FakeJournal  # type: ignore[attr-defined]
-    reaper = types.ModuleType("txvmbot.reaper")
+    reaper = types.ModuleType("txvmbot.ec2.reaper")
     reaper.reap = reap  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "txvmbot.scenario", scenario)
+    monkeypatch.setitem(sys.modules, "txvmbot.jobs.smoke", scenario)
     monkeypatch.setitem(sys.modules, "txvmbot.journal", journal)
-    monkeypatch.setitem(sys.modules, "txvmbot.reaper", reaper)
+    monkeypatch.setitem(sys.modules, "txvmbot.ec2.reaper", reaper)
     yield w
 
 
@@ -512,7 +513,7 @@ NO_REACTOR = """
 import sys
 import txvmbot.cli
 txvmbot.cli.build_parser().format_help()
-for name in ("twisted.internet.reactor", "txvmbot.scenario", "botocore"):
+for name in ("twisted.internet.reactor", "txvmbot.jobs.smoke", "botocore"):
     assert name not in sys.modules, name
 print("ok")
 """
@@ -574,7 +575,7 @@ def test_shutdown_cancels_and_waits_for_cleanup(world: World, monkeypatch: Any) 
         slow.append(SlowCheck(clock))
         return slow[-1]
 
-    monkeypatch.setattr(sys.modules["txvmbot.scenario"], "Check", make)
+    monkeypatch.setattr(sys.modules["txvmbot.jobs.smoke"], "Check", make)
     out, err = io.StringIO(), io.StringIO()
     exit = _Exit()
     runner = _CheckRun(
@@ -632,8 +633,8 @@ class Journal:
     def __init__(self, path): pass
     def close(self): pass
 
-for name, attr, value in (("txvmbot.scenario", "Check", Check), ("txvmbot.journal", "SQLiteJournal", Journal)):
-    m = types.ModuleType(name); setattr(m, attr, value); sys.modules[name] = m
+for name, attrs in (("txvmbot.jobs.smoke", {{"Check": Check, "LocalCheck": Check}}), ("txvmbot.journal", {{"SQLiteJournal": Journal}})):
+    m = types.ModuleType(name); m.__dict__.update(attrs); sys.modules[name] = m
 
 from txvmbot.cli import main
 main(["check", "--endpoint", "http://127.0.0.1:1/", "--region", "r", "--image", "a",

@@ -160,9 +160,9 @@ class EvidenceTests(TestCase):
         from twisted.internet import reactor
         from twisted.logger import LogLevel, capturedLogs
 
+        from txvmbot.jobs.smoke import Check
         from txvmbot.journal import MemoryJournal
         from txvmbot.model import CheckSpec
-        from txvmbot.scenario import Check
 
         tmp = tempfile.mkdtemp(prefix="txvmbot-test-")
         self.addCleanup(shutil.rmtree, tmp)

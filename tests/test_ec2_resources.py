@@ -14,9 +14,9 @@ from zope.interface.verify import verifyObject
 from txvmbot.ec2 import resources as R
 from txvmbot.errors import CloudError
 from txvmbot.interfaces import IEC2Client
+from txvmbot.jobs.smoke import Check
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckSpec, Cloud, JournalEntry
-from txvmbot.scenario import Check
 
 IP = "203.0.113.5"
 
@@ -164,7 +164,7 @@ class AttachAddressTests(SynchronousTestCase):
         spec = CheckSpec(cloud=Cloud("http://127.0.0.1:1/", "r"), image="ami-1",
                          floating_ip=True, address_domain=domain)
         check = Check(Clock(), spec, journal=journal, client=client, check_id="c1")
-        ip = self.successResultOf(Deferred.fromCoroutine(check._attach_address("i-1")))
+        ip = self.successResultOf(Deferred.fromCoroutine(check.machines._attach_address("i-1")))
         return ip, journal
 
     def journalled(self, journal: MemoryJournal) -> list[tuple[str, str | None, str | None]]:

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txvmbot.errors import StepFailed
 from txvmbot.model import JournalEntry
 from txvmbot.qemu import kept as K
-from txvmbot.qemu.scenario import VM_KIND, LocalUndoer, journal_endpoint
+from txvmbot.qemu.machines import VM_KIND, LocalUndoer, journal_endpoint
 
 
 def entry(path: str, kind: str = VM_KIND) -> JournalEntry:

@@ -23,11 +23,11 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from txvmbot.jobs.smoke import LocalCheck
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckResult, StepResult
 from txvmbot.qemu import template as T
 from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
-from txvmbot.qemu.scenario import LocalCheck
 from txvmbot.qemu.vm import stop_from_record
 
 reactor: Any = _reactor

@@ -52,7 +52,7 @@ def caught(d: Deferred[Any]) -> Deferred[Any]:
 
 
 class FakeCheck:
-    """Stands in for txvmbot.scenario.Check inside the worker."""
+    """Stands in for txvmbot.jobs.smoke.Check inside the worker."""
 
     made: list[FakeCheck] = []
 

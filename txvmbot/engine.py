@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Literal, TypeVar, cast, overload
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -29,7 +29,7 @@ from txvmbot.errors import StepFailed, StepTimeout
 from txvmbot.interfaces import IJournal
 from txvmbot.model import JournalEntry, Outcome, StepEvent, StepResult
 
-__all__ = ["Cleanup", "StepContext", "StepRunner", "poll", "track"]
+__all__ = ["Cleanup", "StepContext", "StepRunner", "StepSequence", "gather", "new_check_id", "poll", "track"]
 
 T = TypeVar("T")
 
@@ -256,6 +256,64 @@ class StepRunner:
             self.observer(StepEvent(name=name, state=state, at=self.wall(), detail=detail))
         except Exception:
             self.log.failure("Step observer failed on {step} {state}", step=name, state=state)
+
+
+def new_check_id() -> str:
+    """Short, unique, and safe in resource names, tags and paths."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+class StepSequence:
+    """A job's steps, with one way to stop them: :meth:`cancel` cancels the
+    steps that run and refuses the ones after, so the job goes straight to
+    its cleanup. Steps usually run one after another; a job that drives
+    several machines (a suite) may run some side by side."""
+
+    log = Logger()
+
+    def __init__(self, steps: StepRunner, job_id: str) -> None:
+        self.steps = steps
+        self.job_id = job_id
+        self.cancelled: str | None = None
+        self._current: set[Deferred[Any]] = set()
+
+    def cancel(self, reason: str) -> None:
+        if self.cancelled is None:
+            self.cancelled = reason
+            self.log.warn("Cancelling {job_id}: {reason}", job_id=self.job_id, reason=reason)
+            for d in list(self._current):
+                d.cancel()
+
+    async def step(self, name: str, bound: float, action: Callable[[StepContext], Any]) -> Any:
+        if self.cancelled is not None:
+            raise CancelledError(self.cancelled)
+        d = self.steps.run(name, bound, action)
+        self._current.add(d)
+        try:
+            return await d
+        finally:
+            self._current.discard(d)
+
+
+async def gather(ds: list[Deferred[Any]]) -> list[Any]:
+    """Wait for all; fail with the first failure; cancel the rest on cancel."""
+    dl = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
+    try:
+        results = await dl
+    except CancelledError:
+        for d in ds:
+            d.cancel()
+        raise
+    except Exception as e:  # FirstError
+        for d in ds:
+            d.cancel()
+        sub = getattr(e, "subFailure", None)
+        if sub is not None:
+            sub.raiseException()
+        raise
+    return [value for _ok, value in results]
 
 
 def poll(

@@ -373,9 +373,9 @@ class _CheckRun:
     async def run(self) -> None:
         from twisted.python.failure import Failure
 
+        from txvmbot.jobs.smoke import Check, LocalCheck
         from txvmbot.model import CheckResult, Facts
         from txvmbot.qemu.model import LocalSpec
-        from txvmbot.qemu.scenario import LocalCheck
         from txvmbot.report import (
             format_result,
             format_summary,
@@ -383,7 +383,6 @@ class _CheckRun:
             summarize,
             to_json,
         )
-        from txvmbot.scenario import Check
 
         make = LocalCheck if isinstance(self._spec, LocalSpec) else Check
         human = self._streams.human

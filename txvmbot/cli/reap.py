@@ -75,7 +75,7 @@ def _cmd_reap(
     try:
 
         async def go(r: Any) -> None:
-            from txvmbot.reaper import reap
+            from txvmbot.ec2.reaper import reap
             from txvmbot.report import format_reap, reap_to_json, renderer_for
 
             human = streams.human

@@ -46,7 +46,7 @@ def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tu
             spec = job.spec.check
             steps = StepRunner(reactor)
             if isinstance(spec, LocalSpec):
-                from txvmbot.qemu.scenario import LocalUndoer
+                from txvmbot.qemu.machines import LocalUndoer
 
                 local = LocalUndoer(spec.timeouts.shutdown)
                 errors = await Cleanup(journal, local, steps, CLEANUP_BOUND).run(check_id)

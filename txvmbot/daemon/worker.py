@@ -1,6 +1,6 @@
 """The worker: one process, one check at a time, driven by the daemon over AMP.
 
-:class:`Worker` is the AMP side: RunJob runs a :class:`~txvmbot.scenario.Check`
+:class:`Worker` is the AMP side: RunJob runs a :class:`~txvmbot.jobs.smoke.Check`
 whose journal is the daemon's (:class:`RemoteJournal`) and whose step events
 stream back as they happen; CancelJob cancels it (cleanup runs, then RunJob
 answers with the cancelled result).
@@ -68,10 +68,10 @@ def _default_check_factory(reactor: Any, spec: Any, **kwargs: Any) -> _Check:
     from txvmbot.qemu.model import LocalSpec
 
     if isinstance(spec, LocalSpec):
-        from txvmbot.qemu.scenario import LocalCheck
+        from txvmbot.jobs.smoke import LocalCheck
 
         return LocalCheck(reactor, spec, **kwargs)
-    from txvmbot.scenario import Check
+    from txvmbot.jobs.smoke import Check
 
     return Check(reactor, spec, **kwargs)
 
@@ -81,8 +81,9 @@ def _warm_up() -> None:
     worker's first job does not pay for it: bench/daemon_bench.py measured
     a first job reaching its first step after ~700 ms, a later one after
     ~5 ms, the difference being botocore's EC2 model and the imports."""
-    import txvmbot.qemu.scenario  # noqa: F401
-    import txvmbot.scenario  # noqa: F401
+    import txvmbot.ec2.machines  # noqa: F401
+    import txvmbot.jobs.smoke  # noqa: F401
+    import txvmbot.qemu.machines  # noqa: F401
     import txvmbot.ssh  # noqa: F401
     from txvmbot.ec2 import _botocore
 
@@ -224,7 +225,7 @@ class Worker(amp.AMP):
     :param reactor: the reactor checks run on; the global one by default,
         looked up when a job starts.
     :param check_factory: builds the check (tests pass a fake);
-        :class:`txvmbot.scenario.Check` by default.
+        :class:`txvmbot.jobs.smoke.Check` by default.
     """
 
     log = Logger()

@@ -1,9 +1,13 @@
-"""The euca-style smoke check of an EC2-API cloud, step by step.
+"""Fresh machines on an EC2-API cloud, behind :class:`~txvmbot.machines.IMachines`.
 
-keypair, image, security group, ingress rule, run instances, wait for
-running, floating IP, wait for ssh, commands, console, then cleanup in
-reverse from the journal on every exit path. Each step is bounded; a failure
-names its step, keeps the console log and leaves nothing behind.
+What a job's machines share is made once (:meth:`CloudMachines.prepare`:
+keypair, image, security group, ingress rule); each :meth:`~CloudMachines.acquire`
+runs instances, waits for running (state running and a valid address),
+attaches floating IPs and waits for ssh. Every resource is journalled
+before it is created and tagged with the check id, so
+:meth:`~CloudMachines.cleanup` (and ``txvmbot reap``) undo it in reverse
+on every exit path. The euca-style smoke check is
+:class:`txvmbot.jobs.smoke.Check` on top of this.
 """
 
 from __future__ import annotations
@@ -11,30 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txvmbot import facts as _facts
 from txvmbot.ec2 import resources as R
-from txvmbot.engine import Cleanup, StepContext, StepRunner, poll, track
-from txvmbot.errors import CloudError, StepFailed, TxvmbotError
-from txvmbot.evidence import save_evidence
+from txvmbot.engine import Cleanup, StepContext, StepRunner, StepSequence, gather, poll, track
+from txvmbot.errors import CloudError, StepFailed
 from txvmbot.interfaces import IEC2Client, IJournal
-from txvmbot.model import (
-    CheckResult,
-    CheckSpec,
-    CommandResult,
-    StepEvent,
-)
-from txvmbot.smoke import (
-    UNAME,
-    StepSequence,
-    commands_bound,
-    cut_off,
-    judge,
-    new_check_id,
-    ssh_wait_bound,
-)
+from txvmbot.machines import IMachines, Machine, ssh_wait_bound
+from txvmbot.model import CheckSpec, Facts
 
 log = Logger()
 
@@ -45,10 +37,11 @@ def valid_address(address: str | None) -> bool:
     return bool(address) and address not in ("0.0.0.0", "::")
 
 
-class Check:
-    """One smoke check against one cloud. ``run()`` fires with a
-    CheckResult and never errbacks for a failing check; ``cancel()`` stops
-    at the current step and cleans up."""
+@implementer(IMachines)
+class CloudMachines:
+    """The instances of one job on one cloud, all tagged and journalled
+    under ``check_id``. ``client`` is made from the spec's cloud when not
+    given (and closed by :meth:`close`)."""
 
     log = Logger()
 
@@ -58,40 +51,22 @@ class Check:
         spec: CheckSpec,
         *,
         journal: IJournal,
-        observer: Callable[[StepEvent], None] | None = None,
-        evidence_root: str | None = None,
-        check_id: str | None = None,
+        check_id: str,
         client: IEC2Client | None = None,
     ) -> None:
         self.reactor = reactor
         self.spec = spec
         self.journal = journal
-        self.evidence_root = evidence_root
-        self.check_id = check_id or new_check_id()
-        self.steps = StepRunner(reactor, observer)
-        self.sequence = StepSequence(self.steps, f"check {self.check_id}")
+        self.check_id = check_id
         self._client = client
         self._own_client = client is None
-        # What the check learnt, as it goes.
+        # What the job learnt, as it goes.
         self._image: dict[str, Any] = {}
         self._key: Any = None
         self._group_id: str | None = None
         self._instances: list[dict[str, Any]] = []
         self._addresses: dict[str, str] = {}
-        self._commands: list[CommandResult] = []
-        self._host_keys: list[tuple[str, str]] = []
-        self._console: list[tuple[str, str]] = []
-        self._guest_uname = ""
-
-    # -- public -----------------------------------------------------------
-
-    def run(self) -> Deferred[CheckResult]:
-        return ensureDeferred(self._run())
-
-    def cancel(self, reason: str) -> None:
-        self.sequence.cancel(reason)
-
-    # -- the flow ---------------------------------------------------------
+        self._acquired = 0
 
     @property
     def client(self) -> IEC2Client:
@@ -101,64 +76,110 @@ class Check:
             self._client = make_client(self.reactor, self.spec.cloud)
         return self._client
 
-    async def _step(self, name: str, bound: float, action: Callable[[StepContext], Any]) -> Any:
-        return await self.sequence.step(name, bound, action)
+    # -- IMachines --------------------------------------------------------
 
-    async def _run(self) -> CheckResult:
-        spec = self.spec
-        t = spec.timeouts
-        error = ""
+    async def _prepare(self, sequence: StepSequence) -> None:
+        t = self.spec.timeouts
+        await sequence.step("keypair", t.api_step, self._keypair)
+        await sequence.step("image", t.api_step, self._find_image)
+        await sequence.step("security-group", t.api_step, self._security_group)
+        await sequence.step("authorize-ssh", t.api_step, self._authorize)
+
+    def prepare(self, sequence: StepSequence) -> Deferred[None]:
+        return ensureDeferred(self._prepare(sequence))
+
+    async def _acquire(self, sequence: StepSequence, count: int, ssh: bool) -> tuple[Machine, ...]:
+        t = self.spec.timeouts
+        batch: list[dict[str, Any]] = []
+
+        async def run(ctx: StepContext) -> None:
+            batch.extend(await self._run_instances(ctx, count))
+
+        await sequence.step("run-instances", t.api_step, run)
+
+        async def wait(ctx: StepContext) -> None:
+            batch[:] = await self._wait_running(ctx, batch)
+            seen = {inst["InstanceId"]: inst for inst in batch}
+            self._instances = [seen.get(i["InstanceId"], i) for i in self._instances]
+
+        await sequence.step("wait-running", t.running, wait)
+        if self.spec.floating_ip:
+
+            async def attach(ctx: StepContext) -> None:
+                for inst in batch:
+                    ip = await self._attach_address(inst["InstanceId"])
+                    ctx.saw(f"{ip} -> {inst['InstanceId']}")
+
+            await sequence.step("floating-ip", t.api_step, attach)
+        if not ssh:
+            return tuple(
+                Machine(name=inst["InstanceId"], ssh_endpoint="", ssh_user=self.spec.ssh_user, key=self._key)
+                for inst in batch
+            )
+        machines: list[Machine] = []
+
+        async def wait_ssh(ctx: StepContext) -> None:
+            # The endpoints are worked out in the step: an address missing
+            # for the --ssh-endpoint template fails the step that needs it.
+            ready = tuple(
+                Machine(
+                    name=inst["InstanceId"],
+                    ssh_endpoint=self._endpoint_for(inst, self._index(inst)),
+                    ssh_user=self.spec.ssh_user,
+                    key=self._key,
+                )
+                for inst in batch
+            )
+            prints = await self._wait_ssh(ctx, ready)
+            machines.extend(attrs.evolve(m, host_key=fp) for m, fp in zip(ready, prints, strict=True))
+
+        await sequence.step("wait-ssh", t.ssh, wait_ssh)
+        return tuple(machines)
+
+    def acquire(self, sequence: StepSequence, count: int, *, ssh: bool = True) -> Deferred[tuple[Machine, ...]]:
+        return ensureDeferred(self._acquire(sequence, count, ssh))
+
+    async def _release(self, machine: Machine) -> None:
         try:
-            await self._step("keypair", t.api_step, self._keypair)
-            await self._step("image", t.api_step, self._find_image)
-            await self._step("security-group", t.api_step, self._security_group)
-            await self._step("authorize-ssh", t.api_step, self._authorize)
-            await self._step("run-instances", t.api_step, self._run_instances)
-            await self._step("wait-running", t.running, self._wait_running)
-            if spec.floating_ip:
-                await self._step("floating-ip", t.api_step, self._floating_ip)
-            if spec.ssh:
-                await self._step("wait-ssh", t.ssh, self._wait_ssh)
-                bound = commands_bound(t.command, len(spec.commands), t.ssh_connect)
-                await self._step("commands", bound, self._run_commands)
-        except CancelledError:
-            error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
-        except TxvmbotError as e:
-            error = str(e)
-        except Exception as e:  # a bug of ours: report it, still clean up
-            self.log.failure("Unexpected error in check {check_id}", check_id=self.check_id)
-            error = f"internal error: {e!r}"
-        passed = not error
-        if (not passed or spec.console) and self._instances:
+            await self.client.call("TerminateInstances", {"InstanceIds": [machine.name]})
+        except Exception as e:
+            self.log.warn(
+                "Could not terminate {iid} early ({e}); cleanup will", iid=machine.name, e=e
+            )
+
+    def release(self, machine: Machine) -> Deferred[None]:
+        return ensureDeferred(self._release(machine))
+
+    def console(self, steps: StepRunner) -> Deferred[tuple[tuple[str, str], ...]]:
+        async def go() -> tuple[tuple[str, str], ...]:
+            if not self._instances:
+                return ()
+            found: list[tuple[str, str]] = []
+
+            async def fetch(ctx: StepContext) -> None:
+                found.extend(await self._fetch_console(ctx))
+
             try:
-                await self.steps.run("console", t.api_step, self._fetch_console)
+                await steps.run("console", self.spec.timeouts.api_step, fetch)
             except Exception as e:  # recorded as a failed step already
                 self.log.info("Console fetch failed: {e}", e=e)
-        cleanup_errors = await self._cleanup()
-        if cleanup_errors and passed:
-            passed = False
-            error = "cleanup failed: " + "; ".join(cleanup_errors)
-        result = self._result(passed, error)
-        if not passed or spec.console:
-            result = save_evidence(self.evidence_root, result, self.log)
-        if self._own_client and self._client is not None:
-            close = getattr(self._client, "close", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:
-                    self.log.failure("Check {check_id}: closing its EC2 client", check_id=self.check_id)
-        return result
+            return tuple(found)
 
-    async def _cleanup(self) -> tuple[str, ...]:
+        return ensureDeferred(go())
+
+    def keep(self, steps: StepRunner, error: str) -> Deferred[bool]:
+        # A cloud's instances are not kept: their console is the evidence.
+        return succeed(False)
+
+    def cleanup(self, steps: StepRunner) -> Deferred[tuple[str, ...]]:
         t = self.spec.timeouts
         undo = R.Undoer(self.client, self.reactor, t.poll_interval, t.poll_max_interval)
         bound = max(t.terminate, t.api_step)
-        return await Cleanup(self.journal, undo, self.steps, bound).run(self.check_id)
+        return Cleanup(self.journal, undo, steps, bound).run(self.check_id)
 
-    def _result(self, passed: bool, error: str) -> CheckResult:
+    def facts(self, guest_uname: str) -> Facts:
         spec = self.spec
-        facts = _facts.collect(
+        return _facts.collect(
             endpoint=spec.cloud.endpoint,
             region=spec.cloud.region,
             signature_version=spec.cloud.signature_version,
@@ -166,18 +187,20 @@ class Check:
             image_id=self._image.get("ImageId", spec.image or ""),
             image_name=self._image.get("Name", ""),
             instance_type=spec.instance_type,
-            guest_uname=self._guest_uname,
+            guest_uname=guest_uname,
         )
-        return CheckResult(
-            check_id=self.check_id,
-            passed=passed,
-            steps=self.steps.results,
-            facts=facts,
-            commands=tuple(self._commands),
-            console=tuple(self._console),
-            host_keys=tuple(self._host_keys),
-            error=error,
-        )
+
+    async def _close(self) -> None:
+        if self._own_client and self._client is not None:
+            close = getattr(self._client, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    self.log.failure("Check {check_id}: closing its EC2 client", check_id=self.check_id)
+
+    def close(self) -> Deferred[None]:
+        return ensureDeferred(self._close())
 
     # -- journal helpers --------------------------------------------------
 
@@ -316,32 +339,40 @@ class Check:
         await self._track(R.RULE, R.rule_name(cidr), lambda: ensureDeferred(authorizing()), group_id)
         ctx.saw(f"tcp/22 from {cidr}")
 
-    async def _run_instances(self, ctx: StepContext) -> None:
+    async def _run_instances(self, ctx: StepContext, count: int) -> list[dict[str, Any]]:
         spec = self.spec
-        n = spec.parallel
+        # Each acquisition is its own request: a retry of it never starts
+        # a second set, a later acquisition (a replacement) does.
+        n = self._acquired
+        self._acquired += 1
+        suffix = f"-{n}" if n else ""
         params = {
             "ImageId": self._image["ImageId"],
-            "MinCount": n,
-            "MaxCount": n,
+            "MinCount": count,
+            "MaxCount": count,
             "InstanceType": spec.instance_type,
             "KeyName": R.resource_name(self.check_id),
             "SecurityGroupIds": [self._group_id],
-            "ClientToken": f"txvmbot-{self.check_id}",
+            "ClientToken": f"txvmbot-{self.check_id}{suffix}",
             "TagSpecifications": R.tag_specs("instance", self.check_id, self._now()),
         }
+        started: list[dict[str, Any]] = []
 
         async def running() -> str:
             answer = await self.client.call("RunInstances", params)
-            self._instances = list(answer.get("Instances", []))
-            return ",".join(i["InstanceId"] for i in self._instances)
+            started.extend(answer.get("Instances", []))
+            self._instances.extend(started)
+            return ",".join(i["InstanceId"] for i in started)
 
-        ids = await self._track(R.INSTANCES, R.resource_name(self.check_id), lambda: ensureDeferred(running()))
-        if len(self._instances) != n:
-            raise StepFailed("run-instances", f"asked for {n} instances, the cloud started {ids or 'none'}")
+        name = R.resource_name(self.check_id) + suffix
+        ids = await self._track(R.INSTANCES, name, lambda: ensureDeferred(running()))
+        if len(started) != count:
+            raise StepFailed("run-instances", f"asked for {count} instances, the cloud started {ids or 'none'}")
         ctx.saw(ids)
+        return started
 
-    async def _wait_running(self, ctx: StepContext) -> None:
-        ids = [i["InstanceId"] for i in self._instances]
+    async def _wait_running(self, ctx: StepContext, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ids = [i["InstanceId"] for i in batch]
         t = self.spec.timeouts
 
         def probe() -> Deferred[Any]:
@@ -374,13 +405,8 @@ class Check:
         answer = await poll(
             ctx, probe, is_ready, describe, interval=t.poll_interval, max_interval=t.poll_max_interval
         )
-        self._instances = [by_id(answer)[iid] for iid in ids]
         ctx.saw(describe(answer))
-
-    async def _floating_ip(self, ctx: StepContext) -> None:
-        for inst in self._instances:
-            ip = await self._attach_address(inst["InstanceId"])
-            ctx.saw(f"{ip} -> {inst['InstanceId']}")
+        return [by_id(answer)[iid] for iid in ids]
 
     async def _attach_address(self, iid: str) -> str:
         """Allocate an address, journalled, and associate it with ``iid``.
@@ -424,6 +450,11 @@ class Check:
         self._addresses[iid] = holder["ip"]
         return holder["ip"]
 
+    def _index(self, inst: dict[str, Any]) -> int:
+        """The instance's place among all the job's instances (``{index}``)."""
+        ids = [i["InstanceId"] for i in self._instances]
+        return ids.index(inst["InstanceId"])
+
     def _endpoint_for(self, inst: dict[str, Any], index: int) -> str:
         iid = inst["InstanceId"]
         values = {
@@ -447,75 +478,41 @@ class Check:
         except (KeyError, IndexError, ValueError) as e:
             raise StepFailed("wait-ssh", f"--ssh-endpoint {self.spec.ssh_endpoint!r}: unknown placeholder {e}") from e
 
-    async def _wait_ssh(self, ctx: StepContext) -> None:
+    async def _wait_ssh(self, ctx: StepContext, machines: tuple[Machine, ...]) -> list[str]:
         from txvmbot import ssh
 
         t = self.spec.timeouts
 
-        def waiting(index: int, inst: dict[str, Any]) -> Deferred[str]:
-            endpoint = self._endpoint_for(inst, index)
-
+        def waiting(machine: Machine) -> Deferred[str]:
             def progress(attempt: int, last: str) -> None:
-                ctx.saw(f"{inst['InstanceId']} via {endpoint}: attempt {attempt}: {last}")
+                ctx.saw(f"{machine.name} via {machine.ssh_endpoint}: attempt {attempt}: {last}")
 
             return ssh.wait_for_ssh(
                 self.reactor,
-                endpoint,
-                self.spec.ssh_user,
-                self._key,
+                machine.ssh_endpoint,
+                machine.ssh_user,
+                machine.key,
                 connect_timeout=t.ssh_connect,
                 bound=ssh_wait_bound(t.ssh),
                 on_attempt=progress,
             )
 
-        prints = await _gather([waiting(i, inst) for i, inst in enumerate(self._instances)])
-        self._host_keys = [(inst["InstanceId"], fp) for inst, fp in zip(self._instances, prints, strict=True)]
-        ctx.saw(", ".join(f"{iid} {fp}" for iid, fp in self._host_keys))
+        prints = await gather([waiting(m) for m in machines])
+        ctx.saw(", ".join(f"{m.name} {fp}" for m, fp in zip(machines, prints, strict=True)))
+        return prints
 
-    async def _run_commands(self, ctx: StepContext) -> None:
-        from txvmbot import ssh
-
-        t = self.spec.timeouts
-        commands = [UNAME, *self.spec.commands]
-
-        def running(index: int, inst: dict[str, Any]) -> Deferred[Any]:
-            return ssh.run_commands(
-                self.reactor,
-                self._endpoint_for(inst, index),
-                self.spec.ssh_user,
-                self._key,
-                commands,
-                command_timeout=t.command,
-                connect_timeout=t.ssh_connect,
-            )
-
-        try:
-            outcomes = await _gather([running(i, inst) for i, inst in enumerate(self._instances)])
-        except ssh.SSHCommandFailed as e:
-            kept, error = cut_off(e)
-            self._commands.extend(kept)
-            raise error from e
-        failures: list[str] = []
-        for inst, outcome in zip(self._instances, outcomes, strict=True):
-            iid = inst["InstanceId"]
-            done = judge(outcome.results)
-            self._guest_uname = self._guest_uname or done.uname
-            self._commands.extend(done.results)
-            failures.extend(f"{iid}: {f}" for f in done.failures)
-        if failures:
-            raise StepFailed("commands", "; ".join(failures))
-        ctx.saw(f"{len(commands) - 1} command(s) passed on {len(outcomes)} instance(s)")
-
-    async def _fetch_console(self, ctx: StepContext) -> None:
+    async def _fetch_console(self, ctx: StepContext) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
         for inst in self._instances:
             iid = inst["InstanceId"]
             try:
                 answer = await self.client.call("GetConsoleOutput", {"InstanceId": iid})
             except CloudError as e:
-                self._console.append((iid, f"(console unavailable: {e})"))
+                found.append((iid, f"(console unavailable: {e})"))
                 continue
-            self._console.append((iid, str(answer.get("Output") or "")))
-            ctx.saw(f"{iid}: {len(self._console[-1][1])} characters")
+            found.append((iid, str(answer.get("Output") or "")))
+            ctx.saw(f"{iid}: {len(found[-1][1])} characters")
+        return found
 
 
 def _cloud_key(material: str) -> Any:
@@ -545,23 +542,4 @@ def _reason(inst: dict[str, Any]) -> str:
     return str(reason.get("Message") or inst.get("StateTransitionReason") or "no reason given")
 
 
-async def _gather(ds: list[Deferred[Any]]) -> list[Any]:
-    """Wait for all; fail with the first failure; cancel the rest on cancel."""
-    dl = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
-    try:
-        results = await dl
-    except CancelledError:
-        for d in ds:
-            d.cancel()
-        raise
-    except Exception as e:  # FirstError
-        for d in ds:
-            d.cancel()
-        sub = getattr(e, "subFailure", None)
-        if sub is not None:
-            sub.raiseException()
-        raise
-    return [value for _ok, value in results]
-
-
-__all__ = ["Check", "new_check_id", "valid_address"]
+__all__ = ["CloudMachines", "valid_address"]
