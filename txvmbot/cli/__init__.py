@@ -26,6 +26,7 @@ from txvmbot.cli import doctor as _doctor
 from txvmbot.cli import image as _image
 from txvmbot.cli import local as _local
 from txvmbot.cli import reap as _reap
+from txvmbot.cli import suite as _suite
 from txvmbot.cli._common import (
     CANCEL_REASON,
     _Exit,
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _check.add_parser(sub)
     _reap.add_parser(sub)
+    _suite.add_parser(sub)
     _client.add_parsers(sub)
     _doctor.add_parser(sub)
     _local.add_parsers(sub)

@@ -1,0 +1,200 @@
+"""``txvmbot suite`` end to end on the cloud backend: the real command against
+a real moto server, every machine's ssh pointed at a real OpenSSH sshd on
+loopback (never at an address moto hands out). The suite is a Python
+unittest suite run with ``python -m subunit.run``, uploaded over SFTP; the
+merged stream is read back with python-subunit's own tools and the JUnit
+XML with ElementTree."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import pytest
+
+from tests import checkrun
+from tests.servers import Moto
+from tests.sshd import SSHD, sshd_server
+
+SAMPLE = '''
+import sys
+import unittest
+
+
+class Arithmetic(unittest.TestCase):
+    def test_add(self):
+        self.assertEqual(1 + 1, 2)
+
+    def test_sub(self):
+        self.assertEqual(3 - 1, 2)
+
+    def test_wrong(self):
+        self.assertEqual(2 * 2, 5, "two times two")
+
+
+class Noisy(unittest.TestCase):
+    def test_prints_to_stdout(self):
+        # Seed 002: stdout is global state; these bytes are not subunit.
+        sys.stdout.buffer.write(b"garbage \\xb3\\x00 on stdout\\n")
+        sys.stdout.flush()
+
+    def test_skip(self):
+        self.skipTest("not here")
+
+    def test_mul(self):
+        self.assertEqual(2 * 3, 6)
+'''
+
+LISTER = (
+    "import unittest\n"
+    "def walk(s):\n"
+    "    for t in s:\n"
+    "        yield from (walk(t) if isinstance(t, unittest.TestSuite) else [t.id()])\n"
+    "print('\\n'.join(walk(unittest.defaultTestLoader.discover('.'))))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return checkrun.ssh_keypair(str(tmp_path_factory.mktemp("key")))
+
+
+@pytest.fixture(scope="module")
+def sshd(key: tuple[str, str]) -> Iterator[SSHD]:
+    with sshd_server([key[1]]) as s:
+        yield s
+
+
+def image_of(moto: Moto) -> str:
+    images = checkrun.ec2(moto.url).describe_images(Owners=["amazon"])["Images"]
+    return str(sorted(i["ImageId"] for i in images)[0])
+
+
+def test_subunit_suite_on_the_cloud_backend(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object
+) -> None:
+    base = str(tmp_path)
+    src = os.path.join(base, "src")
+    os.makedirs(src)
+    with open(os.path.join(src, "test_sample.py"), "w") as f:
+        f.write(textwrap.dedent(SAMPLE))
+    with open(os.path.join(src, "lister.py"), "w") as f:
+        f.write(LISTER)
+    # The "machines" are sshd on this host: each gets its own upload dir.
+    remote = os.path.join(base, "remote")
+    os.makedirs(remote)
+    py = shlex.quote(sys.executable)
+    dest = os.path.join(remote, "suite")
+    state = os.path.join(base, "state")
+    out = {n: os.path.join(base, n) for n in ("r.json", "r.subunit", "r.xml")}
+    proc = subprocess.run(
+        checkrun.txvmbot_cmd(
+            "suite",
+            "--endpoint",
+            moto.url,
+            "--region",
+            checkrun.REGION,
+            "--image",
+            image_of(moto),
+            "--ssh-key",
+            key[0],
+            "--ssh-user",
+            sshd.user,
+            "--ssh-endpoint",
+            sshd.endpoint,
+            "--timeout-ssh",
+            "20",
+            "--timeout-running",
+            "60",
+            "--state-dir",
+            state,
+            "--name",
+            "sample",
+            "--machines",
+            "2",
+            "--upload",
+            f"{src}:{dest}",
+            "--setup",
+            f"test -f {shlex.quote(dest)}/test_sample.py",
+            "--list",
+            f"cd {shlex.quote(dest)} && {py} lister.py",
+            "--run",
+            f"cd {shlex.quote(dest)} && {py} -m subunit.run {{tests}}",
+            "--format",
+            "subunit",
+            "--test-timeout",
+            "60",
+            "--json",
+            out["r.json"],
+            "--subunit",
+            out["r.subunit"],
+            "--junit",
+            out["r.xml"],
+        ),
+        env=checkrun.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # test_wrong fails
+    with open(out["r.json"]) as f:
+        doc = json.load(f)
+    by_id = {t["test_id"]: t for t in doc["tests"]}
+    ids = {f"test_sample.{c}.{m}" for c, m in (
+        ("Arithmetic", "test_add"),
+        ("Arithmetic", "test_sub"),
+        ("Arithmetic", "test_wrong"),
+        ("Noisy", "test_prints_to_stdout"),
+        ("Noisy", "test_skip"),
+        ("Noisy", "test_mul"),
+    )}
+    assert set(by_id) == ids
+    assert by_id["test_sample.Arithmetic.test_wrong"]["outcome"] == "failed"
+    assert "two times two" in by_id["test_sample.Arithmetic.test_wrong"]["output"]
+    assert by_id["test_sample.Noisy.test_skip"]["outcome"] == "skipped"
+    noisy = by_id["test_sample.Noisy.test_prints_to_stdout"]
+    assert noisy["outcome"] == "passed" and "garbage" in noisy["output"]
+    for t in ("test_add", "test_sub"):
+        assert by_id[f"test_sample.Arithmetic.{t}"]["outcome"] == "passed"
+    assert {t["worker"] for t in doc["tests"]} <= {"worker-1", "worker-2"}
+    assert doc["summary"]["counts"]["failed"] == 1
+    assert "end_spread" in doc["summary"] and doc["summary"]["makespan"] > 0
+    assert "end spread" in proc.stdout
+
+    # The merged stream, read back by python-subunit's own tools.
+    subunit_bin = os.path.join(os.path.dirname(sys.executable), "subunit-ls")
+    with open(out["r.subunit"], "rb") as f:
+        listed = subprocess.run(
+            [subunit_bin], stdin=f, capture_output=True, text=True, timeout=60
+        ).stdout.split()  # it exits 1: the stream has a failure
+    assert set(listed) == ids
+    stats_bin = os.path.join(os.path.dirname(sys.executable), "subunit-stats")
+    with open(out["r.subunit"], "rb") as f:
+        stats = subprocess.run([stats_bin], stdin=f, capture_output=True, text=True, timeout=60)
+    figures = dict(
+        (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in stats.stdout.splitlines() if ":" in line)
+    )
+    assert figures["Total tests"] == "6" and figures["Failed tests"] == "1"
+    assert figures["Seen tags"] in ("worker-1, worker-2", "worker-1", "worker-2")
+
+    # JUnit XML, as Jenkins reads it.
+    root = ET.parse(out["r.xml"]).getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == 6
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == ["test_wrong"]
+    assert all(float(c.get("time") or "-1") >= 0 for c in cases)
+
+    # The durations were kept for the next run, and nothing is left on moto.
+    with open(os.path.join(state, "suites", "sample.durations.json")) as f:
+        assert set(json.load(f)["durations"]) == ids
+    assert checkrun.leftovers(moto.url, doc["summary"]["check_id"]) == []
+    # The failing test's evidence is kept.
+    evidence = doc["summary"]["evidence_dir"]
+    assert evidence and os.listdir(os.path.join(evidence, "tests"))

@@ -1,0 +1,316 @@
+"""``txvmbot suite``: a whole test suite across fresh machines, fed from one
+queue, on a cloud or on local VMs; results as subunit, JUnit XML and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from typing import IO, Any
+
+from txvmbot.cli._common import (
+    _close,
+    _Exit,
+    _load_cloud_config,
+    _make_private_dir,
+    _open_journal,
+    _react,
+    _Streams,
+    _wrap,
+    add_cloud_flags,
+    add_files_flags,
+    state_dir_for,
+)
+from txvmbot.cli.check import (
+    _local_flags_given,
+    add_check_settings,
+    local_spec_from_args,
+    spec_from_args,
+)
+from txvmbot.config import check_float, check_int, check_str
+from txvmbot.errors import ConfigError
+
+CANCEL_REASON = "SIGINT/SIGTERM received"
+
+_EXAMPLE = """\
+example (a Python unittest suite on 3 local VMs, results for Jenkins):
+  txvmbot suite --local --name mylib --machines 3 \\
+      --upload ./src:/root/src --setup 'cd /root/src && ./prepare' \\
+      --list 'cd /root/src && python3 -m subunit.run discover --list | subunit-ls' \\
+      --run 'cd /root/src && python3 -m subunit.run {tests}' --format subunit \\
+      --junit results.xml --subunit results.subunit
+
+Exit status: 0 when every test passed (or was skipped), 1 when any failed,
+timed out or could not run, 2 for bad usage.
+"""
+
+
+def add_suite_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a suite run: shared by ``suite`` and ``submit --suite``."""
+    s = p.add_argument_group("suite")
+    s.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the suite's name: its recorded test durations are kept under it (default: suite)",
+    )
+    s.add_argument(
+        "--machines", metavar="N", type=int, help="fresh machines, booted in parallel (default: 1)"
+    )
+    s.add_argument(
+        "--upload",
+        metavar="SRC:DEST",
+        action="append",
+        help="copy a local file or directory tree to every machine before the tests, "
+        "over SFTP (repeatable)",
+    )
+    s.add_argument(
+        "--setup",
+        metavar="CMD",
+        action="append",
+        help="run on every machine after the uploads; a machine whose setup fails is "
+        "replaced once (repeatable)",
+    )
+    which = s.add_mutually_exclusive_group()
+    which.add_argument(
+        "--list", metavar="CMD", help="run once on the first ready machine; prints test ids, one a line"
+    )
+    which.add_argument("--tests", metavar="FILE", help="test ids, one a line ('-' for stdin)")
+    s.add_argument(
+        "--run",
+        metavar="CMD",
+        help="the test command: {test} is one test id, {tests} a batch (shell-quoted, "
+        "space-separated; needs --format subunit)",
+    )
+    s.add_argument(
+        "--format",
+        choices=("exit", "subunit"),
+        help="exit: one test per command, its exit status is its result; subunit: the "
+        "command's stdout is a subunit v2 stream (default: exit)",
+    )
+    s.add_argument(
+        "--test-timeout",
+        metavar="S",
+        type=float,
+        help="bound of one test; past it the test fails and its machine is replaced (default: 300)",
+    )
+    s.add_argument("--bound", metavar="S", type=float, help="bound of the whole run (default: 3600)")
+    out = p.add_argument_group("suite results")
+    out.add_argument("--subunit", metavar="FILE", help="one merged subunit v2 stream (default: none)")
+    out.add_argument("--junit", metavar="FILE", help="JUnit XML for Jenkins and GitLab (default: none)")
+
+
+def add_parser(sub: Any) -> None:
+    suite = sub.add_parser(
+        "suite",
+        help="run a test suite across fresh machines, fed from one queue",
+        description=_wrap(
+            "Boot N fresh machines (a cloud's instances, or local VMs with --local), copy "
+            "files and run setup on each, then let every machine pull the next test from "
+            "one queue, longest first by the durations of earlier runs, until none is "
+            "left. A hung test fails and its machine is replaced; a machine that dies "
+            "gives its test to another once. Everything is cleaned up at the end."
+        ),
+        epilog=_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_cloud_flags(suite)
+    add_files_flags(suite)
+    suite.add_argument(
+        "--local", action="store_true", help="run on fresh local QEMU VMs (default: a cloud)"
+    )
+    add_suite_flags(suite)
+    add_check_settings(suite)
+    suite.set_defaults(func=_cmd_suite)
+
+
+def _read_tests(path: str) -> tuple[str, ...]:
+    import sys
+
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("--tests", f"cannot read {path}: {e}") from None
+    ids: dict[str, None] = {}
+    for line in text.splitlines():
+        if line.strip():
+            ids.setdefault(line.strip(), None)
+    if not ids:
+        raise ConfigError("--tests", f"{path} lists no test ids")
+    return tuple(ids)
+
+
+def _upload(value: str) -> Any:
+    from txvmbot.jobs.suite.spec import Upload
+
+    source, sep, dest = value.rpartition(":")
+    if not sep or not source or not dest:
+        raise ConfigError("--upload", f"{value!r} is not SRC:DEST")
+    source = os.path.abspath(os.path.expanduser(source))
+    if not os.path.exists(source):
+        raise ConfigError("--upload", f"{source} does not exist")
+    return Upload(source, dest)
+
+
+def suite_spec_from_args(args: argparse.Namespace, target: Any) -> Any:
+    """The :class:`SuiteSpec` of ``suite`` and ``submit --suite``: flags over
+    defaults, on ``target`` (a CheckSpec or LocalSpec). Raises ConfigError
+    naming the flag."""
+    from txvmbot.jobs.suite.spec import SuiteSpec
+
+    if getattr(args, "commands", None) is not None:
+        raise ConfigError("--command", "not used by a suite: --run is its test command")
+    if getattr(args, "parallel", None) is not None:
+        raise ConfigError("--parallel", "not used by a suite: use --machines")
+    if not args.run:
+        raise ConfigError("--run", "required: the command that runs {test} or {tests}")
+    if not args.list and not args.tests:
+        raise ConfigError("--list", "give the test ids with --list CMD or --tests FILE")
+    return SuiteSpec(
+        target=target,
+        name=check_str("--name", args.name or "suite"),
+        run=check_str("--run", args.run),
+        machines=1 if args.machines is None else check_int("--machines", args.machines),
+        format=args.format or "exit",
+        tests=_read_tests(args.tests) if args.tests else (),
+        list_command=check_str("--list", args.list) if args.list else "",
+        uploads=tuple(_upload(u) for u in args.upload or ()),
+        setup=tuple(check_str("--setup", c) for c in args.setup or ()),
+        test_timeout=300.0 if args.test_timeout is None else check_float("--test-timeout", args.test_timeout),
+        bound=3600.0 if args.bound is None else check_float("--bound", args.bound),
+    )
+
+
+class _LiveLine:
+    """One line on a terminal, rewritten as the run goes: done/total,
+    passed, failed, each machine's state, ETA."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._width = 0
+
+    def __call__(self, p: Any) -> None:
+        if not self.tty:
+            return
+        eta = f", ETA {p.eta:.0f}s" if p.eta is not None else ""
+        states = " ".join(f"{s.worker.split('-')[-1]}:{s.state[:24]}" for s in p.slots)
+        line = f"{p.done}/{p.total} done, {p.passed} passed, {p.failed} failed{eta} | {states}"
+        line = line[:200]
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width = len(line)
+
+    def end(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def write_outputs(result: Any, args: argparse.Namespace, streams: _Streams) -> None:
+    """--subunit, --junit and --json, each written whole then renamed in."""
+    from txvmbot.jobs.suite import results as R
+    from txvmbot.jobs.suite.report import summary_dict
+
+    def atomically(path: str, write: Any) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+
+    if args.subunit:
+        atomically(args.subunit, lambda f: R.write_subunit(result.tests, f))
+    if args.junit:
+        atomically(args.junit, lambda f: R.write_junit(result.tests, f, result.name))
+    streams.write_json(R.to_json(result.tests, summary_dict(result)))
+
+
+def _cmd_suite(
+    args: argparse.Namespace,
+    streams: _Streams,
+    environ: Mapping[str, str],
+    reactor: Any,
+) -> int:
+    chosen, config_state = _load_cloud_config(args)
+    state_dir = state_dir_for(args.state_dir, config_state, environ)
+    target: Any
+    if args.local:
+        target = local_spec_from_args(args, environ, state_dir)
+    else:
+        flag = _local_flags_given(args)
+        if flag is not None:
+            raise ConfigError(flag, "only used with --local")
+        target = spec_from_args(args, environ, chosen)
+    spec = suite_spec_from_args(args, target)
+    from txvmbot.jobs.suite import durations as D
+
+    known = D.load(state_dir, spec.name)
+    evidence = os.path.join(state_dir, "evidence")
+    _make_private_dir(state_dir, "--state-dir")
+    _make_private_dir(evidence, "--state-dir")
+    exit = _Exit()
+    journal = _open_journal(state_dir)
+    human = streams.human
+    live = _LiveLine(streams.stderr)
+
+    try:
+
+        def go(r: Any) -> Any:
+            from twisted.internet.defer import Deferred, ensureDeferred
+
+            from txvmbot.engine import new_check_id
+            from txvmbot.jobs.backends import machines_for
+            from txvmbot.jobs.suite.report import format_summary
+            from txvmbot.jobs.suite.run import SuiteRun
+
+            machines = machines_for(r, spec.target, journal=journal, check_id=new_check_id())
+            run = SuiteRun(r, machines, spec, durations=known, progress=live, evidence_root=evidence)
+            human.write(f"suite {spec.name}: {spec.machines} machine(s), check id {run.check_id}\n")
+            human.flush()
+            done: Deferred[None] = Deferred()
+            finished = False
+
+            async def main() -> None:
+                nonlocal finished
+                result = await run.run()
+                finished = True
+                live.end()
+                try:
+                    write_outputs(result, args, streams)
+                    D.save(state_dir, spec.name, _durations(result))
+                except (OSError, ConfigError) as e:
+                    streams.stderr.write(f"txvmbot suite: {e}\n")
+                human.write(format_summary(result))
+                human.flush()
+                exit.code = 0 if result.passed else 1
+
+            def before_shutdown() -> Deferred[None] | None:
+                if finished:
+                    return None
+                streams.stderr.write(f"\n{CANCEL_REASON}: cancelling, cleaning up\n")
+                streams.stderr.flush()
+                run.cancel(CANCEL_REASON)
+                waiting: Deferred[None] = Deferred()
+                done.addBoth(lambda _: waiting.callback(None))
+                return waiting
+
+            r.addSystemEventTrigger("before", "shutdown", before_shutdown)
+            r.callWhenRunning(lambda: ensureDeferred(main()).chainDeferred(done))
+            return done
+
+        _react(go, reactor)
+    finally:
+        _close(journal)
+    if exit.code is None:
+        streams.stderr.write("txvmbot suite: stopped before the suite finished\n")
+        return 1
+    return exit.code
+
+
+def _durations(result: Any) -> dict[str, float]:
+    """What a run teaches of each test's duration: tests that ended on their
+    own (a timeout or a lost machine says nothing of how long a test takes)."""
+    return {t.test_id: t.duration for t in result.tests if t.outcome in ("passed", "failed", "skipped")}

@@ -1,0 +1,556 @@
+"""A test suite fed to fresh machines from one queue (seed 002).
+
+:class:`SuiteRun` takes its machines from any backend
+(:class:`~txvmbot.machines.IMachines`), gets each ready (one ssh session
+held open, uploads, setup commands; a machine whose setup fails is
+replaced once), lists the tests if asked, then lets every machine pull the
+next test or batch from a :class:`~txvmbot.jobs.suite.feed.Feeder`,
+longest first, until none is left. A test past its bound fails with that
+reason and its machine is replaced; a machine that dies gives its tests
+back to the queue once (then they are infrastructure trouble, never test
+failures). The whole run has a bound; cleanup always runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from txvmbot.engine import StepContext, StepRunner, StepSequence, gather
+from txvmbot.errors import StepFailed, TxvmbotError
+from txvmbot.evidence import save_evidence
+from txvmbot.jobs.suite import results as R
+from txvmbot.jobs.suite.feed import Batch, Feeder
+from txvmbot.jobs.suite.spec import MachineTime, SuiteResult, SuiteSpec, command_for
+from txvmbot.jobs.suite.spread import Timeline, summarize
+from txvmbot.machines import IMachines, Machine
+from txvmbot.model import CheckResult, StepEvent
+
+__all__ = ["Progress", "SlotState", "SuiteRun"]
+
+#: How often one slot may get a fresh machine after its first (a timeout,
+#: a dead machine, a failed setup).
+MAX_REPLACEMENTS = 3
+
+
+@attrs.frozen
+class SlotState:
+    worker: str
+    machine: str
+    state: str  # "setup", "running <test>", "idle", "replacing", "done", "lost"
+
+
+@attrs.frozen
+class Progress:
+    """What the live line shows: counts, each machine's state, an ETA."""
+
+    total: int
+    done: int
+    passed: int
+    failed: int
+    slots: tuple[SlotState, ...]
+    eta: float | None
+
+
+@attrs.define
+class _Slot:
+    worker: str
+    machine: Machine
+    session: Any = None
+    state: str = "setup"
+    start: float | None = None
+    end: float | None = None
+    busy: float = 0.0
+    replacements: int = 0
+    machines: list[str] = attrs.Factory(list)
+
+
+class SuiteRun:
+    """One run of a suite. ``run()`` fires with a SuiteResult and never
+    errbacks for failing tests; ``cancel()`` stops the tests and cleans up."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        machines: IMachines,
+        spec: SuiteSpec,
+        *,
+        durations: Mapping[str, float] | None = None,
+        observer: Callable[[StepEvent], None] | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        evidence_root: str | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.reactor = reactor
+        self.machines = machines
+        self.spec = spec
+        self.check_id: str = machines.check_id
+        self.durations = dict(durations or {})
+        self.evidence_root = evidence_root
+        self.steps = StepRunner(reactor, observer, wall)
+        self.sequence = StepSequence(self.steps, f"suite {self.check_id}")
+        self._progress = progress
+        self._wall = wall
+        self._slots: list[_Slot] = []
+        self._results: dict[str, R.TestResult] = {}
+        self._attempts: dict[str, int] = {}
+        self._feeder: Feeder | None = None
+        self._tests: tuple[str, ...] = ()
+        self._waiting: list[Deferred[None]] = []
+        self._released_console: list[tuple[str, str]] = []
+        self._t0 = 0.0
+
+    def run(self) -> Deferred[SuiteResult]:
+        return ensureDeferred(self._run())
+
+    def cancel(self, reason: str) -> None:
+        self.sequence.cancel(reason)
+        self._wake()
+
+    # -- the run ----------------------------------------------------------
+
+    async def _run(self) -> SuiteResult:
+        spec = self.spec
+        error = ""
+        timer = self.reactor.callLater(
+            spec.bound, self.cancel, f"the whole run passed its bound of {spec.bound:g}s"
+        )
+        try:
+            await self.machines.prepare(self.sequence)
+            got = await self.machines.acquire(self.sequence, spec.machines)
+            self._slots = [_Slot(f"worker-{i + 1}", m, machines=[m.name]) for i, m in enumerate(got)]
+            await self.sequence.step("setup", self._setup_bound(), self._setup_all)
+            tests = spec.tests
+            if not tests:
+                tests = await self.sequence.step("list", spec.test_timeout, self._list)
+            self._tests = tuple(tests)
+            self._feeder = Feeder(tests, self.durations, len(self._slots), batch=spec.batched)
+            self._t0 = self._wall()
+            await self.sequence.step("tests", spec.bound, self._feed_all)
+        except CancelledError:
+            error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
+        except TxvmbotError as e:
+            error = str(e)
+        except Exception as e:  # a bug of ours: report it, still clean up
+            self.log.failure("Unexpected error in suite {check_id}", check_id=self.check_id)
+            error = f"internal error: {e!r}"
+        finally:
+            if timer.active():
+                timer.cancel()
+        self._give_up_rest(error)
+        for slot in self._slots:
+            await self._close_session(slot)
+        ended = tuple(self._results.values())
+        failing = any(t.outcome not in ("passed", "skipped") for t in ended)
+        console: tuple[tuple[str, str], ...] = ()
+        if error or failing:
+            console = tuple(self._released_console) + tuple(await self.machines.console(self.steps))
+        errors = await self.machines.cleanup(self.steps)
+        if errors and not error:
+            error = "cleanup failed: " + "; ".join(errors)
+        machine_side = CheckResult(
+            check_id=self.check_id,
+            passed=not error,
+            steps=self.steps.results,
+            facts=self.machines.facts(""),
+            console=console,
+            host_keys=tuple((m, "") for s in self._slots for m in s.machines),
+            error=error,
+        )
+        result = SuiteResult(
+            name=spec.name,
+            tests=ended,
+            machines=machine_side,
+            spread=self._spread(ended),
+            times=self._times(),
+            error=error,
+        )
+        if error or failing:
+            result = self._save_evidence(result)
+        await self.machines.close()
+        return result
+
+    def _setup_bound(self) -> float:
+        # Connect, uploads and setup commands, twice (a replaced machine).
+        per = 60.0 + self.spec.test_timeout * (len(self.spec.uploads) + len(self.spec.setup))
+        return 2 * per + 600.0
+
+    # -- getting machines ready -------------------------------------------
+
+    async def _setup_all(self, ctx: StepContext) -> None:
+        await gather([ensureDeferred(self._ready(ctx, s, replace_once=True)) for s in self._slots])
+        ctx.saw(f"{len(self._slots)} machine(s) ready")
+
+    async def _ready(self, ctx: StepContext, slot: _Slot, *, replace_once: bool) -> None:
+        """Open the slot's session, upload, run the setup commands. With
+        ``replace_once``, a machine that fails this is replaced once."""
+        try:
+            await self._prepare_machine(ctx, slot)
+        except (TxvmbotError, OSError) as e:
+            if not replace_once:
+                raise
+            ctx.saw(f"{slot.worker} on {slot.machine.name}: {e}; replacing it")
+            self.log.warn(
+                "Suite {check_id}: {worker} on {machine} failed its setup ({e}); replacing it",
+                check_id=self.check_id,
+                worker=slot.worker,
+                machine=slot.machine.name,
+                e=e,
+            )
+            await self._swap_machine(slot)
+            await self._prepare_machine(ctx, slot)
+
+    async def _prepare_machine(self, ctx: StepContext, slot: _Slot) -> None:
+        from txvmbot import ssh
+
+        spec = self.spec
+        m = slot.machine
+        slot.state = "setup"
+        connect = getattr(getattr(spec.target, "timeouts", None), "ssh_connect", 10.0)
+        slot.session = await ssh.open_session(
+            self.reactor, m.ssh_endpoint, m.ssh_user, m.key, connect_timeout=connect
+        )
+        for up in spec.uploads:
+            done = await slot.session.upload(up.source, up.dest, bound=spec.test_timeout)
+            ctx.saw(f"{slot.worker}: {up.source} -> {up.dest} ({done.files} file(s), {done.bytes} bytes)")
+        for command in spec.setup:
+            r = await slot.session.run(command, spec.test_timeout)
+            if not r.ok:
+                out = (r.stdout + r.stderr).decode("utf-8", "replace").strip()[-2000:]
+                how = f"signal {r.signal}" if r.signal else f"exit status {r.exit_status}"
+                raise StepFailed(
+                    "setup",
+                    f"{slot.worker} on {m.name}: {command!r} ended with {how}" + (f": {out}" if out else ""),
+                )
+        slot.state = "idle"
+        self._report()
+
+    async def _swap_machine(self, slot: _Slot) -> None:
+        """Give the slot's machine back and get a fresh one in its place."""
+        slot.state = "replacing"
+        self._report()
+        await self._close_session(slot)
+        old = slot.machine
+        self._released_console.extend(
+            (name, text) for name, text in await self.machines.console(self.steps) if name == old.name
+        )
+        await self.machines.release(old)
+        (fresh,) = await self.machines.acquire(self.sequence, 1)
+        slot.machine = fresh
+        slot.machines.append(fresh.name)
+        slot.replacements += 1
+
+    async def _close_session(self, slot: _Slot) -> None:
+        session, slot.session = slot.session, None
+        if session is not None:
+            try:
+                await session.close()
+            except Exception as e:
+                self.log.info("Closing {worker}'s session: {e}", worker=slot.worker, e=e)
+
+    async def _list(self, ctx: StepContext) -> tuple[str, ...]:
+        slot = self._slots[0]
+        r = await slot.session.run(self.spec.list_command, self.spec.test_timeout)
+        if not r.ok:
+            err = (r.stderr or r.stdout).decode("utf-8", "replace").strip()[-2000:]
+            raise StepFailed(
+                "list", f"{self.spec.list_command!r} ended with exit status {r.exit_status}: {err}"
+            )
+        seen: dict[str, None] = {}
+        for line in r.stdout.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                seen.setdefault(line.strip(), None)
+        if not seen:
+            raise StepFailed("list", f"{self.spec.list_command!r} printed no test ids")
+        ctx.saw(f"{len(seen)} test(s) on {slot.machine.name}")
+        return tuple(seen)
+
+    # -- feeding ----------------------------------------------------------
+
+    async def _feed_all(self, ctx: StepContext) -> None:
+        await gather([ensureDeferred(self._work(ctx, s)) for s in self._slots])
+        feeder = self._feeder
+        assert feeder is not None
+        ctx.saw(f"{feeder.done} of {feeder.total} test(s) ended")
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def _live(self) -> bool:
+        return any(s.state not in ("done", "lost") for s in self._slots)
+
+    async def _work(self, ctx: StepContext, slot: _Slot) -> None:
+        feeder = self._feeder
+        assert feeder is not None
+        try:
+            while self.sequence.cancelled is None:
+                batch = feeder.take(slot.worker)
+                if batch is None:
+                    if feeder.empty or not feeder.handed_out:
+                        break
+                    # Others still run tests that may come back: wait for a change.
+                    slot.state = "idle"
+                    d: Deferred[None] = Deferred()
+                    self._waiting.append(d)
+                    await d
+                    continue
+                await self._run_batch(ctx, slot, batch)
+        finally:
+            if slot.state != "lost":
+                slot.state = "done"
+            slot.end = slot.end or self._wall()
+            self._wake()
+            self._report()
+
+    async def _run_batch(self, ctx: StepContext, slot: _Slot, batch: Batch) -> None:
+        from txvmbot import ssh
+
+        feeder = self._feeder
+        assert feeder is not None
+        spec = self.spec
+        ids = batch.test_ids
+        for t in ids:
+            self._attempts[t] = self._attempts.get(t, 0) + 1
+        slot.state = f"running {ids[0]}" + (f" (+{len(ids) - 1})" if len(ids) > 1 else "")
+        self._report()
+        started = self._wall()
+        slot.start = slot.start if slot.start is not None else started
+        command = command_for(spec.run, ids)
+        replace = ""
+        try:
+            try:
+                outcome = await slot.session.run(command, spec.test_timeout * len(ids))
+            except ssh.SSHCommandTimeout as e:
+                self._timed_out(slot, batch, started, e.partial)
+                replace = f"a test passed its bound of {spec.test_timeout:g}s"
+            except (ssh.SSHCommandFailed, ssh.SSHConnectError) as e:
+                self._lost(slot, batch, started, getattr(e, "partial", None), str(e))
+                replace = f"it stopped answering: {e}"
+            else:
+                self._ended(slot, batch, started, outcome)
+        finally:
+            slot.busy += self._wall() - started
+            slot.end = self._wall()
+            self._wake()
+            self._report()
+        if replace:
+            await self._replace(ctx, slot, replace)
+
+    def _ended(self, slot: _Slot, batch: Batch, started: float, outcome: Any) -> None:
+        feeder = self._feeder
+        assert feeder is not None
+        ids = batch.test_ids
+        duration = self._wall() - started
+        if not self.spec.batched and self.spec.format == "exit":
+            (test,) = ids
+            self._record(
+                R.from_exit(
+                    test,
+                    slot.worker,
+                    started,
+                    duration,
+                    outcome.exit_status,
+                    outcome.signal,
+                    outcome.stdout,
+                    outcome.stderr,
+                    attempts=self._attempts[test],
+                )
+            )
+            feeder.finished(batch, {test})
+            return
+        read = R.read_subunit(outcome.stdout, slot.worker, ids, started=started)
+        ended = self._record_read(read, ids)
+        # The command ended by itself: a test it never reported did not run
+        # (a bad id, a crash of the runner): that is the test's failure.
+        why = f"not in the subunit output of {slot.worker}'s command (exit status {outcome.exit_status})"
+        tail = read.stray + outcome.stderr
+        for test in ids:
+            if test not in ended:
+                output = read.running_output if test == read.running else tail
+                self._record(
+                    R.TestResult(
+                        test_id=test,
+                        outcome="failed",
+                        duration=0.0,
+                        worker=slot.worker,
+                        started=started,
+                        output=output,
+                        message=why,
+                        attempts=self._attempts[test],
+                    )
+                )
+        feeder.finished(batch, set(ids))
+
+    def _record_read(self, read: R.SubunitRead, ids: tuple[str, ...]) -> set[str]:
+        ended: set[str] = set()
+        for r in read.results:
+            if r.test_id in ids:
+                self._record(attrs.evolve(r, attempts=self._attempts[r.test_id]))
+                ended.add(r.test_id)
+        return ended
+
+    def _timed_out(self, slot: _Slot, batch: Batch, started: float, partial: Any) -> None:
+        feeder = self._feeder
+        assert feeder is not None
+        ids = batch.test_ids
+        bound = self.spec.test_timeout
+        if self.spec.format == "exit":
+            (test,) = ids
+            output = partial.stdout + partial.stderr
+            self._record(R.timed_out(test, slot.worker, started, bound, output, attempts=self._attempts[test]))
+            feeder.timed_out(batch, test)
+            return
+        read = R.read_subunit(partial.stdout, slot.worker, ids, started=started)
+        ended = self._record_read(read, ids)
+        running = read.running if read.running in ids else next(t for t in ids if t not in ended)
+        output = read.running_output if running == read.running else read.stray
+        self._record(
+            R.timed_out(running, slot.worker, started, bound, output + partial.stderr, attempts=self._attempts[running])
+        )
+        feeder.timed_out(batch, running, done=ended)
+
+    def _lost(self, slot: _Slot, batch: Batch, started: float, partial: Any, why: str) -> None:
+        feeder = self._feeder
+        assert feeder is not None
+        ids = batch.test_ids
+        ended: set[str] = set()
+        if partial is not None and self.spec.format == "subunit":
+            read = R.read_subunit(partial.stdout, slot.worker, ids, started=started)
+            ended = self._record_read(read, ids)
+        closed = feeder.finished(batch, ended)
+        duration = self._wall() - started
+        for test in closed.gave_up:
+            self._record(
+                R.machine_lost(
+                    test, slot.worker, started, duration, reason=f"{slot.machine.name}: {why}"
+                )
+            )
+        self.log.warn(
+            "Suite {check_id}: {worker} on {machine} was lost ({why}); {n} test(s) go to another machine",
+            check_id=self.check_id,
+            worker=slot.worker,
+            machine=slot.machine.name,
+            why=why,
+            n=len(closed.requeued),
+        )
+
+    async def _replace(self, ctx: StepContext, slot: _Slot, why: str) -> None:
+        if self.sequence.cancelled is not None:
+            return
+        feeder = self._feeder
+        assert feeder is not None
+        if slot.replacements >= MAX_REPLACEMENTS or (feeder.remaining == 0 and not feeder.handed_out):
+            await self._close_session(slot)
+            slot.state = "done" if slot.replacements < MAX_REPLACEMENTS else "lost"
+            return
+        ctx.saw(f"{slot.worker}: replacing {slot.machine.name}: {why}")
+        try:
+            await self._swap_machine(slot)
+            await self._prepare_machine(ctx, slot)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.log.warn(
+                "Suite {check_id}: {worker} could not get a fresh machine ({e}); it stops",
+                check_id=self.check_id,
+                worker=slot.worker,
+                e=e,
+            )
+            slot.state = "lost"
+            await self._close_session(slot)
+
+    def _record(self, result: R.TestResult) -> None:
+        self._results[result.test_id] = result
+
+    def _give_up_rest(self, error: str) -> None:
+        """Tests no machine ended: infrastructure trouble with the reason."""
+        why = error or "no machine was left to run it"
+        now = self._wall()
+        for test in self._tests:
+            if test not in self._results:
+                self._record(
+                    R.TestResult(
+                        test_id=test,
+                        outcome="infra",
+                        duration=0.0,
+                        worker="",
+                        started=now,
+                        message=f"not run: {why}",
+                        attempts=max(1, self._attempts.get(test, 1)),
+                    )
+                )
+
+    # -- figures ----------------------------------------------------------
+
+    def _report(self) -> None:
+        if self._progress is None or self._feeder is None:
+            return
+        counts = R.count_outcomes(self._results.values())
+        feeder = self._feeder
+        done = len(self._results)
+        eta: float | None = None
+        elapsed = self._wall() - self._t0
+        if done and feeder.total > done:
+            eta = elapsed / done * (feeder.total - done)
+        try:
+            self._progress(
+                Progress(
+                    total=feeder.total,
+                    done=done,
+                    passed=counts["passed"],
+                    failed=counts["failed"] + counts["timeout"] + counts["infra"],
+                    slots=tuple(SlotState(s.worker, s.machine.name, s.state) for s in self._slots),
+                    eta=eta,
+                )
+            )
+        except Exception:
+            self.log.failure("The suite's progress callback failed")
+
+    def _times(self) -> tuple[MachineTime, ...]:
+        return tuple(
+            MachineTime(s.worker, s.start or self._t0, s.end or s.start or self._t0, s.busy, tuple(s.machines))
+            for s in self._slots
+            if s.start is not None
+        )
+
+    def _spread(self, tests: tuple[R.TestResult, ...]) -> Any:
+        times = self._times()
+        if not times or not tests:
+            return None
+        return summarize(
+            [Timeline(t.worker, self._t0, t.end, t.busy) for t in times],
+            [t.duration for t in tests if t.outcome != "infra"],
+        )
+
+    # -- evidence ---------------------------------------------------------
+
+    def _save_evidence(self, result: SuiteResult) -> SuiteResult:
+        """The machine side's evidence (steps, facts, consoles) and, beside
+        it, each failing test's output."""
+        machines = save_evidence(self.evidence_root, result.machines, self.log)
+        if machines.evidence_dir:
+            try:
+                tests_dir = os.path.join(machines.evidence_dir, "tests")
+                os.makedirs(tests_dir, mode=0o700, exist_ok=True)
+                for t in result.tests:
+                    if t.outcome in ("passed", "skipped"):
+                        continue
+                    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in t.test_id)[:150]
+                    with open(os.path.join(tests_dir, name + ".txt"), "wb") as f:
+                        f.write(f"{t.test_id}: {t.outcome} on {t.worker}: {t.message}\n".encode())
+                        f.write(t.output)
+            except OSError as e:
+                self.log.error(
+                    "Suite {check_id}: cannot save its tests' evidence: {e}", check_id=self.check_id, e=e
+                )
+        return attrs.evolve(result, machines=machines)
