@@ -120,6 +120,8 @@ class SuiteRun:
     async def _run(self) -> SuiteResult:
         spec = self.spec
         error = ""
+        # Known up front with --tests: reported even if the run ends before them.
+        self._tests = spec.tests
         timer = self.reactor.callLater(
             spec.bound, self.cancel, f"the whole run passed its bound of {spec.bound:g}s"
         )
@@ -424,15 +426,25 @@ class SuiteRun:
         assert feeder is not None
         ids = batch.test_ids
         ended: set[str] = set()
+        output = b""
         if partial is not None and self.spec.format == "subunit":
             read = R.read_subunit(partial.stdout, slot.worker, ids, started=started)
             ended = self._record_read(read, ids)
+            output = read.running_output
+        elif partial is not None:
+            output = partial.stdout + partial.stderr
         closed = feeder.finished(batch, ended)
         duration = self._wall() - started
         for test in closed.gave_up:
             self._record(
                 R.machine_lost(
-                    test, slot.worker, started, duration, reason=f"{slot.machine.name}: {why}"
+                    test,
+                    slot.worker,
+                    started,
+                    duration,
+                    output,
+                    reason=f"{slot.machine.name}: {why}",
+                    attempts=self._attempts[test],
                 )
             )
         self.log.warn(

@@ -1,0 +1,637 @@
+"""SuiteRun, driven deterministically: a fake backend (IMachines), a fake ssh
+layer whose commands end on a twisted Clock, and no real reactor.
+
+The fakes behave as the real ones do where SuiteRun can tell: machines are
+made inside a ``boot`` step of the job's sequence; ``Session.run`` fails
+with SSHCommandTimeout after its ``timeout`` and with SSHCommandFailed when
+the connection is lost (and every later command or connection to that
+machine fails too); cancelling a command abandons it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pytest
+from subunit.v2 import StreamResultToBytes
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from txvmbot import ssh
+from txvmbot.jobs.suite.results import STRAY_HEADER, TestResult
+from txvmbot.jobs.suite.run import SuiteRun
+from txvmbot.jobs.suite.spec import SuiteResult, SuiteSpec, Upload
+from txvmbot.machines import IMachines, Machine
+from txvmbot.model import CheckSpec, Cloud, CommandResult, Facts
+
+T0 = 1_700_000_000.0
+TARGET = CheckSpec(cloud=Cloud(endpoint="http://127.0.0.1:1/", region="unit"), image="ami-1")
+TWELVE = tuple(f"t{i:02d}" for i in range(1, 13))
+
+
+# -- the fake ssh layer -------------------------------------------------------
+
+
+@attrs.frozen
+class Reply:
+    """How a fake machine answers one command: ends ``after`` seconds with
+    this status and output; or never ends (``hang``); or its connection is
+    lost after ``after`` seconds (``die``), with the output so far."""
+
+    after: float = 1.0
+    exit_status: int | None = 0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    hang: bool = False
+    die: bool = False
+
+
+@attrs.define(eq=False)
+class Ran:
+    """One command a session was asked to run."""
+
+    machine: str
+    command: str
+    start: float
+    end: float | None = None
+
+    @property
+    def tests(self) -> tuple[str, ...]:
+        """The test ids of a test command (``run-test X``, ``run-tests X Y``)."""
+        words = shlex.split(self.command)
+        return tuple(words[1:]) if words[0] in ("run-test", "run-tests") else ()
+
+
+class Lab:
+    """The machines' side of ssh. ``answer(machine, command)`` may return a
+    Reply; else tests take ``test_time[id]`` (1 s by default) and pass, and
+    other commands take 0.5 s and succeed."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.endpoints: dict[str, str] = {}  # endpoint -> machine name
+        self.dead: set[str] = set()
+        self.ran: list[Ran] = []
+        self.running: list[Ran] = []
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+        self.uploads: list[tuple[str, str, str]] = []
+        self.test_time: dict[str, float] = {}
+        self.answer: Callable[[str, str], Reply | None] = lambda machine, command: None
+
+    def reply(self, machine: str, command: str) -> Reply:
+        special = self.answer(machine, command)
+        if special is not None:
+            return special
+        ran = Ran(machine, command, 0.0)
+        if ran.tests:
+            return Reply(after=sum(self.test_time.get(t, 1.0) for t in ran.tests))
+        return Reply(after=0.5)
+
+    def open_session(
+        self, reactor: Any, endpoint: str, user: str, key: Any, *, connect_timeout: float
+    ) -> Deferred[FakeSession]:
+        assert reactor is self.clock
+        assert endpoint.startswith("tcp:host=127.0.0.1:")
+        assert connect_timeout > 0
+        machine = self.endpoints[endpoint]
+        if machine in self.dead:
+            return fail(ssh.SSHConnectError(endpoint, user, "connection refused"))
+        self.opened.append(machine)
+        return succeed(FakeSession(self, machine, endpoint, user))
+
+    # What tests look at.
+
+    def test_runs(self) -> list[Ran]:
+        return [r for r in self.ran if r.tests]
+
+    def started_tests(self) -> list[str]:
+        return [t for r in self.test_runs() for t in r.tests]
+
+    def machines_of(self, test: str) -> list[str]:
+        return [r.machine for r in self.test_runs() if test in r.tests]
+
+
+class FakeSession:
+    """A Session whose commands end on the lab's clock."""
+
+    def __init__(self, lab: Lab, machine: str, endpoint: str, user: str) -> None:
+        self.lab = lab
+        self.machine = machine
+        self.endpoint = endpoint
+        self.user = user
+
+    @property
+    def lost(self) -> bool:
+        return self.machine in self.lab.dead
+
+    def run(self, command: str, timeout: float) -> Deferred[CommandResult]:
+        lab = self.lab
+        ran = Ran(self.machine, command, lab.clock.seconds())
+        lab.ran.append(ran)
+        if self.lost:
+            return fail(
+                ssh.SSHCommandFailed(
+                    self.endpoint,
+                    self.user,
+                    command,
+                    "could not start: the connection was lost",
+                    CommandResult(command, None),
+                )
+            )
+        reply = lab.reply(self.machine, command)
+        partial = CommandResult(command, None, reply.stdout, reply.stderr)
+        timers: list[Any] = []
+
+        def stop() -> None:
+            for t in timers:
+                if t.active():
+                    t.cancel()
+            lab.running.remove(ran)
+            ran.end = lab.clock.seconds()
+
+        def end(outcome: CommandResult | Exception) -> None:
+            stop()
+            if isinstance(outcome, Exception):
+                d.errback(Failure(outcome))
+            else:
+                d.callback(outcome)
+
+        def die() -> None:
+            lab.dead.add(self.machine)
+            end(
+                ssh.SSHCommandFailed(
+                    self.endpoint,
+                    self.user,
+                    command,
+                    "was cut off: the connection was lost",
+                    partial,
+                )
+            )
+
+        d: Deferred[CommandResult] = Deferred(lambda _: stop())
+        lab.running.append(ran)
+        timers.append(
+            lab.clock.callLater(
+                timeout,
+                lambda: end(
+                    ssh.SSHCommandTimeout(self.endpoint, self.user, command, timeout, partial)
+                ),
+            )
+        )
+        if reply.die:
+            timers.append(lab.clock.callLater(reply.after, die))
+        elif not reply.hang:
+            done = CommandResult(command, reply.exit_status, reply.stdout, reply.stderr)
+            timers.append(lab.clock.callLater(reply.after, end, done))
+        return d
+
+    def upload(self, source: str, dest: str, *, bound: float) -> Deferred[ssh.UploadResult]:
+        self.lab.uploads.append((self.machine, source, dest))
+        return succeed(ssh.UploadResult(files=1, directories=0, bytes=10, seconds=0.0))
+
+    def close(self) -> Deferred[None]:
+        self.lab.closed.append(self.machine)
+        return succeed(None)
+
+
+# -- the fake backend ---------------------------------------------------------
+
+
+@implementer(IMachines)
+class FakeMachines:
+    """Hands out machines m1, m2, ... from a ``boot`` step of the job's
+    sequence and records what the job asked of it."""
+
+    check_id = "suite-unit"
+
+    def __init__(self, clock: Clock, lab: Lab, boot: float = 0.0) -> None:
+        self.clock = clock
+        self.lab = lab
+        self.boot = boot
+        self.acquired: list[int] = []  # the count of each acquire call
+        self.handed: list[Machine] = []
+        self.released: list[str] = []
+        self.console_calls = 0
+        self.cleanups = 0
+        self.closed = 0
+
+    def prepare(self, sequence: Any) -> Deferred[None]:
+        return ensureDeferred(sequence.step("prepare", 10, lambda ctx: None))
+
+    def acquire(
+        self, sequence: Any, count: int, *, ssh: bool = True
+    ) -> Deferred[tuple[Machine, ...]]:
+        self.acquired.append(count)
+
+        async def boot(ctx: Any) -> tuple[Machine, ...]:
+            if self.boot:
+                await deferLater(self.clock, self.boot)
+            fresh = []
+            for _ in range(count):
+                n = len(self.handed) + 1
+                m = Machine(f"m{n}", f"tcp:host=127.0.0.1:port={2200 + n}", "root", key=None)
+                self.lab.endpoints[m.ssh_endpoint] = m.name
+                self.handed.append(m)
+                fresh.append(m)
+            return tuple(fresh)
+
+        return ensureDeferred(sequence.step("boot", 10 + self.boot, boot))
+
+    def release(self, machine: Machine) -> Deferred[None]:
+        self.released.append(machine.name)
+        return succeed(None)
+
+    def console(self, steps: Any) -> Deferred[tuple[tuple[str, str], ...]]:
+        self.console_calls += 1
+        return succeed(tuple((m.name, f"console of {m.name}\n") for m in self.handed))
+
+    def keep(self, steps: Any, error: str) -> Deferred[bool]:
+        return succeed(False)
+
+    def cleanup(self, steps: Any) -> Deferred[tuple[str, ...]]:
+        self.cleanups += 1
+        return steps.run("cleanup", 10, lambda ctx: ())
+
+    def facts(self, guest_uname: str) -> Facts:
+        return Facts(endpoint="fake", guest_uname=guest_uname)
+
+    def close(self) -> Deferred[None]:
+        self.closed += 1
+        return succeed(None)
+
+
+# -- the rig ------------------------------------------------------------------
+
+
+@attrs.define
+class Rig:
+    clock: Clock
+    lab: Lab
+    machines: FakeMachines
+
+    def spec(self, **kw: Any) -> SuiteSpec:
+        values: dict[str, Any] = {
+            "target": TARGET,
+            "name": "unit",
+            "run": "run-test {test}",
+            "machines": 3,
+            "tests": TWELVE,
+        }
+        values.update(kw)
+        return SuiteSpec(**values)
+
+    def start(self, spec: SuiteSpec, **kw: Any) -> tuple[SuiteRun, Deferred[SuiteResult]]:
+        run = SuiteRun(self.clock, self.machines, spec, wall=self.clock.seconds, **kw)
+        return run, run.run()
+
+    def finish(
+        self,
+        d: Deferred[SuiteResult],
+        each: Callable[[], None] | None = None,
+        step: float = 0.5,
+        limit: int = 2000,
+    ) -> SuiteResult:
+        """Advance the clock ``step`` at a time (calling ``each`` after every
+        step) until ``d`` fires; its result."""
+        got: list[Any] = []
+        d.addBoth(got.append)
+        for _ in range(limit):
+            if got:
+                break
+            self.clock.advance(step)
+            if each is not None and not got:
+                each()
+        assert got, f"the run did not end within {limit * step}s"
+        if isinstance(got[0], Failure):
+            got[0].raiseException()
+        result: SuiteResult = got[0]
+        return result
+
+
+@pytest.fixture
+def rig(monkeypatch: pytest.MonkeyPatch) -> Rig:
+    clock = Clock()
+    clock.advance(T0)
+    lab = Lab(clock)
+    monkeypatch.setattr(ssh, "open_session", lab.open_session)
+    return Rig(clock, lab, FakeMachines(clock, lab))
+
+
+def by_id(result: SuiteResult) -> dict[str, TestResult]:
+    return {t.test_id: t for t in result.tests}
+
+
+def assert_tidy(rig: Rig) -> None:
+    """Everything was given back: cleanup once, every session closed, no
+    command left running, no timer left on the clock."""
+    assert rig.machines.cleanups == 1
+    assert rig.machines.closed == 1
+    assert sorted(rig.lab.closed) == sorted(rig.lab.opened)
+    assert rig.lab.running == []
+    assert rig.clock.getDelayedCalls() == []
+
+
+# -- tests --------------------------------------------------------------------
+
+
+def test_fake_backend_provides_imachines(rig: Rig) -> None:
+    assert verifyObject(IMachines, rig.machines)
+
+
+def test_twelve_tests_on_three_machines_all_pass_and_no_machine_idles(rig: Rig) -> None:
+    rig.lab.test_time.update({t: 1.0 + (i % 4) for i, t in enumerate(TWELVE)})
+    _, d = rig.start(rig.spec(uploads=(Upload("suite.tar", "/tmp/suite.tar"),), setup=("untar",)))
+    idle_with_work_left: list[float] = []
+
+    def check() -> None:
+        busy = {r.machine for r in rig.lab.running if r.tests}
+        setting_up = any(not r.tests for r in rig.lab.running)
+        if not setting_up and len(busy) < 3 and set(rig.lab.started_tests()) != set(TWELVE):
+            idle_with_work_left.append(rig.clock.seconds() - T0)
+
+    result = rig.finish(d, each=check)
+
+    assert result.passed, result.error
+    assert sorted(rig.lab.started_tests()) == list(TWELVE)  # each test once
+    assert set(by_id(result)) == set(TWELVE)
+    assert all(t.outcome == "passed" and t.attempts == 1 for t in result.tests)
+    assert idle_with_work_left == []
+    assert rig.machines.acquired == [3]
+    assert rig.machines.released == []
+    assert {r.machine for r in rig.lab.test_runs()} == {"m1", "m2", "m3"}
+    assert sorted(m for m, _, _ in rig.lab.uploads) == ["m1", "m2", "m3"]
+    assert [t.worker for t in result.times] == ["worker-1", "worker-2", "worker-3"]
+    assert all(t.busy > 0 for t in result.times)
+    # 12 tests, 30 s in all, on 3 machines: the run ends within one test of 10 s.
+    assert result.spread is not None
+    assert result.spread.total_test_time == pytest.approx(30.0)
+    assert result.spread.end_spread <= 4.0
+    assert_tidy(rig)
+
+
+def test_tests_start_longest_recorded_first(rig: Rig) -> None:
+    recorded = {t: float(i) for i, t in enumerate(reversed(TWELVE), start=1)}  # t01 longest
+    rig.lab.test_time.update(recorded)
+    _, d = rig.start(rig.spec(tests=tuple(sorted(TWELVE, key=lambda t: t[-1]))), durations=recorded)
+
+    result = rig.finish(d)
+
+    assert result.passed
+    assert rig.lab.started_tests() == sorted(TWELVE, key=lambda t: -recorded[t])
+
+
+def test_a_failing_test_fails_the_run_and_keeps_its_output(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: (
+        Reply(exit_status=1, stdout=b"boom\n", stderr=b"trace\n") if c == "run-test t03" else None
+    )
+    _, d = rig.start(rig.spec())
+
+    result = rig.finish(d)
+
+    assert not result.passed
+    assert result.error == ""
+    t03 = by_id(result)["t03"]
+    assert (t03.outcome, t03.message, t03.output) == ("failed", "exit status 1", b"boom\ntrace\n")
+    assert result.counts["passed"] == 11
+    assert rig.machines.console_calls == 1  # evidence of the failure
+    assert_tidy(rig)
+
+
+def test_a_hanging_test_times_out_and_its_machine_is_replaced(rig: Rig) -> None:
+    rig.lab.test_time.update(dict.fromkeys(TWELVE, 2.0))
+    rig.lab.answer = lambda m, c: (
+        Reply(hang=True, stdout=b"waiting forever\n") if c == "run-test t01" else None
+    )
+    _, d = rig.start(rig.spec(test_timeout=5.0))
+
+    result = rig.finish(d)
+
+    t01 = by_id(result)["t01"]
+    assert t01.outcome == "timeout"
+    assert "5s" in t01.message
+    assert b"waiting forever" in t01.output
+    assert rig.lab.machines_of("t01") == ["m1"]
+    assert rig.machines.released == ["m1"]
+    assert rig.machines.acquired == [3, 1]
+    assert "m4" in {r.machine for r in rig.lab.test_runs()}  # the fresh one ran tests
+    assert all(t.outcome == "passed" for t in result.tests if t.test_id != "t01")
+    assert not result.passed
+    assert result.error == ""
+    assert_tidy(rig)
+
+
+def test_a_test_whose_machine_dies_runs_again_elsewhere(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: Reply(die=True) if m == "m3" and c.startswith("run-") else None
+    _, d = rig.start(rig.spec())
+
+    result = rig.finish(d)
+
+    t03 = by_id(result)["t03"]
+    assert rig.lab.machines_of("t03") == ["m3", "m4"]
+    assert (t03.outcome, t03.attempts) == ("passed", 2)
+    assert result.passed, result.error
+    assert sorted(set(rig.lab.started_tests())) == list(TWELVE)
+    assert rig.machines.released == ["m3"]
+    assert rig.machines.acquired == [3, 1]
+    assert_tidy(rig)
+
+
+def test_a_test_whose_machine_dies_twice_is_infra_not_a_failure(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: Reply(die=True) if c == "run-test t03" else None
+    _, d = rig.start(rig.spec())
+
+    result = rig.finish(d)
+
+    t03 = by_id(result)["t03"]
+    assert rig.lab.machines_of("t03") == ["m3", "m4"]
+    assert t03.outcome == "infra"
+    assert not t03.is_failure
+    assert "m4" in t03.message
+    assert result.counts["failed"] == result.counts["timeout"] == 0
+    assert result.counts["passed"] == 11
+    assert not result.passed
+    assert rig.machines.released == ["m3", "m4"]
+    assert rig.machines.acquired == [3, 1, 1]
+    assert_tidy(rig)
+
+
+def test_a_test_given_up_after_two_machines_counts_two_attempts(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: Reply(die=True) if c == "run-test t03" else None
+    _, d = rig.start(rig.spec())
+
+    result = rig.finish(d)
+
+    assert by_id(result)["t03"].attempts == 2
+
+
+def test_a_machine_whose_setup_fails_is_replaced_once(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: (
+        Reply(after=0.5, exit_status=1, stderr=b"disk full\n") if (m, c) == ("m2", "prep") else None
+    )
+    _, d = rig.start(rig.spec(setup=("prep",)))
+
+    result = rig.finish(d)
+
+    assert result.passed, result.error
+    assert rig.machines.released == ["m2"]
+    assert rig.machines.acquired == [3, 1]
+    assert [t.machines for t in result.times] == [("m1",), ("m2", "m4"), ("m3",)]
+    assert "m2" not in {r.machine for r in rig.lab.test_runs()}
+    assert_tidy(rig)
+
+
+def test_setup_failing_twice_fails_the_run_with_the_output(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: (
+        Reply(after=0.5, exit_status=1, stderr=f"disk full on {m}\n".encode())
+        if c == "prep" and m in ("m2", "m4")
+        else None
+    )
+    _, d = rig.start(rig.spec(setup=("prep",)))
+
+    result = rig.finish(d)
+
+    assert not result.passed
+    assert "worker-2 on m4" in result.error
+    assert "disk full on m4" in result.error
+    assert rig.lab.test_runs() == []
+    assert rig.machines.released == ["m2"]
+    assert rig.machines.acquired == [3, 1]
+    assert_tidy(rig)
+
+
+def test_tests_given_up_front_are_reported_when_setup_fails(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: (
+        Reply(after=0.5, exit_status=1, stderr=b"disk full\n") if c == "prep" else None
+    )
+    _, d = rig.start(rig.spec(setup=("prep",)))
+
+    result = rig.finish(d)
+
+    assert "disk full" in result.error
+    assert sorted(by_id(result)) == list(TWELVE)
+    assert all(t.outcome == "infra" and "not run" in t.message for t in result.tests)
+
+
+def test_the_whole_run_bound_cancels_and_cleans_up(rig: Rig) -> None:
+    rig.lab.test_time.update(dict.fromkeys(TWELVE, 7.0))
+    _, d = rig.start(rig.spec(bound=20.0))
+
+    result = rig.finish(d)
+
+    assert rig.clock.seconds() - T0 == pytest.approx(20.0)
+    assert "cancelled" in result.error and "bound of 20s" in result.error
+    tests = by_id(result)
+    assert [t for t in TWELVE if tests[t].outcome == "passed"] == list(TWELVE[:6])
+    for t in TWELVE[6:]:
+        assert tests[t].outcome == "infra"
+        assert tests[t].message.startswith("not run: cancelled")
+    assert not result.passed
+    assert_tidy(rig)
+
+
+def test_cancel_mid_run_cleans_up_once_with_the_reason(rig: Rig) -> None:
+    rig.lab.test_time.update(dict.fromkeys(TWELVE, 5.0))
+    run, d = rig.start(rig.spec())
+    rig.clock.advance(7.0)
+    assert not d.called
+
+    run.cancel("stopped by the user")
+
+    result = rig.finish(d)  # fires without the clock moving
+    assert rig.clock.seconds() - T0 == pytest.approx(7.0)
+    assert result.error == "cancelled: stopped by the user"
+    tests = by_id(result)
+    assert {t for t in TWELVE if tests[t].outcome == "passed"} == {"t01", "t02", "t03"}
+    assert all(
+        tests[t].outcome == "infra" and "stopped by the user" in tests[t].message
+        for t in TWELVE[3:]
+    )
+    assert_tidy(rig)
+
+
+def test_list_command_runs_once_on_the_first_machine(rig: Rig) -> None:
+    rig.lab.answer = lambda m, c: (
+        Reply(after=0.5, stdout=b"t1\nt2\n\n  t3\nt2\n") if c == "list-tests" else None
+    )
+    _, d = rig.start(rig.spec(tests=(), list_command="list-tests"))
+
+    result = rig.finish(d)
+
+    assert [r.machine for r in rig.lab.ran if r.command == "list-tests"] == ["m1"]
+    assert [t.test_id for t in result.tests] and set(by_id(result)) == {"t1", "t2", "t3"}
+    assert sorted(rig.lab.started_tests()) == ["t1", "t2", "t3"]
+    assert result.passed, result.error
+    assert_tidy(rig)
+
+
+# -- subunit batches ----------------------------------------------------------
+
+
+def subunit_run(ids: tuple[str, ...], now: float, fail: str, noisy: str) -> bytes:
+    """What ``run-tests`` prints: a subunit v2 stream, one second a test;
+    ``fail`` fails, ``noisy`` prints bytes that are not subunit."""
+    out = io.BytesIO()
+    stream = StreamResultToBytes(out)
+
+    def at(seconds: float) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(now + seconds, tz=datetime.UTC)
+
+    for i, t in enumerate(ids):
+        stream.status(test_id=t, test_status="inprogress", timestamp=at(i))
+        if t == noisy:
+            out.write(b"garbage \x00\xff from " + t.encode() + b"\n")
+        if t == fail:
+            stream.status(
+                test_id=t,
+                file_name="traceback",
+                file_bytes=b"AssertionError: boom\n",
+                eof=True,
+                mime_type="text/plain;charset=utf8",
+                timestamp=at(i + 0.5),
+            )
+        stream.status(
+            test_id=t, test_status="fail" if t == fail else "success", timestamp=at(i + 1)
+        )
+    return out.getvalue()
+
+
+def test_subunit_batches_are_read_and_garbage_kept(rig: Rig) -> None:
+    ids = tuple(f"pkg.tests.test_{i:02d}" for i in range(24))
+    failing, noisy = ids[5], ids[7]
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-tests":
+            return None
+        batch = tuple(words[1:])
+        stdout = subunit_run(batch, rig.clock.seconds(), failing, noisy)
+        return Reply(
+            after=float(len(batch)), exit_status=1 if failing in batch else 0, stdout=stdout
+        )
+
+    rig.lab.answer = answer
+    _, d = rig.start(rig.spec(run="run-tests {tests}", format="subunit", machines=2, tests=ids))
+
+    result = rig.finish(d)
+
+    assert any(len(r.tests) > 1 for r in rig.lab.test_runs())  # batches
+    assert sorted(rig.lab.started_tests()) == sorted(ids)
+    tests = by_id(result)
+    assert set(tests) == set(ids)
+    assert tests[failing].outcome == "failed"
+    assert tests[failing].message == "AssertionError: boom"
+    assert all(tests[t].outcome == "passed" for t in ids if t != failing)
+    assert STRAY_HEADER in tests[noisy].output
+    assert b"garbage \x00\xff from " + noisy.encode() in tests[noisy].output
+    assert tests[noisy].duration == pytest.approx(1.0)
+    assert not result.passed and result.error == ""
+    assert_tidy(rig)
