@@ -16,6 +16,7 @@ import attrs
 
 from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent, JobSpec
 from txvmbot.errors import ConfigError
+from txvmbot.jobs.suite.spec import SuiteSpec, Upload
 from txvmbot.model import (
     CheckResult,
     CheckSpec,
@@ -64,7 +65,12 @@ def _changed(value: Any, default: Any) -> dict[str, Any]:
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     """A job spec as a JSON-able dict, in the shape of a config cloud table
-    plus the job's own keys. Credentials are left out."""
+    plus the job's own keys. Credentials are left out. A suite is its
+    machines' spec plus a ``suite`` table."""
+    if isinstance(spec.check, SuiteSpec):
+        inner = spec_to_dict(attrs.evolve(spec, check=spec.check.target))
+        inner["suite"] = suite_to_dict(spec.check)
+        return inner
     if isinstance(spec.check, LocalSpec):
         return _local_to_dict(spec, spec.check)
     check = spec.check
@@ -108,6 +114,11 @@ def spec_from_dict(
     client may not send its settings; without (the daemon's own store and
     its workers) the settings travel in ``pool_settings``.
     """
+    if isinstance(data, Mapping) and "suite" in data:
+        job = spec_from_dict({k: v for k, v in data.items() if k != "suite"}, where, pools)
+        if isinstance(job.check, SuiteSpec):  # pragma: no cover - the key was removed
+            raise ConfigError(f"{where}.suite", "a suite cannot hold a suite")
+        return attrs.evolve(job, check=suite_from_dict(data["suite"], f"{where}.suite", job.check))
     if isinstance(data, Mapping) and "pool" in data:
         return _local_from_dict(data, where, pools)
     from txvmbot.config import (
@@ -380,3 +391,79 @@ def _local_from_dict(
         bound=check_float(f"{where}.bound", data.get("bound", 3600.0)),
         max_attempts=max_attempts,
     )
+
+
+# --- suites --------------------------------------------------------------------
+
+_SUITE_KEYS = ("name", "run", "machines", "format", "tests", "list", "uploads", "setup",
+               "test_timeout", "bound")
+#: At most this many test ids travel in a job (longer lists: --list CMD).
+MAX_SUITE_TESTS = 20000
+
+
+def suite_to_dict(suite: SuiteSpec) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": suite.name,
+        "run": suite.run,
+        "machines": suite.machines,
+        "format": suite.format,
+        "test_timeout": suite.test_timeout,
+        "bound": suite.bound,
+    }
+    if suite.tests:
+        d["tests"] = list(suite.tests)
+    if suite.list_command:
+        d["list"] = suite.list_command
+    if suite.uploads:
+        d["uploads"] = [[u.source, u.dest] for u in suite.uploads]
+    if suite.setup:
+        d["setup"] = list(suite.setup)
+    return d
+
+
+def suite_from_dict(data: Any, where: str, target: CheckSpec | LocalSpec) -> SuiteSpec:
+    """Validate a job's ``suite`` table on ``target``. Raises ConfigError
+    naming the key (``job.suite.run``)."""
+    from txvmbot.config import check_commands, check_float, check_int, check_str
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"expected a table (JSON object), found {type(data).__name__}")
+    for key in data:
+        if key not in _SUITE_KEYS:
+            raise ConfigError(f"{where}.{key}", f"unknown; expected one of {', '.join(_SUITE_KEYS)}")
+
+    def strings(key: str, limit: int) -> tuple[str, ...]:
+        raw = data.get(key, [])
+        if not isinstance(raw, list) or len(raw) > limit:
+            raise ConfigError(f"{where}.{key}", f"expected a list of at most {limit} strings")
+        return tuple(check_str(f"{where}.{key}[{i}]", v) for i, v in enumerate(raw))
+
+    uploads = []
+    raw_uploads = data.get("uploads", [])
+    if not isinstance(raw_uploads, list) or len(raw_uploads) > 100:
+        raise ConfigError(f"{where}.uploads", "expected a list of at most 100 [source, dest] pairs")
+    for i, pair in enumerate(raw_uploads):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ConfigError(f"{where}.uploads[{i}]", "expected [source, dest]")
+        uploads.append(
+            Upload(check_str(f"{where}.uploads[{i}]", pair[0]), check_str(f"{where}.uploads[{i}]", pair[1]))
+        )
+    try:
+        return SuiteSpec(
+            target=target,
+            name=check_str(f"{where}.name", data.get("name", "suite")),
+            run=check_str(f"{where}.run", data.get("run", "")),
+            machines=check_int(f"{where}.machines", data.get("machines", 1)),
+            format=data.get("format", "exit"),
+            tests=strings("tests", MAX_SUITE_TESTS),
+            list_command=check_str(f"{where}.list", data["list"]) if "list" in data else "",
+            uploads=tuple(uploads),
+            setup=check_commands(f"{where}.setup", data["setup"]) if "setup" in data else (),
+            test_timeout=check_float(f"{where}.test_timeout", data.get("test_timeout", 300.0)),
+            bound=check_float(f"{where}.bound", data.get("bound", 3600.0)),
+        )
+    except ConfigError as e:
+        if e.where.startswith(where):
+            raise
+        # SuiteSpec names command-line flags; in a job they are keys.
+        raise ConfigError(f"{where}.{e.where.lstrip('-').replace('-', '_')}", e.message) from None

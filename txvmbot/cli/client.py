@@ -83,6 +83,7 @@ def _add_connect(p: argparse.ArgumentParser, *, with_files: bool = True) -> None
 
 def add_parsers(sub: Any) -> None:
     from txvmbot.cli.check import add_check_settings
+    from txvmbot.cli.suite import add_suite_flags
 
     fmt = argparse.RawDescriptionHelpFormatter
     epilog = _CONNECT_NOTE + "\n" + _EXITS
@@ -129,6 +130,13 @@ def add_parsers(sub: Any) -> None:
     job.add_argument(
         "--wait", action="store_true", help="watch the job live until it ends; exit 0 if it passed"
     )
+    job.add_argument(
+        "--suite",
+        action="store_true",
+        help="submit a test suite (the suite flags below, as `txvmbot suite` takes them; "
+        "--bound bounds the whole run) instead of a smoke check",
+    )
+    add_suite_flags(p, with_bound=False)
     add_check_settings(p)
     p.set_defaults(func=_cmd, action=_submit)
 
@@ -357,9 +365,59 @@ def _local_job_dict(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+async def _copy_suite_results(
+    client: DaemonClient, job_id: str, args: argparse.Namespace, streams: _Streams
+) -> None:
+    """``--junit``/``--subunit`` of ``submit --suite --wait``: copied from the
+    job's evidence directory (the daemon runs on this host: its API is a
+    unix socket or a loopback TLS port)."""
+    import shutil
+
+    job = await client.get(job_id)
+    where = job.result.evidence_dir if job.result is not None else None
+    for flag, path, name in (("--junit", args.junit, "results.xml"), ("--subunit", args.subunit, "results.subunit")):
+        if not path:
+            continue
+        if not where:
+            streams.stderr.write(f"txvmbot submit: {flag}: job {job_id} left no results\n")
+            continue
+        try:
+            shutil.copyfile(os.path.join(where, name), path)
+        except OSError as e:
+            streams.stderr.write(f"txvmbot submit: {flag}: cannot copy {name} from {where}: {e}\n")
+        else:
+            streams.human.write(f"{flag}: {path}\n")
+
+
+def _suite_job_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """``submit --suite``: the machines' job, as a smoke job's would be,
+    plus its ``suite`` table."""
+    from txvmbot import codec
+    from txvmbot.cli.suite import suite_spec_from_args
+
+    commands, args.commands = args.commands, None
+    if commands is not None:
+        raise ConfigError("--command", "not used by a suite: --run is its test command")
+    doc = _job_spec_dict(args, environ)
+    target = codec.spec_from_dict(doc).check
+    assert not isinstance(target, codec.SuiteSpec)
+    doc["suite"] = codec.suite_to_dict(suite_spec_from_args(args, target))
+    codec.spec_from_dict(doc)  # the daemon's own check, before we connect
+    return doc
+
+
+_SUITE_ONLY = ("name", "machines", "upload", "setup", "list", "tests", "run", "format",
+               "test_timeout", "subunit", "junit")
+
+
 class _Submit:
     @staticmethod
     def prepare(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+        if getattr(args, "suite", False):
+            return _suite_job_dict(args, environ)
+        for name in _SUITE_ONLY:
+            if getattr(args, name, None) is not None:
+                raise ConfigError("--" + name.replace("_", "-"), "only used with --suite")
         return _job_spec_dict(args, environ)
 
     async def __call__(
@@ -372,7 +430,10 @@ class _Submit:
     ) -> int:
         job = await client.submit(spec)
         if args.wait:
-            return await _follow(client, job, streams, reactor)
+            code = await _follow(client, job, streams, reactor)
+            if getattr(args, "suite", False):
+                await _copy_suite_results(client, job.id, args, streams)
+            return code
         streams.human.write(
             f"submitted job {job.id} ({job.state}) on backend {job.spec.backend!r}, "
             f"priority {job.spec.priority}\n  watch it: txvmbot watch {job.id}\n"
@@ -517,7 +578,11 @@ async def _show(
         f"  started:   {_when(job.started)}",
         f"  finished:  {_when(job.finished)}  took {_took(job.started, job.finished)}",
     ]
-    for cmd in c.commands if getattr(c, "ssh", True) else ():
+    from txvmbot.jobs.suite.spec import SuiteSpec
+
+    if isinstance(c, SuiteSpec):
+        lines.append(f"  run:       {c.run} ({c.format}, {c.machines} machine(s))")
+    for cmd in getattr(c, "commands", ()) if getattr(c, "ssh", True) else ():
         lines.append(f"  command:   {cmd}")
     out.write("\n".join(lines) + "\n")
     if job.result is not None:

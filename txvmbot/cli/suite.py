@@ -45,8 +45,9 @@ timed out or could not run, 2 for bad usage.
 """
 
 
-def add_suite_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of a suite run: shared by ``suite`` and ``submit --suite``."""
+def add_suite_flags(p: argparse.ArgumentParser, *, with_bound: bool = True) -> None:
+    """The flags of a suite run: shared by ``suite`` and ``submit --suite``
+    (whose job ``--bound`` is also the run's)."""
     s = p.add_argument_group("suite")
     s.add_argument(
         "--name",
@@ -93,7 +94,8 @@ def add_suite_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         help="bound of one test; past it the test fails and its machine is replaced (default: 300)",
     )
-    s.add_argument("--bound", metavar="S", type=float, help="bound of the whole run (default: 3600)")
+    if with_bound:
+        s.add_argument("--bound", metavar="S", type=float, help="bound of the whole run (default: 3600)")
     out = p.add_argument_group("suite results")
     out.add_argument("--subunit", metavar="FILE", help="one merged subunit v2 stream (default: none)")
     out.add_argument("--junit", metavar="FILE", help="JUnit XML for Jenkins and GitLab (default: none)")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from attrs import frozen
 
+from txvmbot.jobs.suite.spec import SuiteSpec
 from txvmbot.model import CheckResult, CheckSpec
 from txvmbot.qemu.model import LocalSpec
 
@@ -27,24 +28,36 @@ class JobSpec:
     that died, a daemon restart) may start it again.
     """
 
-    check: CheckSpec | LocalSpec
+    check: CheckSpec | LocalSpec | SuiteSpec
     backend: str
     priority: int = 0
     bound: float = 3600.0
     max_attempts: int = 2
 
     @property
+    def machines(self) -> CheckSpec | LocalSpec:
+        """The spec of the machines the job runs on (a suite's target)."""
+        return self.check.target if isinstance(self.check, SuiteSpec) else self.check
+
+    @property
     def instances(self) -> int:
         """How many machines the job runs at once (what backend caps count)."""
+        if isinstance(self.check, SuiteSpec):
+            return self.check.machines
         return self.check.parallel if isinstance(self.check, CheckSpec) else 1
 
     @property
     def target(self) -> str:
         """What the job runs on, for people: an image on a cloud, or a pool."""
-        c = self.check
-        if isinstance(c, LocalSpec):
-            return f"local pool {c.pool.name}"
-        return f"{c.image or c.image_name or ''} on {c.cloud.endpoint} ({c.cloud.region})"
+        c = self.machines
+        where = (
+            f"local pool {c.pool.name}"
+            if isinstance(c, LocalSpec)
+            else f"{c.image or c.image_name or ''} on {c.cloud.endpoint} ({c.cloud.region})"
+        )
+        if isinstance(self.check, SuiteSpec):
+            return f"suite {self.check.name} on {self.check.machines} x {where}"
+        return where
 
 
 @frozen

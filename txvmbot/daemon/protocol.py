@@ -459,7 +459,7 @@ def status_from_dict(d: Mapping[str, Any]) -> DaemonStatus:
 
 def job_summary(job: Job) -> dict[str, Any]:
     """The short form of a job that :class:`List` answers with."""
-    check = job.spec.check
+    check = job.spec.machines
     return {
         "id": job.id,
         "state": job.state,

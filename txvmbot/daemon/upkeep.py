@@ -43,7 +43,7 @@ def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tu
             from txvmbot.engine import Cleanup, StepRunner
 
             check_id = check_id_for(job)
-            spec = job.spec.check
+            spec = job.spec.machines
             steps = StepRunner(reactor)
             if isinstance(spec, LocalSpec):
                 from txvmbot.qemu.machines import LocalUndoer
@@ -84,9 +84,10 @@ def make_health_check(reactor: Any, store: IJobStore) -> Callable[[str], Deferre
             from txvmbot.ec2 import make_client
 
             jobs = store.list(backend=backend, limit=1)
-            if not jobs or isinstance(jobs[0].spec.check, LocalSpec):
+            machines = jobs[0].spec.machines if jobs else None
+            if machines is None or isinstance(machines, LocalSpec):
                 return True
-            cloud: Cloud = jobs[0].spec.check.cloud
+            cloud: Cloud = machines.cloud
             client = make_client(reactor, cloud)
             try:
                 d = client.call("DescribeAvailabilityZones", {})

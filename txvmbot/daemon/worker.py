@@ -65,8 +65,13 @@ CheckFactory = Callable[..., _Check]
 
 
 def _default_check_factory(reactor: Any, spec: Any, **kwargs: Any) -> _Check:
+    from txvmbot.jobs.suite.spec import SuiteSpec
     from txvmbot.qemu.model import LocalSpec
 
+    if isinstance(spec, SuiteSpec):
+        from txvmbot.jobs.suite.job import SuiteJob
+
+        return SuiteJob(reactor, spec, **kwargs)
     if isinstance(spec, LocalSpec):
         from txvmbot.jobs.smoke import LocalCheck
 

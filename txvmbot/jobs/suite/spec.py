@@ -11,16 +11,18 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from attrs import frozen
 
 from txvmbot.errors import ConfigError
 from txvmbot.jobs.suite.durations import check_suite_name
-from txvmbot.jobs.suite.results import TestResult, count_outcomes
-from txvmbot.jobs.suite.spread import Spread
 from txvmbot.model import CheckResult, CheckSpec
 from txvmbot.qemu.model import LocalSpec
+
+if TYPE_CHECKING:  # results imports python-subunit: only the suite path pays for it
+    from txvmbot.jobs.suite.results import TestResult
+    from txvmbot.jobs.suite.spread import Spread
 
 __all__ = ["SuiteFormat", "SuiteResult", "SuiteSpec", "Upload", "command_for"]
 
@@ -133,4 +135,6 @@ class SuiteResult:
 
     @property
     def counts(self) -> dict[str, int]:
+        from txvmbot.jobs.suite.results import count_outcomes
+
         return {str(k): v for k, v in count_outcomes(self.tests).items()}

@@ -1,0 +1,143 @@
+"""Suite specs: their validation, their JSON form in a daemon job (what a
+client sends and the store keeps), and the command line's bad-usage errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests import checkrun
+from txvmbot import codec
+from txvmbot.daemon.jobs import JobSpec
+from txvmbot.errors import ConfigError
+from txvmbot.jobs.suite.spec import SuiteSpec, Upload, command_for
+from txvmbot.model import CheckSpec, Cloud
+from txvmbot.qemu.model import LocalPool, LocalSpec
+
+CLOUD = CheckSpec(cloud=Cloud("http://127.0.0.1:1/", "r", name="b"), image="ami-1")
+LOCAL = LocalSpec(pool=LocalPool(name="local"))
+
+
+def suite(**kw: Any) -> SuiteSpec:
+    values: dict[str, Any] = {"target": LOCAL, "name": "s", "run": "run {test}", "tests": ("a", "b")}
+    values.update(kw)
+    return SuiteSpec(**values)
+
+
+def test_command_for_quotes_ids_and_leaves_other_braces() -> None:
+    assert command_for("t={test}; echo ${t#*_}", ["a b"]) == "t='a b'; echo ${t#*_}"
+    assert command_for("run {tests}", ["x", "y;z"]) == "run x 'y;z'"
+
+
+@pytest.mark.parametrize(
+    "kw, where",
+    [
+        ({"run": "no placeholder"}, "--run"),
+        ({"run": "run {tests}", "format": "exit"}, "--run"),
+        ({"machines": 0}, "--machines"),
+        ({"tests": (), "list_command": ""}, "--tests"),
+        ({"list_command": "ls"}, "--tests"),
+        ({"tests": ("a", "a")}, "--tests"),
+        ({"test_timeout": 0.0}, "--test-timeout"),
+        ({"name": "../x"}, "suite name"),
+        ({"format": "tap"}, "--format"),
+    ],
+)
+def test_bad_suites_name_what_is_wrong(kw: dict[str, Any], where: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        suite(**kw)
+    assert e.value.where == where
+
+
+@pytest.mark.parametrize("target", [CLOUD, LOCAL])
+def test_a_suite_job_round_trips_through_its_json_form(target: Any) -> None:
+    s = suite(
+        target=target,
+        machines=3,
+        format="subunit",
+        run="python -m subunit.run {tests}",
+        uploads=(Upload("/src", "/dest"),),
+        setup=("make",),
+        test_timeout=12.5,
+        bound=99.0,
+    )
+    backend = "local" if target is LOCAL else "b"
+    job = JobSpec(check=s, backend=backend, priority=3, bound=99.0)
+    doc = codec.loads(codec.dumps(codec.spec_to_dict(job)), "spec")
+    back = codec.spec_from_dict(doc)
+    assert back == job
+    assert back.instances == 3 and back.machines == target
+    assert back.target.startswith("suite s on 3 x ")
+
+
+@given(st.lists(st.text(min_size=1, max_size=20).filter(lambda t: t.strip() == t and "\x00" not in t),
+                min_size=1, max_size=20, unique=True))
+def test_any_test_ids_survive_the_json_form(ids: list[str]) -> None:
+    job = JobSpec(check=suite(tests=tuple(ids)), backend="local")
+    assert codec.spec_from_dict(codec.loads(codec.dumps(codec.spec_to_dict(job)), "s")) == job
+
+
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        ({"run": 3}, "job.suite.run"),
+        ({"run": "nothing"}, "job.suite.run"),
+        ({"machines": "3"}, "job.suite.machines"),
+        ({"tests": "a"}, "job.suite.tests"),
+        ({"uploads": [["only-one"]]}, "job.suite.uploads[0]"),
+        ({"colour": "red"}, "job.suite.colour"),
+        ({"format": "tap"}, "job.suite.format"),
+    ],
+)
+def test_bad_suite_tables_name_the_key(change: dict[str, Any], where: str) -> None:
+    doc = codec.spec_to_dict(JobSpec(check=suite(), backend="local"))
+    doc["suite"].update(change)
+    with pytest.raises(ConfigError) as e:
+        codec.spec_from_dict(doc)
+    assert e.value.where == where
+
+
+def test_a_suite_table_that_is_not_a_table() -> None:
+    doc = codec.spec_to_dict(JobSpec(check=LOCAL, backend="local"))
+    doc["suite"] = ["x"]
+    with pytest.raises(ConfigError) as e:
+        codec.spec_from_dict(doc)
+    assert e.value.where == "job.suite"
+
+
+def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        checkrun.txvmbot_cmd(*args), capture_output=True, text=True, timeout=60,
+        env=checkrun.env(), cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--tests", "T"], "--run: required"),
+        (["--run", "x {test}"], "--list: give the test ids"),
+        (["--run", "x {tests}", "--tests", "T"], "--run: {tests} (a batch) needs --format subunit"),
+        (["--run", "x {test}", "--tests", "T", "--upload", "nocolon"], "--upload: 'nocolon' is not SRC:DEST"),
+        (["--run", "x {test}", "--tests", "T", "--upload", "/no/such:/d"], "--upload: /no/such does not exist"),
+        (["--run", "x {test}", "--tests", "missing.txt"], "--tests: cannot read missing.txt"),
+        (["--run", "x {test}", "--tests", "T", "--command", "ls"], "--command: not used by a suite"),
+        (["--run", "x {test}", "--tests", "T", "--machines", "0"], "--machines: must be at least 1"),
+    ],
+)
+def test_suite_bad_usage_exits_2_naming_the_flag(tmp_path: Any, args: list[str], says: str) -> None:
+    with open(os.path.join(tmp_path, "T"), "w") as f:
+        f.write("a\nb\n")
+    p = run_cli("suite", "--local", "--state-dir", str(tmp_path / "state"), *args, cwd=str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert says in p.stderr
+
+
+def test_submit_refuses_suite_flags_without_suite(tmp_path: Any) -> None:
+    p = run_cli("submit", "--pool", "local", "--junit", "x.xml", "--connect", f"unix:path={tmp_path}/no.sock")
+    assert p.returncode == 2 and "--junit: only used with --suite" in p.stderr
