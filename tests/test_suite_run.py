@@ -429,6 +429,30 @@ def test_a_hanging_test_times_out_and_its_machine_is_replaced(rig: Rig) -> None:
     assert_tidy(rig)
 
 
+def test_a_machine_that_stops_answering_is_not_a_test_failure(rig: Rig) -> None:
+    """The command hangs and the machine takes no new login either: the
+    machine hung, not the test; the test runs again elsewhere and passes."""
+
+    def answer(machine: str, command: str) -> Reply | None:
+        if machine == "m2" and command.startswith("run-"):
+            rig.lab.dead.add("m2")  # from now on it takes no login
+            return Reply(hang=True)
+        return None
+
+    rig.lab.answer = answer
+    _, d = rig.start(rig.spec(test_timeout=5.0))
+
+    result = rig.finish(d)
+
+    (first,) = [r for r in rig.lab.test_runs() if r.machine == "m2"]
+    (test,) = first.tests
+    assert rig.lab.machines_of(test) == ["m2", "m4"]
+    assert by_id(result)[test].outcome == "passed" and by_id(result)[test].attempts == 2
+    assert result.passed
+    assert rig.machines.released == ["m2"]
+    assert_tidy(rig)
+
+
 def test_a_test_whose_machine_dies_runs_again_elsewhere(rig: Rig) -> None:
     rig.lab.answer = lambda m, c: Reply(die=True) if m == "m3" and c.startswith("run-") else None
     _, d = rig.start(rig.spec())

@@ -333,8 +333,15 @@ class SuiteRun:
             try:
                 outcome = await slot.session.run(command, spec.test_timeout * len(ids))
             except ssh.SSHCommandTimeout as e:
-                self._timed_out(slot, batch, started, e.partial)
-                replace = f"a test passed its bound of {spec.test_timeout:g}s"
+                answering = await self._answers(slot)
+                if answering:
+                    self._timed_out(slot, batch, started, e.partial)
+                    replace = f"a test passed its bound of {spec.test_timeout:g}s"
+                else:
+                    # Not the test: the machine itself stopped answering.
+                    why = f"it stopped answering (a new ssh login failed after {e})"
+                    self._lost(slot, batch, started, e.partial, why)
+                    replace = why
             except (ssh.SSHCommandFailed, ssh.SSHConnectError) as e:
                 self._lost(slot, batch, started, getattr(e, "partial", None), str(e))
                 replace = f"it stopped answering: {e}"
@@ -347,6 +354,31 @@ class SuiteRun:
             self._report()
         if replace:
             await self._replace(ctx, slot, replace)
+
+    async def _answers(self, slot: _Slot) -> bool:
+        """Whether the slot's machine still takes a new ssh login and runs
+        ``true``: a test that hangs leaves it answering, a machine that
+        hangs or died does not."""
+        from txvmbot import ssh
+
+        m = slot.machine
+        connect = getattr(getattr(self.spec.target, "timeouts", None), "ssh_connect", 10.0)
+        try:
+            probe = await ssh.open_session(
+                self.reactor, m.ssh_endpoint, m.ssh_user, m.key, connect_timeout=connect
+            )
+        except Exception:
+            return False
+        try:
+            await probe.run("true", connect)
+            return True
+        except Exception:
+            return False
+        finally:
+            try:
+                await probe.close()
+            except Exception:
+                pass
 
     def _ended(self, slot: _Slot, batch: Batch, started: float, outcome: Any) -> None:
         feeder = self._feeder
