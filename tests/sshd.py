@@ -2,7 +2,8 @@
 
 Everything it needs (host key, authorized_keys, pid file, log) lives in a
 temporary directory; nothing under ~/.ssh or /etc/ssh is read or written.
-The privilege separation directory /run/sshd is created if missing.
+The privilege separation directory /run/sshd is created if missing. It
+offers the "sftp" subsystem (OpenSSH's sftp-server).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from tests.servers import free_port, stop, wait_for_port
 SSHD_PATH = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 PRIVSEP_DIR = "/run/sshd"
+#: OpenSSH's SFTP server (package openssh-sftp-server, which openssh-server
+#: depends on), offered as the "sftp" subsystem for the upload tests.
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
 
 @attrs.frozen
@@ -68,7 +72,7 @@ def keygen_fingerprint(public_key_path: str) -> tuple[str, str]:
     return out[1], out[-1].strip("()")
 
 
-def _config(directory: str, port: int, extra: list[str]) -> str:
+def _config(directory: str, port: int, extra: list[str], sftp: bool = True) -> str:
     path = os.path.join(directory, "sshd_config")
     lines = [
         f"Port {port}",
@@ -85,6 +89,7 @@ def _config(directory: str, port: int, extra: list[str]) -> str:
         "UseDNS no",
         "PrintMotd no",
         "LogLevel VERBOSE",
+        *([f"Subsystem sftp {SFTP_SERVER}"] if sftp else []),
         *extra,
     ]
     with open(path, "w") as f:
@@ -93,11 +98,15 @@ def _config(directory: str, port: int, extra: list[str]) -> str:
 
 
 @contextmanager
-def sshd_server(authorized_keys: list[str], port: int | None = None) -> Iterator[SSHD]:
+def sshd_server(
+    authorized_keys: list[str], port: int | None = None, *, sftp: bool = True
+) -> Iterator[SSHD]:
     """Start ``sshd -D -e`` on 127.0.0.1 (a free port unless ``port`` is
-    given) accepting ``authorized_keys`` lines for the current user; stop it
-    by pid on exit. Raises RuntimeError if OpenSSH is missing."""
+    given) accepting ``authorized_keys`` lines for the current user, with the
+    "sftp" subsystem unless ``sftp`` is False; stop it by pid on exit.
+    Raises RuntimeError if OpenSSH is missing."""
     sshd = _require(SSHD_PATH, "openssh-server")
+    _require(SFTP_SERVER, "openssh-sftp-server")
     keygen = _require(SSH_KEYGEN, "openssh-client")
     if os.geteuid() == 0:
         os.makedirs(PRIVSEP_DIR, mode=0o755, exist_ok=True)
@@ -120,12 +129,12 @@ def sshd_server(authorized_keys: list[str], port: int | None = None) -> Iterator
         # OpenSSH >= 9.8 penalises addresses that fail to authenticate by
         # refusing them for a while: tests fail auth on purpose, from
         # 127.0.0.1. Older sshd does not know the option; then leave it out.
-        config = _config(directory, port, ["PerSourcePenalties no"])
+        config = _config(directory, port, ["PerSourcePenalties no"], sftp)
         check = subprocess.run(
             [sshd, "-t", "-f", config], capture_output=True, text=True, timeout=30
         )
         if check.returncode != 0 and "PerSourcePenalties" in check.stderr:
-            config = _config(directory, port, [])
+            config = _config(directory, port, [], sftp)
             check = subprocess.run(
                 [sshd, "-t", "-f", config], capture_output=True, text=True, timeout=30
             )

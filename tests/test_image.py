@@ -181,7 +181,7 @@ def test_image_manifest_lists_versions_and_checksums(qemu_image: ImageInfo) -> N
     assert m["format_version"] == qemu_image.format_version == 1
     assert m["kernel"]["package"].startswith("linux-image-")
     assert m["kernel"]["version"] and m["kernel"]["release"] == qemu_image.kernel_version
-    assert set(m["packages"]) == {"busybox-static", "dropbear-bin"}
+    assert set(m["packages"]) == {"busybox-static", "dropbear-bin", "openssh-sftp-server"}
     assert all(m["packages"].values())
     assert isinstance(m["built_at"], int) and m["builder"]["host_kernel"]
     assert m["ready_marker"] == READY_MARKER == qemu_image.ready_marker
@@ -207,6 +207,7 @@ def test_image_manifest_lists_versions_and_checksums(qemu_image: ImageInfo) -> N
         "bin/sh",
         "bin/busybox",
         "usr/sbin/dropbear",
+        "usr/lib/sftp-server",
         "sbin/poweroff",
         "lib/modules/virtio_net.ko",
         "lib/modules/ext4.ko",

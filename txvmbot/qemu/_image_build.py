@@ -2,7 +2,8 @@
 Debian packages.
 
 The image directory holds ``vmlinux`` (and ``vmlinuz``), ``initrd`` (busybox,
-dropbear, the virtio/ext4/power-button modules and the guest's /init),
+dropbear, OpenSSH's sftp-server, the virtio/ext4/power-button modules and the
+guest's /init),
 ``disk.qcow2`` (a small ext4 base disk for each job's overlay), the client
 ssh key pair ``id_ed25519``/``id_ed25519.pub``, the guest's host public key
 ``host_key.pub`` and ``manifest.json`` (provenance and checksums).
@@ -72,6 +73,13 @@ BUILD_TOOLS = (
     "qemu-img",
 )
 
+#: OpenSSH's SFTP server on the build host (package openssh-sftp-server), and
+#: where Debian's dropbear runs it from for the "sftp" subsystem (compiled in:
+#: ``strings $(which dropbear) | grep sftp``).
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+SFTP_SERVER_PACKAGE = "openssh-sftp-server"
+GUEST_SFTP_SERVER = "usr/lib/sftp-server"
+
 _GUEST_FILES = ("init", "inittab", "shutdown", "acpi-power", "udhcpc.script")
 
 Progress = Callable[[str], None]
@@ -113,10 +121,15 @@ def check_tools() -> None:
             need_tool(tool)
         except ImageError as e:
             missing.append(str(e).split(";")[0].replace(" is not installed", ""))
+    packages: dict[str, str] = {}
+    if not os.access(SFTP_SERVER, os.X_OK):
+        missing.append(SFTP_SERVER)
+        packages[SFTP_SERVER] = SFTP_SERVER_PACKAGE
     if missing:
         from txvmbot.qemu._image_errors import TOOL_PACKAGES
 
-        pkgs = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
+        packages.update(TOOL_PACKAGES)
+        pkgs = sorted({packages.get(t, t) for t in missing})
         raise ImageError(
             f"cannot build the image: not installed: {', '.join(missing)}; "
             f"install them: apt-get install {' '.join(pkgs)}"
@@ -132,6 +145,7 @@ def build_inputs(kernel: tuple[str, str] | None = None) -> dict[str, object]:
     dropbear = need_tool("dropbear")
     bb_pkg = _owning_package(busybox) or "busybox-static"
     db_pkg = _owning_package(dropbear) or "dropbear-bin"
+    sftp_pkg = _owning_package(SFTP_SERVER) or SFTP_SERVER_PACKAGE
     kernel_pkg, kernel_version = kernel or kernel_package()
     return {
         "format_version": FORMAT_VERSION,
@@ -139,6 +153,7 @@ def build_inputs(kernel: tuple[str, str] | None = None) -> dict[str, object]:
         "kernel_version": kernel_version,
         "busybox": [bb_pkg, _package_version(bb_pkg)],
         "dropbear": [db_pkg, _package_version(db_pkg)],
+        "sftp_server": [sftp_pkg, _package_version(sftp_pkg)],
         "guest_files_sha256": guest.hexdigest(),
         "modules": list(GUEST_MODULES),
         "cmdline": DEFAULT_CMDLINE,
@@ -257,7 +272,9 @@ def _build_into(tmp: str, inputs: dict[str, object], cache_dir: str, step: Progr
         host_key_bytes = f.read()
     os.unlink(host_key)
 
-    step(f"writing the initrd (busybox, dropbear, {len(kernel.modules)} modules, /init)")
+    step(
+        f"writing the initrd (busybox, dropbear, sftp-server, {len(kernel.modules)} modules, /init)"
+    )
     entries = _initrd_entries(kernel.modules, client_public, host_key_bytes)
     initrd = os.path.join(tmp, "initrd")
     buf = io.BytesIO()
@@ -275,9 +292,11 @@ def _build_into(tmp: str, inputs: dict[str, object], cache_dir: str, step: Progr
         path = os.path.join(tmp, name)
         if os.path.isfile(path):
             files[name] = file_record(path)
-    busybox = inputs["busybox"]
-    dropbear = inputs["dropbear"]
-    assert isinstance(busybox, list) and isinstance(dropbear, list)
+    packages: dict[str, str] = {}
+    for name in ("busybox", "dropbear", "sftp_server"):
+        package = inputs[name]
+        assert isinstance(package, list)
+        packages[package[0]] = package[1]
     manifest = {
         "format_version": FORMAT_VERSION,
         "built_at": built_at,
@@ -294,7 +313,7 @@ def _build_into(tmp: str, inputs: dict[str, object], cache_dir: str, step: Progr
             "meta_package": KERNEL_META_PACKAGE,
             "modules": [os.path.basename(m) for m in kernel.modules],
         },
-        "packages": {busybox[0]: busybox[1], dropbear[0]: dropbear[1]},
+        "packages": packages,
         "kernel_file": kernel_file,
         "initrd": "initrd",
         "disk": "disk.qcow2",
@@ -395,7 +414,9 @@ def _initrd_entries(
             add(cpio.symlink(applet, "/bin/busybox"))
     dropbear = need_tool("dropbear")
     add(cpio.regular("usr/sbin/dropbear", _read(dropbear), 0o755))
-    for lib in {*_ldd(busybox), *_ldd(dropbear)}:
+    # dropbear runs this (through the user's shell) for the "sftp" subsystem.
+    add(cpio.regular(GUEST_SFTP_SERVER, _read(SFTP_SERVER), 0o755))
+    for lib in {*_ldd(busybox), *_ldd(dropbear), *_ldd(SFTP_SERVER)}:
         add(cpio.regular(lib.lstrip("/"), _read(os.path.realpath(lib)), 0o755))
 
     add(cpio.regular("init", _guest_file("init"), 0o755))

@@ -5,6 +5,10 @@ The server is reached through a Twisted client endpoint string
 are accepted whatever they are (every machine is new) and their fingerprint
 is recorded; no known_hosts file is read or written and ~/.ssh is never
 touched.
+
+``run_commands`` runs a list of commands over one connection and closes it;
+``open_session`` holds a ``Session`` open for many ``Session.run`` and
+``Session.upload`` (SFTP) calls.
 """
 
 from txvmbot.ssh._keys import (
@@ -14,6 +18,7 @@ from txvmbot.ssh._keys import (
     load_private_key,
     public_openssh,
 )
+from txvmbot.ssh._protocol import Session, open_session
 from txvmbot.ssh._run import run_commands, wait_for_ssh
 from txvmbot.ssh._values import (
     SSHAuthenticationError,
@@ -22,7 +27,10 @@ from txvmbot.ssh._values import (
     SSHConnectError,
     SSHHostKeyError,
     SSHOutcome,
+    SSHUploadError,
+    SSHUploadTimeout,
     SSHWaitTimeout,
+    UploadResult,
 )
 
 __all__ = [
@@ -32,11 +40,16 @@ __all__ = [
     "SSHConnectError",
     "SSHHostKeyError",
     "SSHOutcome",
+    "SSHUploadError",
+    "SSHUploadTimeout",
     "SSHWaitTimeout",
+    "Session",
+    "UploadResult",
     "fingerprint_sha256",
     "generate_key",
     "key_type",
     "load_private_key",
+    "open_session",
     "public_openssh",
     "run_commands",
     "wait_for_ssh",

@@ -1,7 +1,9 @@
 """The conch pieces of one ssh client session, driven over any endpoint.
 
-``connect`` turns a client endpoint string into an authenticated
-``Session``; ``Session.execute`` runs one command in its own exec channel.
+``connect`` (public as ``open_session``) turns a client endpoint string
+into an authenticated ``Session``; ``Session.execute`` runs one command in
+its own exec channel (``Session.run`` does, failing with public errors), and
+``Session.upload`` copies files over SFTP (in ``_sftp``).
 Host keys are accepted whatever they are (every VM is new) and recorded.
 """
 
@@ -22,7 +24,7 @@ from twisted.conch.ssh.transport import (
     SSHClientTransport,
 )
 from twisted.conch.ssh.userauth import MSG_USERAUTH_REQUEST, SSHUserAuthClient
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -31,12 +33,23 @@ from twisted.python.failure import Failure
 
 from txvmbot.model import CommandResult
 from txvmbot.ssh._keys import fingerprint_sha256, key_type
-from txvmbot.ssh._values import SSHAuthenticationError, SSHConnectError, SSHHostKeyError
+from txvmbot.ssh._values import (
+    SSHAuthenticationError,
+    SSHCommandFailed,
+    SSHCommandTimeout,
+    SSHConnectError,
+    SSHHostKeyError,
+    UploadResult,
+)
 
 log = Logger(namespace="txvmbot.ssh")
 
 #: How long a graceful close may take before the connection is aborted.
 CLOSE_GRACE = 5.0
+
+#: How long ``Session.run`` lets the server close a killed command's channel
+#: (dropbear, closed on while the command still runs, garbles the next one).
+KILL_GRACE = 2.0
 
 #: Output kept per stream of one command; the rest is dropped (and logged).
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
@@ -299,6 +312,9 @@ class _ExecChannel(SSHChannel):
         self.exit_status: int | None = None
         self.signal: str | None = None
         self._error: str | None = None
+        #: fires once the channel has closed (or could not be opened)
+        self.gone: Deferred[None] = Deferred()
+        self._close_timer: IDelayedCall | None = None
 
     def partial(self) -> CommandResult:
         return CommandResult(
@@ -386,6 +402,11 @@ class _ExecChannel(SSHChannel):
             self._finish(self.partial())
 
     def _finish(self, result: CommandResult | _ChannelError) -> None:
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        if not self.gone.called:
+            self.gone.callback(None)
         if self.done.called:
             return
         if isinstance(result, _ChannelError):
@@ -393,42 +414,213 @@ class _ExecChannel(SSHChannel):
         else:
             self.done.callback(result)
 
-    def abandon(self) -> None:
+    def abandon(self, grace: float = 0.0, clock: IReactorTime | None = None) -> None:
         """Stop caring about the command: ask the server to kill it (best
-        effort, OpenSSH >= 8.1 honours this) and close the channel."""
+        effort, OpenSSH >= 8.1 honours this) and close the channel; with a
+        ``grace`` (and a ``clock``), let the server close it once the command
+        is dead, and close it only if that takes longer than ``grace``."""
         if self.localClosed or self not in self._conn.channelsToRemoteChannel:
             return
         self._conn.sendRequest(self, b"signal", NS(b"KILL"), wantReply=False)
+        if grace > 0 and clock is not None:
+            if self._close_timer is None:
+                self._close_timer = clock.callLater(grace, self._close_now)
+            return
+        self._conn.sendClose(self)
+
+    def _close_now(self) -> None:
+        self._close_timer = None
+        if self.localClosed or self not in self._conn.channelsToRemoteChannel:
+            return
         self._conn.sendClose(self)
 
 
 class Session:
-    """An authenticated ssh connection, ready to run commands."""
+    """An authenticated ssh connection, held open to run many commands and
+    uploads, each in its own channel.
+
+    ``run`` and ``upload`` fail with public errors (SSHCommandFailed,
+    SSHCommandTimeout, SSHUploadError); ``lost`` tells a dead connection
+    from a failed command. Close it with ``close`` (or ``abort``).
+    """
 
     def __init__(
-        self, transport: _ClientTransport, conn: SSHConnection, clock: IReactorTime
+        self,
+        transport: _ClientTransport,
+        conn: SSHConnection,
+        clock: IReactorTime,
+        *,
+        endpoint: str = "",
+        user: str = "",
     ) -> None:
         self.transport = transport
         self.conn = conn
         self.clock = clock
+        #: where and as whom: named in every error
+        self.endpoint = endpoint
+        self.user = user
         assert transport.host_key is not None
         self.host_key_fingerprint = fingerprint_sha256(transport.host_key)
         self.host_key_type = key_type(transport.host_key)
+        #: channels still closing (an abandoned upload's): fire when closed
+        self._closing: list[Deferred[None]] = []
+
+    @property
+    def lost(self) -> bool:
+        """True once the connection is gone (closed, dropped, or the server
+        went away): nothing more can run on this session."""
+        return bool(self.transport.lost)
+
+    def lost_reason(self) -> str:
+        """Why the connection ended, in words (as its first side said)."""
+        return self.transport.ended_because or "the connection was lost"
+
+    def when_lost(self) -> Deferred[None]:
+        """A Deferred that fires once the connection is gone."""
+        return self.transport.when_lost()
+
+    def run(
+        self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> Deferred[CommandResult]:
+        """Run ``command`` in a new exec channel; fire with its result (a
+        non-zero exit or a signal is a result).
+
+        Fails with SSHCommandTimeout after ``timeout`` seconds (the command is
+        sent SIGKILL; its channel closes once the server ended it, or after
+        ``KILL_GRACE``; the session stays open and the next ``run`` or
+        ``upload`` waits for that close), or with
+        SSHCommandFailed if it could not be run to its end; then ``lost``
+        says whether the connection went with it. Cancelling abandons the
+        command.
+        """
+        if self._settling():
+            return Deferred.fromCoroutine(self._run_later(command, timeout, max_output))
+        d = self.execute(command, timeout, max_output, kill_grace=KILL_GRACE)
+
+        def public(f: Failure) -> Failure:
+            e = f.value
+            if isinstance(e, _CommandTimedOut):
+                return Failure(
+                    SSHCommandTimeout(
+                        self.endpoint,
+                        self.user,
+                        command,
+                        e.bound,
+                        e.partial,
+                        host_key_fingerprint=self.host_key_fingerprint,
+                        host_key_type=self.host_key_type,
+                    )
+                )
+            if isinstance(e, _ChannelError):
+                return Failure(
+                    SSHCommandFailed(
+                        self.endpoint,
+                        self.user,
+                        command,
+                        e.reason,
+                        e.partial,
+                        host_key_fingerprint=self.host_key_fingerprint,
+                        host_key_type=self.host_key_type,
+                    )
+                )
+            return f
+
+        return d.addErrback(public)
+
+    async def _run_later(self, command: str, timeout: float, max_output: int) -> CommandResult:
+        await self._settled()
+        return await self.run(command, timeout, max_output)
+
+    def closing(self, gone: Deferred[None]) -> None:
+        """Note a channel that is closing; ``run`` and ``upload`` wait (up
+        to ``CLOSE_GRACE``) until ``gone`` fires before opening another.
+        dropbear, asked for a new channel while an old one's process still
+        ends, loses the new command's output and exit status."""
+        if gone.called:
+            return
+        self._closing.append(gone)
+
+        def forget(ignored: object) -> object:
+            if gone in self._closing:
+                self._closing.remove(gone)
+            return ignored
+
+        gone.addBoth(forget)
+
+    def _settling(self) -> bool:
+        return bool(self._closing) and not self.transport.lost
+
+    def _settled(self) -> Deferred[None]:
+        """Fires when the closing channels have closed, or ``CLOSE_GRACE``
+        later at the latest."""
+        waited = list(self._closing)
+
+        def give_up(ignored: object) -> None:
+            # closed, or not within the grace: do not wait for these again
+            for gone in waited:
+                if gone in self._closing:
+                    self._closing.remove(gone)
+
+        all_gone = DeferredList(waited).addCallback(lambda ignored: None)
+        return _bounded(all_gone, self.clock, CLOSE_GRACE).addCallback(give_up)
+
+    def upload(self, local_path: str, remote_path: str, *, bound: float) -> Deferred[UploadResult]:
+        """Copy the local file or directory tree ``local_path`` to
+        ``remote_path`` over SFTP (an "sftp" subsystem channel on this
+        connection), within ``bound`` seconds.
+
+        Like ``scp -r``: into ``remote_path`` under the source's name if that
+        is an existing directory, else to ``remote_path`` itself (existing
+        directories on the way are reused, files overwritten). Permission
+        bits are kept; symlinks inside a tree are copied as the file they
+        point to only if that file is inside the tree, else refused. Writes
+        go in 32 KiB chunks, several in flight.
+
+        Fires with an UploadResult. Fails with SSHUploadError naming the
+        local path, the remote path and the server's message (``lost`` set if
+        the connection went); with SSHUploadTimeout at the bound, naming the
+        files being written and the bytes done. A timeout or a cancel closes
+        the sftp channel, not the session; what was written stays.
+        """
+        from txvmbot.ssh._sftp import upload
+
+        if self._settling():
+            return Deferred.fromCoroutine(self._upload_later(local_path, remote_path, bound))
+        return upload(self, local_path, remote_path, bound=bound)
+
+    async def _upload_later(self, local_path: str, remote_path: str, bound: float) -> UploadResult:
+        await self._settled()
+        return await self.upload(local_path, remote_path, bound=bound)
 
     def execute(
-        self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT
+        self,
+        command: str,
+        timeout: float,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        *,
+        kill_grace: float = 0.0,
     ) -> Deferred[CommandResult]:
         """Run ``command`` in a new exec channel. Fires with its result, or
         fails with _ChannelError (_CommandTimedOut after ``timeout``
-        seconds). Cancelling abandons the command."""
+        seconds). Cancelling abandons the command. With ``kill_grace``, an
+        abandoned command's channel is left to the server to close (once the
+        command died of the KILL sent to it) for that long, and ``run`` and
+        ``upload`` wait for it to close."""
         if self.transport.lost:
             why = self.transport.ended_because or "the connection was lost"
             return fail(_ChannelError(f"could not start: {why}", CommandResult(command, None)))
         channel = _ExecChannel(command, self.conn, max_output)
         timer: IDelayedCall | None = None
 
+        def abandon() -> None:
+            if kill_grace > 0:
+                self.closing(channel.gone)
+                channel.abandon(kill_grace, self.clock)
+            else:
+                channel.abandon()
+
         def cancel(d: Deferred[CommandResult]) -> None:
-            channel.abandon()
+            abandon()
 
         result: Deferred[CommandResult] = Deferred(cancel)
 
@@ -440,7 +632,7 @@ class Session:
                 command=command,
                 bound=timeout,
             )
-            channel.abandon()
+            abandon()
             if not result.called:
                 result.errback(_CommandTimedOut(timeout, channel.partial()))
 
@@ -584,7 +776,7 @@ def connect(
         if result.called:
             proto.abort()
             return
-        session = Session(proto, conn, clock)
+        session = Session(proto, conn, clock, endpoint=endpoint, user=user)
         log.info(
             "ssh session to {endpoint} as {user}, host key {fingerprint}",
             endpoint=endpoint,
@@ -599,6 +791,27 @@ def connect(
     connecting.addCallbacks(lambda ignored: None, connect_failed)
     ready.addCallbacks(on_ready, not_ready)
     return result
+
+
+def open_session(
+    reactor: Any,
+    endpoint: str,
+    user: str,
+    key: Key,
+    *,
+    connect_timeout: float,
+    clock: IReactorTime | None = None,
+) -> Deferred[Session]:
+    """Connect to the client endpoint string ``endpoint`` and authenticate
+    as ``user`` with ``key`` within ``connect_timeout`` seconds; fire with a
+    Session held open for many ``run`` and ``upload`` calls.
+
+    Fails with SSHConnectError (SSHAuthenticationError, SSHHostKeyError).
+    Cancelling aborts the connection. The caller closes the session
+    (``close``, or ``abort``) when done with it.
+    """
+    the_clock: IReactorTime = reactor if clock is None else clock
+    return connect(reactor, endpoint, user, key, connect_timeout=connect_timeout, clock=the_clock)
 
 
 def _why_not_ready(

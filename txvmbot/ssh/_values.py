@@ -93,7 +93,8 @@ class SSHCommandFailed(SSHError):
 class SSHCommandTimeout(SSHCommandFailed):
     """A command ran longer than its bound. It was sent SIGKILL (best effort),
     its channel and the connection were closed; ``partial`` keeps the output
-    that arrived in time."""
+    that arrived in time. (``Session.run`` closes only the command's channel:
+    the session stays open for the caller to use or close.)"""
 
     def __init__(
         self,
@@ -112,6 +113,73 @@ class SSHCommandTimeout(SSHCommandFailed):
             endpoint, user, command, reason, partial, results, host_key_fingerprint, host_key_type
         )
         self.bound = bound
+
+
+@frozen
+class UploadResult:
+    """What one ``Session.upload`` copied: regular files, directories
+    created (or found and reused), file bytes, and the wall-clock seconds it
+    took."""
+
+    files: int
+    directories: int
+    bytes: int
+    seconds: float
+
+
+class SSHUploadError(SSHError):
+    """Copying ``local_path`` to ``remote_path`` over SFTP failed.
+
+    ``reason`` names the file or directory it was at and, when the server
+    refused something, the server's own message ("No such file", "Permission
+    denied") and SFTP status code. ``lost`` is True when the ssh connection
+    itself went away (the machine, not the upload, failed).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        user: str,
+        local_path: str,
+        remote_path: str,
+        reason: str,
+        *,
+        lost: bool = False,
+    ) -> None:
+        super().__init__(
+            f"ssh to {endpoint} as {user}: upload {local_path!r} to {remote_path!r}: {reason}"
+        )
+        self.endpoint = endpoint
+        self.user = user
+        self.local_path = local_path
+        self.remote_path = remote_path
+        self.reason = reason
+        self.lost = lost
+
+
+class SSHUploadTimeout(SSHUploadError):
+    """An upload passed its bound. Its sftp channel was closed (the session
+    stays open); ``bytes_done`` were written in all, and ``in_progress``
+    names the files being written then, with their bytes done and size."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        user: str,
+        local_path: str,
+        remote_path: str,
+        bound: float,
+        bytes_done: int,
+        in_progress: tuple[tuple[str, int, int], ...],
+    ) -> None:
+        at = "; ".join(f"{name}: {done} of {size} bytes" for name, done, size in in_progress)
+        reason = f"did not finish within {bound:g}s after {bytes_done} bytes" + (
+            f"; was writing {at}" if at else ""
+        )
+        super().__init__(endpoint, user, local_path, remote_path, reason)
+        self.bound = bound
+        self.bytes_done = bytes_done
+        self.in_progress = in_progress
 
 
 def _last_line(result: CommandResult) -> str:
