@@ -34,7 +34,12 @@ def test_twelve_busybox_tests_on_three_vms(qemu_image: ImageInfo, tmp_path: obje
     with open(tests_file, "w") as f:
         f.write("\n".join(ids) + "\n")
     out = {n: os.path.join(base, n) for n in ("r.json", "r.subunit", "r.xml")}
-    image_dir = os.path.dirname(qemu_image.kernel)
+    image_dir = qemu_image.dir
+    # A small tree copied to every VM over SFTP (dropbear + sftp-server).
+    src = os.path.join(base, "suite")
+    os.makedirs(os.path.join(src, "lib"))
+    with open(os.path.join(src, "lib", "data.txt"), "w") as f:
+        f.write("uploaded\n")
     try:
         proc = subprocess.run(
             checkrun.txvmbot_cmd(
@@ -48,8 +53,10 @@ def test_twelve_busybox_tests_on_three_vms(qemu_image: ImageInfo, tmp_path: obje
                 "busybox",
                 "--machines",
                 "3",
+                "--upload",
+                f"{src}:/root/suite",
                 "--setup",
-                "test -x /bin/sh",
+                "grep -q uploaded /root/suite/lib/data.txt",
                 "--tests",
                 tests_file,
                 "--run",
