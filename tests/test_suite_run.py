@@ -26,6 +26,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from txvmbot import ssh
+from txvmbot.errors import StepFailed
 from txvmbot.jobs.suite.results import STRAY_HEADER, TestResult
 from txvmbot.jobs.suite.run import SuiteRun
 from txvmbot.jobs.suite.spec import SuiteResult, SuiteSpec, Upload
@@ -658,4 +659,88 @@ def test_subunit_batches_are_read_and_garbage_kept(rig: Rig) -> None:
     assert b"garbage \x00\xff from " + noisy.encode() in tests[noisy].output
     assert tests[noisy].duration == pytest.approx(1.0)
     assert not result.passed and result.error == ""
+    assert_tidy(rig)
+
+
+# -- from a review: a lost slot, a batch that never exits, no leak after the end
+
+
+def test_a_slot_that_gets_no_fresh_machine_stops_and_the_others_finish(rig: Rig) -> None:
+    """m1 dies and no replacement can be had: its worker stops; the
+    healthy machines run every other test (no crash of the whole run)."""
+    real = rig.machines.acquire
+
+    def acquire(seq: Any, count: int, *, ssh: bool = True) -> Deferred[tuple[Machine, ...]]:
+        if rig.machines.acquired:  # every replacement
+            rig.machines.acquired.append(count)
+            return fail(StepFailed("boot", "no capacity"))
+        return real(seq, count, ssh=ssh)
+
+    rig.machines.acquire = acquire  # type: ignore[method-assign]
+    rig.lab.answer = lambda m, c: Reply(die=True) if m == "m1" and c.startswith("run-") else None
+    _, d = rig.start(rig.spec())
+
+    result = rig.finish(d)
+
+    assert result.error == ""
+    assert sorted(by_id(result)) == sorted(TWELVE)
+    assert all(t.outcome == "passed" for t in result.tests), [(t.test_id, t.message) for t in result.tests]
+    assert "m1" in rig.machines.released
+    assert_tidy(rig)
+
+
+def test_a_batch_that_reports_every_test_but_never_exits(rig: Rig) -> None:
+    ids = tuple(f"p.t{i:02d}" for i in range(8))
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-tests":
+            return None
+        return Reply(hang=True, stdout=subunit_run(tuple(words[1:]), rig.clock.seconds(), "", ""))
+
+    rig.lab.answer = answer
+    _, d = rig.start(
+        rig.spec(run="run-tests {tests}", format="subunit", machines=2, tests=ids, test_timeout=5.0)
+    )
+
+    result = rig.finish(d)
+
+    assert result.error == ""
+    assert sorted(by_id(result)) == list(ids)
+    assert all(t.outcome == "passed" for t in result.tests)
+    assert_tidy(rig)
+
+
+def test_no_machine_is_acquired_after_the_run_gave_up(rig: Rig) -> None:
+    """One machine's setup fails twice (the run fails) while another is
+    being replaced: nothing is acquired once the run has given up, and
+    cleanup runs after every worker ended."""
+    rig.lab.answer = lambda m, c: (
+        Reply(exit_status=1, stderr=b"disk full") if c == "prep" and m in ("m1", "m2", "m4") else None
+    )
+    quick = rig.machines.release
+
+    def release(machine: Machine) -> Deferred[None]:
+        if machine.name != "m2":
+            return quick(machine)
+        # m2 goes back slowly: the run gives up (m1 and m4 failed) meanwhile.
+        # Like the real backends, a release never fails (not even cancelled).
+        async def slowly() -> None:
+            try:
+                await deferLater(rig.clock, 8.0, lambda: None)
+            except Exception:
+                pass
+
+        return ensureDeferred(slowly())
+
+    rig.machines.release = release  # type: ignore[method-assign]
+    _, d = rig.start(rig.spec(setup=("prep",)))
+
+    result = rig.finish(d)
+
+    assert "disk full" in result.error
+    rig.clock.advance(120.0)
+    # m4 replaced m1; m2's replacement was never started.
+    assert [m.name for m in rig.machines.handed] == ["m1", "m2", "m3", "m4"]
+    assert rig.machines.cleanups == 1
     assert_tidy(rig)

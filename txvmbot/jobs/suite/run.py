@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from txvmbot.engine import StepContext, StepRunner, StepSequence, gather
+from txvmbot.engine import StepContext, StepRunner, StepSequence
 from txvmbot.errors import StepFailed, TxvmbotError
 from txvmbot.evidence import save_evidence
 from txvmbot.jobs.suite import results as R
@@ -106,6 +107,8 @@ class SuiteRun:
         self._tests: tuple[str, ...] = ()
         self._waiting: list[Deferred[None]] = []
         self._released_console: list[tuple[str, str]] = []
+        #: Why the run is stopping (a worker failed): no new machines.
+        self._stopping: str | None = None
         self._t0 = 0.0
 
     def run(self) -> Deferred[SuiteResult]:
@@ -154,7 +157,10 @@ class SuiteRun:
         failing = any(t.outcome not in ("passed", "skipped") for t in ended)
         console: tuple[tuple[str, str], ...] = ()
         if error or failing:
-            console = tuple(self._released_console) + tuple(await self.machines.console(self.steps))
+            kept = dict(self._released_console)
+            for name, text in await self.machines.console(self.steps):
+                kept.setdefault(name, text)
+            console = tuple(kept.items())
         errors = await self.machines.cleanup(self.steps)
         if errors and not error:
             error = "cleanup failed: " + "; ".join(errors)
@@ -181,14 +187,20 @@ class SuiteRun:
         return result
 
     def _setup_bound(self) -> float:
-        # Connect, uploads and setup commands, twice (a replaced machine).
+        """Connect, uploads and setup commands, twice, and a replacement
+        machine's own steps (each of its bounds) in between."""
         per = 60.0 + self.spec.test_timeout * (len(self.spec.uploads) + len(self.spec.setup))
-        return 2 * per + 600.0
+        t = self.spec.target.timeouts
+        acquire = sum(
+            float(getattr(t, name, 0.0))
+            for name in ("api_step", "running", "ssh", "boot", "shutdown")
+        )
+        return 2 * per + 3 * acquire + 60.0
 
     # -- getting machines ready -------------------------------------------
 
     async def _setup_all(self, ctx: StepContext) -> None:
-        await gather([ensureDeferred(self._ready(ctx, s, replace_once=True)) for s in self._slots])
+        await self._together([self._ready(ctx, s, replace_once=True) for s in self._slots])
         ctx.saw(f"{len(self._slots)} machine(s) ready")
 
     async def _ready(self, ctx: StepContext, slot: _Slot, *, replace_once: bool) -> None:
@@ -245,6 +257,9 @@ class SuiteRun:
             (name, text) for name, text in await self.machines.console(self.steps) if name == old.name
         )
         await self.machines.release(old)
+        stop = self.sequence.cancelled or self._stopping
+        if stop is not None:  # the run gave up while this machine went back
+            raise CancelledError(stop)
         (fresh,) = await self.machines.acquire(self.sequence, 1)
         slot.machine = fresh
         slot.machines.append(fresh.name)
@@ -278,10 +293,32 @@ class SuiteRun:
     # -- feeding ----------------------------------------------------------
 
     async def _feed_all(self, ctx: StepContext) -> None:
-        await gather([ensureDeferred(self._work(ctx, s)) for s in self._slots])
+        await self._together([self._work(ctx, s) for s in self._slots])
         feeder = self._feeder
         assert feeder is not None
         ctx.saw(f"{feeder.done} of {feeder.total} test(s) ended")
+
+    async def _together(self, work: list[Any]) -> None:
+        """Run the machines' coroutines side by side. On the first failure,
+        cancel the others (and let no machine be acquired from then on) and
+        wait until every one of them has ended; then raise that failure.
+        Cleanup never starts while a worker could still make something."""
+        ds = [ensureDeferred(w) for w in work]
+        failures: list[Failure] = []
+
+        def failed(f: Failure) -> None:
+            if not failures:
+                failures.append(f)
+                self._stopping = f.getErrorMessage()
+                self._wake()
+                for d in ds:
+                    d.cancel()
+
+        for d in ds:
+            d.addErrback(failed)
+        await DeferredList(ds, consumeErrors=True)
+        if failures:
+            failures[0].raiseException()
 
     def _wake(self) -> None:
         waiting, self._waiting = self._waiting, []
@@ -295,7 +332,7 @@ class SuiteRun:
         feeder = self._feeder
         assert feeder is not None
         try:
-            while self.sequence.cancelled is None:
+            while self.sequence.cancelled is None and self._stopping is None and slot.state != "lost":
                 batch = feeder.take(slot.worker)
                 if batch is None:
                     if feeder.empty or not feeder.handed_out:
@@ -367,11 +404,15 @@ class SuiteRun:
             probe = await ssh.open_session(
                 self.reactor, m.ssh_endpoint, m.ssh_user, m.key, connect_timeout=connect
             )
+        except CancelledError:
+            raise
         except Exception:
             return False
         try:
             await probe.run("true", connect)
             return True
+        except CancelledError:
+            raise
         except Exception:
             return False
         finally:
@@ -446,7 +487,20 @@ class SuiteRun:
             return
         read = R.read_subunit(partial.stdout, slot.worker, ids, started=started)
         ended = self._record_read(read, ids)
-        running = read.running if read.running in ids else next(t for t in ids if t not in ended)
+        left = [t for t in ids if t not in ended]
+        if not left:
+            # Every test reported; the command itself never exited (a child
+            # or a thread kept it alive): no test to blame, the machine goes.
+            self.log.warn(
+                "Suite {check_id}: {worker}'s command reported all its tests but did not exit "
+                "within {bound}s",
+                check_id=self.check_id,
+                worker=slot.worker,
+                bound=bound * len(ids),
+            )
+            feeder.finished(batch, ended)
+            return
+        running = read.running if read.running in ids else left[0]
         output = read.running_output if running == read.running else read.stray
         self._record(
             R.timed_out(running, slot.worker, started, bound, output + partial.stderr, attempts=self._attempts[running])
@@ -512,6 +566,7 @@ class SuiteRun:
             )
             slot.state = "lost"
             await self._close_session(slot)
+            await self.machines.release(slot.machine)
 
     def _record(self, result: R.TestResult) -> None:
         self._results[result.test_id] = result
