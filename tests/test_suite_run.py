@@ -262,6 +262,9 @@ class FakeMachines:
         self.cleanups += 1
         return steps.run("cleanup", 10, lambda ctx: ())
 
+    def host_keys(self) -> tuple[tuple[str, str], ...]:
+        return tuple((m.name, m.host_key) for m in self.handed if m.host_key)
+
     def facts(self, guest_uname: str) -> Facts:
         return Facts(endpoint="fake", guest_uname=guest_uname)
 

@@ -83,6 +83,11 @@ class IMachines(Interface):
         the error of each resource that could not be removed (empty when
         all is clean); never fails."""
 
+    def host_keys() -> Any:
+        """``((name, fingerprint), ...)`` of every machine whose sshd was
+        seen, even one the job then refused (a host key that was not the
+        image's)."""
+
     def facts(guest_uname: str) -> Any:
         """The environment facts of the job (a :class:`txvmbot.model.Facts`):
         where it ran, on what image, with ``guest_uname`` as the guest's."""

@@ -67,6 +67,7 @@ class CloudMachines:
         self._instances: list[dict[str, Any]] = []
         self._addresses: dict[str, str] = {}
         self._acquired = 0
+        self._host_keys: dict[str, str] = {}
 
     @property
     def client(self) -> IEC2Client:
@@ -176,6 +177,9 @@ class CloudMachines:
         undo = R.Undoer(self.client, self.reactor, t.poll_interval, t.poll_max_interval)
         bound = max(t.terminate, t.api_step)
         return Cleanup(self.journal, undo, steps, bound).run(self.check_id)
+
+    def host_keys(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self._host_keys.items())
 
     def facts(self, guest_uname: str) -> Facts:
         spec = self.spec
@@ -498,6 +502,7 @@ class CloudMachines:
             )
 
         prints = await gather([waiting(m) for m in machines])
+        self._host_keys.update((m.name, fp) for m, fp in zip(machines, prints, strict=True))
         ctx.saw(", ".join(f"{m.name} {fp}" for m, fp in zip(machines, prints, strict=True)))
         return prints
 

@@ -119,7 +119,7 @@ class SmokeJob:
             facts=self.machines.facts(self._guest_uname),
             commands=tuple(self._commands),
             console=console,
-            host_keys=tuple((m.name, m.host_key) for m in self._machines if m.host_key),
+            host_keys=self.machines.host_keys(),
             error=error,
         )
         if not passed or o.console:

@@ -187,6 +187,9 @@ class LocalMachines:
         bound = self.spec.timeouts.shutdown * 3 + 10
         return Cleanup(self.journal, self.undo, steps, bound).run(self.check_id)
 
+    def host_keys(self) -> tuple[tuple[str, str], ...]:
+        return tuple((v.id, v.host_key) for v in self._vms if v.host_key)
+
     def facts(self, guest_uname: str) -> Facts:
         pool = self.spec.pool
         extra: dict[str, str] = {}

@@ -170,7 +170,7 @@ class SuiteRun:
             steps=self.steps.results,
             facts=self.machines.facts(""),
             console=console,
-            host_keys=tuple((m, "") for s in self._slots for m in s.machines),
+            host_keys=self.machines.host_keys(),
             error=error,
         )
         result = SuiteResult(
