@@ -286,6 +286,24 @@ class StepSequence:
             for d in list(self._current):
                 d.cancel()
 
+    async def error_of(self, work: Coroutine[Any, Any, Any]) -> str:
+        """Run a job's steps (``work``); return why they stopped, or "" if
+        they all passed: the step error, the cancel, or (a bug of ours,
+        logged with its traceback) an internal error. Never raises, so the
+        job's cleanup always runs after it."""
+        from txvmbot.errors import TxvmbotError
+
+        try:
+            await work
+        except CancelledError:
+            return f"cancelled: {self.cancelled or 'cancelled'}"
+        except TxvmbotError as e:
+            return str(e)
+        except Exception as e:
+            self.log.failure("Unexpected error in {job_id}", job_id=self.job_id)
+            return f"internal error: {e!r}"
+        return ""
+
     async def step(self, name: str, bound: float, action: Callable[[StepContext], Any]) -> Any:
         if self.cancelled is not None:
             raise CancelledError(self.cancelled)

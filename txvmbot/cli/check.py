@@ -505,14 +505,9 @@ def _describe_spec(spec: Any) -> str:
     return f"{spec.cloud.name} {spec.cloud.endpoint} ({spec.cloud.region}), {image}, {spec.instance_type}{extra}"
 
 
-def _cmd_check(
-    args: argparse.Namespace,
-    streams: _Streams,
-    environ: Mapping[str, str],
-    reactor: Any,
-) -> int:
-    if args.repeat < 1:
-        raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+def target_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Any, str, str]:
+    """What ``check`` and ``suite`` run on: a local VM's spec (``--local``)
+    or a cloud check's, and the state dir and its evidence dir (made)."""
     chosen, config_state = _load_cloud_config(args)
     state_dir = state_dir_for(args.state_dir, config_state, environ)
     spec: Any
@@ -526,6 +521,18 @@ def _cmd_check(
     evidence = os.path.join(state_dir, "evidence")
     _make_private_dir(state_dir, "--state-dir")
     _make_private_dir(evidence, "--state-dir")
+    return spec, state_dir, evidence
+
+
+def _cmd_check(
+    args: argparse.Namespace,
+    streams: _Streams,
+    environ: Mapping[str, str],
+    reactor: Any,
+) -> int:
+    if args.repeat < 1:
+        raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+    spec, state_dir, evidence = target_from_args(args, environ)
 
     exit = _Exit()
     journal = _open_journal(state_dir)

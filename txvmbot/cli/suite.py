@@ -11,21 +11,16 @@ from typing import IO, Any
 from txvmbot.cli._common import (
     _close,
     _Exit,
-    _load_cloud_config,
-    _make_private_dir,
     _open_journal,
     _react,
     _Streams,
     _wrap,
     add_cloud_flags,
     add_files_flags,
-    state_dir_for,
 )
 from txvmbot.cli.check import (
-    _local_flags_given,
     add_check_settings,
-    local_spec_from_args,
-    spec_from_args,
+    target_from_args,
 )
 from txvmbot.config import check_float, check_int, check_str
 from txvmbot.errors import ConfigError
@@ -236,23 +231,11 @@ def _cmd_suite(
     environ: Mapping[str, str],
     reactor: Any,
 ) -> int:
-    chosen, config_state = _load_cloud_config(args)
-    state_dir = state_dir_for(args.state_dir, config_state, environ)
-    target: Any
-    if args.local:
-        target = local_spec_from_args(args, environ, state_dir)
-    else:
-        flag = _local_flags_given(args)
-        if flag is not None:
-            raise ConfigError(flag, "only used with --local")
-        target = spec_from_args(args, environ, chosen)
+    target, state_dir, evidence = target_from_args(args, environ)
     spec = suite_spec_from_args(args, target)
     from txvmbot.jobs.suite import durations as D
 
     known = D.load(state_dir, spec.name)
-    evidence = os.path.join(state_dir, "evidence")
-    _make_private_dir(state_dir, "--state-dir")
-    _make_private_dir(evidence, "--state-dir")
     exit = _Exit()
     journal = _open_journal(state_dir)
     human = streams.human

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from txvmbot.engine import StepContext, StepRunner, StepSequence, gather, new_check_id
-from txvmbot.errors import StepFailed, StepTimeout, TxvmbotError
+from txvmbot.errors import StepFailed, StepTimeout
 from txvmbot.evidence import save_evidence
 from txvmbot.interfaces import IEC2Client, IJournal
 from txvmbot.machines import IMachines, Machine
@@ -88,20 +88,7 @@ class SmokeJob:
 
     async def _run(self) -> CheckResult:
         o = self.options
-        error = ""
-        try:
-            await self.machines.prepare(self.sequence)
-            self._machines = await self.machines.acquire(self.sequence, o.count, ssh=o.ssh)
-            if o.ssh:
-                bound = commands_bound(o.command_timeout, len(o.commands), o.connect_timeout)
-                await self.sequence.step("commands", bound, self._run_commands)
-        except CancelledError:
-            error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
-        except TxvmbotError as e:
-            error = str(e)
-        except Exception as e:  # a bug of ours: report it, still clean up
-            self.log.failure("Unexpected error in job {check_id}", check_id=self.check_id)
-            error = f"internal error: {e!r}"
+        error = await self.sequence.error_of(self._steps())
         passed = not error
         console: tuple[tuple[str, str], ...] = ()
         if not passed or o.console:
@@ -126,6 +113,14 @@ class SmokeJob:
             result = save_evidence(self.evidence_root, result, self.log)
         await self.machines.close()
         return result
+
+    async def _steps(self) -> None:
+        o = self.options
+        await self.machines.prepare(self.sequence)
+        self._machines = await self.machines.acquire(self.sequence, o.count, ssh=o.ssh)
+        if o.ssh:
+            bound = commands_bound(o.command_timeout, len(o.commands), o.connect_timeout)
+            await self.sequence.step("commands", bound, self._run_commands)
 
     async def _run_commands(self, ctx: StepContext) -> None:
         from txvmbot import ssh

@@ -122,31 +122,13 @@ class SuiteRun:
 
     async def _run(self) -> SuiteResult:
         spec = self.spec
-        error = ""
         # Known up front with --tests: reported even if the run ends before them.
         self._tests = spec.tests
         timer = self.reactor.callLater(
             spec.bound, self.cancel, f"the whole run passed its bound of {spec.bound:g}s"
         )
         try:
-            await self.machines.prepare(self.sequence)
-            got = await self.machines.acquire(self.sequence, spec.machines)
-            self._slots = [_Slot(f"worker-{i + 1}", m, machines=[m.name]) for i, m in enumerate(got)]
-            await self.sequence.step("setup", self._setup_bound(), self._setup_all)
-            tests = spec.tests
-            if not tests:
-                tests = await self.sequence.step("list", spec.test_timeout, self._list)
-            self._tests = tuple(tests)
-            self._feeder = Feeder(tests, self.durations, len(self._slots), batch=spec.batched)
-            self._t0 = self._wall()
-            await self.sequence.step("tests", spec.bound, self._feed_all)
-        except CancelledError:
-            error = f"cancelled: {self.sequence.cancelled or 'cancelled'}"
-        except TxvmbotError as e:
-            error = str(e)
-        except Exception as e:  # a bug of ours: report it, still clean up
-            self.log.failure("Unexpected error in suite {check_id}", check_id=self.check_id)
-            error = f"internal error: {e!r}"
+            error = await self.sequence.error_of(self._steps())
         finally:
             if timer.active():
                 timer.cancel()
@@ -185,6 +167,20 @@ class SuiteRun:
             result = self._save_evidence(result)
         await self.machines.close()
         return result
+
+    async def _steps(self) -> None:
+        spec = self.spec
+        await self.machines.prepare(self.sequence)
+        got = await self.machines.acquire(self.sequence, spec.machines)
+        self._slots = [_Slot(f"worker-{i + 1}", m, machines=[m.name]) for i, m in enumerate(got)]
+        await self.sequence.step("setup", self._setup_bound(), self._setup_all)
+        tests = spec.tests
+        if not tests:
+            tests = await self.sequence.step("list", spec.test_timeout, self._list)
+        self._tests = tuple(tests)
+        self._feeder = Feeder(tests, self.durations, len(self._slots), batch=spec.batched)
+        self._t0 = self._wall()
+        await self.sequence.step("tests", spec.bound, self._feed_all)
 
     def _setup_bound(self) -> float:
         """Connect, uploads and setup commands, twice, and a replacement
