@@ -141,3 +141,40 @@ def test_suite_bad_usage_exits_2_naming_the_flag(tmp_path: Any, args: list[str],
 def test_submit_refuses_suite_flags_without_suite(tmp_path: Any) -> None:
     p = run_cli("submit", "--pool", "local", "--junit", "x.xml", "--connect", f"unix:path={tmp_path}/no.sock")
     assert p.returncode == 2 and "--junit: only used with --suite" in p.stderr
+
+
+class _Terminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_live_line_rewrites_one_line_on_a_terminal_only() -> None:
+    from txvmbot.cli.suite import _LiveLine
+    from txvmbot.jobs.suite.run import Progress, SlotState
+
+    slots = (SlotState("worker-1", "i-1", "running t01"), SlotState("worker-2", "i-2", "idle"))
+    term = _Terminal(tty=True)
+    live = _LiveLine(term)  # type: ignore[arg-type]
+    live(Progress(total=10, done=4, passed=3, failed=1, slots=slots, eta=12.4))
+    live(Progress(total=10, done=5, passed=4, failed=1, slots=slots, eta=None))
+    live.end()
+    lines = term.text.split("\r")
+    assert lines[1].startswith("4/10 done, 3 passed, 1 failed, ETA 12s | 1:running t01 2:idle")
+    assert lines[2].startswith("5/10 done, 4 passed, 1 failed | ")
+    assert term.text.endswith("\n") and term.text.count("\n") == 1
+
+    pipe = _Terminal(tty=False)
+    quiet = _LiveLine(pipe)  # type: ignore[arg-type]
+    quiet(Progress(total=1, done=0, passed=0, failed=0, slots=slots, eta=None))
+    quiet.end()
+    assert pipe.text == ""
