@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from twisted.conch.ssh.common import NS
@@ -32,6 +32,7 @@ from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.sshd import SSHD, sshd_server
+from tests.test_ssh import failed
 from tests.test_ssh_unit import FakeConnection
 from txvmbot.ssh import (
     Session,
@@ -50,16 +51,6 @@ from txvmbot.ssh._protocol import CLOSE_GRACE, KILL_GRACE
 
 reactor: Any = _reactor
 
-E = TypeVar("E", bound=BaseException)
-
-
-async def failed(d: Deferred[Any], kind: type[E]) -> E:
-    """Wait for ``d`` and return its error, which must be a ``kind``."""
-    try:
-        result = await d
-    except kind as e:
-        return e
-    raise AssertionError(f"expected {kind.__name__}, got result {result!r}")
 
 
 def write(path: str, data: bytes, mode: int = 0o644) -> None:

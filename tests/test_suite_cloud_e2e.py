@@ -71,6 +71,15 @@ def sshd(key: tuple[str, str]) -> Iterator[SSHD]:
         yield s
 
 
+def subunit_stats(path: str) -> dict[str, str]:
+    """What python-subunit's own ``subunit-stats`` reads in a stream file:
+    ``{"Total tests": "6", "Failed tests": "1", "Seen tags": ...}``."""
+    stats_bin = os.path.join(os.path.dirname(sys.executable), "subunit-stats")
+    with open(path, "rb") as f:
+        out = subprocess.run([stats_bin], stdin=f, capture_output=True, text=True, timeout=60).stdout
+    return {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
+
+
 def image_of(moto: Moto) -> str:
     images = checkrun.ec2(moto.url).describe_images(Owners=["amazon"])["Images"]
     return str(sorted(i["ImageId"] for i in images)[0])
@@ -174,12 +183,7 @@ def test_subunit_suite_on_the_cloud_backend(
             [subunit_bin], stdin=f, capture_output=True, text=True, timeout=60
         ).stdout.split()  # it exits 1: the stream has a failure
     assert set(listed) == ids
-    stats_bin = os.path.join(os.path.dirname(sys.executable), "subunit-stats")
-    with open(out["r.subunit"], "rb") as f:
-        stats = subprocess.run([stats_bin], stdin=f, capture_output=True, text=True, timeout=60)
-    figures = dict(
-        (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in stats.stdout.splitlines() if ":" in line)
-    )
+    figures = subunit_stats(out["r.subunit"])
     assert figures["Total tests"] == "6" and figures["Failed tests"] == "1"
     assert figures["Seen tags"] in ("worker-1, worker-2", "worker-1", "worker-2")
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -18,6 +16,7 @@ import pytest
 
 from tests import daemon as D
 from tests.test_local_e2e import qemu_pids, short_dir, vm_dirs  # noqa: F401
+from tests.test_suite_cloud_e2e import subunit_stats
 from tests.test_suite_local_e2e import RUN
 from txvmbot.qemu.image import ImageInfo
 
@@ -78,10 +77,7 @@ def test_suite_through_the_daemon(suite_daemon: tuple[D.Daemon, str, str]) -> No
     assert sorted(cases) == [f"t{i:02d}" for i in range(1, 13)]
     assert cases["t03"].find("failure") is not None and cases["t01"].find("failure") is not None
     assert "garbage" in (cases["t09"].findtext("system-out") or "")
-    stats_bin = os.path.join(os.path.dirname(sys.executable), "subunit-stats")
-    with open(subunit, "rb") as f:
-        stats = subprocess.run([stats_bin], stdin=f, capture_output=True, text=True, timeout=60)
-    assert "Total tests:" in stats.stdout and stats.stdout.split("Total tests:")[1].split()[0] == "12"
+    assert subunit_stats(subunit)["Total tests"] == "12"
 
     (job,) = d.client_json("jobs")
     shown = d.client_json("show", job["id"])

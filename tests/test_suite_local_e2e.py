@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 from tests import checkrun
 from tests.test_local_e2e import qemu_pids, reap_run_dir
+from tests.test_suite_cloud_e2e import subunit_stats
 from txvmbot.qemu.image import ImageInfo
 
 RUN = (
@@ -105,14 +105,8 @@ def test_twelve_busybox_tests_on_three_vms(qemu_image: ImageInfo, tmp_path: obje
         assert cases["t01"].find("failure") is not None
         assert cases["t02"].find("failure") is None and float(cases["t02"].get("time") or -1) >= 2
 
-        stats_bin = os.path.join(os.path.dirname(sys.executable), "subunit-stats")
-        with open(out["r.subunit"], "rb") as f:
-            stats = subprocess.run([stats_bin], stdin=f, capture_output=True, text=True, timeout=60)
-        figures = dict(
-            (k.strip(), v.strip())
-            for k, v in (line.split(":", 1) for line in stats.stdout.splitlines() if ":" in line)
-        )
-        assert figures["Total tests"] == "12" and figures["Failed tests"] == "2", stats.stdout
+        figures = subunit_stats(out["r.subunit"])
+        assert figures["Total tests"] == "12" and figures["Failed tests"] == "2", figures
 
         # Evidence of the failing tests, with the consoles of their machines.
         evidence = summary["evidence_dir"]
