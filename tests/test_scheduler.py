@@ -749,6 +749,38 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(later, seen)
         stop()
 
+    def test_observers_see_every_event_of_every_job_with_the_job(self) -> None:
+        h = Harness()
+        seen: list[tuple[str, str, str, str]] = []
+        stop = h.s.observe(lambda job, e: seen.append((job.id, job.state, e.kind, e.state)))
+        h.submit()
+        h.submit()
+        h.pool.step("j0", "boot", "running")
+        h.pool.finish("j0")
+        self.assertEqual(seen[:2], [("j0", "queued", "state", "queued"), ("j0", "running", "state", "running")])
+        self.assertIn(("j1", "queued", "state", "queued"), seen)
+        self.assertIn(("j0", "running", "step", "running"), seen)
+        self.assertEqual(seen[-1], ("j0", "passed", "state", "passed"))
+        stop()
+        stop()
+        h.pool.finish("j1")
+        self.assertNotIn("j1", {j for j, _, _, st in seen if st == "passed"})
+
+    def test_an_observer_that_raises_is_dropped(self) -> None:
+        h = Harness()
+        calls: list[str] = []
+
+        def broken(job: Job, e: JobEvent) -> None:
+            calls.append(e.state)
+            raise RuntimeError("observer bug")
+
+        h.s.observe(broken)
+        h.submit()
+        h.pool.finish("j0")
+        self.assertEqual(calls, ["queued"])
+        self.assertEqual(h.state("j0"), "passed")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_two_watchers_and_unknown(self) -> None:
         h = Harness()
         h.submit()

@@ -252,6 +252,7 @@ class Scheduler:
         self._queued: dict[str, _QueueKey] = {}
         self._in_pool: set[str] = set()
         self._watch_keys = itertools.count()
+        self._observers: dict[int, Callable[[Job, JobEvent], None]] = {}
         self._dispatching = False
         self._dispatch_again = False
         self._stopped = False
@@ -297,11 +298,12 @@ class Scheduler:
                 (job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued"))
             )
         self._store.add_many(new)
-        for job, _ in new:
+        for job, event in new:
             active = _Active(job=job, order=next(self._order))
             active.last_event = 1
             self._active[job.id] = active
             self._enqueue(active)
+            self._notify(job, event)
         if new:
             # Stored and queued: whatever goes wrong starting them now (the
             # store failing to record a start, say) is not the submitters'
@@ -361,6 +363,27 @@ class Scheduler:
             watchers.pop(key, None)
 
         return stop
+
+    def observe(self, observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]:
+        """Tell ``observer`` every event of every job from now on, with the
+        job as it is after that event (the web page's live view and the
+        metrics). Returns a callable that stops it. An observer that raises
+        is logged and dropped; a slow one slows the daemon: keep it cheap."""
+        key = next(self._watch_keys)
+        self._observers[key] = observer
+
+        def stop() -> None:
+            self._observers.pop(key, None)
+
+        return stop
+
+    def _notify(self, job: Job, event: JobEvent) -> None:
+        for key, observer in list(self._observers.items()):
+            try:
+                observer(job, event)
+            except Exception:
+                self.log.failure("Observer of all jobs failed; it is dropped")
+                self._observers.pop(key, None)
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
         """Cancel a job: a queued one at once; a running one through the
@@ -842,6 +865,7 @@ class Scheduler:
         for key, listener in list(active.watchers.items()):
             if not self._tell(listener, event):
                 active.watchers.pop(key, None)
+        self._notify(active.job, event)
 
     def _tell(self, listener: Listener, event: JobEvent) -> bool:
         try:
