@@ -155,7 +155,9 @@ def test_passing_check_exits_0(world: World, tmp_path: Any) -> None:
     r = run([*BASE, "--state-dir", str(state)], tmp_path)
     assert r.code == 0, r.stderr
     assert "PASSED check fake0" in r.stdout
-    assert "keypair  passed" in r.stdout  # the plain-line renderer saw the events
+    # The plain-line renderer saw the events: one line, the bare start held back.
+    assert "keypair  passed (0.5s)  made it" in r.stdout
+    assert "keypair  running" not in r.stdout
     (check,) = world.checks
     assert check.spec.image == "ami-1" and check.spec.cloud.endpoint == "http://127.0.0.1:1/"
     assert check.evidence_root == str(state / "evidence")

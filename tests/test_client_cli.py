@@ -45,6 +45,8 @@ class DrivenScheduler(FakeScheduler):
             steps = [
                 (0.01, lambda: self.set_state(job.id, "running", started=self.now())),
                 (0.02, lambda: self.step(job.id, "keypair", "running")),
+                (0.025, lambda: self.step(job.id, "keypair", "running", "kp-1")),
+                (0.027, lambda: self.step(job.id, "keypair", "running", "kp-1")),
                 (0.03, lambda: self.step(job.id, "keypair", "passed", "kp-1")),
                 (0.04, lambda: self.step(job.id, "wait-running", "running")),
                 (0.05, lambda: self.finish(job.id, passed=self.outcome == "passed")),
@@ -124,8 +126,14 @@ class ClientCommandTests(TestCase):
         code, out, err = await self.cli("submit", *CLOUD, "--image", "ami-1", "--wait")
         self.assertEqual(code, 0, err)
         self.assertIn("job job-1 on http://127.0.0.1:1/ r: queued", out)
-        self.assertIn("keypair  running", out)
-        self.assertIn("keypair  passed", out)
+        # Off a TTY, one line per change: the bare start is held back, the
+        # repeated detail and the end's same detail are not printed again,
+        # and the step still running when the job ended is named at the end.
+        steps = [line.split("  ", 1)[1] for line in out.splitlines() if line[:1].isdigit()]
+        self.assertEqual(len(steps), 3, out)
+        self.assertEqual(steps[0], "keypair  running  kp-1")
+        self.assertRegex(steps[1], r"^keypair  passed \(\d+\.\ds\)$")
+        self.assertEqual(steps[2], "wait-running  running")
         self.assertIn("PASSED check job-1-0", out)
         self.assertIn("job job-1 PASSED", out)
 

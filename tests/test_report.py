@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import attrs
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from txvmbot.model import CheckResult, CommandResult, Facts, ReapReport, StepEvent, StepResult
@@ -178,17 +180,127 @@ def test_format_result() -> None:
     assert failing_step(result()) is None
 
 
-def test_plain_lines() -> None:
+def plain(events: list[StepEvent], stop: bool = True) -> list[str]:
     out = io.StringIO()
     r = PlainLines(out)
-    r(StepEvent("keypair", "running", T0))
-    r(StepEvent("keypair", "passed", T0 + 1.25, "key txvmbot-1"))
-    r(StepEvent("wait-running", "failed", T0 + 2, "multi\nline"))
-    lines = out.getvalue().splitlines()
+    r.start()
+    for e in events:
+        r(e)
+    if stop:
+        r.stop()
+    return out.getvalue().splitlines()
+
+
+def test_plain_lines() -> None:
+    lines = plain(
+        [
+            StepEvent("keypair", "running", T0),
+            StepEvent("keypair", "passed", T0 + 1.25, "key txvmbot-1"),
+            StepEvent("wait-running", "failed", T0 + 2, "multi\nline"),
+        ]
+    )
     assert lines == [
-        "2023-11-14T22:13:20.000Z  keypair  running",
         "2023-11-14T22:13:21.250Z  keypair  passed (1.2s)  key txvmbot-1",
         "2023-11-14T22:13:22.000Z  wait-running  failed  multi line",
+    ]
+
+
+def test_plain_lines_one_line_per_change() -> None:
+    # What the engine sends for a step that polls: a bare start, the same
+    # detail again and again, a new one, and the end with the last detail.
+    lines = plain(
+        [
+            StepEvent("wait-running", "running", T0),
+            StepEvent("wait-running", "running", T0 + 1, "pending"),
+            StepEvent("wait-running", "running", T0 + 2, "pending"),
+            StepEvent("wait-running", "running", T0 + 3, " pending\n"),
+            StepEvent("wait-running", "running", T0 + 4, "running"),
+            StepEvent("wait-running", "passed", T0 + 4.5, "running"),
+            StepEvent("ssh", "running", T0 + 5),
+            StepEvent("ssh", "passed", T0 + 6),
+        ]
+    )
+    assert lines == [
+        "2023-11-14T22:13:21.000Z  wait-running  running  pending",
+        "2023-11-14T22:13:24.000Z  wait-running  running  running",
+        "2023-11-14T22:13:24.500Z  wait-running  passed (4.5s)",
+        "2023-11-14T22:13:26.000Z  ssh  passed (1.0s)",
+    ]
+
+
+def test_plain_lines_end_shows_a_new_detail() -> None:
+    lines = plain(
+        [
+            StepEvent("wait-running", "running", T0),
+            StepEvent("wait-running", "running", T0 + 1, "pending"),
+            StepEvent("wait-running", "timeout", T0 + 3, "no answer in 3s; last seen: pending"),
+            StepEvent("skipped-one", "skipped", T0 + 3, "not asked for"),
+        ]
+    )
+    assert lines == [
+        "2023-11-14T22:13:21.000Z  wait-running  running  pending",
+        "2023-11-14T22:13:23.000Z  wait-running  timeout (3.0s)  no answer in 3s; last seen: pending",
+        "2023-11-14T22:13:23.000Z  skipped-one  skipped  not asked for",
+    ]
+
+
+def test_plain_lines_a_rerun_starts_afresh() -> None:
+    # A retried job runs its steps again: the second run is timed from its
+    # own start and repeats a detail the first run printed.
+    lines = plain(
+        [
+            StepEvent("boot", "running", T0, "qemu 1"),
+            StepEvent("boot", "failed", T0 + 1, "qemu 1"),
+            StepEvent("boot", "running", T0 + 10),
+            StepEvent("boot", "running", T0 + 11, "qemu 1"),
+            StepEvent("boot", "passed", T0 + 12, "qemu 1"),
+        ]
+    )
+    assert lines == [
+        "2023-11-14T22:13:20.000Z  boot  running  qemu 1",
+        "2023-11-14T22:13:21.000Z  boot  failed (1.0s)",
+        "2023-11-14T22:13:31.000Z  boot  running  qemu 1",
+        "2023-11-14T22:13:32.000Z  boot  passed (2.0s)",
+    ]
+
+
+def test_plain_lines_stop_names_steps_that_never_said_more() -> None:
+    events = [
+        StepEvent("keypair", "running", T0),
+        StepEvent("keypair", "passed", T0 + 1),
+        StepEvent("wait-running", "running", T0 + 2),
+    ]
+    assert plain(events, stop=False) == ["2023-11-14T22:13:21.000Z  keypair  passed (1.0s)"]
+    assert plain(events) == [
+        "2023-11-14T22:13:21.000Z  keypair  passed (1.0s)",
+        "2023-11-14T22:13:22.000Z  wait-running  running",
+    ]
+
+
+def test_plain_lines_from_the_engine() -> None:
+    from txvmbot.engine import StepRunner
+
+    clock = Clock()
+    clock.advance(T0)
+    out = io.StringIO()
+    renderer = PlainLines(out, clock)
+    steps = StepRunner(clock, renderer, wall=clock.seconds)
+
+    def poll(ctx: Any) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        for i, state in enumerate(["pending", "pending", "pending", "running"]):
+            clock.callLater(i + 1, ctx.saw, state)
+        clock.callLater(4.5, done.callback, None)
+        return done
+
+    d = steps.run("wait-running", 60, poll)
+    clock.pump([0.5] * 10)
+    assert d.called
+    renderer.stop()
+    assert out.getvalue().splitlines() == [
+        "2023-11-14T22:13:21.000Z  wait-running  running  pending",
+        "2023-11-14T22:13:24.000Z  wait-running  running  running",
+        "2023-11-14T22:13:24.500Z  wait-running  passed (4.5s)",
     ]
 
 

@@ -381,32 +381,69 @@ class LiveTable:
         self._drawn = len(lines)
 
 
+class _Plain:
+    """What :class:`PlainLines` knows of one step: when its run began, the
+    start event it held back, and the state and detail it last printed."""
+
+    __slots__ = ("started", "held", "state", "detail")
+
+    def __init__(self, held: StepEvent) -> None:
+        self.started = held.at
+        self.held: StepEvent | None = held
+        self.state = ""
+        self.detail = ""
+
+
 class PlainLines:
-    """One line per state change, with a UTC timestamp: for logs and pipes."""
+    """One line per change of a step's state or detail, with a UTC timestamp:
+    for logs and pipes.
+
+    A step's bare start (``running`` with no detail) is held back: the
+    step's first line comes with its first detail, or is its end line if it
+    ends without one. A ``running`` update whose detail is unchanged prints
+    nothing; the end line has the duration, and the detail only if it is
+    not the one printed last for the step. ``stop()`` prints the held
+    starts of steps that never said more, so no step goes unmentioned.
+    """
 
     def __init__(self, stream: IO[str], clock: Any = None) -> None:
         self._stream = stream
-        self._started: dict[str, float] = {}
+        self._steps: dict[str, _Plain] = {}
 
     def start(self) -> None:
         pass
 
     def stop(self) -> None:
-        pass
+        for step in self._steps.values():
+            if step.held is not None:
+                self._write(step.held, "")
+                step.held = None
 
     def __call__(self, event: StepEvent) -> None:
+        detail = " ".join(event.detail.split())
+        step = self._steps.get(event.name)
+        if event.state == "running":
+            if step is None or step.state not in ("", "running"):
+                # A new run of the step (the first, or a retry after it ended).
+                step = self._steps[event.name] = _Plain(event)
+            if not detail or (step.state == "running" and detail == step.detail):
+                return
+            step.held = None
+            step.state, step.detail = "running", detail
+            self._write(event, detail)
+            return
+        took = f" ({event.at - step.started:.1f}s)" if step is not None else ""
+        shown = detail if step is None or detail != step.detail else ""
+        if step is not None:
+            step.held = None
+            step.state = event.state
+        self._write(event, shown, took)
+
+    def _write(self, event: StepEvent, detail: str, took: str = "") -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.at))
         stamp += f".{int((event.at % 1) * 1000):03d}Z"
-        if event.state == "running":
-            # Progress ("saw ...") comes as further running events: the
-            # step started at the first.
-            self._started.setdefault(event.name, event.at)
-            took = ""
-        else:
-            began = self._started.pop(event.name, None)
-            took = f" ({event.at - began:.1f}s)" if began is not None else ""
-        detail = f"  {' '.join(event.detail.split())}" if event.detail else ""
-        self._stream.write(f"{stamp}  {event.name}  {event.state}{took}{detail}\n")
+        tail = f"  {detail}" if detail else ""
+        self._stream.write(f"{stamp}  {event.name}  {event.state}{took}{tail}\n")
         self._stream.flush()
 
 
