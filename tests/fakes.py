@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
+from txvmbot.daemon.failures import FailureReport, group_failures
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -68,6 +69,8 @@ class FakeScheduler:
         self.boom: Exception | None = None
         #: How many specs each submit_many call was given, in order.
         self.batches: list[int] = []
+        #: The (by, since, limit) of each failures() call, in order.
+        self.failure_calls: list[tuple[tuple[str, ...], float, int]] = []
         self._n = 0
 
     def _check(self) -> None:
@@ -210,3 +213,9 @@ class FakeScheduler:
             running=sum(1 for j in self.jobs.values() if j.state == "running"),
             backends=tuple(self.backends.values()),
         )
+
+    def failures(self, by: Sequence[str], since: float, limit: int = 10_000) -> FailureReport:
+        self._check()
+        self.failure_calls.append((tuple(by), since, limit))
+        final = self.list(states=FINAL_STATES, limit=limit + 1)
+        return group_failures(final[:limit], by, since, complete=len(final) <= limit)

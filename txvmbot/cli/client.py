@@ -1,5 +1,5 @@
 """The daemon's commands: ``submit``, ``watch``, ``jobs``, ``show``,
-``cancel``, ``drain``, ``resume``, ``status``.
+``cancel``, ``drain``, ``resume``, ``status``, ``failures``.
 
 Each connects to the daemon at ``--connect`` (else ``connect`` in the
 config, else the unix socket in the state dir the daemon uses by default)
@@ -32,6 +32,7 @@ from txvmbot.errors import ConfigError
 
 if TYPE_CHECKING:
     from txvmbot.daemon.client import ClientTLS, DaemonClient, JobList, JobSummary
+    from txvmbot.daemon.failures import FailureReport
     from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent
 
 __all__ = ["EXIT_UNREACHABLE", "add_parsers", "connection_for", "execute"]
@@ -183,6 +184,49 @@ def add_parsers(sub: Any) -> None:
     simple("drain", "let running jobs of a backend finish; new ones wait", _drain, "BACKEND")
     simple("resume", "undo drain (or quarantine) of a backend", _resume, "BACKEND")
     simple("status", "the daemon's workers, queue and backends", _status)
+    _add_failures(simple)
+
+
+def _add_failures(simple: Any) -> None:
+    from txvmbot.daemon.failures import DEFAULT_LIMIT, FACTS, MAX_LIMIT
+
+    p = simple(
+        "failures",
+        "finished jobs grouped by their environment facts, most failures first",
+        _failures,
+    )
+    facts = "\n".join(f"  {f.name:<13} {f.help}" for f in FACTS.values())
+    p.description = (
+        _wrap(
+            "The daemon's finished jobs grouped by environment facts (the host kernel, "
+            "the QEMU version, the image, ...): one row per group with its failed and "
+            "total jobs, its pass rate and a failed job with its reason, most failures "
+            "first. Failed and error jobs fail; cancelled jobs are in no group and no "
+            "pass rate. A job without a fact (no result, or a cloud fact of a local "
+            "job) shows 'unknown'."
+        )
+        + "\n\nfacts:\n"
+        + facts
+    )
+    p.add_argument(
+        "--by",
+        metavar="FACT[,FACT...]",
+        default="host_kernel",
+        help="the facts to group by, comma-separated (default: host_kernel; see facts above)",
+    )
+    p.add_argument(
+        "--since",
+        metavar="AGE",
+        default="7d",
+        help="only jobs that finished in the last AGE: 30m, 12h, 7d, or seconds (default: 7d)",
+    )
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"read at most the N newest finished jobs, 1 to {MAX_LIMIT} (default: {DEFAULT_LIMIT})",
+    )
 
 
 # --- connecting ----------------------------------------------------------------
@@ -658,3 +702,76 @@ async def _status(
             )
         _table(rows, out)
     return 0
+
+
+class _Failures:
+    @staticmethod
+    def prepare(
+        args: argparse.Namespace, environ: Mapping[str, str]
+    ) -> tuple[tuple[str, ...], float]:
+        """The facts to group by and the age in seconds, checked before
+        connecting."""
+        from txvmbot.daemon.failures import MAX_LIMIT, check_by, parse_age
+
+        by = check_by([n.strip() for n in args.by.split(",") if n.strip()], "--by")
+        age = parse_age(args.since, "--since")
+        if not 1 <= args.limit <= MAX_LIMIT:
+            raise ConfigError("--limit", f"must be from 1 to {MAX_LIMIT}, got {args.limit}")
+        return by, age
+
+    async def __call__(
+        self,
+        client: DaemonClient,
+        args: argparse.Namespace,
+        streams: _Streams,
+        reactor: Any,
+        prepared: tuple[tuple[str, ...], float],
+    ) -> int:
+        from txvmbot.daemon.failures import report_to_dict
+
+        by, age = prepared
+        since = max(0.0, reactor.seconds() - age)
+        report = await client.failures(by=by, since=since, limit=args.limit)
+        _print_json(streams, report_to_dict(report))
+        _print_failures(report, streams.human)
+        return 0
+
+
+_failures = _Failures()
+
+
+def _print_failures(report: FailureReport, out: IO[str]) -> None:
+    """``report`` as a table: the facts, FAILED/TOTAL, PASS RATE, and the
+    newest failed job of the group with its reason."""
+    by = ", ".join(report.by)
+    cancelled = f"; {report.cancelled} cancelled, not counted" if report.cancelled else ""
+    if not report.groups:
+        out.write(f"no finished jobs since {_when(report.since)} UTC{cancelled}\n")
+    else:
+        out.write(
+            f"{report.failed} of {report.total} finished jobs failed since "
+            f"{_when(report.since)} UTC, by {by}{cancelled}\n"
+        )
+        rows = [[*(n.upper() for n in report.by), "FAILED/TOTAL", "PASS RATE", "EXAMPLE"]]
+        for g in report.groups:
+            example = ""
+            if g.examples:
+                e = g.examples[0]
+                example = f"{e.job_id}: {e.reason}"
+                example = example if len(example) <= 70 else example[:69] + "…"
+            rows.append(
+                [
+                    *(v if len(v) <= 40 else v[:39] + "…" for v in g.key),
+                    f"{g.failed}/{g.total}",
+                    f"{g.pass_rate * 100:.1f}%",
+                    example,
+                ]
+            )
+        _table(rows, out)
+    if report.omitted:
+        out.write(f"({report.omitted} groups with fewer failures left out: group by fewer facts)\n")
+    if not report.complete:
+        out.write(
+            f"(only the newest {report.scanned} finished jobs were read: older ones in that "
+            "time are missing; raise --limit)\n"
+        )

@@ -19,7 +19,7 @@ and daemon share no API version, and the API's own errors
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -32,12 +32,15 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txvmbot import __version__, codec
+from txvmbot.daemon.failures import DEFAULT_BY, FailureReport, report_from_dict
 from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
 from txvmbot.daemon.protocol import (
     API_VERSION,
+    DEFAULT_FAILURES_LIMIT,
     APIError,
     Cancel,
     Drain,
+    Failures,
     Get,
     Hello,
     IncompatibleVersion,
@@ -274,6 +277,38 @@ class DaemonClient:
 
     def status(self) -> Deferred[DaemonStatus]:
         return self._call(Status).addCallback(lambda r: status_from_dict(r["status"]))
+
+    def failures(
+        self,
+        by: Sequence[str] = DEFAULT_BY,
+        since: float = 0.0,
+        limit: int = DEFAULT_FAILURES_LIMIT,
+    ) -> Deferred[FailureReport]:
+        """The finished jobs that ended at or after ``since`` (epoch
+        seconds), among the newest ``limit``, grouped by the facts named in
+        ``by`` (keys of :data:`txvmbot.daemon.failures.FACTS`)."""
+
+        def parse(r: dict[str, Any]) -> FailureReport:
+            try:
+                return report_from_dict(r["report"])
+            except ValueError as e:
+                raise APIError(f"the daemon sent a malformed failure report: {e}") from None
+
+        def older(f: Failure) -> Failure:
+            if f.check(amp.UnhandledCommand):
+                return Failure(
+                    IncompatibleVersion(
+                        f"the daemon at {self.where} (txvmbot {self.daemon_version}) does not "
+                        f"answer Failures; this client is txvmbot {__version__}: upgrade the daemon"
+                    )
+                )
+            return f
+
+        return (
+            self._call(Failures, by=list(by), since=float(since), limit=limit)
+            .addErrback(older)
+            .addCallback(parse)
+        )
 
     def close(self) -> Deferred[None]:
         """Close the connection; fires once it is closed."""

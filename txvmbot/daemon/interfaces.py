@@ -121,3 +121,9 @@ class IScheduler(Interface):
 
     def status() -> Any:
         """A DaemonStatus."""
+
+    def failures(by: Any, since: float, limit: int = 10000) -> Any:
+        """A txvmbot.daemon.failures.FailureReport (or a Deferred firing
+        with one): of the newest ``limit`` finished jobs, those that
+        finished at or after ``since`` (epoch seconds), grouped by the
+        facts named in ``by``. Raises ConfigError for an unknown name."""

@@ -3,7 +3,8 @@
 A client connects, sends :class:`Hello` and checks the daemon speaks its
 version; then it may :class:`Submit`, :class:`Get`, :class:`List`,
 :class:`Watch`, :class:`Cancel`, :class:`Drain`, :class:`Resume` and ask for
-:class:`Status`. Jobs, events and statuses travel as JSON documents (the
+:class:`Status` and :class:`Failures` (finished jobs grouped by their
+environment facts). Jobs, events and statuses travel as JSON documents (the
 shapes of :mod:`txvmbot.codec`); a watch makes the daemon call the client
 back with :class:`JobEventCmd` for each event of the job, in order, and with
 :class:`WatchEnded` once the job is final.
@@ -11,7 +12,7 @@ back with :class:`JobEventCmd` for each event of the job, in order, and with
 Every argument is checked on the way in: its size (no AMP value exceeds
 65,535 bytes, :data:`MAX_VALUE`; a job id is at most 64 characters of
 ``[a-zA-Z0-9-]``; a backend name at most 200 characters; a limit from 1 to
-1,000) and its type. A request that fails a check gets a typed AMP error
+1,000, for :class:`Failures` to 100,000) and its type. A request that fails a check gets a typed AMP error
 (:class:`BadRequest`, whose message names the argument) and the connection
 stays up for the next request. Errors are declared on each command, so the
 client gets :class:`BadRequest`, :class:`UnknownJobError`,
@@ -24,6 +25,7 @@ Importing this module imports AMP but never the reactor.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -32,8 +34,11 @@ import attrs
 from twisted.protocols import amp
 
 from txvmbot.codec import MAX_SPEC_BYTES, dumps
+from txvmbot.daemon.failures import DEFAULT_LIMIT as DEFAULT_REPORT_LIMIT
+from txvmbot.daemon.failures import FACTS, FailureReport, check_by, report_to_dict
+from txvmbot.daemon.failures import MAX_LIMIT as MAX_REPORT_LIMIT
 from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job
-from txvmbot.errors import DaemonUnavailable, TxvmbotError, UnknownJob
+from txvmbot.errors import ConfigError, DaemonUnavailable, TxvmbotError, UnknownJob
 from txvmbot.model import CheckSpec
 
 __all__ = [
@@ -42,7 +47,11 @@ __all__ = [
     "APIError",
     "BadRequest",
     "Cancel",
+    "DEFAULT_FAILURES_LIMIT",
     "Drain",
+    "EpochArgument",
+    "FactNamesArgument",
+    "Failures",
     "Get",
     "Hello",
     "IncompatibleVersion",
@@ -61,6 +70,7 @@ __all__ = [
     "backend_to_dict",
     "Fitted",
     "fit_document",
+    "fit_report",
     "job_summary",
     "status_from_dict",
     "status_to_dict",
@@ -76,6 +86,12 @@ MAX_VALUE = amp.MAX_VALUE_LENGTH
 MAX_JOB_ID = 64
 MAX_BACKEND = 200
 MAX_LIMIT = 1000
+#: How many of the newest finished jobs one :class:`Failures` reads at most,
+#: and by default.
+MAX_FAILURES_LIMIT = MAX_REPORT_LIMIT
+DEFAULT_FAILURES_LIMIT = DEFAULT_REPORT_LIMIT
+#: The latest epoch time :class:`EpochArgument` takes (the year 5138).
+MAX_EPOCH = 1e11
 MAX_SPEC = min(MAX_SPEC_BYTES, MAX_VALUE)
 JOB_STATES = ("queued", "running", "cleaning", *sorted(FINAL_STATES))
 _JOB_ID = re.compile(r"[a-zA-Z0-9-]{1,64}")
@@ -280,6 +296,57 @@ class StatesArgument(_Checked):
         return result
 
 
+class EpochArgument(_Checked):
+    """A time in epoch seconds: a finite number from 0 to :data:`MAX_EPOCH`."""
+
+    what = f"epoch seconds, a number from 0 to {MAX_EPOCH:.0f}"
+
+    def check(self, value: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadRequest(f"expected {self.what}, got {type(value).__name__}")
+        if not (math.isfinite(value) and 0 <= value <= MAX_EPOCH):
+            raise BadRequest(f"expected {self.what}, got {value!r}")
+        return float(value)
+
+    def fromString(self, inString: bytes) -> float:
+        text = inString.decode("ascii")
+        if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{0,20})?(e[+-]?[0-9]{1,3})?", text):
+            raise BadRequest(f"expected {self.what}, got {text[:40]!r}")
+        return self.check(float(text))
+
+    def toString(self, inObject: float) -> bytes:
+        return repr(self.check(inObject)).encode("ascii")
+
+
+class FactNamesArgument(_Checked):
+    """Fact names to group failures by: 1 to as many as there are facts,
+    each a key of :data:`txvmbot.daemon.failures.FACTS`, none twice."""
+
+    what = "a list of fact names (" + ", ".join(FACTS) + ")"
+
+    def __init__(self, optional: bool = False) -> None:
+        super().__init__(optional)
+        self._list = amp.ListOf(amp.Unicode())
+
+    def check(self, names: list[str]) -> list[str]:
+        if len(names) > len(FACTS):
+            raise BadRequest(f"at most {len(FACTS)} facts, got {len(names)}")
+        try:
+            return list(check_by(names))
+        except ConfigError as e:
+            raise BadRequest(e.message) from None
+
+    def fromString(self, inString: bytes) -> list[str]:
+        names = self._list.fromString(inString)
+        if self._list.toString(names) != inString:
+            raise BadRequest("malformed list (lengths do not match the data)")
+        return self.check(names)
+
+    def toString(self, inObject: list[str]) -> bytes:
+        result: bytes = self._list.toString(self.check(list(inObject)))
+        return result
+
+
 class _Bool(_Checked):
     what = "True or False"
 
@@ -428,6 +495,23 @@ class Status(amp.Command):
     errors = _PLAIN_ERRORS
 
 
+class Failures(amp.Command):
+    """Finished jobs grouped by environment facts
+    (:func:`txvmbot.daemon.failures.report_to_dict`): those that finished at
+    or after ``since`` among the newest ``limit`` finished jobs, grouped
+    by the facts named in ``by``. Groups with the fewest failures are left
+    out (``omitted``) when the report would not fit one AMP value."""
+
+    commandName = b"Failures"
+    arguments = [
+        (b"by", FactNamesArgument()),
+        (b"since", EpochArgument()),
+        (b"limit", BoundedInteger(1, MAX_FAILURES_LIMIT)),
+    ]
+    response = [(b"report", JSONArgument())]
+    errors = _PLAIN_ERRORS
+
+
 # --- documents -------------------------------------------------------------------
 
 
@@ -525,3 +609,32 @@ def fit_document(
         f"{describe() or 'the answer'} is {size} bytes, too large for one AMP value "
         f"({limit} bytes) even with its outputs cut"
     )
+
+
+def fit_report(report: FailureReport, limit: int = MAX_VALUE) -> Fitted:
+    """``report`` as a document of at most ``limit`` bytes: its groups in
+    order (most failures first) as long as they fit, the number of the
+    others added to ``omitted``. Raises :class:`InternalError` if not even
+    the first group fits."""
+    doc = report_to_dict(report)
+    data = dumps(doc)
+    if len(data) <= limit:
+        return Fitted(doc, data)
+    groups = doc["groups"]
+    # Room for the digits ``omitted`` may gain.
+    size = len(dumps(dict(doc, groups=[]))) + 20
+    kept: list[dict[str, Any]] = []
+    for g in groups:
+        n = len(dumps(g)) + 1
+        if size + n > limit:
+            break
+        kept.append(g)
+        size += n
+    doc = dict(doc, groups=kept, omitted=report.omitted + len(groups) - len(kept))
+    data = dumps(doc)
+    if not kept or len(data) > limit:
+        raise InternalError(
+            f"the failure report is {len(data)} bytes, too large for one AMP value "
+            f"({limit} bytes) even with groups left out"
+        )
+    return Fitted(doc, data)

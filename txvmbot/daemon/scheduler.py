@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txvmbot.daemon.failures import PAGE, FailureReport, FailureTally
 from txvmbot.daemon.interfaces import IJobStore, IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -880,6 +881,43 @@ class Scheduler:
 
     def _bug(self, failure: Failure, what: str, job_id: str) -> None:
         self.log.failure("Bug while " + what, failure, job_id=job_id)
+
+    def failures(
+        self, by: Sequence[str], since: float, limit: int = 10_000
+    ) -> Deferred[FailureReport]:
+        """The newest ``limit`` finished jobs, read from the store a page at
+        a time (the reactor runs between pages), those that finished at or
+        after ``since`` grouped by the facts named in ``by``
+        (:func:`txvmbot.daemon.failures.group_failures`). Raises
+        ConfigError for an unknown name in ``by``.
+
+        Jobs are read newest submitted first, and reading stops at the
+        first page in which no job finished at or after ``since``: a job
+        that sat queued since before a whole page of older jobs finished
+        (a backend drained for long) may be missed. The report is not
+        ``complete`` when ``limit`` stopped the reading first.
+        """
+        from twisted.internet.defer import ensureDeferred
+        from twisted.internet.task import deferLater
+
+        if limit < 1:
+            raise ValueError(f"failures limit must be at least 1, not {limit!r}")
+        tally = FailureTally(by, since)
+
+        async def scan() -> FailureReport:
+            before: str | None = None
+            while tally.scanned < limit:
+                want = min(PAGE, limit - tally.scanned)
+                page: list[Job] = self._store.list(states=FINAL_STATES, limit=want, before=before)
+                for job in page:
+                    tally.add(job)
+                if len(page) < want or not any(tally.counts(job) for job in page):
+                    return tally.report(complete=True)
+                before = page[-1].id
+                await deferLater(self._clock, 0, _nothing)
+            return tally.report(complete=False)
+
+        return ensureDeferred(scan())
 
 
 def _nothing() -> None:

@@ -30,6 +30,7 @@ from txvmbot.daemon.protocol import (
     BadRequest,
     Cancel,
     Drain,
+    Failures,
     Fitted,
     Get,
     Hello,
@@ -46,6 +47,7 @@ from txvmbot.daemon.protocol import (
     WatchEnded,
     backend_to_dict,
     fit_document,
+    fit_report,
     job_summary,
     status_to_dict,
 )
@@ -456,6 +458,17 @@ class DaemonAMP(amp.AMP):
     def status(self) -> Deferred[dict[str, Any]]:
         return self._call(
             "Status", self._scheduler.status, then=lambda s: {"status": status_to_dict(s)}
+        )
+
+    @Failures.responder
+    def failures(self, by: list[str], since: float, limit: int) -> Deferred[dict[str, Any]]:
+        return self._call(
+            "Failures",
+            self._scheduler.failures,
+            by,
+            since,
+            limit,
+            then=lambda report: {"report": fit_report(report)},
         )
 
 
