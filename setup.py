@@ -40,6 +40,7 @@ class build_py_with_plugin_cache(build_py):
 
 setup(
     packages=find_packages(include=["txvmbot", "txvmbot.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["txvmbot_plugin.py"], "txvmbot.qemu": ["guest/*"]},
+    package_data={"twisted.plugins": ["txvmbot_plugin.py"], "txvmbot.qemu": ["guest/*"],
+                  "txvmbot.daemon.web": ["static/*"]},
     cmdclass={"build_py": build_py_with_plugin_cache},
 )

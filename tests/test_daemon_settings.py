@@ -60,3 +60,35 @@ def test_an_unknown_key_lists_keep_finished_days() -> None:
     with pytest.raises(ConfigError) as e:
         parse(keep_finished=3)
     assert "keep_finished_days" in str(e.value)
+
+
+def test_the_web_page_is_off_unless_configured() -> None:
+    assert parse().web == ()
+
+
+def test_web_listeners_follow_the_api_rules() -> None:
+    s = parse(web=["unix:/run/txvmbot/web.sock"])
+    assert s.web == ("unix:/run/txvmbot/web.sock:mode=600",)
+    tls = {"ca": "ca.pem", "cert": "c.pem", "key": "k.pem"}
+    assert parse(web="ssl:8443", tls=tls).web == ("ssl:8443",)
+    loop = parse(web=["tcp:8080:interface=127.0.0.1"], web_insecure_loopback=True)
+    assert loop.web == ("tcp:8080:interface=127.0.0.1",) and loop.web_insecure_loopback
+
+
+@pytest.mark.parametrize(
+    "table, says",
+    [
+        ({"web": ["tcp:8080"]}, "plain TCP web listener"),
+        ({"web": ["tcp:8080:interface=127.0.0.1"]}, "web_insecure_loopback = true"),
+        ({"web": ["tcp:8080:interface=0.0.0.0"], "web_insecure_loopback": True}, "127.0.0.1 only"),
+        ({"web": ["tcp:8080"], "web_insecure_loopback": True}, "127.0.0.1 only"),
+        ({"web": ["ssl:8443"]}, "needs a [daemon.tls] table"),
+        ({"web": []}, "expected endpoint strings"),
+        ({"web_insecure_loopback": "yes"}, "expected true or false"),
+    ],
+)
+def test_bad_web_listeners_name_the_key(table: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(**table)
+    assert e.value.where.startswith("daemon.web")
+    assert says in str(e.value)

@@ -94,6 +94,8 @@ class DaemonService(service.MultiService):
         self.journal: Any = None
         self.pool: Any = None
         self.scheduler: Any = None
+        self.web: Any = None
+        self._web_ports: list[Any] = []
 
     def startService(self) -> None:
         super().startService()
@@ -179,12 +181,31 @@ class DaemonService(service.MultiService):
             endpoint = self._server_endpoint(description)
             self._ports.append(await endpoint.listen(factory))
             self._go_on()
+        if s.web:
+            await self._start_web()
         self.log.info(
             "txvmbot daemon ready: {workers} workers, listening on {listen}, data in {data_dir}",
             workers=s.workers,
             listen=", ".join(s.listen_endpoints),
             data_dir=s.data_dir,
         )
+
+    async def _start_web(self) -> None:
+        """The status page (and /metrics) on ``[daemon] web``."""
+        from txvmbot.daemon.web import WebUI
+
+        self.web = WebUI(
+            self.scheduler,
+            self.reactor,
+            failures=lambda by, since: self.scheduler.failures(by, since),
+        )
+        self.web.start()
+        site = self.web.site()
+        for description in self.settings.web:
+            endpoint = self._server_endpoint(description)
+            self._web_ports.append(await endpoint.listen(site))
+            self._go_on()
+        self.log.info("txvmbot web page on {web}", web=", ".join(self.settings.web))
 
     async def _check_pool(self, pool: Any) -> None:
         """``qemu-img check`` of a local pool's base image when the pool
@@ -214,6 +235,8 @@ class DaemonService(service.MultiService):
         from twisted.internet.endpoints import serverFromString
 
         kind = description.split(":", 1)[0].lower()
+        if kind == "tcp":  # a web listener on 127.0.0.1, checked when parsed
+            return serverFromString(self.reactor, description)
         if kind == "unix":
             path = description.split(":")[1]
             path = path[len("path=") :] if path.startswith("path=") else path
@@ -249,9 +272,12 @@ class DaemonService(service.MultiService):
                 pool_stopped = self.pool.stop()
             self._starting.cancel()
             await self._starting
-        for port in self._ports:
+        for port in self._web_ports + self._ports:
             await port.stopListening()
         self._ports = []
+        self._web_ports = []
+        if self.web is not None:
+            self.web.stop()
         await self._stop_scheduler()
         if pool_stopped is not None:
             await pool_stopped

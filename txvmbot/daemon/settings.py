@@ -30,6 +30,8 @@ _KEYS = (
     "keep_finished_days",
     "tls",
     "log_json",
+    "web",
+    "web_insecure_loopback",
 )
 _TLS_KEYS = ("ca", "cert", "key")
 
@@ -61,6 +63,11 @@ class DaemonSettings:
     log_json: str | None = None
     config_path: str | None = None
     pools: tuple[LocalPool, ...] = ()
+    #: Where the web status page (and /metrics) listens; off when empty.
+    web: tuple[str, ...] = ()
+    #: Allow a plain TCP web listener on 127.0.0.1 (a demo, a test, a
+    #: browser on the daemon's own host): anyone on that host can read it.
+    web_insecure_loopback: bool = False
 
     @property
     def pools_by_name(self) -> dict[str, LocalPool]:
@@ -145,6 +152,32 @@ def check_listen(endpoint: str, has_tls: bool, where: str = "daemon.listen", src
     raise ConfigError(where, f"{endpoint!r}: listen on unix:PATH or ssl:PORT, not {kind!r}{src}")
 
 
+def check_web_listen(
+    endpoint: str, has_tls: bool, insecure_loopback: bool, src: str = ""
+) -> str:
+    """The web page listens like the AMP API (a unix socket, or TLS with
+    client certificates); with ``web_insecure_loopback``, also plain TCP
+    on 127.0.0.1, and nowhere else."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind == "tcp" and insecure_loopback:
+        params = dict(p.split("=", 1) for p in endpoint.split(":")[2:] if "=" in p)
+        if params.get("interface") != "127.0.0.1":
+            raise ConfigError(
+                "daemon.web",
+                f"{endpoint!r}: web_insecure_loopback allows tcp:PORT:interface=127.0.0.1 "
+                f"only, not another interface{src}",
+            )
+        return endpoint
+    if kind in ("tcp", "tcp6"):
+        raise ConfigError(
+            "daemon.web",
+            f"{endpoint!r}: a plain TCP web listener would serve anyone who reaches the port; "
+            f"use ssl:PORT with a [daemon.tls] table, or unix:PATH, or "
+            f"web_insecure_loopback = true with tcp:PORT:interface=127.0.0.1{src}",
+        )
+    return check_listen(endpoint, has_tls, "daemon.web", src)
+
+
 def parse_daemon_table(
     table: Mapping[str, Any], path: str, environ: Mapping[str, str] = os.environ
 ) -> DaemonSettings:
@@ -184,6 +217,19 @@ def parse_daemon_table(
             for e in items
         )
 
+    insecure = table.get("web_insecure_loopback", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError("daemon.web_insecure_loopback", f"expected true or false{src}")
+    web: tuple[str, ...] = ()
+    if "web" in table:
+        raw = table["web"]
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items:
+            raise ConfigError("daemon.web", f"expected endpoint strings, found {raw!r}{src}")
+        web = tuple(
+            check_web_listen(_str("web", e, src), tls is not None, insecure, src) for e in items
+        )
+
     caps: dict[str, int] = {}
     if "caps" in table:
         c = table["caps"]
@@ -216,6 +262,8 @@ def parse_daemon_table(
         tls=tls,
         log_json=rel(_str("log_json", table["log_json"], src)) if "log_json" in table else None,
         config_path=path,
+        web=web,
+        web_insecure_loopback=insecure,
     )
 
 

@@ -1,0 +1,459 @@
+"""The status page's twisted.web resources.
+
+Read-only pages (overview, a job, failures by fact), their HTML fragments
+for the live parts, server-sent events from the scheduler's event stream,
+the static CSS and JavaScript, ``/metrics``, and three POST actions
+(cancel a job, drain or resume a backend) that need the page's CSRF token.
+
+Events are coalesced: the scheduler's observer only marks what changed
+(O(1) an event); every ``flush_interval`` each open stream gets one message
+if something it shows changed. Twenty open pages cost the daemon twenty
+small writes a flush, not twenty writes an event.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.static import File
+
+from txvmbot.daemon.jobs import Job, JobEvent
+from txvmbot.daemon.web import pages
+from txvmbot.errors import TxvmbotError, UnknownJob
+
+__all__ = ["EventHub", "WebUI"]
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+#: Files of a job's evidence directory the page links to and serves.
+EVIDENCE_SUFFIXES = (".log", ".txt", ".json", ".xml", ".subunit")
+#: The most of one evidence file the page serves.
+MAX_FILE_BYTES = 32 * 1024 * 1024
+#: Open event streams at most (each holds a connection).
+MAX_STREAMS = 200
+HEARTBEAT = 15.0
+
+
+class _Stream:
+    def __init__(self, request: Request, job_id: str | None) -> None:
+        self.request = request
+        self.job_id = job_id
+        self.pending = False
+        self.ended = False
+
+
+class EventHub:
+    """Server-sent events for open pages, fed by ``scheduler.observe``."""
+
+    log = Logger()
+
+    def __init__(self, scheduler: Any, clock: Any, flush_interval: float = 0.5) -> None:
+        self.scheduler = scheduler
+        self.clock = clock
+        self.flush_interval = flush_interval
+        self.streams: list[_Stream] = []
+        self._final: set[str] = set()
+        self._stop_observing: Callable[[], None] | None = None
+        self._loop: LoopingCall | None = None
+        self._beat: LoopingCall | None = None
+
+    def start(self) -> None:
+        self._stop_observing = self.scheduler.observe(self._observed)
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = self.clock
+        self._loop.start(self.flush_interval, now=False)
+        self._beat = LoopingCall(self._heartbeat)
+        self._beat.clock = self.clock
+        self._beat.start(HEARTBEAT, now=False)
+
+    def stop(self) -> None:
+        if self._stop_observing is not None:
+            self._stop_observing()
+            self._stop_observing = None
+        for loop in (self._loop, self._beat):
+            if loop is not None and loop.running:
+                loop.stop()
+        for s in list(self.streams):
+            self._end(s)
+
+    def _observed(self, job: Job, event: JobEvent) -> None:
+        if job.final:
+            self._final.add(job.id)
+        for s in self.streams:
+            if s.job_id is None or s.job_id == job.id:
+                s.pending = True
+
+    def open(self, request: Request, job_id: str | None) -> bool:
+        """Start an event stream on ``request``; False when too many are open."""
+        if len(self.streams) >= MAX_STREAMS:
+            return False
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        stream = _Stream(request, job_id)
+        self.streams.append(stream)
+        request.write(b"retry: 2000\n\n")
+        request.notifyFinish().addBoth(lambda _: self._forget(stream))
+        return True
+
+    def flush(self) -> None:
+        final, self._final = self._final, set()
+        for s in list(self.streams):
+            if s.pending:
+                s.pending = False
+                s.request.write(b"data: changed\n\n")
+            if s.job_id is not None and s.job_id in final:
+                s.request.write(b"event: end\ndata: final\n\n")
+                self._end(s)
+
+    def _heartbeat(self) -> None:
+        for s in list(self.streams):
+            s.request.write(b": keepalive\n\n")
+
+    def _end(self, s: _Stream) -> None:
+        if not s.ended:
+            s.ended = True
+            self._forget(s)
+            s.request.finish()
+
+    def _forget(self, s: _Stream) -> None:
+        s.ended = True
+        if s in self.streams:
+            self.streams.remove(s)
+
+
+class WebUI:
+    """The status page of one daemon. ``site()`` is what its web listeners
+    serve; ``start()``/``stop()`` the event stream."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        scheduler: Any,
+        clock: Any,
+        *,
+        metrics: Resource | None = None,
+        failures: Callable[[tuple[str, ...], float], Any] | None = None,
+        csrf: str | None = None,
+        wall: Callable[[], float] = time.time,
+        flush_interval: float = 0.5,
+    ) -> None:
+        self.scheduler = scheduler
+        self.clock = clock
+        self.csrf = csrf or secrets.token_urlsafe(32)
+        self.wall = wall
+        self.failures = failures
+        self.hub = EventHub(scheduler, clock, flush_interval)
+        root = _Root(self)
+        root.putChild(b"static", File(STATIC))
+        root.putChild(b"jobs", _Jobs(self))
+        root.putChild(b"backends", _Backends(self))
+        root.putChild(b"events", _Events(self, None))
+        root.putChild(b"failures", _Failures(self))
+        if metrics is not None:
+            root.putChild(b"metrics", metrics)
+        self.root = root
+
+    def site(self) -> Site:
+        site = Site(self.root)
+        site.displayTracebacks = False
+        return site
+
+    def start(self) -> None:
+        self.hub.start()
+
+    def stop(self) -> None:
+        self.hub.stop()
+
+    # -- helpers shared by the resources ------------------------------------
+
+    def html(self, request: Request, title: str, body: str) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-frame-options", b"DENY")
+        request.setHeader(b"content-security-policy", b"default-src 'self'")
+        if _arg(request, "fragment"):
+            return body.encode("utf-8")
+        return pages.page(title, body, self.csrf)
+
+    def check_post(self, request: Request) -> str | None:
+        """Why a POST is refused, or None: it must carry the page's CSRF
+        token, and come from this site if the browser says where from."""
+        token = _arg(request, "csrf")
+        if not hmac.compare_digest(token.encode(), self.csrf.encode()):
+            return "missing or wrong CSRF token: use the buttons of the page"
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1")
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if origin and origin != "null" and host and urlsplit(origin).netloc != host:
+            return f"a request from {origin} is not this page's"
+        return None
+
+    def job_events(self, job_id: str) -> list[JobEvent]:
+        events: list[JobEvent] = []
+        stop = self.scheduler.watch(job_id, 0, events.append)
+        stop()
+        return events
+
+
+def _arg(request: Request, name: str) -> str:
+    values = (request.args or {}).get(name.encode(), [])
+    return values[0].decode("utf-8", "replace") if values else ""
+
+
+def _refuse(request: Request, code: int, why: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return (why + "\n").encode("utf-8")
+
+
+class _Root(Resource):
+    def __init__(self, ui: WebUI) -> None:
+        super().__init__()
+        self.ui = ui
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def render_GET(self, request: Request) -> bytes:
+        ui = self.ui
+        status = ui.scheduler.status()
+        running = ui.scheduler.list(states={"running", "cleaning"}, limit=200)
+        recent = ui.scheduler.list(limit=20)
+        body = pages.overview(status, running, recent, ui.wall(), ui.csrf)
+        if _arg(request, "fragment"):
+            return ui.html(request, "overview", body)
+        return ui.html(request, "overview", pages.live("/events", "/?fragment=1", body))
+
+
+class _Events(Resource):
+    isLeaf = True
+
+    def __init__(self, ui: WebUI, job_id: str | None) -> None:
+        super().__init__()
+        self.ui = ui
+        self.job_id = job_id
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if not self.ui.hub.open(request, self.job_id):
+            return _refuse(request, http.SERVICE_UNAVAILABLE, "too many open event streams")
+        return NOT_DONE_YET
+
+
+class _Jobs(Resource):
+    def __init__(self, ui: WebUI) -> None:
+        super().__init__()
+        self.ui = ui
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _Job(self.ui, path.decode("utf-8", "replace"))
+
+
+class _Job(Resource):
+    def __init__(self, ui: WebUI, job_id: str) -> None:
+        super().__init__()
+        self.ui = ui
+        self.job_id = job_id
+
+    def _job(self) -> Job | None:
+        try:
+            job: Job = self.ui.scheduler.get(self.job_id)
+        except UnknownJob:
+            return None
+        return job
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        if path == b"events":
+            return _Events(self.ui, self.job_id)
+        if path == b"cancel":
+            return _Action(self.ui, lambda: self.ui.scheduler.cancel(
+                self.job_id, "cancelled from the web page"), f"/jobs/{self.job_id}")
+        if path == b"files":
+            return _Files(self.ui, self.job_id)
+        return _NotFound(f"{self.job_id}/{path.decode('utf-8', 'replace')}")
+
+    def render_GET(self, request: Request) -> bytes:
+        job = self._job()
+        if job is None:
+            request.setResponseCode(http.NOT_FOUND)
+            return pages.not_found(f"no job {self.job_id}")
+        events = self.ui.job_events(job.id)
+        where = job.result.evidence_dir if job.result is not None else None
+        suite = _suite_results(where)
+        files = _evidence_files(where)
+        body = pages.job_page(job, events, self.ui.wall(), self.ui.csrf, suite=suite, files=files)
+        if _arg(request, "fragment"):
+            return self.ui.html(request, f"job {job.id}", body)
+        base = f"/jobs/{job.id}"
+        return self.ui.html(request, f"job {job.id}", pages.live(f"{base}/events", f"{base}?fragment=1", body))
+
+
+def _evidence_files(where: str | None) -> list[str]:
+    if not where or not os.path.isdir(where):
+        return []
+    try:
+        return sorted(f for f in os.listdir(where) if f.endswith(EVIDENCE_SUFFIXES))
+    except OSError:
+        return []
+
+
+def _suite_results(where: str | None) -> Any:
+    if not where:
+        return None
+    path = os.path.join(where, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {"counts": doc.get("counts"), "summary": doc.get("summary"), "tests": doc.get("tests")}
+
+
+class _Files(Resource):
+    def __init__(self, ui: WebUI, job_id: str) -> None:
+        super().__init__()
+        self.ui = ui
+        self.job_id = job_id
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        name = path.decode("utf-8", "replace")
+        try:
+            job: Job = self.ui.scheduler.get(self.job_id)
+        except UnknownJob:
+            return _NotFound(f"no job {self.job_id}")
+        where = job.result.evidence_dir if job.result is not None else None
+        # Only files the page lists: no path of the request reaches the disk.
+        if name not in _evidence_files(where):
+            return _NotFound(f"job {self.job_id} kept no {name}")
+        assert where is not None
+        return _EvidenceFile(os.path.join(where, name))
+
+
+class _EvidenceFile(Resource):
+    """One kept file, whole up to :data:`MAX_FILE_BYTES` (a console log, a
+    JUnit file), as text, or bytes for a subunit stream."""
+
+    isLeaf = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def render_GET(self, request: Request) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as err:
+            return _refuse(request, http.NOT_FOUND, f"cannot read it: {err.strerror}")
+        if len(data) > MAX_FILE_BYTES:
+            data = data[:MAX_FILE_BYTES] + b"\n[cut at %d bytes]\n" % MAX_FILE_BYTES
+        binary = self.path.endswith(".subunit")
+        request.setHeader(
+            b"content-type", b"application/octet-stream" if binary else b"text/plain; charset=utf-8"
+        )
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return data
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(http.NOT_FOUND)
+        return pages.not_found(self.what)
+
+
+class _Backends(Resource):
+    def __init__(self, ui: WebUI) -> None:
+        super().__init__()
+        self.ui = ui
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        name = path.decode("utf-8", "replace")
+        return _Backend(self.ui, name)
+
+
+class _Backend(Resource):
+    def __init__(self, ui: WebUI, name: str) -> None:
+        super().__init__()
+        self.ui = ui
+        self.name = name
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        s = self.ui.scheduler
+        if path == b"drain":
+            return _Action(self.ui, lambda: s.drain(self.name), "/")
+        if path == b"resume":
+            return _Action(self.ui, lambda: s.resume(self.name), "/")
+        return _NotFound(f"backends/{self.name}/{path.decode('utf-8', 'replace')}")
+
+
+class _Action(Resource):
+    """A POST that changes something: checked, started, and answered with
+    a redirect at once (a cancel waits for cleanup; the page follows it
+    live)."""
+
+    isLeaf = True
+
+    def __init__(self, ui: WebUI, act: Callable[[], Any], back: str) -> None:
+        super().__init__()
+        self.ui = ui
+        self.act = act
+        self.back = back
+
+    def render_POST(self, request: Request) -> bytes:
+        why = self.ui.check_post(request)
+        if why is not None:
+            return _refuse(request, http.FORBIDDEN, why)
+        try:
+            outcome = self.act()
+        except (UnknownJob, TxvmbotError) as e:
+            return _refuse(request, http.BAD_REQUEST, str(e))
+        add = getattr(outcome, "addErrback", None)
+        if add is not None:
+            add(self._failed)
+        request.setResponseCode(http.SEE_OTHER)
+        request.setHeader(b"location", self.back.encode("utf-8"))
+        return b""
+
+    def _failed(self, f: Failure) -> None:
+        self.ui.log.failure("A web page action failed", f)
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"allow", b"POST")
+        return _refuse(request, http.NOT_ALLOWED, "use the page's button (POST)")
+
+
+class _Failures(Resource):
+    isLeaf = True
+
+    def __init__(self, ui: WebUI) -> None:
+        super().__init__()
+        self.ui = ui
+
+    def render_GET(self, request: Request) -> bytes | int:
+        from txvmbot.daemon.web.failures_page import render_failures
+
+        return render_failures(self.ui, request)
