@@ -144,6 +144,21 @@ def test_the_page_follows_jobs_live_in_chromium(
     browser.save_screenshot(os.path.join(shots, "failures.png"))
     for name in ("overview.png", "job.png", "failures.png"):
         assert os.path.getsize(os.path.join(shots, name)) > 1000
+    # /metrics, read back with prometheus_client's own parser.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    finished = {
+        s.labels["state"]: s.value
+        for s in families["txvmbot_jobs_finished"].samples
+        if s.name == "txvmbot_jobs_finished_total" and s.labels["backend"] == "local"
+    }
+    assert finished.get("passed") == 1 and finished.get("failed") == 2, finished
+    steps = {s.labels["step"] for s in families["txvmbot_step_duration_seconds"].samples}
+    assert {"boot", "ready", "commands"} <= steps, steps
+    assert families["txvmbot_workers"].samples[0].value == 1
+
     # The failed jobs' VMs are kept as evidence (keep_on_failure), stopped.
     assert len(vm_dirs(run_dir)) == 2 and qemu_pids(run_dir) == []
 

@@ -16,6 +16,10 @@ A worker that dies while it runs a job (killed, crashed, exited) fails the
 job's Deferred with :class:`~txvmbot.errors.WorkerDied` (exit status or
 signal, and the last lines it wrote to stderr) and is logged at error level
 with the same facts; the pool starts a new worker in its place.
+
+Two optional hooks feed the daemon's metrics: ``on_worker_death`` is told
+of each worker that died unasked, ``on_api_calls`` of the EC2 API calls a
+job's worker counted (sent with its result).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import collections
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -42,6 +46,7 @@ from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.daemon.worker_protocol import (
     MAX_EVENT_BYTES,
     MAX_RESULT_BYTES,
+    ApiCalls,
     CancelJob,
     Hello,
     JournalCreated,
@@ -54,6 +59,7 @@ from txvmbot.daemon.worker_protocol import (
     StepEventCmd,
     UnknownJobError,
     WorkerProtocolError,
+    decode_api_calls,
 )
 from txvmbot.errors import ConfigError, TxvmbotError, WorkerDied
 from txvmbot.model import CheckResult, Facts, JournalEntry, StepEvent
@@ -362,6 +368,13 @@ class AmpoulePool:
         pass ampoule's to show what it does.
     :param stop_timeout: how long stop() waits for a worker to exit (and
         for running jobs to clean up after their cancel) before killing it.
+    :param on_worker_death: called with the id of the job a worker ran, or
+        None, each time a worker dies unasked (killed, crashed, exited while
+        running a job, starting or idle); not for a worker that exits when
+        told to (stop, recycling).
+    :param on_api_calls: called with a job's id and the EC2 API calls its
+        worker counted (:class:`~txvmbot.daemon.worker_protocol.ApiCalls`),
+        when the worker sent any with the result.
     """
 
     log = Logger()
@@ -378,6 +391,8 @@ class AmpoulePool:
         job_timeout: float | None = None,
         bootstrap: str | None = None,
         stop_timeout: float = 60.0,
+        on_worker_death: Callable[[str | None], object] | None = None,
+        on_api_calls: Callable[[str, Sequence[ApiCalls]], object] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be at least 1, got {size}")
@@ -394,6 +409,8 @@ class AmpoulePool:
         self.job_timeout = job_timeout
         self.bootstrap = bootstrap
         self.stop_timeout = stop_timeout
+        self.on_worker_death = on_worker_death
+        self.on_api_calls = on_api_calls
         self._workers: list[_Worker] = []
         self._jobs: dict[str, _JobRun] = {}
         self._waiting: collections.deque[_JobRun] = collections.deque()
@@ -625,6 +642,7 @@ class AmpoulePool:
                 status=how,
                 stderr_tail=tail,
             )
+            self._tell_death(run.job_id)
             self._finish(run, Failure(WorkerDied(run.job_id, how, tail)))
         elif expected:
             self.log.info("Worker {worker} exited: {status}", worker=w.name, status=how)
@@ -638,6 +656,7 @@ class AmpoulePool:
                 status=how,
                 stderr_tail=tail,
             )
+            self._tell_death(None)
         if not w.ready.called:
             w.ready.errback(WorkerStartFailed(w.name, how, tail))
         if was == "starting":
@@ -656,6 +675,14 @@ class AmpoulePool:
         w.ended.callback(None)
         if self._state == "running":
             self._replace()
+
+    def _tell_death(self, job_id: str | None) -> None:
+        if self.on_worker_death is None:
+            return
+        try:
+            self.on_worker_death(job_id)
+        except Exception:
+            self.log.failure("The pool's on_worker_death hook failed")
 
     def _replace(self) -> None:
         """Start a worker in place of one that ended. After workers that
@@ -784,6 +811,7 @@ class AmpoulePool:
                 result = Failure(
                     WorkerProtocolError(f"worker {w.name} sent a bad result for job {run.job_id}: {e}")
                 )
+            self._api_calls(w, run, outcome.get("api_calls"))
         w.job = None
         w.jobs_run += 1
         if self._state != "running":
@@ -794,6 +822,27 @@ class AmpoulePool:
         else:
             w.state = "ready"
         self._finish(run, result)
+
+    def _api_calls(self, w: _Worker, run: _JobRun, raw: bytes | None) -> None:
+        """Hand the API call counts that came with a result to
+        ``on_api_calls``. Counts a worker left out (an older worker) or
+        garbled are only lost: they never fail the job."""
+        if raw is None or self.on_api_calls is None:
+            return
+        try:
+            counts = decode_api_calls(raw)
+        except MalformedArgument as e:
+            self.log.warn(
+                "Worker {worker} sent bad API call counts for job {job_id}; ignored: {error}",
+                worker=w.name,
+                job_id=run.job_id,
+                error=e,
+            )
+            return
+        try:
+            self.on_api_calls(run.job_id, counts)
+        except Exception:
+            self.log.failure("The pool's on_api_calls hook failed")
 
     def _send_cancel(self, run: _JobRun, reason: str) -> None:
         w = run.worker

@@ -95,6 +95,8 @@ class DaemonService(service.MultiService):
         self.pool: Any = None
         self.scheduler: Any = None
         self.web: Any = None
+        self.metrics: Any = None
+        self._detach_metrics: Any = None
         self._web_ports: list[Any] = []
 
     def startService(self) -> None:
@@ -128,6 +130,7 @@ class DaemonService(service.MultiService):
             raise _StartInterrupted("the daemon was told to stop while starting")
 
     async def _start(self) -> None:
+        from txvmbot.daemon.metrics import DaemonMetrics
         from txvmbot.daemon.pool import AmpoulePool
         from txvmbot.daemon.scheduler import Scheduler
         from txvmbot.daemon.server import AMPServerFactory
@@ -146,12 +149,17 @@ class DaemonService(service.MultiService):
         self.journal = SQLiteJournal(os.path.join(s.data_dir, "journal.sqlite"))
         evidence = os.path.join(s.data_dir, "evidence")
         os.makedirs(evidence, mode=0o700, exist_ok=True)
+        # Counted from the start (worker deaths, reaped resources), served
+        # on the web listeners' /metrics.
+        self.metrics = m = DaemonMetrics()
         self.pool = AmpoulePool(
             self.reactor,
             size=s.workers,
             recycle_after=s.recycle_after,
             evidence_root=evidence,
             env=dict(os.environ),
+            on_worker_death=m.worker_died,
+            on_api_calls=m.api_calls,
         )
         await self.pool.start()
         self._go_on()
@@ -160,13 +168,16 @@ class DaemonService(service.MultiService):
             self.store,
             self.pool,
             self.journal,
-            cleaner=make_cleaner(self.reactor, self.journal),
+            cleaner=make_cleaner(
+                self.reactor, self.journal, on_reaped=m.resource_reaped, api_observer=m.api_call
+            ),
             caps={**{p.name: p.max_vms for p in s.pools_by_name.values()}, **dict(s.caps)},
             default_cap=s.default_cap,
             quarantine_after=s.quarantine_after,
-            health_check=make_health_check(self.reactor, self.store),
+            health_check=make_health_check(self.reactor, self.store, api_observer=m.api_call),
             health_interval=s.health_interval,
         )
+        self._detach_metrics = m.attach(self.scheduler)
         await self.scheduler.recover()
         self._go_on()
         if s.keep_finished_days > 0:
@@ -197,6 +208,7 @@ class DaemonService(service.MultiService):
         self.web = WebUI(
             self.scheduler,
             self.reactor,
+            metrics=self.metrics.resource(),
             failures=lambda by, since: self.scheduler.failures(by, since),
         )
         self.web.start()
@@ -278,6 +290,9 @@ class DaemonService(service.MultiService):
         self._web_ports = []
         if self.web is not None:
             self.web.stop()
+        if self._detach_metrics is not None:
+            self._detach_metrics()
+            self._detach_metrics = None
         await self._stop_scheduler()
         if pool_stopped is not None:
             await pool_stopped

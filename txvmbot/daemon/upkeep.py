@@ -8,7 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    ensureDeferred,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -17,7 +23,7 @@ from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
-from txvmbot.model import Cloud
+from txvmbot.model import Cloud, JournalEntry
 from txvmbot.qemu.model import LocalSpec
 
 log = Logger()
@@ -32,9 +38,40 @@ PRUNE_INTERVAL = 3600.0
 PRUNE_BATCH = 500
 
 
-def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tuple[str, ...]]]:
+def make_cleaner(
+    reactor: Any,
+    journal: IJournal,
+    *,
+    on_reaped: Callable[[str], object] | None = None,
+    api_observer: Callable[[str, str, bool], object] | None = None,
+) -> Callable[[Job], Deferred[tuple[str, ...]]]:
     """Clean up what the current attempt of a job left, in the daemon
-    process: from the journal (reverse order), and by the check's tag."""
+    process: from the journal (reverse order), and by the check's tag.
+
+    ``on_reaped`` is called with an entry's kind for each journal entry
+    cleaned (its resource removed, or found gone); ``api_observer`` is
+    given to the EC2 client (both for the daemon's metrics).
+    """
+
+    def counted(
+        undo: Callable[[JournalEntry], Deferred[bool]],
+    ) -> Callable[[JournalEntry], Deferred[bool]]:
+        if on_reaped is None:
+            return undo
+        tell = on_reaped
+
+        def undo_counted(entry: JournalEntry) -> Deferred[bool]:
+            def gone(answer: bool) -> bool:
+                if answer:
+                    try:
+                        tell(entry.kind)
+                    except Exception:
+                        log.failure("The cleaner's on_reaped hook failed")
+                return answer
+
+            return maybeDeferred(undo, entry).addCallback(gone)
+
+        return undo_counted
 
     def clean(job: Job) -> Deferred[tuple[str, ...]]:
         async def go() -> tuple[str, ...]:
@@ -49,13 +86,17 @@ def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tu
                 from txvmbot.qemu.machines import LocalUndoer
 
                 local = LocalUndoer(spec.timeouts.shutdown)
-                errors = await Cleanup(journal, local, steps, CLEANUP_BOUND).run(check_id)
+                errors = await Cleanup(journal, counted(local), steps, CLEANUP_BOUND).run(
+                    check_id
+                )
             else:
-                client = make_client(reactor, spec.cloud)
+                client = make_client(reactor, spec.cloud, api_observer=api_observer)
                 try:
                     t = spec.timeouts
                     undo = Undoer(client, reactor, t.poll_interval, t.poll_max_interval)
-                    errors = await Cleanup(journal, undo, steps, CLEANUP_BOUND).run(check_id)
+                    errors = await Cleanup(journal, counted(undo), steps, CLEANUP_BOUND).run(
+                        check_id
+                    )
                 finally:
                     await client.close()
             if errors:
@@ -75,9 +116,15 @@ def make_cleaner(reactor: Any, journal: IJournal) -> Callable[[Job], Deferred[tu
     return clean
 
 
-def make_health_check(reactor: Any, store: IJobStore) -> Callable[[str], Deferred[bool]]:
+def make_health_check(
+    reactor: Any,
+    store: IJobStore,
+    *,
+    api_observer: Callable[[str, str, bool], object] | None = None,
+) -> Callable[[str], Deferred[bool]]:
     """A backend is healthy when its cloud answers a cheap API call. The
-    cloud is taken from the backend's newest job."""
+    cloud is taken from the backend's newest job. ``api_observer`` is given
+    to the EC2 client (for the daemon's metrics)."""
 
     def check(backend: str) -> Deferred[bool]:
         async def go() -> bool:
@@ -88,7 +135,7 @@ def make_health_check(reactor: Any, store: IJobStore) -> Callable[[str], Deferre
             if machines is None or isinstance(machines, LocalSpec):
                 return True
             cloud: Cloud = machines.cloud
-            client = make_client(reactor, cloud)
+            client = make_client(reactor, cloud, api_observer=api_observer)
             try:
                 d = client.call("DescribeAvailabilityZones", {})
                 d.addTimeout(HEALTH_BOUND, reactor)

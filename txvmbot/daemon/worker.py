@@ -11,6 +11,10 @@ it is imported, so ``WorkerChild`` is built on first access (a module
 ``__getattr__``), never when this module is imported: the worker's
 bootstrap installs its reactor first.
 
+The worker counts each job's EC2 API attempts (:class:`ApiCallCounter`,
+given to the check as its client's ``api_observer``) and sends the counts
+with the result, for the daemon's metrics.
+
 The worker writes nothing to stdout; its log goes to stderr as text and the
 daemon keeps the tail. Credentials are never in a job: the EC2 client
 resolves them from the worker's environment (the daemon's, passed on) or
@@ -31,8 +35,11 @@ from zope.interface import implementer
 
 from txvmbot import codec
 from txvmbot.daemon.worker_protocol import (
+    MAX_API_CALL_KINDS,
+    MAX_API_CALL_NAME,
     MAX_PENDING_BYTES,
     MAX_RESULT_BYTES,
+    ApiCalls,
     CancelJob,
     Hello,
     JobCrashed,
@@ -45,12 +52,13 @@ from txvmbot.daemon.worker_protocol import (
     StepEventCmd,
     WorkerBusy,
     WorkerProtocolError,
+    encode_api_calls,
 )
 from txvmbot.errors import ConfigError
 from txvmbot.interfaces import IJournal
 from txvmbot.model import CheckResult, JournalEntry, StepEvent
 
-__all__ = ["RemoteJournal", "Worker", "encode_result"]
+__all__ = ["ApiCallCounter", "RemoteJournal", "Worker", "encode_result"]
 
 
 class _Check(Protocol):
@@ -68,17 +76,19 @@ def _default_check_factory(reactor: Any, spec: Any, **kwargs: Any) -> _Check:
     from txvmbot.jobs.suite.spec import SuiteSpec
     from txvmbot.qemu.model import LocalSpec
 
+    # A cloud's machines count their EC2 calls (local VMs make none).
+    api_observer = kwargs.pop("api_observer", None)
     if isinstance(spec, SuiteSpec):
         from txvmbot.jobs.suite.job import SuiteJob
 
-        return SuiteJob(reactor, spec, **kwargs)
+        return SuiteJob(reactor, spec, api_observer=api_observer, **kwargs)
     if isinstance(spec, LocalSpec):
         from txvmbot.jobs.smoke import LocalCheck
 
         return LocalCheck(reactor, spec, **kwargs)
     from txvmbot.jobs.smoke import Check
 
-    return Check(reactor, spec, **kwargs)
+    return Check(reactor, spec, api_observer=api_observer, **kwargs)
 
 
 def _warm_up() -> None:
@@ -217,6 +227,39 @@ def encode_result(result: CheckResult, limit: int = MAX_RESULT_BYTES) -> bytes:
     return codec.dumps(codec.result_to_dict(bare))
 
 
+def _clip(name: str) -> str:
+    """``name`` as at most MAX_API_CALL_NAME ASCII characters (it becomes a
+    metric label value), never empty."""
+    if not name.isascii():
+        name = name.encode("ascii", "replace").decode("ascii")
+    return name[:MAX_API_CALL_NAME] or "?"
+
+
+class ApiCallCounter:
+    """Counts one job's EC2 API attempts by (action, code): an
+    ``api_observer`` for the job's EC2 client. At most MAX_API_CALL_KINDS
+    pairs are kept apart; later new ones count under ("other", "other")."""
+
+    def __init__(self, limit: int = MAX_API_CALL_KINDS) -> None:
+        self._limit = limit
+        self._counts: dict[tuple[str, str], list[int]] = {}
+
+    def __call__(self, action: str, code: str, retrying: bool) -> None:
+        key = (_clip(action), _clip(code))
+        count = self._counts.get(key)
+        if count is None:
+            if len(self._counts) >= self._limit:
+                key = ("other", "other")
+            count = self._counts.setdefault(key, [0, 0])
+        count[0] += 1
+        if retrying:
+            count[1] += 1
+
+    def counts(self) -> tuple[ApiCalls, ...]:
+        """What was counted, in the order first seen."""
+        return tuple(ApiCalls(a, c, n, r) for (a, c), (n, r) in self._counts.items())
+
+
 @attrs.define
 class _Running:
     job_id: str
@@ -231,14 +274,27 @@ class Worker(amp.AMP):
         looked up when a job starts.
     :param check_factory: builds the check (tests pass a fake);
         :class:`txvmbot.jobs.smoke.Check` by default.
+    :param count_api_calls: whether to give the check factory an
+        ``api_observer`` keyword (an :class:`ApiCallCounter` per job) and
+        send the counts with the result; by default only with the default
+        factory (a fake factory need not take the keyword).
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any = None, check_factory: CheckFactory | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any = None,
+        check_factory: CheckFactory | None = None,
+        *,
+        count_api_calls: bool | None = None,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
         self._check_factory = check_factory or _default_check_factory
+        self._count_api_calls = (
+            check_factory is None if count_api_calls is None else count_api_calls
+        )
         self._running: _Running | None = None
 
     @property
@@ -267,6 +323,8 @@ class Worker(amp.AMP):
             raise MalformedArgument(f"job {job_id}: {e}") from None
         check_spec = job_spec.check
         journal = RemoteJournal(self, job_id, check_id)
+        counter = ApiCallCounter() if self._count_api_calls else None
+        extra: dict[str, Any] = {} if counter is None else {"api_observer": counter}
         try:
             check = self._check_factory(
                 self._get_reactor(),
@@ -275,6 +333,7 @@ class Worker(amp.AMP):
                 observer=lambda event: self._send_event(job_id, event),
                 evidence_root=evidence_root or None,
                 check_id=check_id,
+                **extra,
             )
         except Exception as e:
             self.log.failure("Cannot start job {job_id}", job_id=job_id)
@@ -288,7 +347,11 @@ class Worker(amp.AMP):
                 job_id=job_id,
                 outcome="passed" if result.passed else f"failed: {result.error}",
             )
-            return {"result": encode_result(result)}
+            answer = {"result": encode_result(result)}
+            counts = () if counter is None else counter.counts()
+            if counts:
+                answer["api_calls"] = encode_api_calls(counts)
+            return answer
 
         def crashed(f: Failure) -> Failure:
             self.log.failure("Job {job_id} crashed", f, job_id=job_id)

@@ -10,6 +10,10 @@ The daemon answers a journal command only after its own journal has written
 it to disk, and the worker creates nothing before that answer: a crash of
 either process at any point leaves the intent on disk.
 
+RunJob's answer may carry ``api_calls``, the job's EC2 API attempts counted
+by action and outcome (:class:`ApiCalls`) for the daemon's metrics; it is
+optional both ways, so workers and daemons of different versions still talk.
+
 Every argument has a size limit. An oversized or malformed argument is
 answered with an AMP error (:class:`ArgumentTooLarge`,
 :class:`MalformedArgument`) that leaves the connection up; AMP's own limit of
@@ -21,8 +25,11 @@ Importing this module imports no reactor.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
+from attrs import frozen
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -30,9 +37,12 @@ from txvmbot.codec import MAX_SPEC_BYTES
 from txvmbot.errors import TxvmbotError
 
 __all__ = [
+    "MAX_API_CALLS_BYTES",
+    "MAX_API_CALL_KINDS",
     "MAX_EVENT_BYTES",
     "MAX_PENDING_BYTES",
     "MAX_RESULT_BYTES",
+    "ApiCalls",
     "ArgumentTooLarge",
     "Blob",
     "CancelJob",
@@ -50,6 +60,8 @@ __all__ = [
     "UnknownJobError",
     "WorkerBusy",
     "WorkerProtocolError",
+    "decode_api_calls",
+    "encode_api_calls",
 ]
 
 #: The largest step event (JSON) a worker may send.
@@ -59,6 +71,14 @@ MAX_EVENT_BYTES = 64 * 1024
 MAX_RESULT_BYTES = 32 * 1024 * 1024
 #: The largest answer to JournalPending (JSON list of entries).
 MAX_PENDING_BYTES = 4 * 1024 * 1024
+#: The most distinct (action, code) pairs one job's ``api_calls`` holds; the
+#: worker counts any beyond under ("other", "other").
+MAX_API_CALL_KINDS = 256
+#: The longest action or code in ``api_calls``.
+MAX_API_CALL_NAME = 64
+#: The largest ``api_calls`` (JSON) a worker may send; the bounds above
+#: keep it under this.
+MAX_API_CALLS_BYTES = 128 * 1024
 
 _ID = 200  # job ids, check ids
 _NAME = 255  # resource names and ids, kinds
@@ -121,6 +141,60 @@ _ERRORS: dict[type[Exception], bytes] = {
     JournalWriteFailed: b"JOURNAL_WRITE_FAILED",
     JobCrashed: b"JOB_CRASHED",
 }
+
+
+# --- values -------------------------------------------------------------------
+
+
+@frozen
+class ApiCalls:
+    """How many HTTP attempts of one EC2 API ``action`` ended with ``code``
+    ("OK", the cloud's error code, or a transport error's class name), and
+    how many of those were retried."""
+
+    action: str
+    code: str
+    calls: int
+    retries: int = 0
+
+
+def encode_api_calls(counts: Iterable[ApiCalls]) -> bytes:
+    """JSON of ``counts`` as ``[[action, code, calls, retries], ...]``."""
+    return json.dumps(
+        [[c.action, c.code, c.calls, c.retries] for c in counts], separators=(",", ":")
+    ).encode("utf-8")
+
+
+def decode_api_calls(data: bytes) -> tuple[ApiCalls, ...]:
+    """The counts :func:`encode_api_calls` wrote. Raises MalformedArgument
+    for anything else: not JSON, a wrong shape, names longer than
+    MAX_API_CALL_NAME, negative counts, or more than MAX_API_CALL_KINDS + 1
+    entries (so what the daemon counts stays bounded)."""
+    if len(data) > MAX_API_CALLS_BYTES:
+        raise MalformedArgument(
+            f"api_calls is {len(data)} bytes, over the limit of {MAX_API_CALLS_BYTES}"
+        )
+    try:
+        rows = json.loads(data)
+    except ValueError as e:
+        raise MalformedArgument(f"api_calls is not JSON: {e}") from None
+    if not isinstance(rows, list) or len(rows) > MAX_API_CALL_KINDS + 1:
+        raise MalformedArgument(
+            f"api_calls must be a list of at most {MAX_API_CALL_KINDS + 1} entries"
+        )
+    counts = []
+    for row in rows:
+        if not (
+            isinstance(row, list)
+            and len(row) == 4
+            and all(isinstance(v, str) and 0 < len(v) <= MAX_API_CALL_NAME for v in row[:2])
+            and all(type(v) is int and v >= 0 for v in row[2:])
+        ):
+            raise MalformedArgument(
+                f"api_calls entry {str(row)[:200]} is not [action, code, calls, retries]"
+            )
+        counts.append(ApiCalls(row[0], row[1], row[2], row[3]))
+    return tuple(counts)
 
 
 # --- argument types -------------------------------------------------------------
@@ -241,7 +315,9 @@ class Hello(_Command):
 class RunJob(_Command):
     """Run one check; answer with its result when it (and its cleanup) is
     over. ``spec`` is JSON of codec.spec_to_dict; ``result`` JSON of
-    codec.result_to_dict. A failing check is a result, not an error."""
+    codec.result_to_dict. A failing check is a result, not an error.
+    ``api_calls`` (optional: older workers leave it out) is
+    :func:`encode_api_calls` of the job's EC2 API attempts."""
 
     arguments = [
         (b"job_id", Text(_ID)),
@@ -249,7 +325,10 @@ class RunJob(_Command):
         (b"spec", Blob(MAX_SPEC_BYTES)),
         (b"evidence_root", Text(_PATH)),
     ]
-    response = [(b"result", Blob(MAX_RESULT_BYTES))]
+    response = [
+        (b"result", Blob(MAX_RESULT_BYTES)),
+        (b"api_calls", Blob(MAX_API_CALLS_BYTES, optional=True)),
+    ]
 
 
 class CancelJob(_Command):

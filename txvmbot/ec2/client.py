@@ -29,7 +29,13 @@ from zope.interface import implementer
 from txvmbot import __version__
 from txvmbot.ec2 import _botocore
 from txvmbot.ec2.credentials import resolve
-from txvmbot.ec2.retry import call_with_retries, describe, is_refused, is_transient
+from txvmbot.ec2.retry import (
+    ApiCallObserver,
+    call_with_retries,
+    describe,
+    is_refused,
+    is_transient,
+)
 from txvmbot.errors import ConfigError, TransportError
 from txvmbot.interfaces import IEC2Client
 from txvmbot.model import Cloud, Credentials
@@ -135,7 +141,9 @@ class EC2Client:
     such as ``treq.testing.RequestTraversalAgent`` in tests), or a treq-like
     object with ``request(method, url, headers=, data=)`` (``StubTreq``).
     ``clock`` bounds each attempt and times the backoff; ``random`` draws
-    the jitter.
+    the jitter. ``api_observer``, if given, is told of every HTTP attempt
+    with the action, its outcome code and whether it is retried (see
+    :data:`txvmbot.ec2.retry.ApiCallObserver`).
     """
 
     log = Logger()
@@ -149,6 +157,7 @@ class EC2Client:
         clock: IReactorTime,
         pool: HTTPConnectionPool | None = None,
         random: Callable[[], float] = _random.random,
+        api_observer: ApiCallObserver | None = None,
     ) -> None:
         self.cloud = cloud
         self.endpoint = _normalize_endpoint(cloud.endpoint, f"clouds.{cloud.name}.endpoint")
@@ -160,6 +169,7 @@ class EC2Client:
         self._clock = clock
         self._pool = pool
         self._random = random
+        self._api_observer = api_observer
         self._user_agent = f"txvmbot/{__version__} botocore/{_botocore.botocore_version()}"
 
     def __repr__(self) -> str:
@@ -197,6 +207,7 @@ class EC2Client:
             lambda: Deferred.fromCoroutine(self._attempt(operation, prepared)),
             random=self._random,
             retryable=is_transient if repeatable else is_refused,
+            observer=self._api_observer,
         )
 
     async def _attempt(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -323,6 +334,7 @@ def make_client(
     pool: HTTPConnectionPool | None = None,
     clock: IReactorTime | None = None,
     agent: Any = None,
+    api_observer: ApiCallObserver | None = None,
 ) -> EC2Client:
     """An EC2Client for ``cloud``.
 
@@ -330,6 +342,7 @@ def make_client(
     loads the botocore model only on the first call. ``pool`` defaults to a
     new persistent HTTPConnectionPool; ``clock`` to ``reactor``; ``agent`` to
     Twisted's Agent over ``pool`` (tests inject an in-memory one).
+    ``api_observer`` is told of every HTTP attempt (see EC2Client).
     """
     credentials = resolve(cloud)
     if pool is None:
@@ -342,4 +355,5 @@ def make_client(
         agent=agent,
         clock=clock if clock is not None else reactor,
         pool=pool,
+        api_observer=api_observer,
     )

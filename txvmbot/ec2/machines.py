@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from txvmbot import facts as _facts
 from txvmbot.ec2 import resources as R
+from txvmbot.ec2.retry import ApiCallObserver
 from txvmbot.engine import Cleanup, StepContext, StepRunner, StepSequence, gather, poll, track
 from txvmbot.errors import CloudError, StepFailed
 from txvmbot.interfaces import IEC2Client, IJournal
@@ -41,7 +42,8 @@ def valid_address(address: str | None) -> bool:
 class CloudMachines:
     """The instances of one job on one cloud, all tagged and journalled
     under ``check_id``. ``client`` is made from the spec's cloud when not
-    given (and closed by :meth:`close`)."""
+    given (and closed by :meth:`close`); ``api_observer`` is given to the
+    client it makes (the worker counts API calls for the daemon's metrics)."""
 
     log = Logger()
 
@@ -53,6 +55,7 @@ class CloudMachines:
         journal: IJournal,
         check_id: str,
         client: IEC2Client | None = None,
+        api_observer: ApiCallObserver | None = None,
     ) -> None:
         self.reactor = reactor
         self.spec = spec
@@ -60,6 +63,7 @@ class CloudMachines:
         self.check_id = check_id
         self._client = client
         self._own_client = client is None
+        self._api_observer = api_observer
         # What the job learnt, as it goes.
         self._image: dict[str, Any] = {}
         self._key: Any = None
@@ -74,7 +78,9 @@ class CloudMachines:
         if self._client is None:
             from txvmbot.ec2 import make_client
 
-            self._client = make_client(self.reactor, self.spec.cloud)
+            self._client = make_client(
+                self.reactor, self.spec.cloud, api_observer=self._api_observer
+            )
         return self._client
 
     # -- IMachines --------------------------------------------------------

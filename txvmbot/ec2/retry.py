@@ -5,6 +5,9 @@ Only transient errors are retried: throttling, server-side errors (5xx), a
 connection lost or reset mid-request, and timeouts. Anything else (a 4xx, a
 refused connection, bad parameters) fails at once, because retrying would
 only hide it.
+
+An optional :data:`ApiCallObserver` is told of every attempt (the daemon's
+metrics count them by action and outcome).
 """
 
 from __future__ import annotations
@@ -27,17 +30,28 @@ from txvmbot.errors import CloudError, TransportError
 from txvmbot.model import RetryPolicy
 
 __all__ = [
+    "ApiCallObserver",
     "SERVER_ERROR_CODES",
     "THROTTLING_CODES",
     "backoff_delay",
     "call_with_retries",
     "describe",
     "is_transient",
+    "outcome_code",
 ]
 
 T = TypeVar("T")
 
 log = Logger()
+
+#: Told of each attempt of a call: ``(action, code, retrying)``, where
+#: ``code`` is :func:`outcome_code` of the attempt ("OK" for an answer) and
+#: ``retrying`` whether another attempt follows. It must be cheap and must
+#: not raise (an exception is logged and ignored).
+ApiCallObserver = Callable[[str, str, bool], object]
+
+#: The longest outcome code told to an observer (a label value in metrics).
+MAX_CODE_LENGTH = 64
 
 #: Error codes that mean "slow down".
 THROTTLING_CODES = frozenset(
@@ -126,6 +140,33 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def outcome_code(exc: BaseException | None) -> str:
+    """A short, bounded name for how an attempt ended: ``"OK"`` (None), the
+    cloud's error code (``RequestLimitExceeded``, ``HTTP503``), or the class
+    name of the transport error under a TransportError
+    (``ResponseNeverReceived``, ``TimeoutError``, ``ConnectionRefusedError``);
+    the exception's class name otherwise."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, CloudError):
+        code = exc.code or "CloudError"
+    elif isinstance(exc, TransportError):
+        cause = exc.__cause__
+        code = type(cause).__name__ if cause is not None else "TransportError"
+    else:
+        code = type(exc).__name__
+    return code[:MAX_CODE_LENGTH]
+
+
+def _tell(observer: ApiCallObserver | None, operation: str, code: str, retrying: bool) -> None:
+    if observer is None:
+        return
+    try:
+        observer(operation, code, retrying)
+    except Exception:
+        log.failure("The API call observer failed on {operation}", operation=operation)
+
+
 def _gave_up(
     operation: str, err: BaseException, attempts: int, elapsed: float, why: str
 ) -> Exception:
@@ -153,6 +194,7 @@ def call_with_retries(
     attempt: Callable[[], Deferred[T]],
     random: Callable[[], float] = _random.random,
     retryable: Callable[[BaseException], bool] = is_transient,
+    observer: ApiCallObserver | None = None,
 ) -> Deferred[T]:
     """Call ``attempt()`` until it succeeds, fails with an error
     ``retryable`` refuses (default: any that is not transient), or the
@@ -167,6 +209,9 @@ def call_with_retries(
     and an ``attempts`` attribute, when attempts or time ran out.
 
     Cancelling the returned Deferred cancels the attempt or the wait.
+    ``observer``, if given, is told of every attempt once it has ended
+    (see :data:`ApiCallObserver`); an attempt cancelled by the caller is
+    told as ``CancelledError``.
     """
 
     async def run() -> T:
@@ -178,21 +223,28 @@ def call_with_retries(
             timeout = max(min(policy.request_timeout, policy.max_elapsed - elapsed), 0.0)
             err: BaseException
             try:
-                return await attempt().addTimeout(timeout, clock)
+                answer = await attempt().addTimeout(timeout, clock)
             except CancelledError:
+                _tell(observer, operation, "CancelledError", False)
                 raise
             except DeferredTimeoutError as e:
                 err = TransportError(operation, f"no answer within {timeout:g}s")
                 err.__cause__ = e
             except Exception as e:
                 err = e
+            else:
+                _tell(observer, operation, "OK", False)
+                return answer
             if not retryable(err):
+                _tell(observer, operation, outcome_code(err), False)
                 raise err
             elapsed = clock.seconds() - start
             if attempts >= policy.max_attempts:
+                _tell(observer, operation, outcome_code(err), False)
                 raise _gave_up(operation, err, attempts, elapsed, "max_attempts reached")
             delay = backoff_delay(policy, attempts, random)
             if elapsed + delay >= policy.max_elapsed:
+                _tell(observer, operation, outcome_code(err), False)
                 raise _gave_up(
                     operation,
                     err,
@@ -200,6 +252,7 @@ def call_with_retries(
                     elapsed,
                     f"max_elapsed {policy.max_elapsed:g}s reached",
                 )
+            _tell(observer, operation, outcome_code(err), True)
             log.warn(
                 "{operation}: attempt {attempt}/{max_attempts} failed: {error}; "
                 "retrying in {delay:.3f}s",

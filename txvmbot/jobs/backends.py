@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from txvmbot.interfaces import IEC2Client, IJournal
@@ -17,6 +18,7 @@ def machines_for(
     journal: IJournal,
     check_id: str,
     client: IEC2Client | None = None,
+    api_observer: Callable[[str, str, bool], object] | None = None,
 ) -> IMachines:
     """Fresh machines of a local pool (a LocalSpec) or a cloud (a CheckSpec)."""
     if isinstance(target, LocalSpec):
@@ -25,4 +27,6 @@ def machines_for(
         return LocalMachines(reactor, target, journal=journal, check_id=check_id)
     from txvmbot.ec2.machines import CloudMachines
 
-    return CloudMachines(reactor, target, journal=journal, check_id=check_id, client=client)
+    return CloudMachines(
+        reactor, target, journal=journal, check_id=check_id, client=client, api_observer=api_observer
+    )

@@ -163,7 +163,8 @@ class Check(SmokeJob):
     """The euca-style smoke check of an EC2-API cloud: keypair, image,
     security group, ingress rule, run instances, wait for running, floating
     IP, wait for ssh, commands, console, then cleanup in reverse from the
-    journal on every exit path."""
+    journal on every exit path. ``api_observer`` is told of every EC2 API
+    attempt of the client it makes (see txvmbot.ec2.retry.ApiCallObserver)."""
 
     def __init__(
         self,
@@ -175,13 +176,19 @@ class Check(SmokeJob):
         evidence_root: str | None = None,
         check_id: str | None = None,
         client: IEC2Client | None = None,
+        api_observer: Callable[[str, str, bool], object] | None = None,
     ) -> None:
         from txvmbot.ec2.machines import CloudMachines
 
         self.spec = spec
         self.journal = journal
         machines = CloudMachines(
-            reactor, spec, journal=journal, check_id=check_id or new_check_id(), client=client
+            reactor,
+            spec,
+            journal=journal,
+            check_id=check_id or new_check_id(),
+            client=client,
+            api_observer=api_observer,
         )
         t = spec.timeouts
         options = SmokeOptions(

@@ -82,6 +82,7 @@ class SuiteJob:
         evidence_root: str | None = None,
         check_id: str | None = None,
         state_dir: str | None = None,
+        api_observer: Callable[[str, str, bool], object] | None = None,
     ) -> None:
         from txvmbot.jobs.backends import machines_for
         from txvmbot.jobs.suite import durations as D
@@ -98,7 +99,9 @@ class SuiteJob:
                 known = D.load(self.state_dir, spec.name)
             except Exception as e:  # a corrupt file: run without the history, say so
                 self.log.warn("Suite {name}: {e}", name=spec.name, e=e)
-        machines = machines_for(reactor, spec.target, journal=journal, check_id=self.check_id)
+        machines = machines_for(
+            reactor, spec.target, journal=journal, check_id=self.check_id, api_observer=api_observer
+        )
         self.run_ = SuiteRun(
             reactor, machines, spec, durations=known, observer=observer, evidence_root=evidence_root
         )
