@@ -82,6 +82,11 @@ def test_web_listeners_follow_the_api_rules() -> None:
         ({"web": ["tcp:8080:interface=127.0.0.1"]}, "web_insecure_loopback = true"),
         ({"web": ["tcp:8080:interface=0.0.0.0"], "web_insecure_loopback": True}, "127.0.0.1 only"),
         ({"web": ["tcp:8080"], "web_insecure_loopback": True}, "127.0.0.1 only"),
+        # Twisted's parser knows escapes: this would bind 0.0.0.0.
+        ({"web": ["tcp:8080:interface=127.0.0.1:interfac\\e=0.0.0.0"],
+          "web_insecure_loopback": True}, "127.0.0.1 only"),
+        ({"web": ["tcp:8080:interface=127.0.0.1 "], "web_insecure_loopback": True}, "127.0.0.1 only"),
+        ({"web": ["tcp6:8080:interface=\\:\\:1"], "web_insecure_loopback": True}, "plain TCP"),
         ({"web": ["ssl:8443"]}, "needs a [daemon.tls] table"),
         ({"web": []}, "expected endpoint strings"),
         ({"web_insecure_loopback": "yes"}, "expected true or false"),

@@ -835,3 +835,31 @@ class PoolProcessTests(PoolTestBase):
 
     def test_api_calls_and_deaths_from_real_workers(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._real())
+
+
+def test_backends_past_the_label_limit_add_up_in_one_series() -> None:
+    """More backends than labels: they share "other", one series per state
+    (a duplicate series would make Prometheus refuse the whole scrape)."""
+    from prometheus_client import generate_latest
+
+    from tests.test_scheduler import Harness
+
+    h = Harness()
+    m = DaemonMetrics(label_limit=1)
+    m.attach(h.s)
+    for backend in ("a", "b", "c", "d"):
+        h.submit(backend)
+    h.s.drain("c")
+    h.s.drain("d")
+    text = generate_latest(m.registry).decode()
+    seen: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+    values: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in seen, key
+            seen.append(key)
+            if sample.name == "txvmbot_backend_state":
+                values[(sample.labels["backend"], sample.labels["state"])] = sample.value
+    assert values[("a", "active")] == 1
+    assert values[("other", "active")] == 1 and values[("other", "draining")] == 2

@@ -221,3 +221,62 @@ def test_step_rows_keep_each_run_of_a_step() -> None:
         ("passed", 10.0, 12.0, "pid 1"),
         ("failed", 20.0, 23.0, "no disk"),
     ]
+
+
+def test_the_overview_is_rendered_once_per_change(web: Web) -> None:
+    web.h.submit()
+    calls: list[int] = []
+    real = web.h.s.status
+
+    def counting() -> Any:
+        calls.append(1)
+        return real()
+
+    web.h.s.status = counting  # type: ignore[method-assign]
+    for _ in range(5):
+        web.get("/?fragment=1")
+    assert len(calls) == 1  # twenty pages refetching after one change: one render
+    web.h.pool.step("j0", "boot", "running")
+    _, body = web.get("/?fragment=1")
+    assert len(calls) == 2
+    web.h.clock.advance(1.5)  # running times move on
+    web.get("/?fragment=1")
+    assert len(calls) == 3
+
+
+def test_the_stream_of_a_finished_or_unknown_job_ends_at_once(web: Web) -> None:
+    web.h.submit()
+    web.h.pool.finish("j0")
+    for job_id in ("j0", "nope"):
+        req = DummyRequest([b""])
+        assert web.ui.hub.open(req, job_id)
+        assert b"event: end" in b"".join(req.written) and req.finished
+    assert web.ui.hub.streams == []
+    _, body = web.get("/jobs/j0")
+    assert "data-live" not in body  # a finished job's page follows nothing
+
+
+def test_a_loopback_site_answers_to_its_own_names_only(web: Web) -> None:
+    site = web.ui.site(allowed_hosts=("127.0.0.1:8080", "localhost:8080"))
+    http = StubTreq(site.resource)
+    web.h.submit()
+
+    def get(host: str) -> int:
+        d = http.get("http://127.0.0.1:8080/", headers={"Host": host})
+        http.flush()
+        return int(_result(d).code)
+
+    assert get("127.0.0.1:8080") == 200 and get("localhost:8080") == 200
+    assert get("evil.example:8080") == 421  # DNS rebinding
+    d = http.post(
+        "http://127.0.0.1:8080/jobs/j0/cancel", data={"csrf": TOKEN}, allow_redirects=False,
+        headers={"Host": "127.0.0.1:8080", "Origin": "http://evil.example:8080"},
+    )
+    http.flush()
+    assert _result(d).code == 403
+    d = http.post(
+        "http://127.0.0.1:8080/jobs/j0/cancel", data={"csrf": TOKEN}, allow_redirects=False,
+        headers={"Host": "127.0.0.1:8080", "Origin": "http://127.0.0.1:8080"},
+    )
+    http.flush()
+    assert _result(d).code == 303

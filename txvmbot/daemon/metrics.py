@@ -124,10 +124,16 @@ class _StatusCollector(Collector):
             queue.add_metric([], status.queue_depth)
             workers.add_metric([], status.workers)
             busy.add_metric([], status.busy_workers)
+            # Backends past the label limit share the label "other": their
+            # values add up (one series each, or Prometheus refuses the scrape).
+            by_label: dict[tuple[str, str], int] = {}
             for b in status.backends:
                 name = m._backend_label(b.name)
                 for state in _BACKEND_STATES:
-                    backends.add_metric([name, state], 1 if b.state == state else 0)
+                    key = (name, state)
+                    by_label[key] = by_label.get(key, 0) + (1 if b.state == state else 0)
+            for (name, state), value in by_label.items():
+                backends.add_metric([name, state], value)
         return [jobs, queue, workers, busy, backends]
 
     @staticmethod

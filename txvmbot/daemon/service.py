@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
 
-from txvmbot.daemon.settings import DaemonSettings
+from txvmbot.daemon.settings import DaemonSettings, loopback_web_port
 from txvmbot.errors import ConfigError, TxvmbotError
 
 
@@ -212,9 +212,19 @@ class DaemonService(service.MultiService):
             failures=lambda by, since: self.scheduler.failures(by, since),
         )
         self.web.start()
-        site = self.web.site()
         for description in self.settings.web:
-            endpoint = self._server_endpoint(description)
+            port = loopback_web_port(description)
+            if port is not None:
+                from twisted.internet.endpoints import TCP4ServerEndpoint
+
+                # Built here, not from the string: 127.0.0.1 whatever it said.
+                endpoint: Any = TCP4ServerEndpoint(self.reactor, port, interface="127.0.0.1")
+                # A browser on this host may be led to it under another name
+                # (DNS rebinding): the page answers to its own names only.
+                site = self.web.site(allowed_hosts=(f"127.0.0.1:{port}", f"localhost:{port}"))
+            else:
+                endpoint = self._server_endpoint(description)
+                site = self.web.site()
             self._web_ports.append(await endpoint.listen(site))
             self._go_on()
         self.log.info("txvmbot web page on {web}", web=", ".join(self.settings.web))
@@ -247,8 +257,6 @@ class DaemonService(service.MultiService):
         from twisted.internet.endpoints import serverFromString
 
         kind = description.split(":", 1)[0].lower()
-        if kind == "tcp":  # a web listener on 127.0.0.1, checked when parsed
-            return serverFromString(self.reactor, description)
         if kind == "unix":
             path = description.split(":")[1]
             path = path[len("path=") :] if path.startswith("path=") else path

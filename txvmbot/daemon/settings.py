@@ -7,6 +7,7 @@ Every error names the key (``daemon.workers``) and the file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -152,6 +153,16 @@ def check_listen(endpoint: str, has_tls: bool, where: str = "daemon.listen", src
     raise ConfigError(where, f"{endpoint!r}: listen on unix:PATH or ssl:PORT, not {kind!r}{src}")
 
 
+#: The one plain TCP web listener there may be (with web_insecure_loopback).
+LOOPBACK_WEB = re.compile(r"tcp:([0-9]{1,5}):interface=127\.0\.0\.1")
+
+
+def loopback_web_port(endpoint: str) -> int | None:
+    """The port of a ``tcp:PORT:interface=127.0.0.1`` web listener, else None."""
+    m = LOOPBACK_WEB.fullmatch(endpoint)
+    return int(m.group(1)) if m else None
+
+
 def check_web_listen(
     endpoint: str, has_tls: bool, insecure_loopback: bool, src: str = ""
 ) -> str:
@@ -160,12 +171,13 @@ def check_web_listen(
     on 127.0.0.1, and nowhere else."""
     kind = endpoint.split(":", 1)[0].lower()
     if kind == "tcp" and insecure_loopback:
-        params = dict(p.split("=", 1) for p in endpoint.split(":")[2:] if "=" in p)
-        if params.get("interface") != "127.0.0.1":
+        # Exactly this form: Twisted's own parser knows escapes and repeats
+        # that a looser check would let past (to 0.0.0.0).
+        if LOOPBACK_WEB.fullmatch(endpoint) is None:
             raise ConfigError(
                 "daemon.web",
-                f"{endpoint!r}: web_insecure_loopback allows tcp:PORT:interface=127.0.0.1 "
-                f"only, not another interface{src}",
+                f"{endpoint!r}: web_insecure_loopback allows exactly "
+                f"tcp:PORT:interface=127.0.0.1 (127.0.0.1 only), nothing else{src}",
             )
         return endpoint
     if kind in ("tcp", "tcp6"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import NOT_DONE_YET, Request
@@ -49,8 +49,31 @@ def render_failures(ui: Any, request: Request) -> bytes | int:
             request.write(ui.html(request, "failures", why))
             request.finish()
 
-    maybeDeferred(ui.failures, by, ui.wall() - age).addCallbacks(answer, failed)
+    shared_report(ui, by, age).addCallbacks(answer, failed)
     return NOT_DONE_YET
+
+
+#: How long one failures report serves identical requests (reloads, tabs):
+#: a report reads up to 10,000 jobs from the store, about a second of the
+#: reactor's time in pages.
+REPORT_TTL = 10.0
+
+
+def shared_report(ui: Any, by: tuple[str, ...], age: float) -> Deferred[FailureReport]:
+    """The report for ``by`` over the last ``age`` seconds; a report made
+    less than :data:`REPORT_TTL` ago serves again (reloads, other tabs)."""
+    now = ui.clock.seconds()
+    for key in [k for k, (expires, _) in ui.reports.items() if expires <= now]:
+        del ui.reports[key]
+    key = (by, age)
+    if key in ui.reports:
+        return succeed(ui.reports[key][1])
+
+    def keep(report: FailureReport) -> FailureReport:
+        ui.reports[key] = (ui.clock.seconds() + REPORT_TTL, report)
+        return report
+
+    return maybeDeferred(ui.failures, by, ui.wall() - age).addCallback(keep)
 
 
 def _chooser(by_text: str, since_text: str) -> str:

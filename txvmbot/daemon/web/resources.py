@@ -40,7 +40,9 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 #: Files of a job's evidence directory the page links to and serves.
 EVIDENCE_SUFFIXES = (".log", ".txt", ".json", ".xml", ".subunit")
 #: The most of one evidence file the page serves.
-MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024 * 1024
+#: How long a rendered overview serves when no job event came.
+OVERVIEW_TTL = 1.0
 #: Open event streams at most (each holds a connection).
 MAX_STREAMS = 200
 HEARTBEAT = 15.0
@@ -64,6 +66,9 @@ class EventHub:
         self.clock = clock
         self.flush_interval = flush_interval
         self.streams: list[_Stream] = []
+        #: Bumped by every job event: what was rendered at the same
+        #: generation is still true (up to its running times).
+        self.generation = 0
         self._final: set[str] = set()
         self._stop_observing: Callable[[], None] | None = None
         self._loop: LoopingCall | None = None
@@ -88,7 +93,14 @@ class EventHub:
         for s in list(self.streams):
             self._end(s)
 
+    def _live(self, job_id: str) -> bool:
+        try:
+            return not self.scheduler.get(job_id).final
+        except UnknownJob:
+            return False
+
     def _observed(self, job: Job, event: JobEvent) -> None:
+        self.generation += 1
         if job.final:
             self._final.add(job.id)
         for s in self.streams:
@@ -96,12 +108,17 @@ class EventHub:
                 s.pending = True
 
     def open(self, request: Request, job_id: str | None) -> bool:
-        """Start an event stream on ``request``; False when too many are open."""
+        """Start an event stream on ``request``; False when too many are open.
+        The stream of a job that is over (or unknown) ends at once."""
         if len(self.streams) >= MAX_STREAMS:
             return False
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
+        if job_id is not None and not self._live(job_id):
+            request.write(b"event: end\ndata: final\n\n")
+            request.finish()
+            return True
         stream = _Stream(request, job_id)
         self.streams.append(stream)
         request.write(b"retry: 2000\n\n")
@@ -156,7 +173,12 @@ class WebUI:
         self.csrf = csrf or secrets.token_urlsafe(32)
         self.wall = wall
         self.failures = failures
+        #: Failure reports shared by identical requests for a while.
+        self.reports: dict[Any, Any] = {}
         self.hub = EventHub(scheduler, clock, flush_interval)
+        #: The overview's body, rendered once for every open page that asks
+        #: after the same change: (generation, until, body).
+        self._overview: tuple[int, float, str] | None = None
         root = _Root(self)
         root.putChild(b"static", File(STATIC))
         root.putChild(b"jobs", _Jobs(self))
@@ -167,8 +189,13 @@ class WebUI:
             root.putChild(b"metrics", metrics)
         self.root = root
 
-    def site(self) -> Site:
-        site = Site(self.root)
+    def site(self, allowed_hosts: tuple[str, ...] = ()) -> Site:
+        """A site for one listener; with ``allowed_hosts`` it answers only
+        requests whose Host (and Origin, if any) is one of them."""
+        root: Resource = self.root
+        if allowed_hosts:
+            root = _HostCheck(self.root, frozenset(allowed_hosts))
+        site = Site(root)
         site.displayTracebacks = False
         return site
 
@@ -197,15 +224,62 @@ class WebUI:
             return "missing or wrong CSRF token: use the buttons of the page"
         origin = (request.getHeader(b"origin") or b"").decode("latin-1")
         host = (request.getHeader(b"host") or b"").decode("latin-1")
-        if origin and origin != "null" and host and urlsplit(origin).netloc != host:
+        allowed = getattr(request, "txvmbot_hosts", None) or {host}
+        if origin and urlsplit(origin).netloc not in allowed:
             return f"a request from {origin} is not this page's"
         return None
+
+    def overview_body(self) -> str:
+        """The overview, rendered again only after a job event or a second
+        (its running times): twenty live pages refetching after the same
+        change cost one render, not twenty (bench/web_bench.py)."""
+        now = self.clock.seconds()
+        cached = self._overview
+        if cached is not None and cached[0] == self.hub.generation and now < cached[1]:
+            return cached[2]
+        status = self.scheduler.status()
+        running = self.scheduler.list(states={"running", "cleaning"}, limit=200)
+        recent = self.scheduler.list(limit=20)
+        body = pages.overview(status, running, recent, self.wall(), self.csrf)
+        self._overview = (self.hub.generation, now + OVERVIEW_TTL, body)
+        return body
 
     def job_events(self, job_id: str) -> list[JobEvent]:
         events: list[JobEvent] = []
         stop = self.scheduler.watch(job_id, 0, events.append)
         stop()
         return events
+
+
+class _HostCheck(Resource):
+    """The root of a loopback listener's site: a request must name one of
+    ``hosts`` (a page on 127.0.0.1 reached as evil.example, after DNS
+    rebinding, must not answer)."""
+
+    def __init__(self, root: Resource, hosts: frozenset[str]) -> None:
+        super().__init__()
+        self.root = root
+        self.hosts = hosts
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if host not in self.hosts:
+            return _Misdirected(host, self.hosts)
+        request.txvmbot_hosts = self.hosts  # type: ignore[attr-defined]
+        return self.root.getChildWithDefault(path, request)
+
+
+class _Misdirected(Resource):
+    isLeaf = True
+
+    def __init__(self, host: str, hosts: frozenset[str]) -> None:
+        super().__init__()
+        self.host = host
+        self.hosts = hosts
+
+    def render(self, request: Request) -> bytes:
+        names = " or ".join(sorted(self.hosts))
+        return _refuse(request, 421, f"this page answers to {names}, not {self.host!r}")
 
 
 def _arg(request: Request, name: str) -> str:
@@ -231,10 +305,7 @@ class _Root(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         ui = self.ui
-        status = ui.scheduler.status()
-        running = ui.scheduler.list(states={"running", "cleaning"}, limit=200)
-        recent = ui.scheduler.list(limit=20)
-        body = pages.overview(status, running, recent, ui.wall(), ui.csrf)
+        body = ui.overview_body()
         if _arg(request, "fragment"):
             return ui.html(request, "overview", body)
         return ui.html(request, "overview", pages.live("/events", "/?fragment=1", body))
@@ -300,6 +371,8 @@ class _Job(Resource):
         body = pages.job_page(job, events, self.ui.wall(), self.ui.csrf, suite=suite, files=files)
         if _arg(request, "fragment"):
             return self.ui.html(request, f"job {job.id}", body)
+        if job.final:  # nothing more to follow
+            return self.ui.html(request, f"job {job.id}", body)
         base = f"/jobs/{job.id}"
         return self.ui.html(request, f"job {job.id}", pages.live(f"{base}/events", f"{base}?fragment=1", body))
 
@@ -360,11 +433,22 @@ class _EvidenceFile(Resource):
     def render_GET(self, request: Request) -> bytes:
         try:
             with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_FILE_BYTES and self.path.endswith(".log"):
+                    # A console log's end is what explains a failure.
+                    f.seek(size - MAX_FILE_BYTES)
+                    data = b"[the first %d bytes are cut]\n" % (size - MAX_FILE_BYTES) + f.read()
+                elif size > MAX_FILE_BYTES:
+                    return _refuse(
+                        request,
+                        http.REQUEST_ENTITY_TOO_LARGE,
+                        f"{size} bytes, more than the page serves; it is {self.path} "
+                        "on the daemon's host",
+                    )
+                else:
+                    data = f.read(MAX_FILE_BYTES)
         except OSError as err:
             return _refuse(request, http.NOT_FOUND, f"cannot read it: {err.strerror}")
-        if len(data) > MAX_FILE_BYTES:
-            data = data[:MAX_FILE_BYTES] + b"\n[cut at %d bytes]\n" % MAX_FILE_BYTES
         binary = self.path.endswith(".subunit")
         request.setHeader(
             b"content-type", b"application/octet-stream" if binary else b"text/plain; charset=utf-8"
