@@ -95,9 +95,15 @@ def until(driver: Any, what: str, test: Callable[[Any], Any], timeout: float = 9
 
 
 def text_of(driver: Any, css: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+    """The text of what ``css`` selects, read in one script: the live parts
+    replace their HTML at any moment, so element handles would go stale."""
+    return str(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]))"
+            ".map(function (e) { return e.innerText; }).join('\\n');",
+            css,
+        )
+    )
 
 
 def test_the_page_follows_jobs_live_in_chromium(
