@@ -28,6 +28,7 @@ from txvmbot.errors import StepFailed, TxvmbotError
 from txvmbot.evidence import save_evidence
 from txvmbot.jobs.suite import results as R
 from txvmbot.jobs.suite.feed import Batch, Feeder
+from txvmbot.jobs.suite.ledger import Ledger, give_up_rest
 from txvmbot.jobs.suite.spec import MachineTime, SuiteResult, SuiteSpec, command_for
 from txvmbot.jobs.suite.spread import Timeline, summarize
 from txvmbot.machines import IMachines, Machine
@@ -104,6 +105,7 @@ class SuiteRun:
         self._results: dict[str, R.TestResult] = {}
         self._attempts: dict[str, int] = {}
         self._feeder: Feeder | None = None
+        self._ledger: Ledger | None = None
         self._tests: tuple[str, ...] = ()
         self._waiting: list[Deferred[None]] = []
         self._released_console: list[tuple[str, str]] = []
@@ -132,7 +134,7 @@ class SuiteRun:
         finally:
             if timer.active():
                 timer.cancel()
-        self._give_up_rest(error)
+        give_up_rest(self._results, self._tests, self._attempts, error, self._wall())
         for slot in self._slots:
             await self._close_session(slot)
         ended = tuple(self._results.values())
@@ -179,6 +181,9 @@ class SuiteRun:
             tests = await self.sequence.step("list", spec.test_timeout, self._list)
         self._tests = tuple(tests)
         self._feeder = Feeder(tests, self.durations, len(self._slots), batch=spec.batched)
+        self._ledger = Ledger(
+            spec, self._feeder, self._wall, self.check_id, self._results, self._attempts
+        )
         self._t0 = self._wall()
         await self.sequence.step("tests", spec.bound, self._feed_all)
 
@@ -350,12 +355,11 @@ class SuiteRun:
     async def _run_batch(self, ctx: StepContext, slot: _Slot, batch: Batch) -> None:
         from txvmbot import ssh
 
-        feeder = self._feeder
-        assert feeder is not None
+        ledger = self._ledger
+        assert ledger is not None
         spec = self.spec
         ids = batch.test_ids
-        for t in ids:
-            self._attempts[t] = self._attempts.get(t, 0) + 1
+        ledger.handed(batch)
         slot.state = f"running {ids[0]}" + (f" (+{len(ids) - 1})" if len(ids) > 1 else "")
         self._report()
         started = self._wall()
@@ -368,18 +372,19 @@ class SuiteRun:
             except ssh.SSHCommandTimeout as e:
                 answering = await self._answers(slot)
                 if answering:
-                    self._timed_out(slot, batch, started, e.partial)
+                    ledger.timed_out(slot.worker, batch, started, e.partial)
                     replace = f"a test passed its bound of {spec.test_timeout:g}s"
                 else:
                     # Not the test: the machine itself stopped answering.
                     why = f"it stopped answering (a new ssh login failed after {e})"
-                    self._lost(slot, batch, started, e.partial, why)
+                    ledger.lost(slot.worker, slot.machine.name, batch, started, e.partial, why)
                     replace = why
             except (ssh.SSHCommandFailed, ssh.SSHConnectError) as e:
-                self._lost(slot, batch, started, getattr(e, "partial", None), str(e))
+                partial = getattr(e, "partial", None)
+                ledger.lost(slot.worker, slot.machine.name, batch, started, partial, str(e))
                 replace = f"it stopped answering: {e}"
             else:
-                self._ended(slot, batch, started, outcome)
+                ledger.ended(slot.worker, batch, started, outcome)
         finally:
             slot.busy += self._wall() - started
             slot.end = self._wall()
@@ -417,127 +422,6 @@ class SuiteRun:
             except Exception:
                 pass
 
-    def _ended(self, slot: _Slot, batch: Batch, started: float, outcome: Any) -> None:
-        feeder = self._feeder
-        assert feeder is not None
-        ids = batch.test_ids
-        duration = self._wall() - started
-        if not self.spec.batched and self.spec.format == "exit":
-            (test,) = ids
-            self._record(
-                R.from_exit(
-                    test,
-                    slot.worker,
-                    started,
-                    duration,
-                    outcome.exit_status,
-                    outcome.signal,
-                    outcome.stdout,
-                    outcome.stderr,
-                    attempts=self._attempts[test],
-                )
-            )
-            feeder.finished(batch, {test})
-            return
-        read = R.read_subunit(outcome.stdout, slot.worker, ids, started=started)
-        ended = self._record_read(read, ids)
-        # The command ended by itself: a test it never reported did not run
-        # (a bad id, a crash of the runner): that is the test's failure.
-        why = f"not in the subunit output of {slot.worker}'s command (exit status {outcome.exit_status})"
-        tail = read.stray + outcome.stderr
-        for test in ids:
-            if test not in ended:
-                output = read.running_output if test == read.running else tail
-                self._record(
-                    R.TestResult(
-                        test_id=test,
-                        outcome="failed",
-                        duration=0.0,
-                        worker=slot.worker,
-                        started=started,
-                        output=output,
-                        message=why,
-                        attempts=self._attempts[test],
-                    )
-                )
-        feeder.finished(batch, set(ids))
-
-    def _record_read(self, read: R.SubunitRead, ids: tuple[str, ...]) -> set[str]:
-        ended: set[str] = set()
-        for r in read.results:
-            if r.test_id in ids:
-                self._record(attrs.evolve(r, attempts=self._attempts[r.test_id]))
-                ended.add(r.test_id)
-        return ended
-
-    def _timed_out(self, slot: _Slot, batch: Batch, started: float, partial: Any) -> None:
-        feeder = self._feeder
-        assert feeder is not None
-        ids = batch.test_ids
-        bound = self.spec.test_timeout
-        if self.spec.format == "exit":
-            (test,) = ids
-            output = partial.stdout + partial.stderr
-            self._record(R.timed_out(test, slot.worker, started, bound, output, attempts=self._attempts[test]))
-            feeder.timed_out(batch, test)
-            return
-        read = R.read_subunit(partial.stdout, slot.worker, ids, started=started)
-        ended = self._record_read(read, ids)
-        left = [t for t in ids if t not in ended]
-        if not left:
-            # Every test reported; the command itself never exited (a child
-            # or a thread kept it alive): no test to blame, the machine goes.
-            self.log.warn(
-                "Suite {check_id}: {worker}'s command reported all its tests but did not exit "
-                "within {bound}s",
-                check_id=self.check_id,
-                worker=slot.worker,
-                bound=bound * len(ids),
-            )
-            feeder.finished(batch, ended)
-            return
-        running = read.running if read.running in ids else left[0]
-        output = read.running_output if running == read.running else read.stray
-        self._record(
-            R.timed_out(running, slot.worker, started, bound, output + partial.stderr, attempts=self._attempts[running])
-        )
-        feeder.timed_out(batch, running, done=ended)
-
-    def _lost(self, slot: _Slot, batch: Batch, started: float, partial: Any, why: str) -> None:
-        feeder = self._feeder
-        assert feeder is not None
-        ids = batch.test_ids
-        ended: set[str] = set()
-        output = b""
-        if partial is not None and self.spec.format == "subunit":
-            read = R.read_subunit(partial.stdout, slot.worker, ids, started=started)
-            ended = self._record_read(read, ids)
-            output = read.running_output
-        elif partial is not None:
-            output = partial.stdout + partial.stderr
-        closed = feeder.finished(batch, ended)
-        duration = self._wall() - started
-        for test in closed.gave_up:
-            self._record(
-                R.machine_lost(
-                    test,
-                    slot.worker,
-                    started,
-                    duration,
-                    output,
-                    reason=f"{slot.machine.name}: {why}",
-                    attempts=self._attempts[test],
-                )
-            )
-        self.log.warn(
-            "Suite {check_id}: {worker} on {machine} was lost ({why}); {n} test(s) go to another machine",
-            check_id=self.check_id,
-            worker=slot.worker,
-            machine=slot.machine.name,
-            why=why,
-            n=len(closed.requeued),
-        )
-
     async def _replace(self, ctx: StepContext, slot: _Slot, why: str) -> None:
         if self.sequence.cancelled is not None:
             return
@@ -563,27 +447,6 @@ class SuiteRun:
             slot.state = "lost"
             await self._close_session(slot)
             await self.machines.release(slot.machine)
-
-    def _record(self, result: R.TestResult) -> None:
-        self._results[result.test_id] = result
-
-    def _give_up_rest(self, error: str) -> None:
-        """Tests no machine ended: infrastructure trouble with the reason."""
-        why = error or "no machine was left to run it"
-        now = self._wall()
-        for test in self._tests:
-            if test not in self._results:
-                self._record(
-                    R.TestResult(
-                        test_id=test,
-                        outcome="infra",
-                        duration=0.0,
-                        worker="",
-                        started=now,
-                        message=f"not run: {why}",
-                        attempts=max(1, self._attempts.get(test, 1)),
-                    )
-                )
 
     # -- figures ----------------------------------------------------------
 
