@@ -414,6 +414,18 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(r.scanned, 3 * PAGE)  # the third page had none: stop
         self.assertTrue(r.complete)
 
+    def test_a_cursor_pruned_mid_scan_makes_the_report_incomplete(self) -> None:
+        self.fill(3 * PAGE)
+        d = self.s.failures(["host_kernel"], since=0.0, limit=10_000)
+        self.assertNoResult(d)  # the first page is read; the cursor is its last job
+        # Retention prunes every finished job meanwhile (the cursor with them).
+        self.store.prune(T0 + 1, limit=10 * PAGE)
+        for _ in range(10):
+            self.clock.advance(0)
+        r = self.successResultOf(d)
+        self.assertEqual(r.scanned, PAGE)
+        self.assertFalse(r.complete)
+
     def test_the_limit_bounds_the_reading(self) -> None:
         self.fill(PAGE + 50)
         r = self.scan(["backend"], since=0.0, limit=PAGE + 10)

@@ -912,7 +912,10 @@ class Scheduler:
                 for job in page:
                     tally.add(job)
                 if len(page) < want or not any(tally.counts(job) for job in page):
-                    return tally.report(complete=True)
+                    # A short page after a cursor job that retention pruned
+                    # meanwhile says nothing of the older jobs.
+                    gone = before is not None and self._store.get(before) is None
+                    return tally.report(complete=not gone)
                 before = page[-1].id
                 await deferLater(self._clock, 0, _nothing)
             return tally.report(complete=False)
