@@ -263,6 +263,14 @@ def test_sigterm_while_workers_start_stops_cleanly(tmp_path: object) -> None:
             with open(log_path, errors="replace") as f:
                 text = f.read()
         assert "Worker w1 started" in text, text
+        # twistd installs its SIGTERM handler once the reactor's startup
+        # triggers ran, which may be after the first worker said hello:
+        # a SIGTERM before that kills it unhandled.
+        while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _catches(proc.pid, signal.SIGTERM), "twistd never installed its SIGTERM handler"
+        with open(log_path, errors="replace") as f:
+            text = f.read()
         assert "txvmbot daemon ready" not in text  # still starting
         workers = D.worker_pids(proc.pid)
         assert workers
@@ -279,6 +287,18 @@ def test_sigterm_while_workers_start_stops_cleanly(tmp_path: object) -> None:
     assert "txvmbot daemon stopped" in text, text
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} left running"
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    except OSError:
+        pass
+    return False
 
 
 def _zombie(pid: int) -> bool:
