@@ -419,6 +419,7 @@ def run(
     from bench._common import proc_cpu, self_cpu
     from bench.daemon_bench import (
         WATCHES_PER_CONNECTION,
+        _close,
         connect_all,
         hold_running,
         pipelined,
@@ -512,10 +513,6 @@ def run(
     out["held"]["cancelled"] = finals
     for c in clients:
         call(_close(c), 30)
-
-
-async def _close(client: Any) -> None:
-    await client.close()
 
 
 # --- the report ----------------------------------------------------------------------------
