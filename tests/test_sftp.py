@@ -34,6 +34,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.sshd import SSHD, sshd_server
 from tests.test_ssh import failed
 from tests.test_ssh_unit import FakeConnection
+from tests.test_vm import _kill_pid
 from txvmbot.ssh import (
     Session,
     SSHCommandFailed,
@@ -604,19 +605,6 @@ class _StallingProxyFactory(ProxyFactory):
 def _image_for_class(request: pytest.FixtureRequest, qemu_image: Any) -> Iterator[None]:
     request.cls.image = qemu_image
     yield
-
-
-def _kill_pid(pid: int | None) -> None:
-    """Last-resort cleanup by pid, if the VM's own stop did not happen."""
-    if pid is None:
-        return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"qemu-system" not in f.read():
-                return
-        os.kill(pid, signal.SIGKILL)
-    except (FileNotFoundError, ProcessLookupError):
-        pass
 
 
 @pytest.mark.usefixtures("_image_for_class")
