@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from tests.pgserver import PostgresServer, choose_base_dir
 from tests.qemu_fixtures import qemu_image  # noqa: F401
 from tests.servers import Moto, moto_server
 
@@ -14,3 +17,38 @@ from tests.servers import Moto, moto_server
 def moto() -> Iterator[Moto]:
     with moto_server() as m:
         yield m
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on a unix socket, for the whole session."""
+    base, remove = choose_base_dir(str(tmp_path_factory.mktemp("pg")))
+    server = PostgresServer(base)
+    try:
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            if remove:
+                shutil.rmtree(base, ignore_errors=True)
+
+
+_pg_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
+    """The DSN of a fresh database (txvmbot_t1, txvmbot_t2, ...), dropped afterwards."""
+    name = f"txvmbot_t{next(_pg_databases)}"
+    dsn = pg_server.create_database(name)
+    try:
+        yield dsn
+    finally:
+        try:
+            pg_server.drop_database(name)
+        except Exception:
+            # A test that restarted or stopped the server, or left a
+            # connection that FORCE could not end, must not fail teardown.
+            pass
