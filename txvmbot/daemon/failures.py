@@ -398,3 +398,51 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"malformed failure report: expected a count, got {value!r}")
     return value
+
+
+def scan_failures(
+    clock: Any,
+    list_page: Callable[..., Any],
+    get: Callable[[str], Any],
+    by: Sequence[str],
+    since: float,
+    limit: int = 10_000,
+) -> Any:
+    """A Deferred FailureReport of the newest ``limit`` finished jobs, read
+    a page at a time through ``list_page(states=, limit=, before=)`` and
+    ``get(job_id)`` (each may return a Deferred; the reactor runs between
+    pages), those that finished at or after ``since`` grouped by the facts
+    named in ``by``. Raises ConfigError for an unknown name in ``by``.
+
+    Jobs are read newest submitted first, and reading stops at the first
+    page in which no job finished at or after ``since``: a job that sat
+    queued since before a whole page of older jobs finished (a backend
+    drained for long) may be missed. The report is not ``complete`` when
+    ``limit`` stopped the reading first.
+    """
+    from twisted.internet.defer import ensureDeferred, maybeDeferred
+    from twisted.internet.task import deferLater
+
+    from txvmbot.daemon.jobs import FINAL_STATES
+
+    if limit < 1:
+        raise ValueError(f"failures limit must be at least 1, not {limit!r}")
+    tally = FailureTally(by, since)
+
+    async def scan() -> FailureReport:
+        before: str | None = None
+        while tally.scanned < limit:
+            want = min(PAGE, limit - tally.scanned)
+            page = await maybeDeferred(list_page, states=FINAL_STATES, limit=want, before=before)
+            for job in page:
+                tally.add(job)
+            if len(page) < want or not any(tally.counts(job) for job in page):
+                # A short page after a cursor job that retention pruned
+                # meanwhile says nothing of the older jobs.
+                gone = before is not None and (await maybeDeferred(get, before)) is None
+                return tally.report(complete=not gone)
+            before = page[-1].id
+            await deferLater(clock, 0, lambda: None)
+        return tally.report(complete=False)
+
+    return ensureDeferred(scan())

@@ -249,12 +249,14 @@ class DaemonMetrics:
         ``generate_latest`` of this registry."""
         return MetricsPage(self.registry)
 
-    def attach(self, scheduler: _Observable) -> Callable[[], None]:
+    def attach(self, scheduler: _Observable, *, seed: bool = True) -> Callable[[], None]:
         """Count ``scheduler``'s jobs from now on: read its unfinished jobs
-        once (so jobs queued before count), observe its events and read its
+        once (so jobs queued before count; not with ``seed=False``, for a
+        scheduler that holds none yet), observe its events and read its
         status at each scrape. Returns the callable that detaches."""
         self._status = scheduler.status
-        self._seed(scheduler)
+        if seed:
+            self._seed(scheduler)
         status = scheduler.status()
         for b in status.backends:
             self._quarantined[b.name] = b.state == "quarantined"

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot.daemon.failures import PAGE, FailureReport, FailureTally
+from txvmbot.daemon.failures import FailureReport, scan_failures
 from txvmbot.daemon.interfaces import IJobStore, IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -70,7 +70,7 @@ from txvmbot.daemon.jobs import (
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
 from txvmbot.model import CheckResult, StepEvent
 
-__all__ = ["API_VERSION", "Scheduler", "WorkerPool", "is_infrastructure_failure"]
+__all__ = ["API_VERSION", "Scheduler", "WorkerPool", "is_infrastructure_failure", "new_job_id"]
 
 #: The version of the daemon's status and job values, reported by status().
 API_VERSION = 1
@@ -171,7 +171,8 @@ class _Backend:
         return self.queued > 0 and not self.quarantined and not self.draining
 
 
-def _new_id() -> str:
+def new_job_id() -> str:
+    """A new job id: 12 hex digits."""
     return uuid4().hex[:12]
 
 
@@ -205,6 +206,10 @@ class Scheduler:
         one a quarantine lasts until an operator resumes the backend.
     :param new_id: makes job ids.
     :param wall: epoch seconds, for job and event times.
+    :param on_free: with a shared store, called with the number of workers
+        that no local job will take, whenever the scheduler has dispatched:
+        the cluster claims that many jobs from the shared queue and hands
+        them over with :meth:`adopt` (txvmbot.daemon.shared.cluster).
 
     A job's ``bound`` runs from the start of each attempt (time spent queued
     does not count); when it passes, the job is cancelled with the reason
@@ -228,8 +233,9 @@ class Scheduler:
         quarantine_after: int = 3,
         health_check: HealthCheck | None = None,
         health_interval: float = 60.0,
-        new_id: Callable[[], str] = _new_id,
+        new_id: Callable[[], str] = new_job_id,
         wall: Callable[[], float] = time.time,
+        on_free: Callable[[int], object] | None = None,
     ) -> None:
         if default_cap < 1 or any(c < 1 for c in caps.values()):
             raise ValueError("backend caps must be at least 1")
@@ -247,6 +253,7 @@ class Scheduler:
         self._health_interval = health_interval
         self._new_id = new_id
         self._wall = wall
+        self._on_free = on_free
         self._order = itertools.count()
         self._active: dict[str, _Active] = {}
         self._backends: dict[str, _Backend] = {}
@@ -278,15 +285,9 @@ class Scheduler:
         results: list[Job | TxvmbotError] = []
         new: list[tuple[Job, JobEvent]] = []
         for spec in specs:
-            cap = self._backend(spec.backend).cap
-            if spec.instances > cap:
-                results.append(
-                    ConfigError(
-                        "job.parallel",
-                        f"backend {spec.backend!r} runs at most {cap} instances at once; "
-                        f"this job asks for {spec.instances}, so it could never start",
-                    )
-                )
+            refused = self.refusal(spec)
+            if refused is not None:
+                results.append(refused)
                 continue
             now = float(self._wall())
             job = Job(id=self._new_id(), spec=spec, state="queued", submitted=now)
@@ -314,6 +315,21 @@ class Scheduler:
             except Exception:
                 self.log.failure("Starting jobs after a submit")
         return results
+
+    def refusal(self, spec: JobSpec) -> ConfigError | None:
+        """Why ``spec`` can never start here, or None."""
+        cap = self.cap(spec.backend)
+        if spec.instances > cap:
+            return ConfigError(
+                "job.parallel",
+                f"backend {spec.backend!r} runs at most {cap} instances at once; "
+                f"this job asks for {spec.instances}, so it could never start",
+            )
+        return None
+
+    def cap(self, backend: str) -> int:
+        """``backend``'s cap on running instances."""
+        return self._caps.get(backend, self._default_cap)
 
     def get(self, job_id: str) -> Job:
         active = self._active.get(job_id)
@@ -377,6 +393,11 @@ class Scheduler:
             self._observers.pop(key, None)
 
         return stop
+
+    def tell_observers(self, job: Job, event: JobEvent) -> None:
+        """Tell the observers of :meth:`observe` of an event that happened
+        elsewhere (a submit to the shared store)."""
+        self._notify(job, event)
 
     def _notify(self, job: Job, event: JobEvent) -> None:
         for key, observer in list(self._observers.items()):
@@ -442,6 +463,83 @@ class Scheduler:
                 self._backend_status(self._backends[name]) for name in sorted(self._backends)
             ),
         )
+
+    # --- a shared store: jobs handed over by the cluster ---------------------------
+
+    def adopt(self, job: Job, last_seq: int, cancel: str | None = None) -> None:
+        """Take ``job`` (queued, claimed from the shared queue by this
+        daemon) and start it when a worker is free; ``last_seq`` is its
+        last stored event's. ``cancel``: a cancel asked for before the
+        claim (the job ends cancelled at once)."""
+        if job.id in self._active:
+            return
+        active = _Active(job=job, order=next(self._order), last_event=last_seq)
+        self._active[job.id] = active
+        self._enqueue(active)
+        if cancel is not None:
+            self._request_cancel(active, cancel)
+        else:
+            self._dispatch()
+
+    def adopt_interrupted(
+        self, job: Job, last_seq: int, reason: str, cancel: str | None = None
+    ) -> Deferred[None]:
+        """Take ``job`` (running or cleaning under a daemon that died) and
+        clean up after it, then retry or end it, as :meth:`recover` does.
+        Fires when the cleanup has run."""
+        if job.id in self._active:
+            return succeed(None)
+        active = _Active(job=job, order=next(self._order), last_event=last_seq)
+        active.cancel_reason = cancel
+        self._active[job.id] = active
+        self.log.error(
+            "Job {job_id} was {state} on {backend} under a lost daemon; cleaning up",
+            job_id=job.id,
+            state=job.state,
+            backend=job.spec.backend,
+        )
+        return self._clean_up(active, reason)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the job is unfinished here (queued, running or being
+        cleaned up by this daemon)."""
+        return job_id in self._active
+
+    def quarantined(self) -> frozenset[str]:
+        """The backends quarantined here (the cluster claims none of their
+        jobs)."""
+        return frozenset(b.name for b in self._backends.values() if b.quarantined)
+
+    def set_draining(self, backend: str, draining: bool) -> None:
+        """Follow a drain or resume made on another daemon."""
+        b = self._backend(backend)
+        if b.draining != draining:
+            b.draining = draining
+            self.log.info(
+                "Backend {backend} {what} (on another daemon)",
+                backend=backend,
+                what="draining" if draining else "resumed",
+            )
+            if not draining:
+                self._dispatch()
+
+    def abandon(self, reason: str) -> None:
+        """Let go of every job: another daemon has taken them over (this
+        daemon's lease expired). Queued ones are forgotten; running ones
+        are cancelled in their workers, which clean up what they made;
+        nothing more about them reaches the store (the store fences it)."""
+        for active in list(self._active.values()):
+            job_id = active.job.id
+            if job_id in self._in_pool:
+                active.cancel_reason = reason
+                try:
+                    self._pool.cancel(job_id, reason)
+                except Exception:
+                    self.log.failure("While cancelling job {job_id}", job_id=job_id)
+            else:
+                self._unqueue(active)
+                self._cancel_bound(active)
+                del self._active[job_id]
 
     # --- start-up and shut-down ----------------------------------------------------
 
@@ -572,6 +670,16 @@ class Scheduler:
                 again = self._dispatch_again
         finally:
             self._dispatching = False
+        if self._on_free is not None and not self._stopped:
+            free = self.free_workers()
+            if free > 0:
+                self._on_free(free)
+
+    def free_workers(self) -> int:
+        """Workers that neither run a job nor will run a job queued here."""
+        if self._stopped:
+            return 0
+        return max(0, self._pool.size - len(self._in_pool) - len(self._queued))
 
     # --- running a job ------------------------------------------------------------
 
@@ -885,43 +993,10 @@ class Scheduler:
     def failures(
         self, by: Sequence[str], since: float, limit: int = 10_000
     ) -> Deferred[FailureReport]:
-        """The newest ``limit`` finished jobs, read from the store a page at
-        a time (the reactor runs between pages), those that finished at or
-        after ``since`` grouped by the facts named in ``by``
-        (:func:`txvmbot.daemon.failures.group_failures`). Raises
-        ConfigError for an unknown name in ``by``.
-
-        Jobs are read newest submitted first, and reading stops at the
-        first page in which no job finished at or after ``since``: a job
-        that sat queued since before a whole page of older jobs finished
-        (a backend drained for long) may be missed. The report is not
-        ``complete`` when ``limit`` stopped the reading first.
-        """
-        from twisted.internet.defer import ensureDeferred
-        from twisted.internet.task import deferLater
-
-        if limit < 1:
-            raise ValueError(f"failures limit must be at least 1, not {limit!r}")
-        tally = FailureTally(by, since)
-
-        async def scan() -> FailureReport:
-            before: str | None = None
-            while tally.scanned < limit:
-                want = min(PAGE, limit - tally.scanned)
-                page: list[Job] = self._store.list(states=FINAL_STATES, limit=want, before=before)
-                for job in page:
-                    tally.add(job)
-                if len(page) < want or not any(tally.counts(job) for job in page):
-                    # A short page after a cursor job that retention pruned
-                    # meanwhile says nothing of the older jobs.
-                    gone = before is not None and self._store.get(before) is None
-                    return tally.report(complete=not gone)
-                before = page[-1].id
-                await deferLater(self._clock, 0, _nothing)
-            return tally.report(complete=False)
-
-        return ensureDeferred(scan())
-
+        """The newest ``limit`` finished jobs grouped by the facts named in
+        ``by`` (:func:`txvmbot.daemon.failures.scan_failures`, which says
+        which jobs it reads). Raises ConfigError for an unknown name."""
+        return scan_failures(self._clock, self._store.list, self._store.get, by, since, limit)
 
 def _nothing() -> None:
     pass

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -210,18 +210,22 @@ class DaemonAMP(amp.AMP):
         pending, self._submits = self._submits, []
         if not pending:
             return
-        try:
-            results = self._scheduler.submit_many([spec for spec, _ in pending])
-        except Exception as e:
-            failure = Failure(e)
+        # A Deferred with a shared store (the database answers later);
+        # at once with SQLite.
+        stored = maybeDeferred(self._scheduler.submit_many, [spec for spec, _ in pending])
+
+        def answer(results: Any) -> None:
+            for (_, d), result in zip(pending, results, strict=True):
+                if isinstance(result, BaseException):
+                    d.errback(Failure(result))
+                else:
+                    d.callback(result)
+
+        def failed(failure: Failure) -> None:
             for _, d in pending:
                 d.errback(failure)
-            return
-        for (_, d), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                d.errback(Failure(result))
-            else:
-                d.callback(result)
+
+        stored.addCallbacks(answer, failed)
 
     def locateResponder(self, name: bytes) -> Any:
         responder = super().locateResponder(name)
@@ -396,8 +400,11 @@ class DaemonAMP(amp.AMP):
             )
         w = _Watch(self, job_id)
         try:
-            self._scheduler.get(job_id)  # UnknownJob before subscribing
+            got = self._scheduler.get(job_id)  # UnknownJob before subscribing
             self._watches[job_id] = w
+            if isinstance(got, Deferred):
+                # A shared store: the answer comes later, then the events.
+                return self._watch_later(w, got, after_seq)
             w.stop = self._scheduler.watch(job_id, after_seq, w.event)
             job = self._scheduler.get(job_id)
         except Exception as e:
@@ -409,6 +416,32 @@ class DaemonAMP(amp.AMP):
             w.end(job.state)
         self._starting.append(w)
         return {"ok": True}
+
+    def _watch_later(self, w: _Watch, got: Deferred[Any], after_seq: int) -> Any:
+        """Watch with a scheduler that answers with Deferreds. The answer
+        goes out when the returned Deferred fires (AMP's callbacks run
+        then, synchronously); the events may follow only after it."""
+        answered: Deferred[dict[str, Any]] = Deferred()
+
+        async def go() -> None:
+            await got
+            w.stop = await self._scheduler.watch(w.job_id, after_seq, w.event)
+            job = await self._scheduler.get(w.job_id)
+            if job.final:
+                w.end(job.state)
+
+        def ready(_: object) -> None:
+            answered.callback({"ok": True})
+            if not w.done:
+                w.start()
+
+        def failed(f: Failure) -> None:
+            w.unsubscribe()
+            self._forget(w)
+            answered.errback(Failure(self._translate(f.value or Exception(), "Watch", f)))
+
+        ensureDeferred(go()).addCallbacks(ready, failed)
+        return answered
 
     @Unwatch.responder
     def unwatch(self, job_id: str) -> dict[str, Any]:

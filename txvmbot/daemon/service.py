@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import socket
+import time
 from typing import IO, Any
 
 from twisted.application import service
@@ -97,6 +98,10 @@ class DaemonService(service.MultiService):
         self.web: Any = None
         self.metrics: Any = None
         self._detach_metrics: Any = None
+        self.db: Any = None
+        self.cluster: Any = None
+        self.writer: Any = None
+        self.listener: Any = None
         self._web_ports: list[Any] = []
 
     def startService(self) -> None:
@@ -145,8 +150,11 @@ class DaemonService(service.MultiService):
             self._json_log = open(s.log_json, "a", encoding="utf-8")  # noqa: SIM115
             self._json_observer = jsonFileLogObserver(self._json_log)
             globalLogPublisher.addObserver(self._json_observer)
-        self.store = SQLiteJobStore(os.path.join(s.data_dir, "jobs.sqlite"))
-        self.journal = SQLiteJournal(os.path.join(s.data_dir, "journal.sqlite"))
+        if s.shared:
+            await self._open_shared()
+        else:
+            self.store = SQLiteJobStore(os.path.join(s.data_dir, "jobs.sqlite"))
+            self.journal = SQLiteJournal(os.path.join(s.data_dir, "journal.sqlite"))
         evidence = os.path.join(s.data_dir, "evidence")
         os.makedirs(evidence, mode=0o700, exist_ok=True)
         # Counted from the start (worker deaths, reaped resources), served
@@ -163,22 +171,38 @@ class DaemonService(service.MultiService):
         )
         await self.pool.start()
         self._go_on()
-        self.scheduler = Scheduler(
+        cleaner = make_cleaner(
+            self.reactor, self.journal, on_reaped=m.resource_reaped, api_observer=m.api_call
+        )
+        local = Scheduler(
             self.reactor,
-            self.store,
+            self.writer if s.shared else self.store,
             self.pool,
             self.journal,
-            cleaner=make_cleaner(
-                self.reactor, self.journal, on_reaped=m.resource_reaped, api_observer=m.api_call
-            ),
+            cleaner=cleaner,
             caps={**{p.name: p.max_vms for p in s.pools_by_name.values()}, **dict(s.caps)},
             default_cap=s.default_cap,
             quarantine_after=s.quarantine_after,
-            health_check=make_health_check(self.reactor, self.store, api_observer=m.api_call),
+            health_check=make_health_check(
+                self.reactor, self.store, api_observer=m.api_call
+            ),
             health_interval=s.health_interval,
+            on_free=self.cluster.want_claim if s.shared else None,
         )
-        self._detach_metrics = m.attach(self.scheduler)
-        await self.scheduler.recover()
+        self.scheduler = local
+        if s.shared:
+            from txvmbot.daemon.shared.scheduler import SharedScheduler
+
+            # Metrics count the jobs this daemon runs; clients see all.
+            self._detach_metrics = m.attach(local, seed=False)
+            self.scheduler = shared = SharedScheduler(self.reactor, self.db, local, self.writer)
+            self.cluster.on_events = shared.job_events
+            self.cluster.on_listening = shared.catch_up
+            await self.cluster.start(local, cleaner, self.journal)
+            self.listener.start()
+        else:
+            self._detach_metrics = m.attach(local)
+            await local.recover()
         self._go_on()
         if s.keep_finished_days > 0:
             # A child service: stopped before the store and journal close.
@@ -200,6 +224,41 @@ class DaemonService(service.MultiService):
             listen=", ".join(s.listen_endpoints),
             data_dir=s.data_dir,
         )
+
+    async def _open_shared(self) -> None:
+        """The shared PostgreSQL store: database, schema, journal, the
+        write-behind of this daemon's jobs, its lease, and LISTEN."""
+        from txvmbot.daemon.shared.cluster import Cluster
+        from txvmbot.daemon.shared.db import Database, DatabaseError
+        from txvmbot.daemon.shared.journal import PostgresJournal
+        from txvmbot.daemon.shared.listener import Listener
+        from txvmbot.daemon.shared.reads import SharedReads
+        from txvmbot.daemon.shared.schema import migrate
+        from txvmbot.daemon.shared.store import CHANNELS
+        from txvmbot.daemon.shared.writer import JobWriter
+
+        s = self.settings
+        assert s.store_dsn is not None
+        self.db = db = Database(self.reactor, s.store_dsn)
+        db.start()
+        try:
+            found = await db.run(migrate, db.where)
+        except DatabaseError as e:
+            raise ConfigError("daemon.store", f"cannot use the shared store: {e}") from None
+        self.log.info(
+            "Shared store: {where} (schema version {found}, host {host}, lease {lease:g}s)",
+            where=db.where,
+            found=found,
+            host=s.host,
+            lease=s.lease,
+        )
+        self.journal = PostgresJournal(db, s.host)
+        self.cluster = cluster = Cluster(self.reactor, db, host=s.host, lease=s.lease)
+        self.writer = JobWriter(self.reactor, db, lambda: cluster.owner, s.host,
+                                wall=time.time)
+        self.store = SharedReads(db)
+        self.listener = Listener(self.reactor, db, CHANNELS, cluster.notified,
+                                 cluster.listening)
 
     async def _start_web(self) -> None:
         """The status page (and /metrics) on ``[daemon] web``."""
@@ -267,6 +326,26 @@ class DaemonService(service.MultiService):
         assert self.settings.tls is not None  # checked when the settings were parsed
         return tls_server_endpoint(self.reactor, description, self.settings.tls)
 
+    async def _stop_shared(self) -> None:
+        """Send what this daemon still has to write (for a bounded time),
+        end the lease, stop listening, close the database."""
+        from twisted.internet.defer import DeferredList
+
+        flushed = self.writer.flushed()
+        flushed.addTimeout(10, self.reactor)
+        try:
+            await flushed
+        except Exception:
+            self.log.error(
+                "Stopping with {n} job store writes not sent: the database did not take "
+                "them in 10s; the next takeover cleans up and retries these jobs",
+                n=self.writer.pending,
+            )
+        self.writer.close()
+        await DeferredList([self.cluster.stop(), self.listener.stop()])
+        await self.db.stop()
+        self.cluster = None
+
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())
 
@@ -306,6 +385,8 @@ class DaemonService(service.MultiService):
             await pool_stopped
         elif self.pool is not None:
             await self.pool.stop()
+        if self.cluster is not None:
+            await self._stop_shared()
         for thing in (self.store, self.journal):
             if thing is not None:
                 thing.close()

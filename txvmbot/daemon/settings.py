@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,10 @@ _KEYS = (
     "log_json",
     "web",
     "web_insecure_loopback",
+    "store",
+    "store_dsn_env",
+    "host",
+    "lease",
 )
 _TLS_KEYS = ("ca", "cert", "key")
 
@@ -69,6 +74,19 @@ class DaemonSettings:
     #: Allow a plain TCP web listener on 127.0.0.1 (a demo, a test, a
     #: browser on the daemon's own host): anyone on that host can read it.
     web_insecure_loopback: bool = False
+    #: The shared PostgreSQL store's connection string (``[daemon] store``
+    #: or the variable ``store_dsn_env`` names); None: SQLite in data_dir.
+    #: Never shown: it may hold a password.
+    store_dsn: str | None = attrs.field(default=None, repr=False)
+    #: This daemon's host name in the shared store (local VMs belong to it).
+    host: str = ""
+    #: Seconds a daemon's lease lasts without a heartbeat (shared store).
+    lease: float = 30.0
+
+    @property
+    def shared(self) -> bool:
+        """Whether jobs live in a shared PostgreSQL store."""
+        return self.store_dsn is not None
 
     @property
     def pools_by_name(self) -> dict[str, LocalPool]:
@@ -259,7 +277,22 @@ def parse_daemon_table(
         unit="days",
     )
 
+    dsn = _store_dsn(table, src, environ)
+    if dsn is not None and web:
+        raise ConfigError(
+            "daemon.web",
+            f"the web page (and /metrics) is not served by a daemon with a shared store "
+            f"yet; remove web, or run it on a daemon with the SQLite store{src}",
+        )
+    host = _str("host", table["host"], src) if "host" in table else socket.gethostname()
+    lease = check_float("daemon.lease", table.get("lease", 30.0), src)
+    if lease < 3:
+        raise ConfigError("daemon.lease", f"must be at least 3 seconds, got {lease:g}{src}")
+
     return DaemonSettings(
+        store_dsn=dsn,
+        host=host,
+        lease=lease,
         data_dir=rel(_str("data_dir", table["data_dir"], src))
         if "data_dir" in table
         else default_data_dir(environ),
@@ -277,6 +310,33 @@ def parse_daemon_table(
         web=web,
         web_insecure_loopback=insecure,
     )
+
+
+def _store_dsn(table: Mapping[str, Any], src: str, environ: Mapping[str, str]) -> str | None:
+    """The shared store's DSN from ``store`` or ``store_dsn_env``; errors
+    never quote it (it may hold a password)."""
+    from txvmbot.daemon.shared.db import check_dsn
+
+    if "store" in table and "store_dsn_env" in table:
+        raise ConfigError("daemon.store", f"give store or store_dsn_env, not both{src}")
+    if "store" in table:
+        value = table["store"]
+        where = "daemon.store"
+    elif "store_dsn_env" in table:
+        name = _str("store_dsn_env", table["store_dsn_env"], src)
+        value = environ.get(name)
+        where = f"daemon.store_dsn_env (the variable {name})"
+        if not value:
+            raise ConfigError(where, f"is not set in the daemon's environment{src}")
+    else:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(where, f"expected a postgresql:// connection string{src}")
+    if not value.startswith(("postgresql://", "postgres://")) and "=" not in value:
+        raise ConfigError(
+            where, f"expected a postgresql://user@host/db URI or a key=value string{src}"
+        )
+    return check_dsn(value, where)
 
 
 def load(path: str, environ: Mapping[str, str] = os.environ) -> DaemonSettings:

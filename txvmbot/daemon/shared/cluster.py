@@ -1,0 +1,324 @@
+"""One daemon's part in the cluster: its lease, its claims from the shared
+queue, and takeover of daemons that died.
+
+The lease: a row in ``daemons`` with an expiry on the database's clock,
+renewed every ``lease / 3`` seconds (the heartbeat). Every job a daemon
+holds names it as ``owner``. A daemon whose lease has expired is dead to
+the others: at each heartbeat a daemon looks for expired leases and takes
+one over at a time (``store.take_over``): queued jobs go back to the shared
+queue, running cloud jobs become its own to clean up (journal and tag) and
+retry or end, as after a restart, and running local (QEMU) jobs of another
+host fail with "host lost" (their VMs live on that host; its daemon stops
+them when it comes back: :meth:`Cluster.start`).
+
+Without the database a daemon keeps its running jobs going (their writes
+wait in the :class:`~txvmbot.daemon.shared.writer.JobWriter`), claims
+nothing, and tries again each heartbeat. If its own lease runs out before it
+gets through (counted on its own clock, from the last renewal it saw
+succeed), the others may take its jobs: it lets go of them
+(:meth:`~txvmbot.daemon.scheduler.Scheduler.abandon`) so none runs twice,
+and registers a new lease once the database answers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+from uuid import uuid4
+
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txvmbot.daemon.jobs import Job
+from txvmbot.daemon.shared import store
+from txvmbot.daemon.shared.db import Database, DatabaseUnavailable
+
+__all__ = ["Cluster"]
+
+#: The most expired leases one heartbeat takes over.
+TAKEOVERS_PER_BEAT = 5
+
+
+def new_owner(host: str) -> str:
+    """A lease owner id: the host and a random part."""
+    return f"{host}/{os.getpid()}/{uuid4().hex[:8]}"
+
+
+class Cluster:
+    """Lease, claims and takeovers of one daemon.
+
+    :param scheduler: the local :class:`~txvmbot.daemon.scheduler.Scheduler`
+        (built with ``on_free=cluster.want_claim``).
+    :param cleaner: cleans up after a job of this host found at start-up
+        (a local job another daemon failed as "host lost").
+    :param on_notify: called with (channel, payload) for event and cancel
+        notifications the cluster does not handle itself (watchers).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        db: Database,
+        *,
+        host: str,
+        lease: float,
+        wall: Callable[[], float] = time.time,
+        claim_interval: float = 1.0,
+    ) -> None:
+        if lease < 3:
+            raise ValueError(f"lease must be at least 3 seconds, not {lease!r}")
+        self._reactor = reactor
+        self._db = db
+        self.host = host
+        self.lease = lease
+        self._wall = wall
+        self._claim_interval = claim_interval
+        self.owner = new_owner(host)
+        self.scheduler: Any = None
+        self.cleaner: Callable[[Job], Deferred[Any]] | None = None
+        self.on_events: Callable[[str], object] = lambda job_id: None
+        self.on_listening: Callable[[], object] = lambda: None
+        self._registered = False
+        self._reachable = True
+        self._deadline = 0.0
+        self._claiming = False
+        self._claim_again = False
+        self._stopped = False
+        self._beat: LoopingCall | None = None
+        self._poll: LoopingCall | None = None
+        self._beating = False
+        self._tasks: set[Deferred[Any]] = set()
+        self.takeovers = 0
+        self.claims = 0
+
+    # --- start and stop ---------------------------------------------------------------
+
+    async def start(self, scheduler: Any, cleaner: Callable[[Job], Deferred[Any]], journal: Any) -> None:
+        """Register the lease, clean up what this host's lost jobs left,
+        then claim and heartbeat. Raises DatabaseUnavailable when the
+        database does not answer at start-up."""
+        self.scheduler = scheduler
+        self.cleaner = cleaner
+        await self._register()
+        await self._clean_host_leftovers(journal)
+        self._beat = LoopingCall(self._heartbeat)
+        self._beat.clock = self._reactor
+        self._beat.start(self.lease / 3, now=True)
+        self._poll = LoopingCall(self.want_claim)
+        self._poll.clock = self._reactor
+        self._poll.start(self._claim_interval, now=True)
+
+    async def _register(self) -> None:
+        sent = self._reactor.seconds()
+        await self._db.run(store.register, self.owner, self.host, os.getpid(), self.lease,
+                           float(self._wall()))
+        self._deadline = sent + self.lease
+        self._registered = True
+        self.log.info(
+            "Joined the shared store as {owner} (lease {lease:g}s)", owner=self.owner,
+            lease=self.lease,
+        )
+
+    async def _clean_host_leftovers(self, journal: Any) -> None:
+        """Stop what local jobs of this host left that another daemon
+        ended as "host lost" while this host's daemon was away."""
+        checks = await maybeDeferred(journal.host_checks, self.host)
+        for check_id in checks:
+            job_id = check_id.rsplit("-", 1)[0]
+            job = await self._db.run(store.get, job_id)
+            if job is None or not job.final:
+                continue  # still held: takeover or its daemon deals with it
+            self.log.info(
+                "Job {job_id} ended as {state} while this host's daemon was away; "
+                "cleaning up what it left here",
+                job_id=job_id,
+                state=job.state,
+            )
+            assert self.cleaner is not None
+            try:
+                await self.cleaner(job)
+            except Exception:
+                self.log.failure("While cleaning up after job {job_id}", job_id=job_id)
+
+    def stop(self) -> Deferred[None]:
+        """Stop claiming and beating; give queued jobs back and end the
+        lease (running jobs stay held by it: the next takeover, by any
+        daemon, cleans them up and retries them)."""
+        self._stopped = True
+        for loop in (self._beat, self._poll):
+            if loop is not None and loop.running:
+                loop.stop()
+
+        async def bye() -> None:
+            if self._registered:
+                try:
+                    await self._db.run(store.unregister, self.owner)
+                except Exception as e:
+                    self.log.warn("Could not end the lease at stop: {e}", e=e)
+
+        return ensureDeferred(bye())
+
+    # --- claims ---------------------------------------------------------------------
+
+    def want_claim(self, free: int | None = None) -> None:
+        """Claim from the shared queue as many jobs as local workers are
+        free (the scheduler's ``on_free``; also on a queue notification
+        and every ``claim_interval``). One claim at a time; asks made
+        meanwhile make one more."""
+        if self._stopped or not self._registered or not self._reachable:
+            return
+        if self._claiming:
+            self._claim_again = True
+            return
+        self._claiming = True
+        self._claim_again = False
+        d = ensureDeferred(self._claim())
+        d.addErrback(self._claim_failed)
+        d.addBoth(self._claimed)
+
+    async def _claim(self) -> None:
+        s = self.scheduler
+        free = s.free_workers()
+        if free < 1:
+            return
+        got = await self._db.run(
+            store.claim, self.owner, self.host, free, s.quarantined(), float(self._wall())
+        )
+        self.claims += len(got)
+        for c in got:
+            s.adopt(c.job, c.last_seq, c.cancel)
+
+    def _claim_failed(self, f: Failure) -> None:
+        if f.check(DatabaseUnavailable):
+            self._lost(f.getErrorMessage())
+        else:
+            self.log.failure("Claiming jobs failed", f)
+
+    def _claimed(self, _: object) -> None:
+        self._claiming = False
+        if self._claim_again:
+            self.want_claim()
+
+    # --- heartbeat and takeover -------------------------------------------------------
+
+    def _heartbeat(self) -> Deferred[None]:
+        if self._beating:
+            from twisted.internet.defer import succeed
+
+            return succeed(None)
+        self._beating = True
+        d = ensureDeferred(self._beat_once())
+        d.addErrback(lambda f: self.log.failure("Heartbeat failed", f))
+
+        def done(_: object) -> None:
+            self._beating = False
+
+        return d.addBoth(done)
+
+    async def _beat_once(self) -> None:
+        sent = self._reactor.seconds()
+        try:
+            if not self._registered:
+                await self._register()
+                renewed = True
+            else:
+                renewed = await self._db.run(store.renew, self.owner, self.lease)
+        except DatabaseUnavailable as e:
+            self._lost(str(e))
+            if self._registered and self._reactor.seconds() > self._deadline:
+                self._lease_lost("its lease expired while the database was unreachable")
+            return
+        if not renewed:
+            self._lease_lost("another daemon took over its lease")
+            return
+        self._deadline = sent + self.lease
+        self._found()
+        for _ in range(TAKEOVERS_PER_BEAT):
+            taken = await self._db.run(store.take_over, self.owner, self.host, float(self._wall()))
+            if taken is None:
+                break
+            self._took_over(taken)
+
+    def _took_over(self, t: store.TakenOver) -> None:
+        self.takeovers += 1
+        self.log.error(
+            "Took over daemon {dead} on {host}, whose lease expired: {requeued} queued jobs "
+            "back in the queue, {adopted} running jobs to clean up here, {lost} local jobs "
+            "failed (host lost)",
+            dead=t.dead,
+            host=t.dead_host,
+            requeued=len(t.requeued),
+            adopted=len(t.adopted),
+            lost=len(t.host_lost),
+        )
+        reason = f"daemon {t.dead} on {t.dead_host} lost (its lease expired)"
+        for c in t.adopted:
+            d = self.scheduler.adopt_interrupted(c.job, c.last_seq, reason, c.cancel)
+            self._tasks.add(d)
+            d.addBoth(self._task_done, d)
+        self.want_claim()
+
+    def _task_done(self, result: object, d: Deferred[Any]) -> object:
+        self._tasks.discard(d)
+        return result
+
+    def _lease_lost(self, why: str) -> None:
+        self.log.critical(
+            "This daemon's lease {owner} is lost ({why}): its jobs are let go so that none "
+            "runs twice; it joins again with a new lease",
+            owner=self.owner,
+            why=why,
+        )
+        self.scheduler.abandon(f"this daemon lost its lease: {why}")
+        self._registered = False
+        self.owner = new_owner(self.host)
+
+    def _lost(self, why: str) -> None:
+        if self._reachable:
+            self._reachable = False
+            self.log.error(
+                "Lost the shared database ({why}): running jobs go on, no new jobs are "
+                "claimed; trying again every {s:g}s",
+                why=why,
+                s=self.lease / 3,
+            )
+
+    def _found(self) -> None:
+        if not self._reachable:
+            self._reachable = True
+            self.log.info("The shared database answers again: claiming jobs")
+            self.want_claim()
+
+    # --- notifications ----------------------------------------------------------------
+
+    def notified(self, channel: str, payload: str) -> None:
+        if channel == "txvmbot_queue":
+            self.want_claim()
+        elif channel == "txvmbot_events":
+            self.on_events(payload)
+        elif channel == "txvmbot_cancel":
+            if self.scheduler is not None and self.scheduler.holds(payload):
+                d = self.scheduler.cancel(payload, "cancelled by request (on another daemon)")
+                d.addErrback(lambda f: None)
+        elif channel == "txvmbot_backends":
+            d = self._db.run(store.backends)
+            d.addCallback(self._backends)
+            d.addErrback(lambda f: self.log.warn("Reading backends failed: {f}", f=f.value))
+
+    def _backends(self, draining: dict[str, bool]) -> None:
+        for name, flag in draining.items():
+            self.scheduler.set_draining(name, flag)
+
+    def listening(self, up: bool, why: str) -> None:
+        if up:
+            self.log.info("Listening for notifications from the shared database")
+            self.on_listening()
+            self.want_claim()
+        else:
+            self.log.warn("Notifications from the shared database lost: {why}", why=why)

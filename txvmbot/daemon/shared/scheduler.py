@@ -1,0 +1,343 @@
+"""What clients of any daemon drive when several share one PostgreSQL:
+:class:`SharedScheduler` provides IScheduler over the shared database, so
+``submit``, ``jobs``, ``show``, ``watch``, ``cancel``, ``drain`` and
+``status`` on any daemon see every job.
+
+Reads and submits go to the database (each call a Deferred); the jobs this
+daemon holds run in its local :class:`~txvmbot.daemon.scheduler.Scheduler`,
+whose writes reach the database through the
+:class:`~txvmbot.daemon.shared.writer.JobWriter`. A watch reads stored
+events and follows ``txvmbot_events`` notifications, whichever daemon runs
+the job; a cancel of a job another daemon holds is asked of it through
+``txvmbot_cancel``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txvmbot.daemon.failures import FailureReport, scan_failures
+from txvmbot.daemon.interfaces import IScheduler
+from txvmbot.daemon.jobs import (
+    FINAL_STATES,
+    BackendStatus,
+    DaemonStatus,
+    Job,
+    JobEvent,
+    JobSpec,
+)
+from txvmbot.daemon.scheduler import API_VERSION, Scheduler, new_job_id
+from txvmbot.daemon.shared import store
+from txvmbot.daemon.shared.db import Database
+from txvmbot.daemon.shared.writer import JobWriter
+from txvmbot.errors import TxvmbotError, UnknownJob
+
+__all__ = ["SharedScheduler"]
+
+Listener = Callable[[JobEvent], object]
+
+
+class _Watch:
+    """One listener following one job's stored events."""
+
+    def __init__(self, job_id: str, after_seq: int, listener: Listener) -> None:
+        self.job_id = job_id
+        self.last = after_seq
+        self.listener = listener
+        self.reading = False
+        self.again = False
+        self.done = False
+
+
+@implementer(IScheduler)
+class SharedScheduler:
+    """IScheduler over the shared database (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        db: Database,
+        local: Scheduler,
+        writer: JobWriter,
+        *,
+        wall: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = new_job_id,
+    ) -> None:
+        self._reactor = reactor
+        self._db = db
+        self.local = local
+        self._writer = writer
+        self._wall = wall
+        self._new_id = new_id
+        self._watches: dict[str, list[_Watch]] = {}
+        self._known_backends: set[str] = set()
+
+    # --- submits ----------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> Deferred[Job]:
+        def one(results: list[Job | TxvmbotError]) -> Job:
+            (r,) = results
+            if isinstance(r, Job):
+                return r
+            raise r
+
+        return self.submit_many([spec]).addCallback(one)
+
+    def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[list[Job | TxvmbotError]]:
+        """Store ``specs`` as queued jobs in the shared queue, in one
+        transaction; any daemon with a free worker claims them."""
+        results: list[Job | TxvmbotError] = []
+        new: list[tuple[Job, JobEvent]] = []
+        for spec in specs:
+            refused = self.local.refusal(spec)
+            if refused is not None:
+                results.append(refused)
+                continue
+            now = float(self._wall())
+            job = Job(id=self._new_id(), spec=spec, state="queued", submitted=now)
+            results.append(job)
+            new.append((job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued")))
+        caps = {job.spec.backend: self.local.cap(job.spec.backend) for job, _ in new}
+        d = self._db.run(store.add_many, new, caps)
+
+        def stored(_: object) -> list[Job | TxvmbotError]:
+            for job, event in new:
+                self.local.tell_observers(job, event)
+            return results
+
+        return d.addCallback(stored)
+
+    # --- reads ------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Deferred[Job]:
+        if self.local.holds(job_id):
+            return succeed(self.local.get(job_id))
+
+        def found(job: Job | None) -> Job:
+            if job is None:
+                raise UnknownJob(job_id)
+            return job
+
+        return self._db.run(store.get, job_id).addCallback(found)
+
+    def list(
+        self,
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Deferred[list[Job]]:
+        async def go() -> list[Job]:
+            if before is not None:
+                await self.get(before)
+            jobs: list[Job] = await self._db.run(store.list_jobs, states, backend, limit, before)
+            # This daemon's own jobs as they are now (their newest writes
+            # may still be on the way).
+            return [self.local.get(j.id) if self.local.holds(j.id) else j for j in jobs]
+
+        return ensureDeferred(go())
+
+    def status(self) -> Deferred[DaemonStatus]:
+        def build(c: store.Counts) -> DaemonStatus:
+            local = {b.name: b for b in self.local.status().backends}
+            backends = []
+            for name, cap, draining, queued, running, instances in c.backends:
+                mine = local.get(name)
+                state: Any = "draining" if draining else "active"
+                reason = ""
+                failures = 0
+                if mine is not None:
+                    failures = mine.consecutive_failures
+                    if mine.state == "quarantined":
+                        state, reason = "quarantined", mine.reason
+                backends.append(
+                    BackendStatus(
+                        name=name,
+                        capacity=cap,
+                        running=running,
+                        queued=queued,
+                        state=state,
+                        consecutive_failures=failures,
+                        reason=reason,
+                        instances=instances,
+                    )
+                )
+            mine_status = self.local.status()
+            return DaemonStatus(
+                api_version=API_VERSION,
+                workers=mine_status.workers,
+                busy_workers=mine_status.busy_workers,
+                queue_depth=sum(b.queued for b in backends),
+                running=sum(b.running for b in backends),
+                backends=tuple(backends),
+            )
+
+        return self._db.run(store.counts).addCallback(build)
+
+    def failures(self, by: Sequence[str], since: float, limit: int = 10_000) -> Deferred[FailureReport]:
+        def page(states: Any = None, limit: int = 100, before: str | None = None) -> Any:
+            return self._db.run(store.list_jobs, states, None, limit, before)
+
+        def get(job_id: str) -> Any:
+            return self._db.run(store.get, job_id)
+
+        result: Deferred[FailureReport] = scan_failures(self._reactor, page, get, by, since, limit)
+        return result
+
+    def observe(self, observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]:
+        """This daemon's jobs' events (the web page and the metrics)."""
+        return self.local.observe(observer)
+
+    # --- watch ------------------------------------------------------------------------
+
+    def watch(self, job_id: str, after_seq: int, listener: Listener) -> Deferred[Callable[[], None]]:
+        """Tell ``listener`` the job's stored events after ``after_seq``, then
+        new ones as any daemon stores them, up to the one that makes the job
+        final. Fires with a callable that stops it; fails with UnknownJob."""
+        w = _Watch(job_id, after_seq, listener)
+
+        def stop() -> None:
+            w.done = True
+            watches = self._watches.get(job_id)
+            if watches is not None and w in watches:
+                watches.remove(w)
+                if not watches:
+                    del self._watches[job_id]
+
+        async def go() -> Callable[[], None]:
+            # Follow first, then read: nothing falls between.
+            self._watches.setdefault(job_id, []).append(w)
+            try:
+                await self.get(job_id)
+                await self._writer.flushed()
+            except BaseException:
+                stop()
+                raise
+            await self._read(w)
+            return stop
+
+        return ensureDeferred(go())
+
+    def job_events(self, job_id: str) -> None:
+        """A ``txvmbot_events`` notification: read the new events."""
+        for w in list(self._watches.get(job_id, ())):
+            self._kick(w)
+
+    def catch_up(self) -> None:
+        """The LISTEN connection came back: notifications may have been
+        missed, so read every watched job again."""
+        for watches in list(self._watches.values()):
+            for w in list(watches):
+                self._kick(w)
+
+    def _kick(self, w: _Watch) -> None:
+        if w.done:
+            return
+        if w.reading:
+            w.again = True
+            return
+        d = ensureDeferred(self._read(w))
+        d.addErrback(lambda f: self.log.warn("Watch of {job_id}: {f}", job_id=w.job_id, f=f.value))
+
+    async def _read(self, w: _Watch) -> None:
+        w.reading = True
+        try:
+            while not w.done:
+                w.again = False
+                events: list[JobEvent] = await self._db.run(store.events, w.job_id, w.last)
+                for event in events:
+                    if w.done or event.seq <= w.last:
+                        continue
+                    w.last = event.seq
+                    try:
+                        w.listener(event)
+                    except Exception:
+                        self.log.failure("Watcher of job {job_id} failed; dropped", job_id=w.job_id)
+                        w.done = True
+                    if event.kind == "state" and event.state in FINAL_STATES:
+                        w.done = True
+                if w.done:
+                    self._drop(w)
+                if not w.again:
+                    break
+        finally:
+            w.reading = False
+
+    def _drop(self, w: _Watch) -> None:
+        watches = self._watches.get(w.job_id)
+        if watches is not None and w in watches:
+            watches.remove(w)
+            if not watches:
+                del self._watches[w.job_id]
+
+    def stop(self) -> Deferred[None]:
+        """Stop the local scheduler (before the pool stops)."""
+        return self.local.stop()
+
+    # --- cancel, drain, resume --------------------------------------------------------
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
+        """Cancel a job wherever it is: held here, through the local
+        scheduler; waiting in the shared queue, in the database; held by
+        another daemon, by asking it. Fires with the final Job."""
+        if self.local.holds(job_id):
+            return self.local.cancel(job_id, reason)
+
+        async def go() -> Job:
+            job = await self._db.run(store.cancel_queued, job_id, reason, float(self._wall()))
+            if job is not None:
+                return job
+            ended: Deferred[Job] = Deferred()
+
+            def event(e: JobEvent) -> None:
+                if e.kind == "state" and e.state in FINAL_STATES and not ended.called:
+                    self.get(job_id).chainDeferred(ended)
+
+            stop = await self.watch(job_id, 0, event)
+            state = await self._db.run(store.request_cancel, job_id, reason)
+            if state is None:
+                stop()
+                raise UnknownJob(job_id)
+            current = await self.get(job_id)
+            if current.final:
+                stop()
+                return current
+            try:
+                return await ended
+            finally:
+                stop()
+
+        return ensureDeferred(go())
+
+    def drain(self, backend: str) -> Deferred[BackendStatus]:
+        self.local.drain(backend)
+        return self._set_draining(backend, True)
+
+    def resume(self, backend: str) -> Deferred[BackendStatus]:
+        d = self._set_draining(backend, False)
+        return d.addCallback(lambda _: self.local.resume(backend)).addCallback(
+            lambda _: self._backend_status(backend)
+        )
+
+    def _set_draining(self, backend: str, draining: bool) -> Deferred[BackendStatus]:
+        d = self._db.run(store.set_draining, backend, self.local.cap(backend), draining)
+        return d.addCallback(lambda _: self._backend_status(backend))
+
+    def _backend_status(self, backend: str) -> Deferred[BackendStatus]:
+        def pick(s: DaemonStatus) -> BackendStatus:
+            for b in s.backends:
+                if b.name == backend:
+                    return b
+            return BackendStatus(name=backend, capacity=self.local.cap(backend), running=0,
+                                 queued=0, state="active")
+
+        return self.status().addCallback(pick)
+
