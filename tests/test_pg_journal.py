@@ -371,13 +371,34 @@ class PostgresJournalTests(TestCase):
         self.assertIn("cannot read", str(err))
 
     async def test_unreachable_database_is_not_translated(self) -> None:
-        j = PostgresJournal(StubDatabase(DatabaseUnavailable("db here", "down")), "a")  # type: ignore[arg-type]
+        j = PostgresJournal(StubDatabase(DatabaseUnavailable("db here", "down")), "a",  # type: ignore[arg-type]
+                            patience=0)
         for d in (j.intend("c", "k", "n", "e", "r"), j.pending(), j.prune(1.0), j.host_checks("a")):
             err = await self.assertFailure(d, DatabaseUnavailable)
             self.assertEqual(str(err), "job store db here: down")
         refused = PostgresJournal(StubDatabase(DatabaseError("db here", "no")), "a")  # type: ignore[arg-type]
         err = await self.assertFailure(refused.pending(), JournalError)
         self.assertEqual(str(err), "journal db here: cannot read: no")
+
+    def test_an_outage_is_waited_out_within_patience(self) -> None:
+        """A database restart: the call is tried again with backoff (0.5 s,
+        1 s, ...) and answers once the database does; past ``patience`` it
+        fails with DatabaseUnavailable."""
+        stub = StubDatabase(DatabaseUnavailable("db here", "down"), failures=2, answer=[])
+        j = PostgresJournal(stub, "a", patience=10)  # type: ignore[arg-type]
+        d = j.pending()
+        self.assertNoResult(d)
+        stub.reactor.advance(0.5)
+        self.assertNoResult(d)
+        stub.reactor.advance(1.0)
+        self.assertEqual(self.successResultOf(d), [])
+        self.assertEqual(stub.calls, 3)
+        stub = StubDatabase(DatabaseUnavailable("db here", "down"))
+        j = PostgresJournal(stub, "a", patience=3)  # type: ignore[arg-type]
+        d = j.pending()
+        stub.reactor.pump([0.5, 1.0, 2.0])
+        self.failureResultOf(d, DatabaseUnavailable)
+        self.assertEqual(stub.calls, 3)
 
     # --- what make_cleaner's Cleanup needs ------------------------------------
 
@@ -414,8 +435,17 @@ class StubDatabase:
 
     where = "db here"
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, failures: int = 10**6, answer: Any = None) -> None:
+        from twisted.internet.task import Clock
+
         self.error = error
+        self.failures = failures
+        self.answer = answer
+        self.calls = 0
+        self.reactor = Clock()
 
     def run(self, fn: Callable[..., object], *args: object) -> Deferred[Any]:
+        self.calls += 1
+        if self.calls > self.failures:
+            return succeed(self.answer)
         return fail(self.error)

@@ -195,9 +195,12 @@ class DaemonService(service.MultiService):
 
             # Metrics count the jobs this daemon runs; clients see all.
             self._detach_metrics = m.attach(local, seed=False)
-            self.scheduler = shared = SharedScheduler(self.reactor, self.db, local, self.writer)
+            self.scheduler = shared = SharedScheduler(
+                self.reactor, self.db, local, self.writer, host=s.host
+            )
             self.cluster.on_events = shared.job_events
             self.cluster.on_listening = shared.catch_up
+            shared.on_queued = self.cluster.want_claim
             await self.cluster.start(local, cleaner, self.journal)
             self.listener.start()
         else:

@@ -187,9 +187,16 @@ class Cluster:
         free = s.free_workers()
         if free < 1:
             return
+        owner = self.owner
         got = await self._db.run(
-            store.claim, self.owner, self.host, free, s.quarantined(), float(self._wall())
+            store.claim, owner, self.host, free, s.quarantined(), float(self._wall())
         )
+        if owner != self.owner or not self._registered:
+            # The lease was lost while the claim was on its way: these jobs
+            # are not ours to run (a takeover may have queued them again).
+            if got:
+                await self._db.run(store.release, owner, [c.job.id for c in got])
+            return
         self.claims += len(got)
         for c in got:
             s.adopt(c.job, c.last_seq, c.cancel)

@@ -27,8 +27,9 @@ __all__ = ["Database", "DatabaseError", "DatabaseUnavailable", "check_dsn", "des
 
 T = TypeVar("T")
 
-#: How long a transaction waits for a connection from the pool.
-CONNECT_TIMEOUT = 10.0
+#: How long a transaction waits for a connection (the database down: then
+#: DatabaseUnavailable, and the caller tries again later).
+CONNECT_TIMEOUT = 3.0
 
 
 class DatabaseError(TxvmbotError):

@@ -69,11 +69,18 @@ class PostgresJournal:
     :class:`~txvmbot.journal.SQLiteJournal`'s returns, or fails with
     ValueError for bad arguments, JournalError (naming the database) when
     the database refused a statement or an entry does not exist, and
-    DatabaseUnavailable, unchanged, when the database cannot be reached, so
-    that the caller knows to try again.
+    DatabaseUnavailable, unchanged, when the database could not be reached
+    for ``patience`` seconds.
     """
 
-    def __init__(self, db: Database, host: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        host: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        patience: float = 120.0,
+    ) -> None:
         if not isinstance(host, str) or not host:
             raise ValueError(f"journal host must be a non-empty string, not {host!r}")
         self.db = db
@@ -81,19 +88,33 @@ class PostgresJournal:
         #: Where the journal is, for messages: the database without its password.
         self.path = db.where
         self._clock = clock
+        self._patience = patience
 
     def __repr__(self) -> str:
         return f"<PostgresJournal {self.path} host={self.host!r}>"
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` in one transaction; DatabaseError becomes
-        JournalError, but DatabaseUnavailable goes through unchanged."""
-        try:
-            return await self.db.run(fn, *args)
-        except DatabaseUnavailable:
-            raise
-        except DatabaseError as e:
-            raise JournalError(self.path, f"cannot {what}: {e.message}") from e
+        JournalError. While the database cannot be reached (a restart) the
+        call is tried again with backoff for up to ``patience`` seconds, so
+        a check waits (before a create, or while it cleans up) instead of
+        failing and leaving what it made; after that DatabaseUnavailable
+        goes through unchanged."""
+        from twisted.internet.task import deferLater
+
+        reactor = self.db.reactor
+        start = reactor.seconds()
+        delay = 0.5
+        while True:
+            try:
+                return await self.db.run(fn, *args)
+            except DatabaseUnavailable:
+                if reactor.seconds() - start + delay > self._patience:
+                    raise
+            except DatabaseError as e:
+                raise JournalError(self.path, f"cannot {what}: {e.message}") from e
+            await deferLater(reactor, delay, lambda: None)
+            delay = min(5.0, delay * 2)
 
     def intend(
         self,

@@ -47,6 +47,7 @@ class Listener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done: Deferred[None] | None = None
+        self._up = False
 
     def start(self) -> None:
         self._done = Deferred()
@@ -65,6 +66,12 @@ class Listener:
     def _call(self, fn: Callable[..., object], *args: Any) -> None:
         self._reactor.callFromThread(fn, *args)
 
+    def _state(self, up: bool, why: str) -> None:
+        """Tell the owner of a change between connected and not (once)."""
+        if up != self._up:
+            self._up = up
+            self._call(self._on_state, up, why)
+
     def _run(self) -> None:
         backoff = 0.2
         try:
@@ -72,7 +79,7 @@ class Listener:
                 try:
                     conn = self._db.connect()
                 except Exception as e:
-                    self._call(self._on_state, False, _why(e))
+                    self._state(False, _why(e))
                     self._stop.wait(backoff)
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     continue
@@ -81,7 +88,7 @@ class Listener:
                     with conn:
                         for channel in self._channels:
                             conn.execute(f"LISTEN {channel}")
-                        self._call(self._on_state, True, "")
+                        self._state(True, "")
                         while not self._stop.is_set():
                             for n in conn.notifies(timeout=0.5):
                                 self._call(self._on_notify, n.channel, n.payload)
@@ -90,7 +97,7 @@ class Listener:
                 except Exception as e:
                     if self._stop.is_set():
                         break
-                    self._call(self._on_state, False, _why(e))
+                    self._state(False, _why(e))
                     self._stop.wait(backoff)
         finally:
             done = self._done

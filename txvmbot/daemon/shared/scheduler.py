@@ -68,16 +68,20 @@ class SharedScheduler:
         local: Scheduler,
         writer: JobWriter,
         *,
+        host: str = "",
         wall: Callable[[], float] = time.time,
         new_id: Callable[[], str] = new_job_id,
     ) -> None:
         self._reactor = reactor
+        self._host = host
         self._db = db
         self.local = local
         self._writer = writer
         self._wall = wall
         self._new_id = new_id
         self._watches: dict[str, list[_Watch]] = {}
+        #: Called after jobs were queued here (the cluster claims).
+        self.on_queued: Callable[[], object] = lambda: None
         self._known_backends: set[str] = set()
 
     # --- submits ----------------------------------------------------------------------
@@ -106,11 +110,15 @@ class SharedScheduler:
             results.append(job)
             new.append((job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued")))
         caps = {job.spec.backend: self.local.cap(job.spec.backend) for job, _ in new}
-        d = self._db.run(store.add_many, new, caps)
+        d = self._db.run(store.add_many, new, caps, self._host)
 
         def stored(_: object) -> list[Job | TxvmbotError]:
             for job, event in new:
                 self.local.tell_observers(job, event)
+            if new:
+                # This daemon claims at once, without waiting for its own
+                # notification to come back.
+                self.on_queued()
             return results
 
         return d.addCallback(stored)
@@ -218,10 +226,13 @@ class SharedScheduler:
             try:
                 await self.get(job_id)
                 await self._writer.flushed()
+                if w.reading:  # a notification came first and reads already
+                    w.again = True
+                else:
+                    await self._read(w)
             except BaseException:
                 stop()
                 raise
-            await self._read(w)
             return stop
 
         return ensureDeferred(go())
@@ -295,6 +306,9 @@ class SharedScheduler:
             job = await self._db.run(store.cancel_queued, job_id, reason, float(self._wall()))
             if job is not None:
                 return job
+            current = await self.get(job_id)
+            if current.final:
+                return current
             ended: Deferred[Job] = Deferred()
 
             def event(e: JobEvent) -> None:

@@ -72,15 +72,18 @@ _V1 = (
     )
     """,
     # One row per claim of a job by a daemon: the audit of "never run twice".
+    # A claimed job may go back to the queue before it starts (its daemon
+    # stopped or died), so one attempt may be claimed more than once.
     """
     CREATE TABLE claims (
+        id      bigserial        PRIMARY KEY,
         job_id  text             NOT NULL,
         attempt integer          NOT NULL,
         owner   text             NOT NULL,
-        at      double precision NOT NULL,
-        PRIMARY KEY (job_id, attempt)
+        at      double precision NOT NULL
     )
     """,
+    "CREATE INDEX claims_job ON claims (job_id)",
     # A running daemon and its lease. ``expires`` is the database's clock.
     """
     CREATE TABLE daemons (

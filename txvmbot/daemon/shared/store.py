@@ -69,9 +69,15 @@ def _event_data(event: JobEvent) -> str:
 # --- submits and reads -----------------------------------------------------------
 
 
-def add_many(conn: Any, submits: Sequence[tuple[Job, JobEvent]], caps: dict[str, int]) -> None:
+def add_many(
+    conn: Any, submits: Sequence[tuple[Job, JobEvent]], caps: dict[str, int], host: str
+) -> None:
     """Store new queued jobs with their first events, and their backends
-    (with ``caps[backend]``) if new; tell every daemon the queue grew."""
+    (with ``caps[backend]``) if new; tell every daemon the queue grew.
+
+    A local (QEMU) job belongs to ``host``, the submitting daemon's: its
+    pool's image and run dirs are that host's, so only daemons of that host
+    claim it."""
     if not submits:
         return
     with conn.cursor() as cur:
@@ -81,7 +87,8 @@ def add_many(conn: Any, submits: Sequence[tuple[Job, JobEvent]], caps: dict[str,
         )
         cur.executemany(
             "INSERT INTO jobs (id, state, backend, priority, submitted, updated, attempts,"
-            " instances, is_local, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " instances, is_local, host, data)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
                 (
                     job.id,
@@ -93,6 +100,7 @@ def add_many(conn: Any, submits: Sequence[tuple[Job, JobEvent]], caps: dict[str,
                     job.attempts,
                     job.spec.instances,
                     isinstance(job.spec.machines, LocalSpec),
+                    host if isinstance(job.spec.machines, LocalSpec) else None,
                     _data(job),
                 )
                 for job, _ in submits
@@ -263,16 +271,22 @@ def claim(
     """Take up to ``want`` queued jobs from the shared queue for ``owner``:
     highest priority first, then oldest, from the backends that are not
     draining, not in ``skip``, and below their cap counted over every
-    daemon's jobs. The backend rows are locked (in name order) for the
+    daemon's jobs; local (QEMU) jobs only if they belong to ``host``. The backend rows are locked (in name order) for the
     transaction: two daemons claiming from one backend take turns, so a cap
     of 4 is 4 in all. Job rows are taken FOR UPDATE SKIP LOCKED."""
     if want < 1:
         return []
+    # Only for a live lease, held (FOR SHARE) until commit: a takeover of
+    # this owner waits, so no job is claimed for a daemon being taken over.
+    if conn.execute(
+        "SELECT 1 FROM daemons WHERE owner = %s FOR SHARE", (owner,)
+    ).fetchone() is None:
+        return []
     rows = conn.execute(
         "SELECT name, cap FROM backends WHERE NOT draining AND NOT (name = ANY(%s))"
         " AND EXISTS (SELECT 1 FROM jobs WHERE backend = name AND state = 'queued'"
-        " AND owner IS NULL) ORDER BY name FOR UPDATE",
-        (list(skip),),
+        " AND owner IS NULL AND (NOT is_local OR host = %s)) ORDER BY name FOR UPDATE",
+        (list(skip), host),
     ).fetchall()
     candidates: list[tuple[tuple[int, float, int], str, int, str]] = []
     room: dict[str, int] = {}
@@ -287,9 +301,9 @@ def claim(
             continue
         for job_id, instances, priority, submitted, seq in conn.execute(
             "SELECT id, instances, priority, submitted, seq FROM jobs WHERE backend = %s"
-            " AND state = 'queued' AND owner IS NULL"
+            " AND state = 'queued' AND owner IS NULL AND (NOT is_local OR host = %s)"
             " ORDER BY priority DESC, submitted, seq LIMIT %s FOR UPDATE SKIP LOCKED",
-            (name, min(want, room[name])),
+            (name, host, min(want, room[name])),
         ):
             candidates.append(((-int(priority), float(submitted), int(seq)), job_id, int(instances), name))
     candidates.sort()
@@ -321,6 +335,15 @@ def claim(
         )
     out.sort(key=lambda c: (-c.job.spec.priority, c.job.submitted))
     return out
+
+
+def release(conn: Any, owner: str, job_ids: Sequence[str]) -> None:
+    """Give jobs ``owner`` claimed but will not run back to the queue."""
+    conn.execute(
+        "UPDATE jobs SET owner = NULL WHERE id = ANY(%s) AND owner = %s AND state = 'queued'",
+        (list(job_ids), owner),
+    )
+    conn.execute("SELECT pg_notify('txvmbot_queue', '')")
 
 
 def cancel_queued(conn: Any, job_id: str, reason: str, now: float) -> Job | None:
