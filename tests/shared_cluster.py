@@ -104,10 +104,12 @@ def cluster(
                 m.stop()
 
 
-def submit_script(connects: Sequence[str], doc: Mapping[str, Any], count: int,
-                  timeout: float = 300) -> list[str]:
-    """Submit ``count`` jobs of ``doc`` to the daemons at ``connects`` in
-    turn (job i to daemon i mod n), pipelined; the job ids, in order."""
+def submit_script(connects: Sequence[str], doc: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                  count: int, timeout: float = 300) -> list[str]:
+    """Submit ``count`` jobs to the daemons at ``connects`` in turn (job i
+    to daemon i mod n), pipelined; job i is ``doc``, or ``doc[i mod m]``
+    for a list of m. The job ids, in order."""
+    docs = [doc] if isinstance(doc, Mapping) else list(doc)
     script = (
         "import json, sys\n"
         "from twisted.internet import task\n"
@@ -117,7 +119,8 @@ def submit_script(connects: Sequence[str], doc: Mapping[str, Any], count: int,
         "async def main(reactor):\n"
         "    clients = [await connect(reactor, c) for c in args['connects']]\n"
         "    n = len(clients)\n"
-        "    jobs = await gatherResults([clients[i % n].submit(args['doc'])\n"
+        "    docs = args['docs']\n"
+        "    jobs = await gatherResults([clients[i % n].submit(docs[i % len(docs)])\n"
         "                                for i in range(args['count'])])\n"
         "    print(json.dumps([j.id for j in jobs]))\n"
         "    for c in clients:\n"
@@ -127,7 +130,7 @@ def submit_script(connects: Sequence[str], doc: Mapping[str, Any], count: int,
     import json
 
     p = subprocess.run(
-        [sys.executable, "-c", script, json.dumps({"connects": list(connects), "doc": doc,
+        [sys.executable, "-c", script, json.dumps({"connects": list(connects), "docs": docs,
                                                    "count": count})],
         cwd=ROOT, timeout=timeout, capture_output=True, text=True, env=checkrun.env(),
     )

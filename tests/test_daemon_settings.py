@@ -97,3 +97,53 @@ def test_bad_web_listeners_name_the_key(table: dict[str, object], says: str) -> 
         parse(**table)
     assert e.value.where.startswith("daemon.web")
     assert says in str(e.value)
+
+
+# --- the shared PostgreSQL store (issue 9) ------------------------------------
+
+SECRET = "hunter2-s3cret"
+DSN = f"postgresql://txvmbot:{SECRET}@db.example:5432/jobs"
+
+
+def test_sqlite_is_the_default_store() -> None:
+    s = parse()
+    assert s.store_dsn is None and not s.shared
+    assert s.lease == 30.0 and s.host
+
+
+def test_store_dsn_from_the_file_or_the_environment_never_shown() -> None:
+    s = parse(store=DSN, host="runner-1", lease=12)
+    assert s.shared and s.store_dsn == DSN and s.host == "runner-1" and s.lease == 12.0
+    assert SECRET not in repr(s)
+    s = parse_daemon_table({"data_dir": "/d", "store_dsn_env": "TXV_DSN"}, PATH, {"TXV_DSN": DSN})
+    assert s.store_dsn == DSN and SECRET not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("table", "env", "where", "says"),
+    [
+        ({"store": DSN, "store_dsn_env": "X"}, {}, "daemon.store", "not both"),
+        ({"store_dsn_env": "NOPE"}, {}, "daemon.store_dsn_env (the variable NOPE)", "not set"),
+        ({"store": "mysql://u:" + SECRET + "@h/db"}, {}, "daemon.store", "postgresql://"),
+        ({"store": f"host=h password={SECRET} dbname='jobs"}, {}, "daemon.store",
+         "not a PostgreSQL connection string"),
+        ({"store": DSN, "lease": 1}, {}, "daemon.lease", "at least 3 seconds"),
+        ({"store": DSN, "web": "unix:/tmp/w.sock"}, {}, "daemon.web", "shared store"),
+    ],
+)
+def test_bad_store_settings_name_the_key_and_never_the_password(
+    table: dict[str, object], env: dict[str, str], where: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_daemon_table({"data_dir": "/d", **table}, PATH, env)
+    assert e.value.where == where and says in e.value.message
+    assert SECRET not in str(e.value)
+
+
+def test_the_database_is_described_without_its_password() -> None:
+    from txvmbot.daemon.shared.db import describe_dsn
+
+    text = describe_dsn(DSN)
+    assert text == "postgresql database jobs as txvmbot on db.example:5432"
+    assert SECRET not in describe_dsn(f"host=/run/pg dbname=j user=u password={SECRET}")
+    assert describe_dsn("::garbage::") == "postgresql database (DSN not shown)"

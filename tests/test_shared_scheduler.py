@@ -182,6 +182,25 @@ class SharedSchedulerTests(TestCase):
         self.assertEqual((job.id, job.state), ("j0", "queued"))  # a refusal takes no id
         self.assertEqual([j.id for j in await self.shared.list()], ["j0"])
 
+    async def test_submits_during_a_commit_go_together_in_the_next(self) -> None:
+        """Group commit: one insert transaction at a time; the submits made
+        while it runs (from any connection) share the next one."""
+        calls: list[int] = []
+        run = self.db.run
+
+        def counting(fn: Any, *args: Any) -> Any:
+            if fn is store.add_many:
+                calls.append(len(args[0]))
+            return run(fn, *args)
+
+        self.db.run = counting  # type: ignore[method-assign]
+        waits = [self.shared.submit_many([make_job_spec("b")]) for _ in range(4)]
+        results = [await d for d in waits]
+        self.assertEqual(calls, [1, 3])
+        ids = sorted(j.id for (j,) in results if isinstance(j, Job))
+        self.assertEqual(ids, ["j0", "j1", "j2", "j3"])
+        self.assertEqual(sorted(j.id for j in await self.shared.list()), ids)
+
     async def test_list_pages(self) -> None:
         jobs = await self.submit(3)
         jobs += await self.submit(2, backend="c")

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon.failures import FailureReport, scan_failures
@@ -80,6 +81,8 @@ class SharedScheduler:
         self._wall = wall
         self._new_id = new_id
         self._watches: dict[str, list[_Watch]] = {}
+        self._waiting: list[tuple[list[tuple[Job, JobEvent]], Deferred[None]]] = []
+        self._storing = False
         #: Called after jobs were queued here (the cluster claims).
         self.on_queued: Callable[[], object] = lambda: None
         self._known_backends: set[str] = set()
@@ -109,8 +112,7 @@ class SharedScheduler:
             job = Job(id=self._new_id(), spec=spec, state="queued", submitted=now)
             results.append(job)
             new.append((job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued")))
-        caps = {job.spec.backend: self.local.cap(job.spec.backend) for job, _ in new}
-        d = self._db.run(store.add_many, new, caps, self._host)
+        d = self._store(new) if new else succeed(None)
 
         def stored(_: object) -> list[Job | TxvmbotError]:
             for job, event in new:
@@ -122,6 +124,37 @@ class SharedScheduler:
             return results
 
         return d.addCallback(stored)
+
+    def _store(self, new: list[tuple[Job, JobEvent]]) -> Deferred[None]:
+        """Store ``new`` with the next commit: one insert transaction at a
+        time, and the submits that arrive (from any connection) while it
+        runs go together in the next one (group commit: a commit costs
+        more than its rows). A failed commit fails all the submits it held,
+        none of which is stored."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((new, d))
+        if not self._storing:
+            self._store_next()
+        return d
+
+    def _store_next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._storing = False
+            return
+        self._storing = True
+        rows = [pair for new, _ in batch for pair in new]
+        caps = {job.spec.backend: self.local.cap(job.spec.backend) for job, _ in rows}
+
+        def done(outcome: object) -> None:
+            for _, d in batch:
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
+                else:
+                    d.callback(None)
+            self._store_next()
+
+        self._db.run(store.add_many, rows, caps, self._host).addBoth(done)
 
     # --- reads ------------------------------------------------------------------------
 

@@ -291,6 +291,9 @@ def claim(
     candidates: list[tuple[tuple[int, float, int], str, int, str]] = []
     room: dict[str, int] = {}
     for name, cap in rows:
+        # A statement of its own, after the lock: under READ COMMITTED it
+        # sees the claims another daemon committed while we waited for the
+        # row (in the locking statement itself it would not).
         (held,) = conn.execute(
             "SELECT COALESCE(sum(instances), 0) FROM jobs WHERE backend = %s"
             " AND owner IS NOT NULL AND state IN ('queued', 'running', 'cleaning')",
