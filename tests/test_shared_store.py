@@ -377,6 +377,7 @@ def test_claim_again_after_an_unstarted_job_went_back(conn: Any, how: str) -> No
         tx(conn, store.unregister, "A")
     else:
         expire(conn, "A")
+        live(conn, "B", "h2")
         t = tx(conn, store.take_over, "B", "h2", 70.0)
         assert t is not None and t.requeued == ("j",)
     assert owners(conn) == {"j": None}
@@ -588,9 +589,12 @@ def test_take_over_passes_over_live_leases_and_itself(conn: Any) -> None:
     tx(conn, store.register, "me", "hostT", 2, 3.0, 10.0)
     expire(conn, "me")
     assert tx(conn, store.take_over, "me", "hostT", 100.0) is None
+    # Only a daemon with a live lease takes over.
+    assert tx(conn, store.take_over, "other", "hostO", 100.0) is None
+    live(conn, "other", "hostO")
     assert tx(conn, store.take_over, "other", "hostO", 100.0) is not None
     assert tx(conn, store.take_over, "other", "hostO", 100.0) is None
-    assert [o for (o,) in rows(conn, "SELECT owner FROM daemons")] == ["alive"]
+    assert sorted(o for (o,) in rows(conn, "SELECT owner FROM daemons")) == ["alive", "other"]
 
 
 def test_take_over_adopts_a_local_job_of_the_takers_own_host(conn: Any) -> None:
@@ -602,6 +606,7 @@ def test_take_over_adopts_a_local_job_of_the_takers_own_host(conn: Any) -> None:
     there = start(job("there", 2.0, spec=local_spec()))
     tx(conn, store.write_batch, "dead", "hostT", [here, there], [], 60.0)
     expire(conn, "dead")
+    live(conn, "taker", "hostT")
     t = tx(conn, store.take_over, "taker", "hostT", 100.0)
     assert t == store.TakenOver(
         "dead", "hostT", (), (), (store.Claimed(here, 1, None), store.Claimed(there, 1, None))

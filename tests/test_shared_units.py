@@ -1,10 +1,13 @@
 """Unit tests of the shared store's JobWriter and Cluster on a Clock, with a
-fake Database whose every ``run`` waits for the test to answer it."""
+fake Database whose every ``run`` waits for the test to answer it; and of
+the local Scheduler's ``abandon``, which the cluster and the writer use to
+let go of jobs."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
@@ -14,11 +17,15 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.shared.cluster import TAKEOVERS_PER_BEAT, Cluster
+from txvmbot.daemon.scheduler import Scheduler
+from txvmbot.daemon.shared.cluster import LEFTOVER_EVERY, TAKEOVERS_PER_BEAT, Cluster
 from txvmbot.daemon.shared.db import DatabaseError, DatabaseUnavailable
 from txvmbot.daemon.shared.store import Claimed, TakenOver
 from txvmbot.daemon.shared.writer import JobWriter
-from txvmbot.testing import make_job_spec
+from txvmbot.daemon.store import SQLiteJobStore
+from txvmbot.errors import TxvmbotError
+from txvmbot.journal import MemoryJournal
+from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
 
 T0 = 1_000_000.0
 
@@ -276,6 +283,7 @@ class FakeScheduler:
         self.adopted: list[tuple[str, int, str | None]] = []
         self.interrupted: list[tuple[str, int, str, str | None]] = []
         self.abandoned: list[str] = []
+        self.abandoned_ids: list[Collection[str] | None] = []
         self.cancels: list[tuple[str, str]] = []
         self.draining: list[tuple[str, bool]] = []
 
@@ -294,8 +302,9 @@ class FakeScheduler:
         self.interrupted.append((job.id, last_seq, reason, cancel))
         return Deferred()
 
-    def abandon(self, reason: str) -> None:
+    def abandon(self, reason: str, job_ids: Collection[str] | None = None) -> None:
         self.abandoned.append(reason)
+        self.abandoned_ids.append(job_ids)
 
     def holds(self, job_id: str) -> bool:
         return job_id in self.held
@@ -318,7 +327,14 @@ class FakeJournal:
         return self.checks
 
 
+#: For ClusterHarness.advance: leave these calls waiting.
+WAIT: Any = object()
+
+
 class ClusterHarness:
+    """A Cluster with a lease of 9 s: a beat every 3 s, a scan every 2 s,
+    a grace of 2.25 s."""
+
     LEASE = 9.0
 
     def __init__(self, free: int = 0, claim_interval: float = 1000.0) -> None:
@@ -340,48 +356,116 @@ class ClusterHarness:
         self.cleaned.append(j)
         return succeed(())
 
-    def start(self, journal: FakeJournal | None = None) -> Deferred[None]:
-        """Start the cluster; answers its register."""
+    def start(
+        self, journal: FakeJournal | None = None, draining: dict[str, bool] | None = None
+    ) -> Deferred[None]:
+        """Start the cluster; answer its register and its read of the
+        backends (the first scan then waits)."""
         d = ensureDeferred(self.c.start(self.s, self.cleaner, journal or FakeJournal()))
         self.db.answer("register", None)
+        self.db.answer("backends", draining or {})
         return d
 
-    def beat_ok(self) -> None:
-        """Answer the waiting renew (True) and the takeover search (none)."""
-        self.db.answer("renew", True)
+    def scan_ok(self) -> None:
+        """Answer the waiting scan: no expired lease."""
         self.db.answer("take_over", None)
+
+    def beat_ok(self, cancels: Sequence[tuple[str, str]] = ()) -> None:
+        """Answer the waiting renew (True) and the read of cancels."""
+        self.db.answer("renew", True)
+        self.db.answer("cancels", list(cancels))
+
+    def answer_all(self, name: str, value: Any) -> None:
+        """Answer (or, with an exception, fail) every waiting ``name``."""
+        if value is WAIT:
+            return
+        for _ in range(1000):
+            if not self.db.pending(name):
+                return
+            if isinstance(value, Exception):
+                self.db.refuse(name, value)
+            else:
+                self.db.answer(name, value)
+        raise AssertionError(f"{name} keeps coming back")
+
+    def advance(self, seconds: float, **answers: Any) -> None:
+        """Advance the clock by ``seconds``, one delayed call at a time,
+        answering on the way every waiting call named in ``answers`` with its
+        value (an exception fails it, WAIT leaves it waiting); scans
+        (take_over) find nothing unless given."""
+        answers.setdefault("take_over", None)
+        end = self.clock.seconds() + seconds
+
+        def answer() -> None:
+            for name, value in answers.items():
+                self.answer_all(name, value)
+
+        for _ in range(10_000):
+            answer()
+            now = self.clock.seconds()
+            if now >= end:
+                return
+            due = [c.getTime() for c in self.clock.getDelayedCalls()]
+            self.clock.advance(min([t for t in due if now < t <= end], default=end) - now)
+        raise AssertionError("the clock did not reach its end")
 
 
 class ClusterTests(SynchronousTestCase):
-    def started(self, free: int = 0, claim_interval: float = 1000.0) -> ClusterHarness:
+    def started(
+        self, free: int = 0, claim_interval: float = 1000.0, journal: FakeJournal | None = None
+    ) -> ClusterHarness:
+        """A started cluster whose first scan found nothing."""
         h = ClusterHarness(free, claim_interval)
-        self.successResultOf(h.start())
+        self.successResultOf(h.start(journal))
+        h.scan_ok()
         self.addCleanup(h.c.stop)
         return h
 
-    def test_start_registers_then_beats_every_third_of_the_lease(self) -> None:
+    # --- start, beats and scans --------------------------------------------------------
+
+    def test_start_registers_reads_backends_then_beats_every_third_of_the_lease(self) -> None:
         h = ClusterHarness()
         journal = FakeJournal()
         d = ensureDeferred(h.c.start(h.s, h.cleaner, journal))
-        self.assertEqual(h.db.names(), ["register"])
+        self.assertEqual(h.db.names(), ["register"])  # no caps given: none stored
         self.assertNoResult(d)
         self.assertEqual(h.db.calls[0].args, (h.c.owner, "h1", os.getpid(), 9.0, T0))
         self.assertTrue(h.c.owner.startswith("h1/"))
         h.db.answer("register", None)
+        self.assertEqual(h.db.names(), ["register", "backends"])
+        self.assertNoResult(d)
+        h.db.answer("backends", {"b": True, "c": False})
         self.successResultOf(d)
         self.addCleanup(h.c.stop)
-        self.assertEqual(journal.asked, ["h1"])
-        self.assertEqual(h.db.names(), ["register", "renew"])  # no free worker: no claim
-        self.assertEqual(h.db.calls[1].args, (h.c.owner, 9.0))
-        h.beat_ok()
+        self.assertEqual(h.s.draining, [("b", True), ("c", False)])
+        # A scan at once; no renew at once (just registered); no free worker: no claim.
+        self.assertEqual(h.db.names(), ["register", "backends", "take_over"])
+        self.assertEqual(journal.asked, [])  # start does not wait for the scan
+        h.scan_ok()
+        self.assertEqual(journal.asked, ["h1"])  # the first scan looks for leftovers
         for beat in range(3):
-            h.clock.advance(2.99)
-            self.assertEqual(h.db.pending("renew"), [])
-            h.clock.advance(0.01)
-            self.assertEqual(len(h.db.pending("renew")), 1, f"beat {beat}")
+            h.advance(2.99)
+            self.assertEqual(h.db.pending("renew"), [], f"beat {beat}")
+            h.advance(0.01)
+            (renew,) = h.db.pending("renew")
+            self.assertEqual(renew.args, (h.c.owner, 9.0))
             h.beat_ok()
-        self.assertEqual(h.db.names().count("renew"), 4)
+        self.assertEqual(h.db.names().count("renew"), 3)
+        self.assertEqual(h.db.names().count("register"), 1)
         self.assertEqual(h.s.abandoned, [])
+
+    def test_start_stores_the_configured_caps_first(self) -> None:
+        h = ClusterHarness()
+        d = ensureDeferred(h.c.start(h.s, h.cleaner, FakeJournal(), {"b": 2, "c": 5}))
+        self.assertEqual(h.db.names(), ["set_caps"])
+        self.assertEqual(h.db.calls[0].args, ({"b": 2, "c": 5},))
+        h.db.answer("set_caps", None)
+        self.assertEqual(h.db.names(), ["set_caps", "register"])
+        h.db.answer("register", None)
+        h.db.answer("backends", {})
+        self.successResultOf(d)
+        self.addCleanup(h.c.stop)
+        self.assertEqual(h.db.names().count("set_caps"), 1)
 
     def test_start_fails_when_the_database_does_not_answer(self) -> None:
         h = ClusterHarness()
@@ -390,22 +474,58 @@ class ClusterTests(SynchronousTestCase):
         self.failureResultOf(d, DatabaseUnavailable)
         h.clock.advance(60)
         self.assertEqual(h.db.names(), ["register"])
+        self.assertEqual(h.s.abandoned, [])
 
-    def test_start_cleans_up_after_final_jobs_of_this_host(self) -> None:
+    def test_start_fails_when_storing_caps_fails(self) -> None:
         h = ClusterHarness()
-        journal = FakeJournal(["j1-1", "j2-3"])
-        d = ensureDeferred(h.c.start(h.s, h.cleaner, journal))
-        h.db.answer("register", None)
-        self.assertEqual(h.db.pending("get")[0].args, ("j1",))
-        ended = job("j1", "failed")
-        h.db.answer("get", ended)
-        self.assertEqual(h.cleaned, [ended])
-        self.assertEqual(h.db.pending("get")[0].args, ("j2",))
-        h.db.answer("get", job("j2", "running"))  # still held: not cleaned here
-        self.successResultOf(d)
+        d = ensureDeferred(h.c.start(h.s, h.cleaner, FakeJournal(), {"b": 2}))
+        h.db.refuse("set_caps", unavailable())
+        self.failureResultOf(d, DatabaseUnavailable)
+        h.clock.advance(60)
+        self.assertEqual(h.db.names(), ["set_caps"])
+
+    def test_scan_every_scan_interval_passes_the_grace(self) -> None:
+        h = ClusterHarness()
+        self.assertEqual((h.c.grace, h.c.scan_interval), (2.25, 2.0))
+        self.successResultOf(h.start())
         self.addCleanup(h.c.stop)
-        self.assertEqual(h.cleaned, [ended])
-        self.assertEqual(h.db.names(), ["register", "get", "get", "renew"])
+        times = []
+        for _ in range(5):
+            (scan,) = h.db.pending("take_over")
+            self.assertEqual(scan.args, (h.c.owner, "h1", h.clock.seconds(), 2.25))
+            times.append(h.clock.seconds() - T0)
+            h.scan_ok()
+            h.advance(1.99, renew=True, cancels=[], take_over=WAIT)
+            self.assertEqual(h.db.pending("take_over"), [])
+            h.clock.advance(0.01)
+        self.assertEqual(times, [0.0, 2.0, 4.0, 6.0, 8.0])
+        self.assertEqual(h.s.abandoned, [])
+        # The grace is a quarter of the lease, at most 5 s; scans every 2 s at most.
+        for lease, grace, interval in [(3.0, 0.75, 1.0), (9.0, 2.25, 2.0), (60.0, 5.0, 2.0)]:
+            c = Cluster(h.clock, h.db, host="h1", lease=lease)  # type: ignore[arg-type]
+            self.assertEqual((c.grace, c.scan_interval), (grace, interval), lease)
+
+    def test_heartbeat_cancels_held_jobs_asked_to_cancel(self) -> None:
+        h = self.started()
+        h.s.held = {"j1", "j3"}
+        h.advance(3.0)
+        self.assertEqual(h.db.pending("cancels"), [])  # read after the renew got through
+        h.db.answer("renew", True)
+        (read,) = h.db.pending("cancels")
+        self.assertEqual(read.args, (h.c.owner,))
+        h.db.answer("cancels", [("j1", "cancelled by request"), ("j2", "stop")])
+        self.assertEqual(h.s.cancels, [("j1", "cancelled by request (on another daemon)")])
+        h.advance(3.0)
+        h.beat_ok([("j3", "passed its bound")])
+        self.assertEqual(
+            h.s.cancels,
+            [
+                ("j1", "cancelled by request (on another daemon)"),
+                ("j3", "passed its bound (on another daemon)"),
+            ],
+        )
+
+    # --- claims -------------------------------------------------------------------------
 
     def test_one_more_claim_for_asks_made_during_a_claim(self) -> None:
         h = self.started(free=2)
@@ -447,29 +567,53 @@ class ClusterTests(SynchronousTestCase):
         h.clock.advance(1.0)
         self.assertEqual(h.db.names().count("claim"), 3)
 
+    def test_claim_unavailable_stops_claims_and_scans_until_a_beat_gets_through(self) -> None:
+        h = self.started(free=1)
+        h.db.refuse("claim", unavailable())
+        h.c.want_claim()
+        self.assertEqual(h.db.names().count("claim"), 1)
+        h.advance(3.0)  # the scan at T0 + 2 is skipped
+        self.assertEqual(h.db.names().count("take_over"), 1)
+        h.beat_ok()
+        self.assertEqual(h.db.names().count("claim"), 2)
+        h.clock.advance(1.0)  # T0 + 4: scans again
+        self.assertEqual(len(h.db.pending("take_over")), 1)
+
+    # --- the lease ----------------------------------------------------------------------
+
     def test_renew_refused_lets_go_and_joins_with_a_new_owner(self) -> None:
         h = self.started(free=1)
         h.db.answer("claim", [])
         old = h.c.owner
+        h.advance(3.0)
         with capturedLogs() as logs:
             h.db.answer("renew", False)
         self.assertEqual(len(h.s.abandoned), 1)
         self.assertIn("another daemon took over its lease", h.s.abandoned[0])
+        self.assertEqual(h.s.abandoned_ids, [None])  # every job
         self.assertTrue(any(e["log_level"] == LogLevel.critical for e in logs))
-        self.assertNotIn("take_over", h.db.names())
-        # No claims under a lease that is gone.
+        self.assertNotIn("cancels", h.db.names())
+        # No claims and no scans under a lease that is gone.
         h.c.want_claim()
+        h.advance(2.99)
         self.assertEqual(h.db.names().count("claim"), 1)
-        h.clock.advance(3.0)
+        self.assertEqual(h.db.names().count("take_over"), 2)  # T0 and T0 + 2
+        h.advance(0.01)  # T0 + 6: the beat joins again
         register = h.db.pending("register")[0]
         new = h.c.owner
         self.assertNotEqual(new, old)
         self.assertEqual(register.args[0], new)
         h.db.answer("register", None)
-        h.db.answer("take_over", None)
+        self.assertEqual(h.db.pending("cancels")[0].args, (new,))
+        h.db.answer("cancels", [])
         h.c.want_claim()
         self.assertEqual(h.db.pending("claim")[0].args[0], new)
+        h.db.answer("claim", [])
+        # Scans again; the timer of the old lease lets nothing more go.
+        h.advance(9.0, renew=True, cancels=[])
+        self.assertEqual(h.db.calls[-1].args[0], new)
         self.assertEqual(len(h.s.abandoned), 1)
+        self.assertEqual(h.db.names().count("register"), 2)
 
     def test_claim_answered_after_the_lease_was_lost_adopts_nothing(self) -> None:
         """A claim made under the old lease that answers after the lease
@@ -481,76 +625,139 @@ class ClusterTests(SynchronousTestCase):
         old = h.c.owner
         (claim,) = h.db.pending("claim")
         self.assertEqual(claim.args[0], old)
+        h.advance(3.0)
         h.db.answer("renew", False)
         self.assertEqual(len(h.s.abandoned), 1)
         h.db.answer("claim", [Claimed(job("j1", "queued", 0), 1)])
         self.assertEqual(h.s.adopted, [])
+        (release,) = h.db.pending("release")
+        self.assertEqual(release.args, (old, ["j1"]))
 
-    def test_unreachable_stops_claims_and_lets_go_after_the_lease(self) -> None:
+    def test_unreachable_stops_claims_and_lets_go_when_the_lease_runs_out(self) -> None:
         h = self.started(free=2)
         h.db.answer("claim", [])
-        h.beat_ok()  # renewed at T0: the lease runs to T0 + 9 on this clock
-        h.clock.advance(3.0)
+        h.advance(3.0)
+        h.beat_ok()  # sent at T0 + 3: the lease holds to T0 + 12 on this clock
+        h.advance(3.0)  # T0 + 6
         with capturedLogs() as logs:
             h.db.refuse("renew", unavailable())
         self.assertEqual(len([e for e in logs if e["log_level"] == LogLevel.error]), 1)
         h.c.want_claim()
         h.c.notified("txvmbot_queue", "")
         self.assertEqual(h.db.names().count("claim"), 1)
-        h.clock.advance(3.0)  # T0 + 6
+        scans = h.db.names().count("take_over")
+        h.advance(3.0)  # T0 + 9
         h.db.refuse("renew", unavailable())
-        h.clock.advance(3.0)  # T0 + 9: not past the lease yet
-        h.db.refuse("renew", unavailable())
+        h.advance(2.99)  # T0 + 11.99: the lease still holds
         self.assertEqual(h.s.abandoned, [])
+        self.assertEqual(h.db.names().count("take_over"), scans)  # no scans meanwhile
         old = h.c.owner
-        h.clock.advance(3.0)  # T0 + 12
-        h.db.refuse("renew", unavailable())
+        with capturedLogs() as logs:
+            h.advance(0.01)  # T0 + 12
         self.assertEqual(len(h.s.abandoned), 1)
-        self.assertIn("expired while the database was unreachable", h.s.abandoned[0])
+        self.assertIn("ran out before a renewal got through", h.s.abandoned[0])
+        self.assertTrue(any(e["log_level"] == LogLevel.critical for e in logs))
         new = h.c.owner
         self.assertNotEqual(new, old)
-        # Still unreachable: registering fails, nothing more is let go.
-        h.clock.advance(3.0)
-        h.db.refuse("register", unavailable())
+        # Still unreachable: joining again fails, nothing more is let go.
+        h.advance(3.0, renew=unavailable(), register=unavailable())  # T0 + 15
+        self.assertEqual(h.db.pending(), [])
+        self.assertEqual(h.db.calls[-1].name, "register")
+        self.assertEqual(h.db.calls[-1].args[0], new)
         self.assertEqual(len(h.s.abandoned), 1)
         self.assertEqual(h.db.names().count("claim"), 1)
         # Back: a new lease, and claims under it at once.
-        h.clock.advance(3.0)
+        h.advance(3.0)  # T0 + 18
         self.assertEqual(h.db.pending("register")[0].args[0], new)
         h.db.answer("register", None)
         (claim,) = h.db.pending("claim")
         self.assertEqual(claim.args[0], new)
-        h.db.answer("take_over", None)
+        h.db.answer("cancels", [])
         self.assertEqual(len(h.s.abandoned), 1)
 
     def test_short_outage_within_the_lease_keeps_the_jobs(self) -> None:
         h = self.started(free=1)
         h.db.answer("claim", [])
+        h.advance(3.0)
         h.beat_ok()
-        h.clock.advance(3.0)
+        h.advance(3.0)
         h.db.refuse("renew", unavailable())
-        h.clock.advance(3.0)
-        h.db.answer("renew", True)  # back at T0 + 6: claims again at once
+        h.advance(3.0)
+        h.db.answer("renew", True)  # back at T0 + 9: claims again at once
         self.assertEqual(len(h.db.pending("claim")), 1)
-        h.db.answer("take_over", None)
-        for _ in range(3):  # T0 + 9, 12, 15: well past the first lease
-            h.clock.advance(3.0)
-            h.beat_ok()
+        h.db.answer("cancels", [])
+        h.db.answer("claim", [])
+        h.advance(12.0, renew=True, cancels=[])  # to T0 + 21: well past the first lease
         self.assertEqual(h.s.abandoned, [])
         self.assertEqual(h.db.names().count("register"), 1)
 
-    def test_claim_unavailable_stops_claims_until_a_beat_gets_through(self) -> None:
+    def _renew_hangs_past_the_lease(self, h: ClusterHarness) -> Call:
+        """Renew once, then let the next renew hang until the lease runs
+        out on this clock; the hanging renew."""
+        h.db.answer("claim", [])
+        h.advance(3.0)
+        h.beat_ok()  # sent at T0 + 3: the lease holds to T0 + 12
+        h.advance(3.0)  # T0 + 6: this renew never answers
+        (hung,) = h.db.pending("renew")
+        h.advance(5.99)
+        self.assertEqual(h.s.abandoned, [])
+        # Beats wait for the hanging one.
+        self.assertEqual(h.db.names().count("renew"), 2)
+        return hung
+
+    def test_lease_timer_lets_go_when_a_renew_hangs(self) -> None:
         h = self.started(free=1)
-        h.db.refuse("claim", unavailable())
+        old = h.c.owner
+        self._renew_hangs_past_the_lease(h)
+        with capturedLogs() as logs:
+            h.advance(0.01)  # T0 + 12
+        self.assertEqual(len(h.s.abandoned), 1)
+        self.assertIn("ran out before a renewal got through", h.s.abandoned[0])
+        self.assertEqual(h.s.abandoned_ids, [None])
+        self.assertTrue(any(e["log_level"] == LogLevel.critical for e in logs))
+        self.assertNotEqual(h.c.owner, old)
+        # No claims, no scans under a lease that ran out.
+        calls = len(h.db.calls)
         h.c.want_claim()
-        self.assertEqual(h.db.names().count("claim"), 1)
-        h.beat_ok()
-        self.assertEqual(h.db.names().count("claim"), 2)
+        h.c.notified("txvmbot_queue", "")
+        h.clock.advance(2.0)
+        self.assertEqual(len(h.db.calls), calls)
+
+    def test_renew_answering_after_the_lease_ran_out_brings_nothing_back(self) -> None:
+        for answer in (True, False):
+            h = self.started(free=1)
+            old = h.c.owner
+            hung = self._renew_hangs_past_the_lease(h)
+            h.advance(0.01)  # T0 + 12: let go
+            new = h.c.owner
+            self.assertNotEqual(new, old)
+            calls = len(h.db.calls)
+            hung.d.callback(answer)
+            self.assertEqual(h.c.owner, new, answer)
+            self.assertEqual(len(h.s.abandoned), 1, answer)
+            self.assertEqual(len(h.db.calls), calls, answer)  # no cancels read, no claim
+            h.c.want_claim()
+            self.assertEqual(len(h.db.calls), calls, answer)
+            # The next beat joins with the new owner.
+            h.advance(3.0)  # T0 + 15
+            (register,) = h.db.pending("register")
+            self.assertEqual(register.args[0], new)
+            h.db.answer("register", None)
+            h.db.answer("cancels", [])
+            h.c.want_claim()
+            self.assertEqual(h.db.pending("claim")[0].args[0], new)
+            h.db.answer("claim", [])
+            h.advance(12.0, renew=True, cancels=[])
+            self.assertEqual(len(h.s.abandoned), 1, answer)
+
+    # --- takeovers and leftovers ----------------------------------------------------
 
     def test_takeover_adopts_running_jobs_of_the_dead(self) -> None:
-        h = self.started(free=1)
+        h = ClusterHarness(free=1)
+        journal = FakeJournal()
+        self.successResultOf(h.start(journal))
+        self.addCleanup(h.c.stop)
         h.db.answer("claim", [])
-        h.db.answer("renew", True)
         taken = TakenOver(
             dead="h2/7/abc",
             dead_host="h2",
@@ -558,7 +765,7 @@ class ClusterTests(SynchronousTestCase):
             host_lost=("l1",),
             adopted=(Claimed(job("j1"), 4), Claimed(job("j2", "cleaning"), 2, "stop")),
         )
-        self.assertEqual(h.db.pending("take_over")[0].args, (h.c.owner, "h1", T0))
+        self.assertEqual(h.db.pending("take_over")[0].args, (h.c.owner, "h1", T0, 2.25))
         h.db.answer("take_over", taken)
         reason = "daemon h2/7/abc on h2 lost (its lease expired)"
         self.assertEqual(h.s.interrupted, [("j1", 4, reason, None), ("j2", 2, reason, "stop")])
@@ -566,22 +773,102 @@ class ClusterTests(SynchronousTestCase):
         self.assertEqual(len(h.db.pending("claim")), 1)  # requeued jobs: claim
         h.db.answer("take_over", None)
         self.assertEqual(h.db.pending("take_over"), [])
+        self.assertEqual(journal.asked, ["h1"])
 
-    def test_at_most_some_takeovers_per_beat(self) -> None:
-        h = self.started()
-        h.db.answer("renew", True)
+    def test_takeover_answered_after_the_lease_ran_out_adopts_nothing(self) -> None:
+        """A scan sent under the old lease that answers after the lease ran
+        out: the dead daemon's jobs now name the old owner, which this
+        daemon let go of (another daemon will take it over, and them with
+        it). Cleaning them up and retrying them here would do it twice, as
+        with a late claim."""
+        h = self.started(free=1)
+        h.db.answer("claim", [])
+        h.advance(3.0)
+        h.beat_ok()  # the lease holds to T0 + 12
+        h.advance(3.0)  # T0 + 6: this renew hangs
+        h.advance(3.99)
+        h.clock.advance(0.01)  # T0 + 10: this scan hangs too
+        self.assertEqual(h.s.abandoned, [])
+        h.clock.advance(2.0)  # T0 + 12: the lease ran out
+        self.assertEqual(len(h.s.abandoned), 1)
+        (scan,) = h.db.pending("take_over")
+        taken = TakenOver("h2/7/abc", "h2", ("q1",), (), (Claimed(job("j1"), 4),))
+        calls = len(h.db.calls)
+        scan.d.callback(taken)
+        self.assertEqual(h.s.interrupted, [])
+        self.assertEqual(h.c.takeovers, 0)
+        self.assertEqual(len(h.db.calls), calls)  # no claim, no further take_over
+
+    def test_at_most_some_takeovers_per_scan(self) -> None:
+        h = ClusterHarness()
+        self.successResultOf(h.start())
+        self.addCleanup(h.c.stop)
         for i in range(TAKEOVERS_PER_BEAT):
             h.db.answer("take_over", TakenOver(f"d{i}", "h2", (), (), ()))
         self.assertEqual(h.db.pending("take_over"), [])
         self.assertEqual(h.c.takeovers, TAKEOVERS_PER_BEAT)
-        h.clock.advance(3.0)
-        h.db.answer("renew", True)
+        h.clock.advance(2.0)
         self.assertEqual(len(h.db.pending("take_over")), 1)
+
+    def test_first_scan_cleans_up_after_final_jobs_of_this_host(self) -> None:
+        h = ClusterHarness()
+        journal = FakeJournal(["j1-1", "j2-3"])
+        self.successResultOf(h.start(journal))
+        self.addCleanup(h.c.stop)
+        self.assertEqual(journal.asked, [])
+        h.scan_ok()
+        self.assertEqual(journal.asked, ["h1"])
+        self.assertEqual(h.db.pending("get")[0].args, ("j1",))
+        ended = job("j1", "failed")
+        h.db.answer("get", ended)
+        self.assertEqual(h.cleaned, [ended])
+        self.assertEqual(h.db.pending("get")[0].args, ("j2",))
+        h.db.answer("get", job("j2", "running", 3))  # still held: not cleaned here
+        self.assertEqual(h.cleaned, [ended])
+        self.assertEqual(h.db.names(), ["register", "backends", "take_over", "get", "get"])
+        # The scan has ended: the next one comes after scan_interval.
+        h.clock.advance(2.0)
+        self.assertEqual(len(h.db.pending("take_over")), 1)
+
+    def test_leftover_cleanup_cleans_the_attempt_the_check_id_names(self) -> None:
+        h = ClusterHarness()
+        journal = FakeJournal(["j1-1", "j1-2", "j2-x"])
+        self.successResultOf(h.start(journal))
+        self.addCleanup(h.c.stop)
+        h.scan_ok()
+        stored = job("j1", "error", attempts=3)
+        h.db.answer("get", stored)
+        h.db.answer("get", stored)
+        h.db.answer("get", job("j2", "failed", 2))  # no attempt in its check id
+        self.assertEqual(
+            [g.args for g in h.db.calls if g.name == "get"], [("j1",), ("j1",), ("j2",)]
+        )
+        self.assertEqual(
+            h.cleaned, [attrs.evolve(stored, attempts=1), attrs.evolve(stored, attempts=2)]
+        )
+
+    def test_leftovers_looked_for_after_a_takeover_and_every_so_many_scans(self) -> None:
+        journal = FakeJournal()
+        h = self.started(journal=journal)
+        self.assertEqual(journal.asked, ["h1"])  # scan 1
+        h.clock.advance(2.0)  # scan 2 takes one over
+        h.db.answer("take_over", TakenOver("d1", "h2", (), (), ()))
+        self.assertEqual(journal.asked, ["h1"])
+        h.scan_ok()
+        self.assertEqual(journal.asked, ["h1", "h1"])
+        # Scans 3 to LEFTOVER_EVERY find nothing to take over, nor look.
+        h.advance(2.0 * (LEFTOVER_EVERY - 2), renew=True, cancels=[])
+        self.assertEqual(h.db.names().count("take_over"), LEFTOVER_EVERY + 1)
+        self.assertEqual(journal.asked, ["h1", "h1"])
+        h.advance(2.0, renew=True, cancels=[])  # scan LEFTOVER_EVERY + 1
+        self.assertEqual(journal.asked, ["h1", "h1", "h1"])
+        self.assertEqual(h.s.abandoned, [])
+
+    # --- notifications and stop ---------------------------------------------------
 
     def test_notifications(self) -> None:
         h = self.started(free=1)
         h.db.answer("claim", [])
-        h.beat_ok()
         events: list[str] = []
         h.c.on_events = events.append
         h.c.notified("txvmbot_queue", "")
@@ -600,17 +887,15 @@ class ClusterTests(SynchronousTestCase):
 
     def test_backends_read_failing_is_logged(self) -> None:
         h = self.started()
-        h.beat_ok()
         with capturedLogs() as logs:
             h.c.notified("txvmbot_backends", "b")
             h.db.refuse("backends", unavailable())
         self.assertEqual(h.s.draining, [])
         self.assertTrue(any(e["log_level"] == LogLevel.warn for e in logs))
 
-    def test_listening_again_claims(self) -> None:
+    def test_listening_again_reads_backends_and_claims(self) -> None:
         h = self.started(free=1)
         h.db.answer("claim", [])
-        h.beat_ok()
         up: list[bool] = []
         h.c.on_listening = lambda: up.append(True)
         h.c.listening(False, "connection lost")
@@ -618,18 +903,186 @@ class ClusterTests(SynchronousTestCase):
         h.c.listening(True, "")
         self.assertEqual(up, [True])
         self.assertEqual(len(h.db.pending("claim")), 1)
+        h.db.answer("backends", {"b": True})  # a drain missed meanwhile
+        self.assertEqual(h.s.draining, [("b", True)])
 
     def test_stop_ends_the_lease_and_the_loops(self) -> None:
         h = ClusterHarness(free=1, claim_interval=1.0)
         self.successResultOf(h.start())
+        h.scan_ok()
         h.db.answer("claim", [])
+        h.advance(3.0, claim=[])
         h.beat_ok()
+        self.assertEqual(h.db.pending(), [])
         owner = h.c.owner
         d = h.c.stop()
         h.db.answer("unregister", None)
         self.successResultOf(d)
+        self.assertEqual(h.db.calls[-1].args, (owner,))
+        # Beat, scan, claim poll and the lease timer: all gone.
+        self.assertEqual(h.clock.getDelayedCalls(), [])
         h.clock.advance(30)
         h.c.want_claim()
+        h.c.notified("txvmbot_queue", "")
         self.assertEqual(h.db.pending(), [])
-        self.assertEqual(h.db.calls[-1].args, (owner,))
+        self.assertEqual(h.s.abandoned, [])
+
+
+# --- Scheduler.abandon ---------------------------------------------------------------
+
+
+class WritesStore(SQLiteJobStore):
+    """A store in memory that records each write after the first: (what,
+    job id, state)."""
+
+    def __init__(self, path: str, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self.writes: list[tuple[str, str, str]] = []
+
+    def update(self, job: Job) -> None:
+        self.writes.append(("update", job.id, job.state))
+        super().update(job)
+
+    def add_event(self, event: JobEvent) -> None:
+        self.writes.append(("event", event.job_id, event.state))
+        super().add_event(event)
+
+
+class AbandonHarness:
+    """A local Scheduler on a Clock with the fake pool of txvmbot.testing."""
+
+    def __init__(self, size: int = 1, cleaner: RecordingCleaner | None = None) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        store = WritesStore.memory(clock=self.clock.seconds)
+        assert isinstance(store, WritesStore)
+        self.store = store
+        self.pool = FakeWorkerPool(size)
+        self.cleaner = cleaner or RecordingCleaner()
+        ids = itertools.count()
+        self.s = Scheduler(
+            self.clock,
+            self.store,
+            self.pool,
+            MemoryJournal(self.clock.seconds),
+            cleaner=self.cleaner,
+            new_id=lambda: f"j{next(ids)}",
+            wall=self.clock.seconds,
+        )
+
+    def submit(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.s.submit(make_job_spec("b", max_attempts=3))
+
+    def state(self, job_id: str) -> str:
+        """The job's state in the store."""
+        job = self.store.get(job_id)
+        assert job is not None, job_id
+        return job.state
+
+    def writes_since(self, mark: int) -> list[tuple[str, str, str]]:
+        return self.store.writes[mark:]
+
+
+class SchedulerAbandonTests(SynchronousTestCase):
+    def test_running_job_let_go_is_cancelled_and_its_result_ignored(self) -> None:
+        h = AbandonHarness(size=1)
+        h.submit(2)  # j0 runs, j1 waits for its worker
+        self.assertEqual(list(h.pool.running), ["j0"])
+        mark = len(h.store.writes)
+        with capturedLogs() as logs:
+            h.s.abandon("this daemon lost its lease", ["j0"])
+        self.assertTrue(
+            any(e["log_level"] == LogLevel.warn and e.get("job_id") == "j0" for e in logs)
+        )
+        self.assertEqual(h.pool.cancels, [("j0", "this daemon lost its lease")])
+        self.assertFalse(h.s.holds("j0"))
+        self.assertTrue(h.s.holds("j1"))
+        # Its worker still cleans up: it stays busy until it answers.
+        self.assertEqual(list(h.pool.running), ["j0"])
+        self.assertEqual(h.s.status().queue_depth, 1)
+        run = h.pool.get("j0")
+        run.step("cleanup instance i-1")  # late step events: ignored
+        self.assertEqual(h.writes_since(mark), [])
+        # Its answer writes nothing and frees the worker for j1.
+        run.finish_cancelled()
+        self.assertEqual(list(h.pool.running), ["j1"])
+        self.assertNotIn("j0", [w[1] for w in h.writes_since(mark)])
+        self.assertEqual(
+            h.writes_since(mark), [("update", "j1", "running"), ("event", "j1", "running")]
+        )
+        self.assertEqual(h.state("j0"), "running")  # for its new holder to end
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)  # j1's bound; j0's is gone
+        h.pool.finish("j1")
+        self.assertEqual(h.state("j1"), "passed")
         self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertEqual(h.s.status().backends[0].running, 0)
+
+    def test_worker_dying_under_a_job_let_go_is_not_cleaned_up_here(self) -> None:
+        h = AbandonHarness(size=1)
+        h.submit(2)
+        h.s.abandon("another daemon took it over", ["j0"])
+        mark = len(h.store.writes)
+        h.pool.die("j0")
+        self.assertEqual(h.cleaner.jobs, [])  # its new holder cleans up
+        self.assertEqual(list(h.pool.running), ["j1"])
+        self.assertNotIn("j0", [w[1] for w in h.writes_since(mark)])
+        self.assertEqual(h.s.status().backends[0].consecutive_failures, 0)
+
+    def test_job_being_cleaned_up_let_go_writes_nothing_when_cleaned(self) -> None:
+        cleaner = RecordingCleaner(manual=True)
+        h = AbandonHarness(cleaner=cleaner)
+        j = Job(
+            id="x1",
+            spec=make_job_spec("b", max_attempts=3),
+            state="running",
+            submitted=T0,
+            attempts=1,
+        )
+        h.store.add_many([(j, JobEvent(job_id="x1", seq=1, at=T0, kind="state", state="queued"))])
+        d = h.s.adopt_interrupted(j, 1, "daemon h2 lost")
+        self.assertEqual(h.state("x1"), "cleaning")
+        self.assertEqual([c.id for c in cleaner.jobs], ["x1"])
+        mark = len(h.store.writes)
+        h.s.abandon("this daemon lost its lease")
+        self.assertFalse(h.s.holds("x1"))
+        self.assertEqual(h.pool.cancels, [])  # no worker runs it
+        cleaner.release_all()
+        self.successResultOf(d)
+        self.assertEqual(h.writes_since(mark), [])
+        self.assertEqual(h.state("x1"), "cleaning")
+        # Not queued again here, though it has attempts left.
+        self.assertEqual((h.pool.runs, h.s.status().queue_depth), ([], 0))
+
+    def test_abandon_with_ids_lets_go_of_only_those(self) -> None:
+        h = AbandonHarness(size=2)
+        h.submit(4)  # j0, j1 run; j2, j3 wait
+        h.s.abandon("another daemon took it over", ["j0", "j2", "nope"])
+        self.assertEqual(h.pool.cancels, [("j0", "another daemon took it over")])
+        self.assertEqual([h.s.holds(f"j{i}") for i in range(4)], [False, True, False, True])
+        self.assertEqual(h.s.status().queue_depth, 1)
+        mark = len(h.store.writes)
+        h.pool.finish("j1")
+        self.assertEqual(h.state("j1"), "passed")
+        self.assertEqual(sorted(h.pool.running), ["j0", "j3"])  # j2 is not started
+        h.pool.get("j0").finish_cancelled()
+        self.assertEqual(list(h.pool.running), ["j3"])
+        self.assertEqual({w[1] for w in h.writes_since(mark)}, {"j1", "j3"})
+        self.assertEqual(h.s.free_workers(), 1)
+
+    def test_abandon_all_forgets_queued_jobs_and_fails_waiters(self) -> None:
+        h = AbandonHarness(size=1)
+        h.submit(2)
+        waiter = h.s.cancel("j0")
+        h.s.abandon("this daemon lost its lease")
+        err = self.failureResultOf(waiter, TxvmbotError)
+        self.assertIn("j0", str(err.value))
+        self.assertIn("this daemon lost its lease", str(err.value))
+        self.assertEqual([h.s.holds("j0"), h.s.holds("j1")], [False, False])
+        status = h.s.status()
+        self.assertEqual((status.queue_depth, status.running), (0, 0))
+        mark = len(h.store.writes)
+        h.pool.get("j0").finish_cancelled()
+        self.assertEqual(h.writes_since(mark), [])
+        self.assertEqual(len(h.pool.runs), 1)  # j1 was forgotten, not started
+        self.assertEqual(h.s.free_workers(), 1)

@@ -70,7 +70,14 @@ from txvmbot.daemon.jobs import (
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
 from txvmbot.model import CheckResult, StepEvent
 
-__all__ = ["API_VERSION", "Scheduler", "WorkerPool", "is_infrastructure_failure", "new_job_id"]
+__all__ = [
+    "API_VERSION",
+    "Scheduler",
+    "WorkerPool",
+    "is_infrastructure_failure",
+    "new_job_id",
+    "new_jobs",
+]
 
 #: The version of the daemon's status and job values, reported by status().
 API_VERSION = 1
@@ -171,6 +178,31 @@ class _Backend:
         return self.queued > 0 and not self.quarantined and not self.draining
 
 
+def new_jobs(
+    specs: Sequence[JobSpec],
+    refusal: Callable[[JobSpec], TxvmbotError | None],
+    new_id: Callable[[], str],
+    wall: Callable[[], float],
+) -> tuple[list[Job | TxvmbotError], list[tuple[Job, JobEvent]]]:
+    """For each spec in order, its new queued Job or the error ``refusal``
+    gives it; and the new jobs with their first ("queued") events, to be
+    stored together. No log line per submit: at thousands a second it cost
+    a tenth of the daemon's time (bench/daemon_bench.py); the event is in
+    the store for watchers."""
+    results: list[Job | TxvmbotError] = []
+    new: list[tuple[Job, JobEvent]] = []
+    for spec in specs:
+        refused = refusal(spec)
+        if refused is not None:
+            results.append(refused)
+            continue
+        now = float(wall())
+        job = Job(id=new_id(), spec=spec, state="queued", submitted=now)
+        results.append(job)
+        new.append((job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued")))
+    return results, new
+
+
 def new_job_id() -> str:
     """A new job id: 12 hex digits."""
     return uuid4().hex[:12]
@@ -259,6 +291,8 @@ class Scheduler:
         self._backends: dict[str, _Backend] = {}
         self._queued: dict[str, _QueueKey] = {}
         self._in_pool: set[str] = set()
+        # Jobs let go of (abandon) whose workers have not answered yet.
+        self._abandoned: set[str] = set()
         self._watch_keys = itertools.count()
         self._observers: dict[int, Callable[[Job, JobEvent], None]] = {}
         self._dispatching = False
@@ -282,23 +316,7 @@ class Scheduler:
         server hands over all the submits of one read at once). For each
         spec in order: its Job as stored, or the error that refused it
         alone. Raises StoreError, with nothing queued, when the write fails."""
-        results: list[Job | TxvmbotError] = []
-        new: list[tuple[Job, JobEvent]] = []
-        for spec in specs:
-            refused = self.refusal(spec)
-            if refused is not None:
-                results.append(refused)
-                continue
-            now = float(self._wall())
-            job = Job(id=self._new_id(), spec=spec, state="queued", submitted=now)
-            results.append(job)
-            # The job and its "queued" event are stored together. No log
-            # line per submit: at thousands a second it cost a tenth of the
-            # daemon's time (bench/daemon_bench.py); the event is in the
-            # store for watchers.
-            new.append(
-                (job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued"))
-            )
+        results, new = new_jobs(specs, self.refusal, self._new_id, self._wall)
         self._store.add_many(new)
         for job, event in new:
             active = _Active(job=job, order=next(self._order))
@@ -523,23 +541,30 @@ class Scheduler:
             if not draining:
                 self._dispatch()
 
-    def abandon(self, reason: str) -> None:
-        """Let go of every job: another daemon has taken them over (this
-        daemon's lease expired). Queued ones are forgotten; running ones
-        are cancelled in their workers, which clean up what they made;
-        nothing more about them reaches the store (the store fences it)."""
+    def abandon(self, reason: str, job_ids: Collection[str] | None = None) -> None:
+        """Let go of jobs (all, or those in ``job_ids``): another daemon has
+        taken them over, or may (this daemon's lease ran out). They are
+        forgotten at once: queued ones leave the queue; running ones are
+        cancelled in their workers, which clean up what they made, and
+        whatever their workers or cleanups report later is ignored. No
+        write about them follows (the store would fence it anyway)."""
         for active in list(self._active.values()):
             job_id = active.job.id
+            if job_ids is not None and job_id not in job_ids:
+                continue
+            self.log.warn("Letting go of job {job_id}: {reason}", job_id=job_id, reason=reason)
+            self._unqueue(active)
+            self._cancel_bound(active)
+            del self._active[job_id]
+            for d in active.waiters:
+                d.errback(Failure(TxvmbotError(f"job {job_id}: {reason}")))
+            active.waiters = []
             if job_id in self._in_pool:
-                active.cancel_reason = reason
+                self._abandoned.add(job_id)
                 try:
                     self._pool.cancel(job_id, reason)
                 except Exception:
                     self.log.failure("While cancelling job {job_id}", job_id=job_id)
-            else:
-                self._unqueue(active)
-                self._cancel_bound(active)
-                del self._active[job_id]
 
     # --- start-up and shut-down ----------------------------------------------------
 
@@ -751,6 +776,13 @@ class Scheduler:
         # Otherwise the daemon is cleaning up after it; it ends cancelled then.
 
     def _pool_done(self, outcome: CheckResult | Failure, job_id: str) -> None:
+        if job_id in self._abandoned or job_id not in self._active:
+            self._abandoned.discard(job_id)
+            self._in_pool.discard(job_id)
+            for b in self._backends.values():
+                b.running.pop(job_id, None)
+            self._dispatch()
+            return
         self._in_pool.discard(job_id)
         active = self._active[job_id]
         self._cancel_bound(active)
@@ -827,7 +859,11 @@ class Scheduler:
         return d
 
     def _cleaned(self, outcome: tuple[str, ...] | Failure, job_id: str, reason: str) -> None:
-        active = self._active[job_id]
+        active = self._active.get(job_id)
+        if active is None:  # let go of meanwhile (abandon)
+            if isinstance(outcome, Failure):
+                self.log.failure("While cleaning up after job {job_id}", outcome, job_id=job_id)
+            return
         job = active.job
         if isinstance(outcome, Failure):
             self.log.failure("While cleaning up after job {job_id}", outcome, job_id=job_id)

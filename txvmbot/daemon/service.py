@@ -201,7 +201,11 @@ class DaemonService(service.MultiService):
             self.cluster.on_events = shared.job_events
             self.cluster.on_listening = shared.catch_up
             shared.on_queued = self.cluster.want_claim
-            await self.cluster.start(local, cleaner, self.journal)
+            self.writer.on_fenced = lambda ids: local.abandon(
+                "another daemon took it over", ids
+            )
+            caps = {**{p.name: p.max_vms for p in s.pools_by_name.values()}, **dict(s.caps)}
+            await self.cluster.start(local, cleaner, self.journal, caps)
             self.listener.start()
         else:
             self._detach_metrics = m.attach(local)

@@ -3,9 +3,10 @@ queue, and takeover of daemons that died.
 
 The lease: a row in ``daemons`` with an expiry on the database's clock,
 renewed every ``lease / 3`` seconds (the heartbeat). Every job a daemon
-holds names it as ``owner``. A daemon whose lease has expired is dead to
-the others: at each heartbeat a daemon looks for expired leases and takes
-one over at a time (``store.take_over``): queued jobs go back to the shared
+holds names it as ``owner``. A daemon whose lease expired more than
+``grace`` seconds ago (a quarter of the lease, at most 5 s) is dead to the
+others: every ``scan_interval`` (2 s at most) a daemon looks for such
+leases and takes one over at a time (``store.take_over``): queued jobs go back to the shared
 queue, running cloud jobs become its own to clean up (journal and tag) and
 retry or end, as after a restart, and running local (QEMU) jobs of another
 host fail with "host lost" (their VMs live on that host; its daemon stops
@@ -13,9 +14,10 @@ them when it comes back: :meth:`Cluster.start`).
 
 Without the database a daemon keeps its running jobs going (their writes
 wait in the :class:`~txvmbot.daemon.shared.writer.JobWriter`), claims
-nothing, and tries again each heartbeat. If its own lease runs out before it
-gets through (counted on its own clock, from the last renewal it saw
-succeed), the others may take its jobs: it lets go of them
+nothing, and tries again each heartbeat. If its own lease runs out before a
+renewal gets through (a timer on its own clock, from the sending of the
+last renewal that succeeded, so never later than the database's expiry,
+and ``grace`` before the others act), it lets go of its jobs
 (:meth:`~txvmbot.daemon.scheduler.Scheduler.abandon`) so none runs twice,
 and registers a new lease once the database answers.
 """
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
+import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -39,8 +42,10 @@ from txvmbot.daemon.shared.db import Database, DatabaseUnavailable
 
 __all__ = ["Cluster"]
 
-#: The most expired leases one heartbeat takes over.
+#: The most expired leases one scan takes over.
 TAKEOVERS_PER_BEAT = 5
+#: Every how many scans to look for what this host's lost jobs left.
+LEFTOVER_EVERY = 30
 
 
 def new_owner(host: str) -> str:
@@ -86,12 +91,21 @@ class Cluster:
         self.on_listening: Callable[[], object] = lambda: None
         self._registered = False
         self._reachable = True
-        self._deadline = 0.0
         self._claiming = False
         self._claim_again = False
         self._stopped = False
         self._beat: LoopingCall | None = None
         self._poll: LoopingCall | None = None
+        self._scan: LoopingCall | None = None
+        self._timer: Any = None
+        self._scanning = False
+        self._scans = 0
+        self._journal: Any = None
+        #: How long after a lease expired others take it over: the time its
+        #: daemon, cut off, has to notice on its own clock and let go.
+        self.grace = min(lease / 4, 5.0)
+        #: How often to look for expired leases.
+        self.scan_interval = min(2.0, lease / 3)
         self._beating = False
         self._tasks: set[Deferred[Any]] = set()
         self.takeovers = 0
@@ -99,17 +113,31 @@ class Cluster:
 
     # --- start and stop ---------------------------------------------------------------
 
-    async def start(self, scheduler: Any, cleaner: Callable[[Job], Deferred[Any]], journal: Any) -> None:
-        """Register the lease, clean up what this host's lost jobs left,
-        then claim and heartbeat. Raises DatabaseUnavailable when the
-        database does not answer at start-up."""
+    async def start(
+        self,
+        scheduler: Any,
+        cleaner: Callable[[Job], Deferred[Any]],
+        journal: Any,
+        caps: dict[str, int] | None = None,
+    ) -> None:
+        """Register the lease, store the configured ``caps``, follow the
+        shared drain state, then heartbeat, scan for expired leases, claim,
+        and clean up what this host's lost jobs left (in the background).
+        Raises DatabaseUnavailable when the database does not answer at
+        start-up."""
         self.scheduler = scheduler
         self.cleaner = cleaner
+        self._journal = journal
+        if caps:
+            await self._db.run(store.set_caps, caps)
         await self._register()
-        await self._clean_host_leftovers(journal)
+        self._backends(await self._db.run(store.backends))
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = self._reactor
-        self._beat.start(self.lease / 3, now=True)
+        self._beat.start(self.lease / 3, now=False)
+        self._scan = LoopingCall(self._scan_once)
+        self._scan.clock = self._reactor
+        self._scan.start(self.scan_interval, now=True)
         self._poll = LoopingCall(self.want_claim)
         self._poll.clock = self._reactor
         self._poll.start(self._claim_interval, now=True)
@@ -118,7 +146,7 @@ class Cluster:
         sent = self._reactor.seconds()
         await self._db.run(store.register, self.owner, self.host, os.getpid(), self.lease,
                            float(self._wall()))
-        self._deadline = sent + self.lease
+        self._renewed(sent)
         self._registered = True
         self.log.info(
             "Joined the shared store as {owner} (lease {lease:g}s)", owner=self.owner,
@@ -130,10 +158,12 @@ class Cluster:
         ended as "host lost" while this host's daemon was away."""
         checks = await maybeDeferred(journal.host_checks, self.host)
         for check_id in checks:
-            job_id = check_id.rsplit("-", 1)[0]
+            job_id, _, attempt = check_id.rpartition("-")
             job = await self._db.run(store.get, job_id)
-            if job is None or not job.final:
+            if job is None or not job.final or not attempt.isdigit():
                 continue  # still held: takeover or its daemon deals with it
+            # The attempt the check id names (the cleaner cleans that one).
+            job = attrs.evolve(job, attempts=int(attempt))
             self.log.info(
                 "Job {job_id} ended as {state} while this host's daemon was away; "
                 "cleaning up what it left here",
@@ -151,9 +181,12 @@ class Cluster:
         lease (running jobs stay held by it: the next takeover, by any
         daemon, cleans them up and retries them)."""
         self._stopped = True
-        for loop in (self._beat, self._poll):
+        for loop in (self._beat, self._poll, self._scan):
             if loop is not None and loop.running:
                 loop.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
         async def bye() -> None:
             if self._registered:
@@ -235,22 +268,83 @@ class Cluster:
                 await self._register()
                 renewed = True
             else:
-                renewed = await self._db.run(store.renew, self.owner, self.lease)
+                owner = self.owner
+                renewed = await self._db.run(store.renew, owner, self.lease)
+                if owner != self.owner:
+                    return  # lost meanwhile (the timer); registered anew next beat
         except DatabaseUnavailable as e:
             self._lost(str(e))
-            if self._registered and self._reactor.seconds() > self._deadline:
-                self._lease_lost("its lease expired while the database was unreachable")
             return
         if not renewed:
             self._lease_lost("another daemon took over its lease")
             return
-        self._deadline = sent + self.lease
+        self._renewed(sent)
         self._found()
+        # Cancels asked of jobs held here whose notification was missed (not
+        # waited for: the next renewal does not wait on it).
+        d = self._db.run(store.cancels, self.owner)
+        d.addCallbacks(self._cancel_asked, self._scan_failed)
+
+    def _cancel_asked(self, asked: list[tuple[str, str]]) -> None:
+        for job_id, reason in asked:
+            if self.scheduler.holds(job_id):
+                d = self.scheduler.cancel(job_id, f"{reason} (on another daemon)")
+                d.addErrback(lambda f: None)
+
+    def _renewed(self, sent: float) -> None:
+        """A renewal sent at ``sent`` (this host's clock) got through: the
+        lease holds until ``sent + lease`` at least; if no later renewal
+        gets through by then, let the jobs go (:meth:`_lease_lost`)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        delay = max(0.0, sent + self.lease - self._reactor.seconds())
+        self._timer = self._reactor.callLater(delay, self._ran_out)
+
+    def _ran_out(self) -> None:
+        self._timer = None
+        if self._registered and not self._stopped:
+            self._lease_lost("its lease ran out before a renewal got through")
+
+    def _scan_once(self) -> Deferred[None]:
+        """Take over daemons whose lease expired more than ``grace`` ago;
+        now and then, clean up what this host's lost local jobs left."""
+        if self._scanning or self._stopped or not self._registered or not self._reachable:
+            from twisted.internet.defer import succeed
+
+            return succeed(None)
+        self._scanning = True
+        d = ensureDeferred(self._scan_body())
+        d.addErrback(self._scan_failed)
+
+        def done(_: object) -> None:
+            self._scanning = False
+
+        return d.addBoth(done)
+
+    async def _scan_body(self) -> None:
+        took = False
         for _ in range(TAKEOVERS_PER_BEAT):
-            taken = await self._db.run(store.take_over, self.owner, self.host, float(self._wall()))
+            owner = self.owner
+            taken = await self._db.run(
+                store.take_over, owner, self.host, float(self._wall()), self.grace
+            )
             if taken is None:
                 break
+            if owner != self.owner or not self._registered:
+                # This daemon's own lease ran out meanwhile: what it took
+                # is the old owner's, which another daemon takes over next.
+                return
+            took = True
             self._took_over(taken)
+        self._scans += 1
+        if took or self._scans % LEFTOVER_EVERY == 1:
+            await self._clean_host_leftovers(self._journal)
+
+    def _scan_failed(self, f: Failure) -> None:
+        if f.check(DatabaseUnavailable):
+            self._lost(f.getErrorMessage())
+        else:
+            self.log.failure("Looking for expired leases failed", f)
 
     def _took_over(self, t: store.TakenOver) -> None:
         self.takeovers += 1
@@ -326,6 +420,8 @@ class Cluster:
         if up:
             self.log.info("Listening for notifications from the shared database")
             self.on_listening()
+            # What changed while nothing was heard: drains, queued jobs.
+            self.notified("txvmbot_backends", "")
             self.want_claim()
         else:
             self.log.warn("Notifications from the shared database lost: {why}", why=why)

@@ -32,6 +32,24 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 3.0
 
 
+#: Every connection's settings: nothing waits on the database for long. A
+#: statement gives up after 30 s and a lock wait after 5 s; the server ends
+#: a session idle inside a transaction for 10 s (its client died mid-way:
+#: its locks go with it, so a claim or a takeover is not held up by a
+#: dead daemon); TCP keepalives and a user timeout notice a silent network
+#: within about 10 s (ignored on a unix socket).
+SESSION: dict[str, Any] = {
+    "connect_timeout": int(CONNECT_TIMEOUT),
+    "options": "-c statement_timeout=30000 -c lock_timeout=5000"
+    " -c idle_in_transaction_session_timeout=10000",
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
+
+
 class DatabaseError(TxvmbotError):
     """The database refused a statement (a bug, or a damaged schema)."""
 
@@ -112,7 +130,7 @@ class Database:
             # A connection the server dropped (restart) is found and
             # replaced before it is handed out.
             check=ConnectionPool.check_connection,
-            kwargs={"connect_timeout": int(CONNECT_TIMEOUT)},
+            kwargs=SESSION,
             name="txvmbot",
         )
         self._started = False
@@ -155,7 +173,7 @@ class Database:
         LISTEN, in a thread of the caller's. Blocking."""
         import psycopg
 
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT))
+        return psycopg.connect(self.dsn, autocommit=True, **SESSION)
 
     def stop(self) -> Deferred[None]:
         """Close the connections and stop the threads (waits for running

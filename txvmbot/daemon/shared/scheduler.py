@@ -33,13 +33,16 @@ from txvmbot.daemon.jobs import (
     JobEvent,
     JobSpec,
 )
-from txvmbot.daemon.scheduler import API_VERSION, Scheduler, new_job_id
+from txvmbot.daemon.scheduler import API_VERSION, Scheduler, new_job_id, new_jobs
 from txvmbot.daemon.shared import store
 from txvmbot.daemon.shared.db import Database
 from txvmbot.daemon.shared.writer import JobWriter
 from txvmbot.errors import TxvmbotError, UnknownJob
 
 __all__ = ["SharedScheduler"]
+
+#: Insert transactions of submits in flight at once.
+STORING = 2
 
 Listener = Callable[[JobEvent], object]
 
@@ -82,7 +85,7 @@ class SharedScheduler:
         self._new_id = new_id
         self._watches: dict[str, list[_Watch]] = {}
         self._waiting: list[tuple[list[tuple[Job, JobEvent]], Deferred[None]]] = []
-        self._storing = False
+        self._storing = 0
         #: Called after jobs were queued here (the cluster claims).
         self.on_queued: Callable[[], object] = lambda: None
         self._known_backends: set[str] = set()
@@ -101,17 +104,7 @@ class SharedScheduler:
     def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[list[Job | TxvmbotError]]:
         """Store ``specs`` as queued jobs in the shared queue, in one
         transaction; any daemon with a free worker claims them."""
-        results: list[Job | TxvmbotError] = []
-        new: list[tuple[Job, JobEvent]] = []
-        for spec in specs:
-            refused = self.local.refusal(spec)
-            if refused is not None:
-                results.append(refused)
-                continue
-            now = float(self._wall())
-            job = Job(id=self._new_id(), spec=spec, state="queued", submitted=now)
-            results.append(job)
-            new.append((job, JobEvent(job_id=job.id, seq=1, at=now, kind="state", state="queued")))
+        results, new = new_jobs(specs, self.local.refusal, self._new_id, self._wall)
         d = self._store(new) if new else succeed(None)
 
         def stored(_: object) -> list[Job | TxvmbotError]:
@@ -126,27 +119,28 @@ class SharedScheduler:
         return d.addCallback(stored)
 
     def _store(self, new: list[tuple[Job, JobEvent]]) -> Deferred[None]:
-        """Store ``new`` with the next commit: one insert transaction at a
-        time, and the submits that arrive (from any connection) while it
-        runs go together in the next one (group commit: a commit costs
-        more than its rows). A failed commit fails all the submits it held,
-        none of which is stored."""
+        """Store ``new`` with the next commit: at most :data:`STORING` insert
+        transactions at a time, and the submits that arrive (from any
+        connection) meanwhile go together in the next one (group commit: a
+        commit costs more than its rows; two in flight keep the daemon busy
+        while one commits: bench/scaleout_bench.py). A failed commit fails
+        all the submits it held, none of which is stored."""
         d: Deferred[None] = Deferred()
         self._waiting.append((new, d))
-        if not self._storing:
+        if self._storing < STORING:
             self._store_next()
         return d
 
     def _store_next(self) -> None:
         batch, self._waiting = self._waiting, []
         if not batch:
-            self._storing = False
             return
-        self._storing = True
+        self._storing += 1
         rows = [pair for new, _ in batch for pair in new]
         caps = {job.spec.backend: self.local.cap(job.spec.backend) for job, _ in rows}
 
         def done(outcome: object) -> None:
+            self._storing -= 1
             for _, d in batch:
                 if isinstance(outcome, Failure):
                     d.errback(outcome)

@@ -177,6 +177,27 @@ def counts(conn: Any) -> Counts:
     return Counts(tuple((str(n), int(c), bool(d), int(q), int(r), int(i)) for n, c, d, q, r, i in rows))
 
 
+def set_caps(conn: Any, caps: dict[str, int]) -> None:
+    """Store the configured caps (a daemon's config, at its start): a cap
+    changed in the config takes effect, on every daemon's claims."""
+    conn.cursor().executemany(
+        "INSERT INTO backends (name, cap) VALUES (%s, %s)"
+        " ON CONFLICT (name) DO UPDATE SET cap = EXCLUDED.cap",
+        sorted(caps.items()),
+    )
+
+
+def cancels(conn: Any, owner: str) -> list[tuple[str, str]]:
+    """(job id, reason) of unfinished jobs ``owner`` holds that someone
+    asked to cancel (read at each heartbeat: a notification may be lost)."""
+    rows = conn.execute(
+        "SELECT id, cancel FROM jobs WHERE owner = %s AND cancel IS NOT NULL"
+        " AND state IN ('queued', 'running', 'cleaning')",
+        (owner,),
+    )
+    return [(str(i), str(c)) for i, c in rows]
+
+
 def backends(conn: Any) -> dict[str, bool]:
     """Backend name -> draining."""
     return {str(n): bool(d) for n, d in conn.execute("SELECT name, draining FROM backends")}
@@ -235,7 +256,10 @@ def write_batch(
             held = {
                 r[0]
                 for r in cur.execute(
-                    "SELECT id FROM jobs WHERE id = ANY(%s) AND owner = %s", (ids, owner)
+                    # Locked until commit: a takeover of these jobs waits,
+                    # so it sees every event stored under this owner.
+                    "SELECT id FROM jobs WHERE id = ANY(%s) AND owner = %s FOR SHARE",
+                    (ids, owner),
                 )
             }
             fenced.update(set(ids) - held)
@@ -279,7 +303,7 @@ def claim(
     # Only for a live lease, held (FOR SHARE) until commit: a takeover of
     # this owner waits, so no job is claimed for a daemon being taken over.
     if conn.execute(
-        "SELECT 1 FROM daemons WHERE owner = %s FOR SHARE", (owner,)
+        "SELECT 1 FROM daemons WHERE owner = %s AND expires > now() FOR SHARE", (owner,)
     ).fetchone() is None:
         return []
     rows = conn.execute(
@@ -438,30 +462,53 @@ class TakenOver:
     adopted: tuple[Claimed, ...]
 
 
-def take_over(conn: Any, owner: str, host: str, now: float) -> TakenOver | None:
+def take_over(
+    conn: Any, owner: str, host: str, now: float, grace: float = 0.0
+) -> TakenOver | None:
     """Take over one daemon whose lease has expired, if any: its queued
     jobs go back to the shared queue; its running local (QEMU) jobs of
     another host fail ("host lost"); its other running jobs become
     ``owner``'s, for it to clean up and retry or end, as after a restart.
-    Its lease row goes. None if no lease has expired."""
+    Its lease row goes. None if no lease expired more than ``grace``
+    seconds ago (the time a daemon cut off from the database has to notice
+    on its own clock that its lease ran out, and let its jobs go).
+
+    A queued job the dead daemon had already started an attempt of (its
+    journal holds entries of that attempt's check, its start never
+    reached the database) is cleaned up as a running one."""
+    if conn.execute(
+        "SELECT 1 FROM daemons WHERE owner = %s AND expires > now() FOR SHARE", (owner,)
+    ).fetchone() is None:
+        return None  # only a daemon with a live lease takes over
     row = conn.execute(
-        "SELECT owner, host FROM daemons WHERE expires < now() AND owner <> %s"
+        "SELECT owner, host FROM daemons"
+        " WHERE expires < now() - make_interval(secs => %s) AND owner <> %s"
         " ORDER BY expires LIMIT 1 FOR UPDATE SKIP LOCKED",
-        (owner,),
+        (grace, owner),
     ).fetchone()
     if row is None:
         return None
     dead, dead_host = str(row[0]), str(row[1])
     jobs = conn.execute(
-        "SELECT data, cancel, is_local, state FROM jobs WHERE owner = %s"
+        "SELECT data, cancel, is_local, state, EXISTS (SELECT 1 FROM journal"
+        "  WHERE check_id = jobs.id || '-' || (jobs.attempts + 1) AND NOT done)"
+        " FROM jobs WHERE owner = %s"
         " AND state IN ('queued', 'running', 'cleaning') ORDER BY submitted, seq FOR UPDATE",
         (dead,),
     ).fetchall()
     requeued: list[str] = []
     lost: list[str] = []
     adopt: list[str] = []
-    for data, _cancel, is_local, state in jobs:
+    for data, _cancel, is_local, state, started in jobs:
         job = _job(data)
+        if state == "queued" and started:
+            # Its start was still on the way: it ran, as far as cleanup goes.
+            job = attrs.evolve(job, state="running", attempts=job.attempts + 1)
+            conn.execute(
+                "UPDATE jobs SET state = %s, attempts = %s, data = %s WHERE id = %s",
+                (job.state, job.attempts, _data(job), job.id),
+            )
+            state = "running"
         if state == "queued":
             requeued.append(job.id)
         elif is_local and dead_host != host:

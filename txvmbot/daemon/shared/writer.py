@@ -57,7 +57,7 @@ class JobWriter:
         self._owner = owner
         self._host = host
         self._wall = wall
-        self._on_fenced = on_fenced
+        self.on_fenced = on_fenced
         self._on_state = on_state
         self._updates: list[Job] = []
         self._events: list[JobEvent] = []
@@ -130,7 +130,7 @@ class JobWriter:
                 jobs=", ".join(sorted(fenced)),
             )
             try:
-                self._on_fenced(fenced)
+                self.on_fenced(fenced)
             except Exception:
                 self.log.failure("on_fenced failed")
         waiters = [w for w in self._waiters if w[0] <= self._written]
