@@ -367,8 +367,11 @@ async def latency(
     reactor: Any, client: Any, spec: dict[str, Any], samples: int, inflight: int, bound: float
 ) -> tuple[list[Sample], list[float], float]:
     """Submit ``samples`` bench-B jobs one at a time, each while fewer than
-    ``inflight`` are unfinished; watch each to its end. (samples, client
-    seconds from send to 'running' seen, wall s)."""
+    ``inflight`` are unfinished; watch each to its end. ``client`` may be a
+    list of clients (several daemons): job i goes to client i mod n and is
+    watched there. (samples, client seconds from send to 'running' seen,
+    wall s)."""
+    clients = client if isinstance(client, list) else [client]
     from twisted.internet.defer import DeferredSemaphore, gatherResults
 
     sem = DeferredSemaphore(inflight)
@@ -377,10 +380,11 @@ async def latency(
     watches = []
     t0 = time.perf_counter()
     deadline = time.monotonic() + bound
-    for _ in range(samples):
+    for i in range(samples):
         if time.monotonic() > deadline:
             break
         await sem.acquire().addTimeout(max(1.0, deadline - time.monotonic()), reactor)
+        client = clients[i % len(clients)]
         s = Sample()
         s.sent = time.time()
         job = await client.submit(spec)

@@ -77,8 +77,8 @@ from bench._pg import (  # noqa: E402
     tree_cpu,
 )
 from bench.daemon_bench import (  # noqa: E402
-    Sample,
     hold_running,
+    latency,
     pct,
     spec_dict,
     stored_counts,
@@ -360,54 +360,6 @@ def _wait(probe: Any, timeout: float, interval: float = 0.1) -> float:
             return time.monotonic() - t0
         time.sleep(interval)
     raise TimeoutError(f"not reached within {timeout}s")
-
-
-async def latency(
-    reactor: Any, clients: list[Any], spec: dict[str, Any], samples: int, inflight: int,
-    bound: float,
-) -> tuple[list[Sample], list[float], float]:
-    """Submit ``samples`` jobs one at a time to the daemons in turn, each
-    while fewer than ``inflight`` are unfinished; watch each to its end on
-    the daemon it was submitted to. (samples, client seconds from send to
-    'running' seen, wall s)."""
-    from twisted.internet.defer import DeferredSemaphore, gatherResults
-
-    sem = DeferredSemaphore(inflight)
-    got: list[Sample] = []
-    seen: list[float] = []
-    watches = []
-    t0 = time.perf_counter()
-    deadline = time.monotonic() + bound
-    for i in range(samples):
-        if time.monotonic() > deadline:
-            break
-        await sem.acquire().addTimeout(max(1.0, deadline - time.monotonic()), reactor)
-        client = clients[i % len(clients)]
-        s = Sample()
-        s.sent = time.time()
-        job = await client.submit(spec)
-        s.answered = time.time()
-        w = client.watch(job.id, s.on_event)
-
-        def ended(final: Any, s: Sample = s) -> Any:
-            s.final = final
-            return final
-
-        w.addCallback(ended)
-        w.addBoth(_release, sem)
-        watches.append(w)
-        when = await s.running_seen.addTimeout(60, reactor)
-        seen.append(when - s.sent)
-        got.append(s)
-    wall = time.perf_counter() - t0
-    d = gatherResults(watches, consumeErrors=True)
-    await d.addTimeout(max(60.0, deadline - time.monotonic()), reactor)
-    return got, seen, wall
-
-
-def _release(result: Any, sem: Any) -> Any:
-    sem.release()
-    return result
 
 
 # --- takeover -------------------------------------------------------------------------
