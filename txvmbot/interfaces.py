@@ -28,7 +28,10 @@ class IEC2Client(Interface):
 
 
 class IJournal(Interface):
-    """Durable record of every resource a check creates (the undo stack)."""
+    """Durable record of every resource a check creates (the undo stack).
+
+    Callers take each answer through ``maybeDeferred``: the SQLite journal
+    answers at once, the shared PostgreSQL one with Deferreds."""
 
     def intend(
         check_id: str,
@@ -45,7 +48,7 @@ class IJournal(Interface):
     def created(entry: Any, resource_id: str) -> Any:
         """Record the id the cloud gave the resource; return the new entry."""
 
-    def done(entry: Any) -> None:
+    def done(entry: Any) -> Any:
         """Record that the resource is gone (deleted, or never existed)."""
 
     def pending(check_id: str | None = None) -> Any:
@@ -55,7 +58,7 @@ class IJournal(Interface):
         """Ids of checks with pending entries, optionally only those whose
         newest entry is older than ``older_than`` (epoch seconds)."""
 
-    def prune(done_before: float, limit: int = 500) -> int:
+    def prune(done_before: float, limit: int = 500) -> Any:
         """Forget up to ``limit`` done entries last written before
         ``done_before`` (epoch seconds) of checks with nothing pending;
         return how many went. Pending entries are never touched: cleanup

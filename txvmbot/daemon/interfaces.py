@@ -13,7 +13,10 @@ from zope.interface import Attribute, Interface
 
 
 class IJobStore(Interface):
-    """Durable jobs and their events. Written by the daemon process alone."""
+    """Durable jobs and their events, in SQLite, written by the daemon
+    process alone. (With a shared PostgreSQL store the scheduler writes
+    through a txvmbot.daemon.shared.writer.JobWriter, ``update`` and
+    ``add_event`` only, and clients read through SharedScheduler.)"""
 
     def add(job: Any, event: Any = None) -> None:
         """Store a new job (a txvmbot.daemon.jobs.Job in state queued), and its

@@ -56,12 +56,18 @@ def new_owner(host: str) -> str:
 class Cluster:
     """Lease, claims and takeovers of one daemon.
 
-    :param scheduler: the local :class:`~txvmbot.daemon.scheduler.Scheduler`
-        (built with ``on_free=cluster.want_claim``).
-    :param cleaner: cleans up after a job of this host found at start-up
-        (a local job another daemon failed as "host lost").
-    :param on_notify: called with (channel, payload) for event and cancel
-        notifications the cluster does not handle itself (watchers).
+    :param reactor: clock of the loops and the lease timer; where
+        Deferreds fire.
+    :param host: this daemon's host name (local jobs belong to it).
+    :param lease: seconds a lease lasts without a renewal.
+
+    :meth:`start` is given the local
+    :class:`~txvmbot.daemon.scheduler.Scheduler` (built with
+    ``on_free=cluster.want_claim``), the cleaner (for what this host's lost
+    local jobs left) and the journal. ``on_events`` and ``on_listening``
+    are called with event notifications (a job id) and when LISTEN is
+    connected again (the watchers catch up). ``claims`` and ``takeovers``
+    count what this daemon did.
     """
 
     log = Logger()
@@ -107,6 +113,7 @@ class Cluster:
         #: How often to look for expired leases.
         self.scan_interval = min(2.0, lease / 3)
         self._beating = False
+        # Cleanups of adopted jobs under way (kept referenced).
         self._tasks: set[Deferred[Any]] = set()
         self.takeovers = 0
         self.claims = 0

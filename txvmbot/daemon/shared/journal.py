@@ -167,9 +167,7 @@ class PostgresJournal:
 
         return _deferred(go())
 
-    # IJournal annotates done and prune with SQLiteJournal's synchronous
-    # results; callers wrap every call in maybeDeferred.
-    def done(self, entry: JournalEntry) -> Deferred[None]:  # type: ignore[override]
+    def done(self, entry: JournalEntry) -> Deferred[None]:
         """Record that ``entry``'s resource is gone."""
 
         async def go() -> None:
@@ -248,9 +246,7 @@ class PostgresJournal:
 
         return _deferred(go())
 
-    def prune(  # type: ignore[override]
-        self, done_before: float, limit: int = PRUNE_BATCH
-    ) -> Deferred[int]:
+    def prune(self, done_before: float, limit: int = PRUNE_BATCH) -> Deferred[int]:
         """Forget up to ``limit`` done entries last written strictly before
         ``done_before`` (epoch seconds), oldest first, in one transaction;
         fire with how many went.
