@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import attrs
@@ -951,7 +951,12 @@ class WritesStore(SQLiteJobStore):
 class AbandonHarness:
     """A local Scheduler on a Clock with the fake pool of txvmbot.testing."""
 
-    def __init__(self, size: int = 1, cleaner: RecordingCleaner | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 1,
+        cleaner: RecordingCleaner | None = None,
+        on_requeue: Callable[[Job], object] | None = None,
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(T0)
         store = WritesStore.memory(clock=self.clock.seconds)
@@ -968,6 +973,7 @@ class AbandonHarness:
             cleaner=self.cleaner,
             new_id=lambda: f"j{next(ids)}",
             wall=self.clock.seconds,
+            on_requeue=on_requeue,
         )
 
     def submit(self, n: int = 1) -> None:
@@ -1086,3 +1092,48 @@ class SchedulerAbandonTests(SynchronousTestCase):
         self.assertEqual(h.writes_since(mark), [])
         self.assertEqual(len(h.pool.runs), 1)  # j1 was forgotten, not started
         self.assertEqual(h.s.free_workers(), 1)
+
+
+class GiveBackTests(SynchronousTestCase):
+    """A retry after an infrastructure failure goes back to the shared
+    queue, not to this daemon's own queue."""
+
+    def test_a_job_queued_again_is_handed_over_not_kept(self) -> None:
+        given: list[Job] = []
+        h = AbandonHarness(size=1, on_requeue=given.append)
+        h.submit(1)
+        h.pool.die("j0")  # an infrastructure failure with attempts left
+        self.assertEqual([(j.id, j.state, j.attempts) for j in given], [("j0", "queued", 1)])
+        self.assertEqual(h.state("j0"), "queued")  # written before it was handed over
+        self.assertFalse(h.s.holds("j0"))
+        self.assertEqual(h.pool.running, {})  # not started again here
+        self.assertEqual(h.s.status().queue_depth, 0)
+
+    def test_give_back_waits_for_the_write_then_releases_under_its_owner(self) -> None:
+        h = ClusterHarness()
+        self.successResultOf(h.start())
+        self.addCleanup(h.c.stop)
+        flushed: Deferred[None] = Deferred()
+        h.c.flushed = lambda: flushed
+        owner = h.c.owner
+        d = h.c.give_back(job("j9", "queued"))
+        self.assertEqual(h.db.pending("release"), [])  # its "queued" write first
+        flushed.callback(None)
+        (call,) = h.db.pending("release")
+        self.assertEqual(call.args, (owner, ["j9"]))
+        h.db.refuse("release", unavailable())  # the database away: again later
+        h.clock.advance(0.5)
+        (call,) = h.db.pending("release")
+        h.db.answer("release", None)
+        self.successResultOf(d)
+
+    def test_give_back_stops_when_the_lease_is_lost(self) -> None:
+        h = ClusterHarness()
+        self.successResultOf(h.start())
+        self.addCleanup(h.c.stop)
+        d = h.c.give_back(job("j9", "queued"))
+        h.db.refuse("release", unavailable())
+        h.c.owner = "h1/another"  # as _lease_lost does; the takeover queues it
+        h.clock.advance(0.5)
+        self.assertEqual(h.db.pending("release"), [])
+        self.successResultOf(d)

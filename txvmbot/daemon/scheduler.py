@@ -242,6 +242,11 @@ class Scheduler:
         that no local job will take, whenever the scheduler has dispatched:
         the cluster claims that many jobs from the shared queue and hands
         them over with :meth:`adopt` (txvmbot.daemon.shared.cluster).
+    :param on_requeue: with a shared store, a job queued again after an
+        infrastructure failure is not kept here: it is forgotten and
+        handed to ``on_requeue``, which gives it back to the shared queue
+        (any daemon may run the retry; a backend quarantined here does not
+        hold it).
 
     A job's ``bound`` runs from the start of each attempt (time spent queued
     does not count); when it passes, the job is cancelled with the reason
@@ -268,6 +273,7 @@ class Scheduler:
         new_id: Callable[[], str] = new_job_id,
         wall: Callable[[], float] = time.time,
         on_free: Callable[[int], object] | None = None,
+        on_requeue: Callable[[Job], object] | None = None,
     ) -> None:
         if default_cap < 1 or any(c < 1 for c in caps.values()):
             raise ValueError("backend caps must be at least 1")
@@ -286,6 +292,7 @@ class Scheduler:
         self._new_id = new_id
         self._wall = wall
         self._on_free = on_free
+        self._on_requeue = on_requeue
         self._order = itertools.count()
         self._active: dict[str, _Active] = {}
         self._backends: dict[str, _Backend] = {}
@@ -885,7 +892,11 @@ class Scheduler:
                 reason=reason,
             )
             self._set_state(active, "queued", reason=reason)
-            self._enqueue(active)
+            if self._on_requeue is not None:
+                del self._active[job_id]
+                self._on_requeue(active.job)
+            else:
+                self._enqueue(active)
         else:
             self._set_state(active, "error", reason=reason)
         self._dispatch()

@@ -188,6 +188,7 @@ class DaemonService(service.MultiService):
             ),
             health_interval=s.health_interval,
             on_free=self.cluster.want_claim if s.shared else None,
+            on_requeue=self.cluster.give_back if s.shared else None,
         )
         self.scheduler = local
         if s.shared:
@@ -263,6 +264,7 @@ class DaemonService(service.MultiService):
         self.cluster = cluster = Cluster(self.reactor, db, host=s.host, lease=s.lease)
         self.writer = JobWriter(self.reactor, db, lambda: cluster.owner, s.host,
                                 wall=time.time)
+        cluster.flushed = self.writer.flushed
         self.store = SharedReads(db)
         self.listener = Listener(self.reactor, db, CHANNELS, cluster.notified,
                                  cluster.listening)

@@ -31,7 +31,7 @@ from typing import Any
 from uuid import uuid4
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -95,6 +95,9 @@ class Cluster:
         self.cleaner: Callable[[Job], Deferred[Any]] | None = None
         self.on_events: Callable[[str], object] = lambda job_id: None
         self.on_listening: Callable[[], object] = lambda: None
+        #: Fires once this daemon's writes so far are in the database (the
+        #: JobWriter's ``flushed``).
+        self.flushed: Callable[[], Deferred[None]] = lambda: succeed(None)
         self._registered = False
         self._reachable = True
         self._claiming = False
@@ -241,6 +244,34 @@ class Cluster:
         for c in got:
             s.adopt(c.job, c.last_seq, c.cancel)
 
+    def give_back(self, job: Job) -> Deferred[None]:
+        """Put ``job`` (queued again here after an infrastructure failure,
+        and forgotten by the local scheduler) back in the shared queue,
+        once its "queued" write is in the database. Tried again with
+        backoff while the database is away; given up when this daemon's
+        lease is lost (the takeover of the old lease queues it then)."""
+        owner = self.owner
+
+        async def go() -> None:
+            from twisted.internet.task import deferLater
+
+            delay = 0.5
+            while owner == self.owner and not self._stopped:
+                try:
+                    await self.flushed()
+                    await self._db.run(store.release, owner, [job.id])
+                    return
+                except DatabaseUnavailable:
+                    pass
+                await deferLater(self._reactor, delay, lambda: None)
+                delay = min(10.0, delay * 2)
+
+        d = ensureDeferred(go())
+        d.addErrback(
+            lambda f: self.log.failure("Giving job {job_id} back failed", f, job_id=job.id)
+        )
+        return d
+
     def _claim_failed(self, f: Failure) -> None:
         if f.check(DatabaseUnavailable):
             self._lost(f.getErrorMessage())
@@ -256,7 +287,6 @@ class Cluster:
 
     def _heartbeat(self) -> Deferred[None]:
         if self._beating:
-            from twisted.internet.defer import succeed
 
             return succeed(None)
         self._beating = True
@@ -316,7 +346,6 @@ class Cluster:
         """Take over daemons whose lease expired more than ``grace`` ago;
         now and then, clean up what this host's lost local jobs left."""
         if self._scanning or self._stopped or not self._registered or not self._reachable:
-            from twisted.internet.defer import succeed
 
             return succeed(None)
         self._scanning = True
