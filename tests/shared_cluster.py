@@ -56,7 +56,7 @@ class Member:
 
 def write_config(path: str, dsn: str, host: str, *, workers: int, lease: float,
                  caps: Mapping[str, int] = {}, default_cap: int = 4,  # noqa: B006
-                 extra: str = "") -> None:
+                 extra: str = "", keys: Sequence[str] = ()) -> None:
     lines = [
         "[daemon]",
         'store_dsn_env = "TXVMBOT_TEST_DSN"',
@@ -65,6 +65,7 @@ def write_config(path: str, dsn: str, host: str, *, workers: int, lease: float,
         f"workers = {workers}",
         f"default_cap = {default_cap}",
         "quarantine_after = 1000",
+        *keys,
     ]
     if caps:
         lines.append("[daemon.caps]")
@@ -77,11 +78,12 @@ def write_config(path: str, dsn: str, host: str, *, workers: int, lease: float,
 def cluster(
     dsn: str, workdir: str, n: int, *, workers: int = 2, lease: float = 6,
     caps: Mapping[str, int] = {}, default_cap: int = 4, hosts: Sequence[str] = (),  # noqa: B006
-    extra: Sequence[str] = (),
+    extra: Sequence[str] = (), keys: Sequence[Sequence[str]] = (),
 ) -> Iterator[list[Member]]:
     """``n`` daemons on the database ``dsn`` (given in the environment, as
     ``store_dsn_env`` says), each with its own data dir and host name;
-    ``extra[i]`` is appended to daemon i's config (its ``[pools.NAME]``)."""
+    ``keys[i]`` are more ``[daemon]`` keys of daemon i, ``extra[i]`` is
+    appended to its config (its ``[pools.NAME]``)."""
     os.environ["TXVMBOT_TEST_DSN"] = dsn
     members = []
     for i in range(n):
@@ -92,7 +94,8 @@ def cluster(
         cfg = os.path.join(base, "txvmbot.toml")
         host = hosts[i] if i < len(hosts) else f"host-{name}"
         write_config(cfg, dsn, host, workers=workers, lease=lease, caps=caps,
-                     default_cap=default_cap, extra=extra[i] if i < len(extra) else "")
+                     default_cap=default_cap, extra=extra[i] if i < len(extra) else "",
+                     keys=keys[i] if i < len(keys) else ())
         members.append(Member(name, host, cfg, data))
     try:
         for m in members:

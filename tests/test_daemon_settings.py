@@ -128,7 +128,6 @@ def test_store_dsn_from_the_file_or_the_environment_never_shown() -> None:
         ({"store": f"host=h password={SECRET} dbname='jobs"}, {}, "daemon.store",
          "not a PostgreSQL connection string"),
         ({"store": DSN, "lease": 1}, {}, "daemon.lease", "at least 3 seconds"),
-        ({"store": DSN, "web": "unix:/tmp/w.sock"}, {}, "daemon.web", "shared store"),
     ],
 )
 def test_bad_store_settings_name_the_key_and_never_the_password(

@@ -338,3 +338,42 @@ def test_local_jobs_of_a_lost_host_fail_and_its_daemon_stops_their_vms_on_return
             wait("the orphaned QEMU stopped", lambda: not pid_alive(orphans[0]), 60)
             assert wait_until_final(pg_dsn, [later], 120) == {later: "passed"}
             assert "cleaning up what it left here" in a.d.log()
+
+
+def test_the_web_page_of_one_daemon_follows_a_job_another_runs(
+    pg_dsn: str, fresh_moto: Moto, tmp_path: Any
+) -> None:
+    """The page of the daemon that does not run a job (overview, job page,
+    its live event stream, /metrics) shows it as it runs, to its end."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.servers import free_port
+
+    moto = fresh_moto
+    key, _ = checkrun.ssh_keypair(str(tmp_path))
+    ports = [free_port(), free_port()]
+    webs = [[f'web = "tcp:{p}:interface=127.0.0.1"', "web_insecure_loopback = true"]
+            for p in ports]
+    with cluster(pg_dsn, str(tmp_path), 2, workers=1, lease=LEASE, keys=webs) as (a, b):
+        job = submit(b, *hanging_args(moto, key, 5))
+        owner = wait("the job running", lambda: held_by(pg_dsn, job), 30)
+        other = 1 if host_of_owner(owner) == a.host else 0  # the daemon not running it
+        base = f"http://127.0.0.1:{ports[other]}"
+
+        def get(path: str) -> str:
+            with urllib.request.urlopen(base + path, timeout=30) as r:
+                return str(r.read().decode("utf-8"))
+
+        assert job in get("/") and "running" in get(f"/jobs/{job}?fragment=1")
+        # The job's live stream: "changed" as the other daemon stores its
+        # steps, then its end.
+        with urllib.request.urlopen(f"{base}/jobs/{job}/events", timeout=60) as stream:
+            seen = stream.read().decode("utf-8")  # until the server ends it
+        assert "data: changed" in seen and "event: end" in seen, seen
+        page = get(f"/jobs/{job}")
+        assert "failed" in page and "wait-ssh" in page and "cleanup" in page, page
+        names = {f.name for f in text_string_to_metric_families(get("/metrics"))}
+        assert any(n.startswith("txvmbot_") for n in names), names
+    assert checkrun.leftovers(moto.url) == []

@@ -278,12 +278,6 @@ def parse_daemon_table(
     )
 
     dsn = _store_dsn(table, src, environ)
-    if dsn is not None and web:
-        raise ConfigError(
-            "daemon.web",
-            f"the web page (and /metrics) is not served by a daemon with a shared store "
-            f"yet; remove web, or run it on a daemon with the SQLite store{src}",
-        )
     host = _str("host", table["host"], src) if "host" in table else socket.gethostname()
     lease = check_float("daemon.lease", table.get("lease", 30.0), src)
     if lease < 3:

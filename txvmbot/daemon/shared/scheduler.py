@@ -84,6 +84,7 @@ class SharedScheduler:
         self._wall = wall
         self._new_id = new_id
         self._watches: dict[str, list[_Watch]] = {}
+        self._noticers: dict[object, Callable[[str], object]] = {}
         self._waiting: list[tuple[list[tuple[Job, JobEvent]], Deferred[None]]] = []
         self._storing = 0
         #: Called after jobs were queued here (the cluster claims).
@@ -268,6 +269,20 @@ class SharedScheduler:
         """A ``txvmbot_events`` notification: read the new events."""
         for w in list(self._watches.get(job_id, ())):
             self._kick(w)
+        for key, noticer in list(self._noticers.items()):
+            try:
+                noticer(job_id)
+            except Exception:
+                self.log.failure("Noticer of job events failed; it is dropped")
+                self._noticers.pop(key, None)
+
+    def notice(self, noticer: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``noticer(job_id)`` whenever any daemon stores new events of
+        a job (the web page's live view of every daemon's jobs). Returns a
+        callable that stops it."""
+        key = object()
+        self._noticers[key] = noticer
+        return lambda: self._noticers.pop(key, None) and None
 
     def catch_up(self) -> None:
         """The LISTEN connection came back: notifications may have been

@@ -9,6 +9,13 @@ Events are coalesced: the scheduler's observer only marks what changed
 (O(1) an event); every ``flush_interval`` each open stream gets one message
 if something it shows changed. Twenty open pages cost the daemon twenty
 small writes a flush, not twenty writes an event.
+
+The scheduler may answer at once (SQLite) or with Deferreds (a shared
+PostgreSQL store, txvmbot.daemon.shared.scheduler): every read here goes
+through :func:`_then`, and a page whose answer is a Deferred is written
+when it fires (:func:`_answer`). With a shared store the hub also follows
+the store's event notifications (``scheduler.notice``), so a page on one
+daemon follows jobs that run on another.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +43,40 @@ from txvmbot.daemon.web import pages
 from txvmbot.errors import TxvmbotError, UnknownJob
 
 __all__ = ["EventHub", "WebUI"]
+
+T = TypeVar("T")
+
+
+def _then(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn(value)``; for a Deferred ``value``, a Deferred of it."""
+    if isinstance(value, Deferred):
+        return value.addCallback(fn)
+    return fn(value)
+
+
+def _answer(ui: Any, request: Request, result: Any) -> bytes | int:
+    """Answer ``request`` with ``result``: bytes now, or a Deferred's bytes
+    when it fires (unless the browser left meanwhile)."""
+    if not isinstance(result, Deferred):
+        return bytes(result)
+    gone: list[object] = []
+    request.notifyFinish().addBoth(gone.append)
+
+    def done(body: bytes) -> None:
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    def failed(f: Failure) -> None:
+        ui.log.failure("While answering {uri}", f, uri=request.uri)
+        if not gone:
+            request.setResponseCode(http.INTERNAL_SERVER_ERROR)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(b"internal error in the daemon; its log has the details\n")
+            request.finish()
+
+    result.addCallbacks(done, failed)
+    return NOT_DONE_YET
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 #: Files of a job's evidence directory the page links to and serves.
@@ -71,11 +113,17 @@ class EventHub:
         self.generation = 0
         self._final: set[str] = set()
         self._stop_observing: Callable[[], None] | None = None
+        self._stop_noticing: Callable[[], None] | None = None
+        # Jobs a notification came for: their streams end if they are final.
+        self._noticed_jobs: set[str] = set()
         self._loop: LoopingCall | None = None
         self._beat: LoopingCall | None = None
 
     def start(self) -> None:
         self._stop_observing = self.scheduler.observe(self._observed)
+        notice = getattr(self.scheduler, "notice", None)
+        if notice is not None:  # a shared store: jobs of other daemons too
+            self._stop_noticing = notice(self._noticed)
         self._loop = LoopingCall(self.flush)
         self._loop.clock = self.clock
         self._loop.start(self.flush_interval, now=False)
@@ -87,17 +135,32 @@ class EventHub:
         if self._stop_observing is not None:
             self._stop_observing()
             self._stop_observing = None
+        if self._stop_noticing is not None:
+            self._stop_noticing()
+            self._stop_noticing = None
         for loop in (self._loop, self._beat):
             if loop is not None and loop.running:
                 loop.stop()
         for s in list(self.streams):
             self._end(s)
 
-    def _live(self, job_id: str) -> bool:
+    def _live(self, job_id: str) -> Any:
+        """Whether the job is unfinished (or a Deferred of it)."""
         try:
-            return not self.scheduler.get(job_id).final
+            got = self.scheduler.get(job_id)
         except UnknownJob:
             return False
+        if isinstance(got, Deferred):
+            return got.addCallbacks(lambda job: not job.final, lambda f: f.trap(UnknownJob) and False)
+        return not got.final
+
+    def _noticed(self, job_id: str) -> None:
+        """The shared store says ``job_id`` has new events (any daemon's)."""
+        self.generation += 1
+        self._noticed_jobs.add(job_id)
+        for s in self.streams:
+            if s.job_id is None or s.job_id == job_id:
+                s.pending = True
 
     def _observed(self, job: Job, event: JobEvent) -> None:
         self.generation += 1
@@ -115,11 +178,15 @@ class EventHub:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
-        if job_id is not None and not self._live(job_id):
+        live = True if job_id is None else self._live(job_id)
+        if live is False:
             request.write(b"event: end\ndata: final\n\n")
             request.finish()
             return True
         stream = _Stream(request, job_id)
+        if isinstance(live, Deferred):  # a shared store: known later
+            live.addCallback(self._end_unless, stream)
+            live.addErrback(lambda f: self.log.failure("Event stream", f))
         self.streams.append(stream)
         request.write(b"retry: 2000\n\n")
         request.notifyFinish().addBoth(lambda _: self._forget(stream))
@@ -127,13 +194,29 @@ class EventHub:
 
     def flush(self) -> None:
         final, self._final = self._final, set()
+        noticed, self._noticed_jobs = self._noticed_jobs, set()
         for s in list(self.streams):
             if s.pending:
                 s.pending = False
                 s.request.write(b"data: changed\n\n")
             if s.job_id is not None and s.job_id in final:
-                s.request.write(b"event: end\ndata: final\n\n")
-                self._end(s)
+                self._end_final(s)
+            elif s.job_id is not None and s.job_id in noticed:
+                live = self._live(s.job_id)
+                if isinstance(live, Deferred):
+                    live.addCallback(self._end_unless, s)
+                    live.addErrback(lambda f: self.log.failure("Event stream", f))
+                else:
+                    self._end_unless(live, s)
+
+    def _end_unless(self, alive: bool, s: _Stream) -> None:
+        if not alive:
+            self._end_final(s)
+
+    def _end_final(self, s: _Stream) -> None:
+        if not s.ended:
+            s.request.write(b"event: end\ndata: final\n\n")
+            self._end(s)
 
     def _heartbeat(self) -> None:
         for s in list(self.streams):
@@ -229,7 +312,7 @@ class WebUI:
             return f"a request from {origin} is not this page's"
         return None
 
-    def overview_body(self) -> str:
+    def overview_body(self) -> Any:
         """The overview, rendered again only after a job event or a second
         (its running times): twenty live pages refetching after the same
         change cost one render, not twenty (bench/web_bench.py)."""
@@ -237,18 +320,46 @@ class WebUI:
         cached = self._overview
         if cached is not None and cached[0] == self.hub.generation and now < cached[1]:
             return cached[2]
-        status = self.scheduler.status()
-        running = self.scheduler.list(states={"running", "cleaning"}, limit=200)
-        recent = self.scheduler.list(limit=20)
-        body = pages.overview(status, running, recent, self.wall(), self.csrf)
-        self._overview = (self.hub.generation, now + OVERVIEW_TTL, body)
-        return body
+        generation = self.hub.generation
+        parts = [
+            self.scheduler.status(),
+            self.scheduler.list(states={"running", "cleaning"}, limit=200),
+            self.scheduler.list(limit=20),
+        ]
 
-    def job_events(self, job_id: str) -> list[JobEvent]:
+        def render(parts: list[Any]) -> str:
+            status, running, recent = parts
+            body = pages.overview(status, running, recent, self.wall(), self.csrf)
+            self._overview = (generation, now + OVERVIEW_TTL, body)
+            return body
+
+        if any(isinstance(p, Deferred) for p in parts):
+            return gatherResults(
+                [p if isinstance(p, Deferred) else succeed(p) for p in parts],
+                consumeErrors=True,
+            ).addCallback(render)
+        return render(parts)
+
+    def job(self, job_id: str) -> Any:
+        """The Job or None (or a Deferred of it)."""
+        try:
+            got = self.scheduler.get(job_id)
+        except UnknownJob:
+            return None
+        if isinstance(got, Deferred):
+            return got.addErrback(lambda f: f.trap(UnknownJob) and None)
+        return got
+
+    def job_events(self, job_id: str) -> Any:
+        """The job's events so far (or a Deferred of them)."""
         events: list[JobEvent] = []
         stop = self.scheduler.watch(job_id, 0, events.append)
-        stop()
-        return events
+
+        def stopped(stop: Callable[[], None]) -> list[JobEvent]:
+            stop()
+            return events
+
+        return _then(stop, stopped)
 
 
 class _HostCheck(Resource):
@@ -303,12 +414,15 @@ class _Root(Resource):
             return self
         return super().getChild(path, request)
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         ui = self.ui
-        body = ui.overview_body()
-        if _arg(request, "fragment"):
-            return ui.html(request, "overview", body)
-        return ui.html(request, "overview", pages.live("/events", "/?fragment=1", body))
+
+        def page(body: str) -> bytes:
+            if _arg(request, "fragment"):
+                return ui.html(request, "overview", body)
+            return ui.html(request, "overview", pages.live("/events", "/?fragment=1", body))
+
+        return _answer(ui, request, _then(ui.overview_body(), page))
 
 
 class _Events(Resource):
@@ -340,13 +454,6 @@ class _Job(Resource):
         self.ui = ui
         self.job_id = job_id
 
-    def _job(self) -> Job | None:
-        try:
-            job: Job = self.ui.scheduler.get(self.job_id)
-        except UnknownJob:
-            return None
-        return job
-
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return self
@@ -359,12 +466,16 @@ class _Job(Resource):
             return _Files(self.ui, self.job_id)
         return _NotFound(f"{self.job_id}/{path.decode('utf-8', 'replace')}")
 
-    def render_GET(self, request: Request) -> bytes:
-        job = self._job()
-        if job is None:
-            request.setResponseCode(http.NOT_FOUND)
-            return pages.not_found(f"no job {self.job_id}")
-        events = self.ui.job_events(job.id)
+    def render_GET(self, request: Request) -> bytes | int:
+        def found(job: Job | None) -> Any:
+            if job is None:
+                request.setResponseCode(http.NOT_FOUND)
+                return pages.not_found(f"no job {self.job_id}")
+            return _then(self.ui.job_events(job.id), lambda events: self._page(request, job, events))
+
+        return _answer(self.ui, request, _then(self.ui.job(self.job_id), found))
+
+    def _page(self, request: Request, job: Job, events: list[JobEvent]) -> bytes:
         where = job.result.evidence_dir if job.result is not None else None
         suite = _suite_results(where)
         files = _evidence_files(where)
@@ -407,17 +518,32 @@ class _Files(Resource):
         self.job_id = job_id
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        name = path.decode("utf-8", "replace")
-        try:
-            job: Job = self.ui.scheduler.get(self.job_id)
-        except UnknownJob:
-            return _NotFound(f"no job {self.job_id}")
-        where = job.result.evidence_dir if job.result is not None else None
-        # Only files the page lists: no path of the request reaches the disk.
-        if name not in _evidence_files(where):
-            return _NotFound(f"job {self.job_id} kept no {name}")
-        assert where is not None
-        return _EvidenceFile(os.path.join(where, name))
+        return _Evidence(self.ui, self.job_id, path.decode("utf-8", "replace"))
+
+
+class _Evidence(Resource):
+    """One file a job kept, once the job is known to have listed it."""
+
+    isLeaf = True
+
+    def __init__(self, ui: WebUI, job_id: str, name: str) -> None:
+        super().__init__()
+        self.ui = ui
+        self.job_id = job_id
+        self.name = name
+
+    def render_GET(self, request: Request) -> bytes | int:
+        def found(job: Job | None) -> bytes:
+            if job is None:
+                return _NotFound(f"no job {self.job_id}").render(request)
+            where = job.result.evidence_dir if job.result is not None else None
+            # Only files the page lists: no path of the request reaches the disk.
+            if self.name not in _evidence_files(where):
+                return _NotFound(f"job {self.job_id} kept no {self.name}").render(request)
+            assert where is not None
+            return _EvidenceFile(os.path.join(where, self.name)).render_GET(request)
+
+        return _answer(self.ui, request, _then(self.ui.job(self.job_id), found))
 
 
 class _EvidenceFile(Resource):
