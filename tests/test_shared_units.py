@@ -290,7 +290,7 @@ class FakeScheduler:
     def free_workers(self) -> int:
         return self.free
 
-    def quarantined(self) -> frozenset[str]:
+    def held_back(self) -> frozenset[str]:
         return self.quarantine
 
     def adopt(self, job: Job, last_seq: int, cancel: str | None = None) -> None:
@@ -1137,3 +1137,13 @@ class GiveBackTests(SynchronousTestCase):
         h.clock.advance(0.5)
         self.assertEqual(h.db.pending("release"), [])
         self.successResultOf(d)
+
+
+class HeldBackTests(SynchronousTestCase):
+    def test_draining_or_quarantined_backends_are_held_back_from_claims(self) -> None:
+        h = AbandonHarness()
+        self.assertEqual(h.s.held_back(), frozenset())
+        h.s.drain("b")
+        self.assertEqual(h.s.held_back(), frozenset({"b"}))
+        h.s.set_draining("b", False)
+        self.assertEqual(h.s.held_back(), frozenset())

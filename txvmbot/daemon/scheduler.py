@@ -530,10 +530,12 @@ class Scheduler:
         cleaned up by this daemon)."""
         return job_id in self._active
 
-    def quarantined(self) -> frozenset[str]:
-        """The backends quarantined here (the cluster claims none of their
-        jobs)."""
-        return frozenset(b.name for b in self._backends.values() if b.quarantined)
+    def held_back(self) -> frozenset[str]:
+        """The backends this daemon starts no job of now: quarantined here,
+        or draining (the cluster claims none of their jobs)."""
+        return frozenset(
+            b.name for b in self._backends.values() if b.quarantined or b.draining
+        )
 
     def set_draining(self, backend: str, draining: bool) -> None:
         """Follow a drain or resume made on another daemon."""

@@ -316,7 +316,10 @@ class DaemonService(service.MultiService):
                 pool=pool.name,
                 error=e,
             )
-            self.scheduler.drain(pool.name)
+            # This host's pool only: with a shared store the same pool name
+            # on other hosts keeps running.
+            local = getattr(self.scheduler, "local", self.scheduler)
+            local.drain(pool.name)
         else:
             self.log.info("Local pool {pool}: image {image} checked", pool=pool.name,
                           image=pool.image_dir)

@@ -232,7 +232,7 @@ class Cluster:
             return
         owner = self.owner
         got = await self._db.run(
-            store.claim, owner, self.host, free, s.quarantined(), float(self._wall())
+            store.claim, owner, self.host, free, s.held_back(), float(self._wall())
         )
         if owner != self.owner or not self._registered:
             # The lease was lost while the claim was on its way: these jobs
