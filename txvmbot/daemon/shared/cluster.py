@@ -287,7 +287,6 @@ class Cluster:
 
     def _heartbeat(self) -> Deferred[None]:
         if self._beating:
-
             return succeed(None)
         self._beating = True
         d = ensureDeferred(self._beat_once())
@@ -346,7 +345,6 @@ class Cluster:
         """Take over daemons whose lease expired more than ``grace`` ago;
         now and then, clean up what this host's lost local jobs left."""
         if self._scanning or self._stopped or not self._registered or not self._reachable:
-
             return succeed(None)
         self._scanning = True
         d = ensureDeferred(self._scan_body())
