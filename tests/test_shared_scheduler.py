@@ -351,6 +351,32 @@ class SharedSchedulerTests(TestCase):
         await self.until("the watch to end", lambda: self.shared._watches == {})
         self.assertEqual((await self.shared.get(job.id)).state, "passed")
 
+    async def test_watch_fires_after_the_stored_events_even_if_a_notification_read_first(
+        self,
+    ) -> None:
+        """A notification that starts a read before the watch's own: the
+        watch still fires only once every stored event reached the
+        listener (the web page stops its watch right then)."""
+        (job,) = await self.submit()
+        (c,) = await self.claim(ME)
+        self.local.adopt(c.job, c.last_seq, c.cancel)
+        run = self.db.run
+
+        def slow_reads(fn: Any, *args: Any) -> Any:
+            if fn is store.events:  # the notification's read is still on its way
+                return deferLater(self.reactor, 0.2, run, fn, *args)
+            return run(fn, *args)
+
+        self.db.run = slow_reads  # type: ignore[method-assign]
+        for _ in range(3):
+            seen: list[JobEvent] = []
+            d = self.shared.watch(job.id, 0, seen.append)
+            self.shared.job_events(job.id)  # before the watch's own read
+            stop = await d
+            self.assertEqual([(e.seq, e.state) for e in seen], [(1, "queued"), (2, "running")])
+            stop()
+        self.assertEqual(self.shared._watches, {})
+
     async def test_watch_follows_notifications_of_a_real_listener(self) -> None:
         await self.listen()
         (job,) = await self.submit()

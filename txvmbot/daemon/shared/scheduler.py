@@ -54,8 +54,11 @@ class _Watch:
         self.job_id = job_id
         self.last = after_seq
         self.listener = listener
+        #: A read is under way (one at a time); it reads once more before it
+        #: ends if ``again`` was set meanwhile, then fires ``waiters``.
         self.reading = False
         self.again = False
+        self.waiters: list[Deferred[None]] = []
         self.done = False
 
 
@@ -254,10 +257,9 @@ class SharedScheduler:
             try:
                 await self.get(job_id)
                 await self._writer.flushed()
-                if w.reading:  # a notification came first and reads already
-                    w.again = True
-                else:
-                    await self._read(w)
+                # Everything stored so far reaches the listener before this
+                # fires (a read a notification started reads once more).
+                await self._kick(w)
             except BaseException:
                 stop()
                 raise
@@ -268,7 +270,7 @@ class SharedScheduler:
     def job_events(self, job_id: str) -> None:
         """A ``txvmbot_events`` notification: read the new events."""
         for w in list(self._watches.get(job_id, ())):
-            self._kick(w)
+            self._kick(w).addErrback(_logged)
         for key, noticer in list(self._noticers.items()):
             try:
                 noticer(job_id)
@@ -289,19 +291,24 @@ class SharedScheduler:
         missed, so read every watched job again."""
         for watches in list(self._watches.values()):
             for w in list(watches):
-                self._kick(w)
+                self._kick(w).addErrback(_logged)
 
-    def _kick(self, w: _Watch) -> None:
+    def _kick(self, w: _Watch) -> Deferred[None]:
+        """Read ``w``'s new events: start a read, or have the one under way
+        read once more. Fires when that read has ended."""
         if w.done:
-            return
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        w.waiters.append(d)
         if w.reading:
             w.again = True
-            return
-        d = ensureDeferred(self._read(w))
-        d.addErrback(lambda f: self.log.warn("Watch of {job_id}: {f}", job_id=w.job_id, f=f.value))
+        else:
+            w.reading = True
+            ensureDeferred(self._read(w))
+        return d
 
     async def _read(self, w: _Watch) -> None:
-        w.reading = True
+        failure: Failure | None = None
         try:
             while not w.done:
                 w.again = False
@@ -321,8 +328,17 @@ class SharedScheduler:
                     self._drop(w)
                 if not w.again:
                     break
+        except Exception:
+            failure = Failure()
+            self.log.warn("Watch of {job_id}: {why}", job_id=w.job_id, why=failure.value)
         finally:
             w.reading = False
+            waiters, w.waiters = w.waiters, []
+            for d in waiters:
+                if failure is not None:
+                    d.errback(failure)
+                else:
+                    d.callback(None)
 
     def _drop(self, w: _Watch) -> None:
         watches = self._watches.get(w.job_id)
@@ -397,3 +413,6 @@ class SharedScheduler:
 
         return self.status().addCallback(pick)
 
+
+def _logged(_: Failure) -> None:
+    """A failed read of a watch, already logged where it failed."""
