@@ -21,7 +21,6 @@ import json
 import math
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,18 +46,10 @@ DSN_ENV = "TXVMBOT_BENCH_DSN"
 def pg_server() -> Iterator[Any]:
     """A PostgreSQL server (tests.pgserver.PostgresServer: unix socket only,
     fsync=off) in a new temp dir; stopped by its pid, the dir removed."""
-    from tests.pgserver import PostgresServer
+    from tests.pgserver import running_server
 
-    base = tempfile.mkdtemp(prefix="txpgb", dir="/tmp")
-    server = PostgresServer(base)
-    try:
-        server.start()
+    with running_server(tempfile.mkdtemp(prefix="txpgb", dir="/tmp"), True) as server:
         yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def query(dsn: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.pgserver import PostgresServer, choose_base_dir
+from tests.pgserver import PostgresServer, choose_base_dir, running_server
 from tests.qemu_fixtures import qemu_image  # noqa: F401
 from tests.servers import Moto, moto_server
 
@@ -22,17 +21,8 @@ def moto() -> Iterator[Moto]:
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A real PostgreSQL server on a unix socket, for the whole session."""
-    base, remove = choose_base_dir(str(tmp_path_factory.mktemp("pg")))
-    server = PostgresServer(base)
-    try:
-        server.start()
+    with running_server(*choose_base_dir(str(tmp_path_factory.mktemp("pg")))) as server:
         yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            if remove:
-                shutil.rmtree(base, ignore_errors=True)
 
 
 _pg_databases = itertools.count(1)

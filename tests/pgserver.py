@@ -16,12 +16,15 @@ import glob
 import os
 import pwd
 import re
+import shutil
 import signal
 import stat
 import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PACKAGE = "postgresql"
@@ -310,6 +313,22 @@ class PostgresServer:
                 return f.read().decode(errors="replace")
         except OSError as e:
             return f"(no log at {self.log_path}: {e})"
+
+
+@contextmanager
+def running_server(base: str, remove: bool) -> Iterator[PostgresServer]:
+    """A started PostgresServer in ``base``, stopped by its pid when done
+    (also on failure); ``base`` removed afterwards if ``remove``."""
+    server = PostgresServer(base)
+    try:
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            if remove:
+                shutil.rmtree(base, ignore_errors=True)
 
 
 def _check_db_name(name: str) -> None:
