@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from txvmbot.errors import ConfigError, TxvmbotError
 from txvmbot.jobs.suite import durations
 from txvmbot.jobs.suite.feed import Batch, Closed, Feeder, FeedError, expected_durations
+from txvmbot.jobs.suite.groups import by_class, grouping
 from txvmbot.jobs.suite.spread import (
     Spread,
     Timeline,
@@ -75,15 +76,167 @@ def test_batches_shrink_to_single_tests_near_the_end() -> None:
         batch = feeder.take("w0")
         if batch is None:
             break
-        # At most the remaining work / (workers * 4), or one test.
-        assert len(batch.test_ids) == 1 or batch.expected <= before / 16 + 1e-9
+        # Every time recorded, no fixed cost: the remaining work / (workers * 2).
+        assert len(batch.test_ids) == 1 or batch.expected <= before / 8 + 1e-9
         assert batch.expected == len(batch.test_ids) * 1.0
         feeder.finished(batch, set(batch.test_ids))
         sizes.append(len(batch.test_ids))
     assert sum(sizes) == 400
-    assert sizes[0] == 25  # 400 s of work / 16
+    assert sizes[0] == 50  # 400 s of work / 8
     assert sizes == sorted(sizes, reverse=True)
-    assert sizes[-15:] == [1] * 15
+    assert sizes[-7:] == [1] * 7
+
+
+def test_guessed_durations_make_smaller_batches() -> None:
+    ids = [f"t{i:03d}" for i in range(400)]
+    feeder = Feeder(ids, {}, workers=4)
+    batch = feeder.take("w0")
+    # Nothing recorded: the work is cut in workers * slices_per_worker.
+    assert batch is not None and len(batch.test_ids) == 25
+
+
+def test_a_fixed_cost_per_command_keeps_batches_big() -> None:
+    """A batch that took 72.5 s for 62.5 s of tests: 10 s a command. Batches
+    are then at least 20 x 10 s while a machine's share of the rest allows,
+    and never below 2 x 10 s at the end."""
+    ids = [f"t{i:04d}" for i in range(2000)]
+    eighth = 0.125
+    feeder = Feeder(ids, dict.fromkeys(ids, eighth), workers=2)
+    first = feeder.take("w0")
+    assert first is not None and len(first.test_ids) == 500  # 250 s / (2 x 2)
+    feeder.finished(first, set(first.test_ids), took=72.5, times=dict.fromkeys(first.test_ids, eighth))
+    assert feeder.fixed_cost("w0") == pytest.approx(10.0)
+    assert feeder.fixed_cost("w1") == pytest.approx(10.0)  # the others' until its own is known
+    second = feeder.take("w1")
+    # 187.5 s left: 20 x 10 s is more than a machine's share, so the share.
+    assert second is not None and len(second.test_ids) == 750
+    feeder.finished(second, set(second.test_ids), took=103.75, times=dict.fromkeys(second.test_ids, eighth))
+    sizes = []
+    for _ in range(100):
+        batch = feeder.take("w0")
+        if batch is None:
+            break
+        sizes.append(len(batch.test_ids))
+        feeder.finished(batch, set(batch.test_ids))
+    assert sum(sizes) == 750
+    assert sizes[0] == 375  # a machine's share of 93.75 s
+    assert min(sizes[:-1]) >= 160  # 2 x 10 s of 0.125 s tests; the last takes what is left
+    assert len(sizes) <= 5
+    assert feeder.empty
+
+
+def test_the_cost_is_measured_only_from_batches_that_ended_whole() -> None:
+    feeder = Feeder(["a", "b"], {"a": 1.0, "b": 1.0}, workers=1, slices_per_worker=1)
+    batch = feeder.take("w0")
+    assert batch is not None and batch.test_ids == ("a", "b")
+    feeder.finished(batch, {"a"}, took=30.0, times={"a": 1.0})
+    assert feeder.fixed_cost("w0") == 0.0
+    again = feeder.take("w0")
+    assert again is not None and again.test_ids == ("b",)
+    feeder.finished(again, {"b"}, took=3.0, times={"b": 1.0})
+    assert feeder.fixed_cost("w0") == pytest.approx(2.0)
+
+
+def test_times_of_this_run_replace_the_guess() -> None:
+    ids = [f"t{i}" for i in range(100)]
+    feeder = Feeder(ids, {}, workers=1)
+    assert feeder.expected("t99") == 1.0
+    batch = feeder.take("w0")
+    assert batch is not None
+    feeder.finished(
+        batch, set(batch.test_ids), took=1.0, times={t: 0.01 for t in batch.test_ids}
+    )
+    assert feeder.expected("t99") == pytest.approx(0.01)
+    assert feeder.remaining_seconds == pytest.approx(0.01 * feeder.remaining)
+
+
+# -- groups -----------------------------------------------------------------
+
+
+def test_groups_stay_together_in_order_longest_group_first() -> None:
+    ids = ["m.A.t1", "m.B.t1", "m.A.t2", "m.B.t2", "m.B.t3", "m.C.t1"]
+    recorded = {"m.A.t1": 1.0, "m.A.t2": 1.0, "m.B.t1": 1.0, "m.B.t2": 1.0, "m.B.t3": 1.0, "m.C.t1": 2.5}
+    feeder = Feeder(ids, recorded, workers=2, group=by_class)
+    first = feeder.take("w0")
+    second = feeder.take("w1")
+    third = feeder.take("w0")
+    assert first is not None and first.test_ids == ("m.B.t1", "m.B.t2", "m.B.t3")
+    assert second is not None and second.test_ids == ("m.C.t1",)
+    # The last class alone is more than a machine's share of what is left
+    # (2 s over 2 machines): split, in order.
+    assert third is not None and third.test_ids == ("m.A.t1",)
+
+
+def test_a_group_is_split_only_when_bigger_than_a_machines_share() -> None:
+    big = [f"pkg.Big.t{i}" for i in range(10)]
+    small = [f"pkg.S{i}.t" for i in range(4)]
+    ids = big + small
+    feeder = Feeder(ids, dict.fromkeys(ids, 1.0), workers=2, group=by_class)
+    # 14 s in all, 7 s a machine: the 10 s class would end late on its own.
+    first = feeder.take("w0")
+    assert first is not None and first.test_ids == tuple(big[:3])  # 14 / (2 x 2) = 3.5 s
+    second = feeder.take("w1")
+    # 11 s left, 5.5 s a machine: the rest of the class (7 s) is split again.
+    assert second is not None and second.test_ids == tuple(big[3:5])
+    # Without grouping, nothing is split and order is by test.
+    plain = Feeder(ids, dict.fromkeys(ids, 1.0), workers=2)
+    got = plain.take("w0")
+    assert got is not None and got.test_ids == tuple(big[:3])
+
+
+def test_a_group_within_a_share_goes_whole_even_over_the_budget() -> None:
+    ids = [f"pkg.A.t{i}" for i in range(6)] + [f"pkg.B{i}.t" for i in range(10)]
+    feeder = Feeder(ids, dict.fromkeys(ids, 1.0), workers=2, group=by_class)
+    batch = feeder.take("w0")
+    # 16 s, 8 s a machine, budget 4 s: the 6 s class goes whole.
+    assert batch is not None and batch.test_ids == tuple(ids[:6])
+
+
+def test_requeued_tests_go_back_as_one_group() -> None:
+    ids = ["m.A.t1", "m.A.t2", "m.A.t3", "m.B.t1"]
+    feeder = Feeder(ids, dict.fromkeys(ids, 1.0), workers=1, group=by_class)
+    batch = feeder.take("w0")
+    assert batch is not None
+    closed = feeder.finished(batch, {"m.A.t1"})
+    assert closed.requeued[:2] == ("m.A.t2", "m.A.t3")
+    again = feeder.take("w0")
+    assert again is not None and again.test_ids[:2] == ("m.A.t2", "m.A.t3")
+
+
+def test_without_batching_groups_do_not_apply() -> None:
+    ids = ["m.A.t1", "m.A.t2"]
+    feeder = Feeder(ids, {}, workers=1, batch=False, group=by_class)
+    assert [b.test_ids for b in drain(feeder)] == [("m.A.t1",), ("m.A.t2",)]
+
+
+@pytest.mark.parametrize(
+    ("test_id", "key"),
+    [
+        ("pkg.mod.Class.test_x", "pkg.mod.Class"),
+        ("pkg.mod.Class.test_x[1.5]", "pkg.mod.Class"),
+        ("pkg.mod.Class.test_x(scenario.a)", "pkg.mod.Class"),
+        ("pkg.mod.test_f", "pkg.mod"),
+        ("test_mod.test_f", None),  # two parts: as likely a file name as a Python name
+        ("tests/test_x.py::TestX::test_y[1-2]", "tests/test_x.py::TestX"),
+        ("tests/test_x.py::test_f", "tests/test_x.py"),
+        ("t11.sh", None),
+        ("tests/net/t11.sh", None),
+        ("single", None),
+        ("a.b-c.d", None),
+    ],
+)
+def test_the_default_group_is_the_class(test_id: str, key: str | None) -> None:
+    assert by_class(test_id) == key
+
+
+def test_group_regex_means_what_it_means_to_stestr() -> None:
+    key = grouping(r"^[^.]+\.[^.]+")
+    assert key("pkg.mod.A.t1") == key("pkg.mod.B.t2") == "pkg.mod"
+    assert key("nodots") is None
+    assert grouping(None, enabled=False)("pkg.mod.A.t1") is None
+    assert grouping(None)("pkg.mod.A.t1") == "pkg.mod.A"
+    with pytest.raises(ConfigError, match="--group-regex.*not a regular expression"):
+        grouping("(")
 
 
 def test_a_long_test_goes_alone_even_when_it_is_over_the_budget() -> None:
@@ -293,6 +446,69 @@ def test_the_bounds_hold_on_other_data(seed: int, batch: bool) -> None:
         static_timelines(partition_by_timing(ids, recorded, 4), actual), actual.values()
     )
     assert by_timing.makespan > spread.makespan
+
+
+def run_with_cost(
+    ids: Sequence[str],
+    actual: Mapping[str, float],
+    recorded: Mapping[str, float],
+    workers: int,
+    cost: float,
+) -> tuple[float, int]:
+    """Each batch takes ``cost`` seconds besides its tests, and reports its
+    wall time and test times back: (makespan, batches)."""
+    clock = Clock()
+    feeder = Feeder(ids, recorded, workers, group=by_class)
+    ends: dict[str, float] = {}
+    batches = 0
+
+    def pull(worker: str) -> None:
+        nonlocal batches
+        batch = feeder.take(worker)
+        if batch is None:
+            ends[worker] = clock.seconds()
+            return
+        batches += 1
+        took = cost + sum(actual[t] for t in batch.test_ids)
+        clock.callLater(took, finish, worker, batch, took)
+
+    def finish(worker: str, batch: Batch, took: float) -> None:
+        feeder.finished(
+            batch, set(batch.test_ids), took=took, times={t: actual[t] for t in batch.test_ids}
+        )
+        pull(worker)
+
+    for i in range(workers):
+        pull(f"w{i}")
+    for _ in range(len(ids) + 1):
+        calls = clock.getDelayedCalls()
+        if not calls:
+            break
+        clock.advance(min(c.getTime() for c in calls) - clock.seconds())
+    assert feeder.empty
+    return max(ends.values()), batches
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_suite_of_small_tests_with_a_costly_command(seed: int) -> None:
+    """A suite shaped like Twisted's own (2,409 tests, 55 s in all, most of
+    them a few ms, a heavy tail) on 2 machines whose command costs 0.8 s
+    (interpreter, imports) besides the tests: batches stay few, and the
+    makespan stays near its lower bound (every machine pays the cost once),
+    first run (nothing recorded) and second (recorded times drifted)."""
+    rng = random.Random(seed)
+    raw = [min(rng.paretovariate(1.2), 400.0) for _ in range(2409)]
+    ids = [f"pkg.mod{i // 40}.Case{i // 8}.test_{i}" for i in range(len(raw))]
+    actual = {t: x * 55.0 / sum(raw) for t, x in zip(ids, raw, strict=True)}
+    recorded = {t: d * rng.lognormvariate(0.0, 0.5) for t, d in actual.items()}
+    lower = 55.0 / 2 + 0.8
+    first, first_batches = run_with_cost(ids, actual, {}, 2, 0.8)
+    second, second_batches = run_with_cost(ids, actual, recorded, 2, 0.8)
+    assert first <= 1.15 * lower and second <= 1.12 * lower
+    assert first_batches <= 14 and second_batches <= 10
+    # A runner that costs nothing per command gets smaller batches.
+    _, free_batches = run_with_cost(ids, actual, recorded, 2, 0.0)
+    assert free_batches > 2 * second_batches
 
 
 # -- every test ends exactly once, whatever happens -------------------------

@@ -1,9 +1,30 @@
 """One queue that feeds a suite's tests to free workers (seed 002).
 
 A static split decided up front left workers ending 10+ minutes apart. The
-feeder hands out work only when a worker is free: longest expected test
-first, in batches that shrink as the queue empties, so near the end every
-batch is a single test and the workers end about one test apart.
+feeder hands out work only when a worker is free, longest expected first,
+in batches that shrink as the queue empties, so that machines end close
+together.
+
+Real runners pay a fixed cost per command (the interpreter's start, the
+imports of the test modules a batch touches): the feeder learns each
+machine's cost as the run goes (a batch's wall time minus the times its
+tests reported) and never makes a batch so small that this cost dominates
+it, and it keeps groups of tests that share their set-up (a class, a
+layer: :mod:`txvmbot.jobs.suite.groups`) in one batch, in order. A group is
+split only when it is bigger than a machine's share of what is left, the
+one case where keeping it whole would leave the other machines waiting.
+
+Batch sizes follow guided self-scheduling (factoring): a batch is the
+remaining expected work divided by ``workers * slices``, where ``slices``
+is 2 (at most ``slices_per_worker``) when every queued test has a
+recorded duration and grows to
+``slices_per_worker`` as the share of guessed durations grows (a guess is
+wrong more often, so smaller batches hedge). Two floors keep the fixed cost
+small: while a machine's share of the remaining work allows, a batch is big
+enough that the cost is at most :data:`COST_SHARE` of it; and near the end
+it shrinks no further than :data:`FLOOR_COSTS` times that cost. (tests/test_suite_feed.py
+simulates a 2,409-test suite of small, heavy-tailed tests with a fixed cost
+per command to show what this wins.)
 
 Pure and deterministic: no reactor, no I/O. The caller runs the batches and
 reports back with :meth:`Feeder.finished` or :meth:`Feeder.timed_out`.
@@ -19,9 +40,22 @@ from collections.abc import Mapping, Sequence, Set
 from attrs import frozen
 
 from txvmbot.errors import ConfigError, TxvmbotError
+from txvmbot.jobs.suite.groups import GroupKey
 
 #: Expected seconds of a test when no test of the run has a recorded time.
 DEFAULT_EXPECTED = 1.0
+#: Slices per worker when every queued test has a recorded duration.
+KNOWN_SLICES = 2.0
+#: While much work is left, a machine's fixed cost per command is at most
+#: this share of a batch.
+COST_SHARE = 0.05
+#: Near the end a batch shrinks, but not below this many times its
+#: machine's fixed cost per command: smaller batches would cost more in
+#: starts than they win in a closer end.
+FLOOR_COSTS = 2.0
+#: How much of a machine's last measured fixed cost is kept when a new
+#: batch is measured (an exponential moving average).
+COST_MEMORY = 0.5
 
 
 class FeedError(TxvmbotError):
@@ -57,9 +91,7 @@ class Closed:
     gave_up: tuple[str, ...] = ()
 
 
-def expected_durations(test_ids: Sequence[str], durations: Mapping[str, float]) -> dict[str, float]:
-    """Expected seconds of each test: its recorded time, else the median of
-    the recorded times of this run's tests, else :data:`DEFAULT_EXPECTED`."""
+def _check_durations(test_ids: Sequence[str], durations: Mapping[str, float]) -> dict[str, float]:
     known: dict[str, float] = {}
     for tid in test_ids:
         if tid in durations:
@@ -71,8 +103,19 @@ def expected_durations(test_ids: Sequence[str], durations: Mapping[str, float]) 
                     "durations", f"test {tid!r}: {value!r} is not a finite duration >= 0"
                 )
             known[tid] = float(value)
+    return known
+
+
+def expected_durations(test_ids: Sequence[str], durations: Mapping[str, float]) -> dict[str, float]:
+    """Expected seconds of each test: its recorded time, else the median of
+    the recorded times of this run's tests, else :data:`DEFAULT_EXPECTED`."""
+    known = _check_durations(test_ids, durations)
     fallback = statistics.median(known.values()) if known else DEFAULT_EXPECTED
     return {tid: known.get(tid, fallback) for tid in test_ids}
+
+
+def _alone(test_id: str) -> str | None:
+    return None
 
 
 class Feeder:
@@ -90,14 +133,17 @@ class Feeder:
         workers: int,
         batch: bool = True,
         slices_per_worker: int = 4,
+        group: GroupKey = _alone,
     ) -> None:
         """``test_ids``: the suite's tests, each once; their order breaks
-        ties. ``durations``: recorded seconds per test id from earlier runs.
-        ``workers``: how many machines pull from the queue. ``batch``: hand
-        out several tests at a time (a runner that reports each test, e.g.
-        subunit); ``False`` hands out one test at a time (the runner's exit
-        status is the only result). A batch is at most about the remaining
-        expected work divided by ``workers * slices_per_worker``."""
+        ties and is the order within a group. ``durations``: recorded
+        seconds per test id from earlier runs. ``workers``: how many
+        machines pull from the queue. ``batch``: hand out several tests at a
+        time (a runner that reports each test, e.g. subunit); ``False``
+        hands out one test at a time (the runner's exit status is the only
+        result; groups do not apply). ``slices_per_worker``: how finely the
+        remaining work is cut while durations are guessed (see the module's
+        docstring). ``group``: the key that keeps tests together."""
         if workers < 1:
             raise ConfigError("workers", f"need at least 1 worker, got {workers}")
         if slices_per_worker < 1:
@@ -107,30 +153,45 @@ class Feeder:
             if tid in seen:
                 raise ConfigError("test ids", f"test {tid!r} is listed more than once")
             seen.add(tid)
-        self._expected = expected_durations(test_ids, durations)
-        position = {tid: i for i, tid in enumerate(test_ids)}
-        order = sorted(test_ids, key=lambda tid: (-self._expected[tid], position[tid]))
-        self._queue: deque[str] = deque(order)
-        self._queued_seconds = math.fsum(self._expected.values())
+        self._recorded = _check_durations(test_ids, durations)
+        self._ids = tuple(test_ids)
+        self._guess = statistics.median(self._recorded.values()) if self._recorded else DEFAULT_EXPECTED
+        self._learned: list[float] = []
         self._workers = workers
         self._batch = batch
         self._slices = slices_per_worker
+        self._queue: deque[list[str]] = deque(self._groups(group if batch else _alone))
+        self._queued_known = math.fsum(self._recorded.values())
+        self._queued_guessed = len(self._ids) - len(self._recorded)
         self._out: dict[int, Batch] = {}
         self._given_back: dict[str, int] = {}
+        self._costs: dict[str, float] = {}
         self._seq = 0
         self._ended = 0
+
+    def _groups(self, group: GroupKey) -> list[list[str]]:
+        """The tests as groups in listing order within each, the groups
+        longest expected first (ties: the group listed first)."""
+        groups: dict[object, list[str]] = {}
+        for position, tid in enumerate(self._ids):
+            key = group(tid)
+            groups.setdefault(position if key is None else ("group", key), []).append(tid)
+        ordered = list(groups.values())
+        position = {tid: i for i, tid in enumerate(self._ids)}
+        ordered.sort(key=lambda g: (-self._seconds(g), position[g[0]]))
+        return ordered
 
     # -- counts ---------------------------------------------------------
 
     @property
     def total(self) -> int:
         """How many distinct tests the suite has."""
-        return len(self._expected)
+        return len(self._ids)
 
     @property
     def remaining(self) -> int:
         """How many tests wait in the queue."""
-        return len(self._queue)
+        return sum(len(g) for g in self._queue)
 
     @property
     def handed_out(self) -> int:
@@ -145,7 +206,9 @@ class Feeder:
     @property
     def remaining_seconds(self) -> float:
         """Expected seconds of the tests in the queue."""
-        return self._queued_seconds if self._queue else 0.0
+        if not self._queue:
+            return 0.0
+        return max(0.0, self._queued_known) + self._queued_guessed * self._guess
 
     @property
     def empty(self) -> bool:
@@ -153,8 +216,21 @@ class Feeder:
         return not self._queue and not self._out
 
     def expected(self, test_id: str) -> float:
-        """Expected seconds of one test of the suite."""
-        return self._expected[test_id]
+        """Expected seconds of one test of the suite: its recorded time, else
+        the mean time of this run's tests without one that ended so far,
+        else the median recorded time of the suite's tests."""
+        return self._recorded.get(test_id, self._guess)
+
+    def fixed_cost(self, worker: str) -> float:
+        """Seconds ``worker`` spends per command besides its tests, as
+        measured so far (other workers' median before its first batch ends;
+        0 before any)."""
+        if worker in self._costs:
+            return self._costs[worker]
+        return statistics.median(self._costs.values()) if self._costs else 0.0
+
+    def _seconds(self, ids: Sequence[str]) -> float:
+        return math.fsum(self.expected(tid) for tid in ids)
 
     # -- the queue ------------------------------------------------------
 
@@ -164,25 +240,71 @@ class Feeder:
         (see ``empty``): a batch that fails may put tests back."""
         if not self._queue:
             return None
-        first = self._queue.popleft()
-        ids = [first]
-        seconds = self._expected[first]
-        if self._batch:
-            budget = self.remaining_seconds / (self._workers * self._slices)
-            while self._queue and seconds + self._expected[self._queue[0]] <= budget:
-                tid = self._queue.popleft()
-                ids.append(tid)
-                seconds += self._expected[tid]
-        self._queued_seconds = max(0.0, self._queued_seconds - seconds)
-        batch = Batch(worker=worker, test_ids=tuple(ids), expected=seconds, seq=self._seq)
+        if not self._batch:
+            ids = [self._queue.popleft()[0]]
+        else:
+            ids = self._fill(self._budget(worker))
+        for tid in ids:
+            if tid in self._recorded:
+                self._queued_known -= self._recorded[tid]
+            else:
+                self._queued_guessed -= 1
+        batch = Batch(worker=worker, test_ids=tuple(ids), expected=self._seconds(ids), seq=self._seq)
         self._seq += 1
         self._out[batch.seq] = batch
         return batch
 
-    def finished(self, batch: Batch, done: Set[str]) -> Closed:
+    def _budget(self, worker: str) -> float:
+        """Seconds of tests for the next batch of ``worker``."""
+        left = self.remaining_seconds
+        guessed = self._queued_guessed * self._guess
+        share = guessed / left if left > 0 else 1.0
+        known = min(KNOWN_SLICES, self._slices)
+        slices = known + (self._slices - known) * share
+        cost = self.fixed_cost(worker)
+        return max(
+            left / (self._workers * slices),
+            min(cost / COST_SHARE, left / self._workers),
+            FLOOR_COSTS * cost,
+        )
+
+    def _fill(self, budget: float) -> list[str]:
+        """Whole groups, longest first, while they fit ``budget`` (the first
+        always goes). A first group bigger than a machine's share of what is
+        left is split: its first tests up to ``budget`` go, the rest stays
+        at the front."""
+        first = self._queue[0]
+        seconds = self._seconds(first)
+        if len(first) > 1 and seconds > max(budget, self.remaining_seconds / self._workers):
+            cut = 1
+            taken = self.expected(first[0])
+            while cut < len(first) - 1 and taken + self.expected(first[cut]) <= budget:
+                taken += self.expected(first[cut])
+                cut += 1
+            self._queue[0] = first[cut:]
+            return first[:cut]
+        ids = self._queue.popleft()
+        while self._queue and seconds + (more := self._seconds(self._queue[0])) <= budget:
+            ids = ids + self._queue.popleft()
+            seconds += more
+        return ids
+
+    def finished(
+        self,
+        batch: Batch,
+        done: Set[str],
+        *,
+        took: float | None = None,
+        times: Mapping[str, float] | None = None,
+    ) -> Closed:
         """Close ``batch``: ``done`` are its tests that ended. The others
         (the machine died, the run was cut off) go back to the front of the
-        queue the first time, and are given up the second time."""
+        queue the first time, and are given up the second time.
+
+        ``took``: the command's wall time; ``times``: the seconds each test
+        reported. Both teach the feeder: the worker's fixed cost per command
+        (when every test of the batch ended) and how long tests without a
+        recorded time take."""
         self._close(batch, done)
         requeued: list[str] = []
         gave_up: list[str] = []
@@ -195,7 +317,21 @@ class Feeder:
         self._requeue(requeued)
         ended = [tid for tid in batch.test_ids if tid in done]
         self._ended += len(ended) + len(gave_up)
+        if times is not None:
+            self._learn(batch, done, took, times)
         return Closed(done=tuple(ended), requeued=tuple(requeued), gave_up=tuple(gave_up))
+
+    def _learn(self, batch: Batch, done: Set[str], took: float | None, times: Mapping[str, float]) -> None:
+        reported = {tid: max(0.0, float(t)) for tid, t in times.items() if tid in done and math.isfinite(t)}
+        guessed = [s for tid, s in reported.items() if tid not in self._recorded]
+        if guessed:
+            self._learned.extend(guessed)
+            self._guess = math.fsum(self._learned) / len(self._learned)
+        if took is None or not math.isfinite(took) or len(reported) != len(batch.test_ids):
+            return
+        cost = max(0.0, took - math.fsum(reported.values()))
+        before = self._costs.get(batch.worker)
+        self._costs[batch.worker] = cost if before is None else COST_MEMORY * before + (1 - COST_MEMORY) * cost
 
     def timed_out(self, batch: Batch, test_id: str, done: Set[str] = frozenset()) -> Closed:
         """Close ``batch`` because ``test_id`` passed its bound: that test is
@@ -227,7 +363,19 @@ class Feeder:
         del self._out[batch.seq]
 
     def _requeue(self, ids: Sequence[str]) -> None:
+        """``ids`` back at the front of the queue, as one group in order (in
+        batch mode; one by one otherwise)."""
+        if not ids:
+            return
         if not self._queue:
-            self._queued_seconds = 0.0
-        self._queue.extendleft(reversed(ids))
-        self._queued_seconds += math.fsum(self._expected[tid] for tid in ids)
+            self._queued_known = 0.0
+            self._queued_guessed = 0
+        if self._batch:
+            self._queue.appendleft(list(ids))
+        else:
+            self._queue.extendleft([tid] for tid in reversed(ids))
+        for tid in ids:
+            if tid in self._recorded:
+                self._queued_known += self._recorded[tid]
+            else:
+                self._queued_guessed += 1
