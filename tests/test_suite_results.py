@@ -544,7 +544,8 @@ def test_junit_strips_what_xml_forbids() -> None:
     )
     case = junit([nasty]).find("testsuite/testcase")
     assert case is not None
-    assert case.get("name") == "tx"
+    # "t\x01x" is no Python identifier: the whole id is the name.
+    assert (case.get("classname"), case.get("name")) == ("suite", "a.tx")
     assert case.findtext("system-out") == "ok[31mred[0m \ufffd\ufffd tab\there\n"
     failure = case.find("failure")
     assert failure is not None and failure.get("message") == "bad thing <&>"
@@ -564,13 +565,29 @@ def test_junit_of_nothing() -> None:
         ("pkg.T.test_x(scenario.one)", ("pkg.T", "test_x(scenario.one)")),
         ("tests/test_x.py::TestA::test_b[0.1]", ("tests.test_x.TestA", "test_b[0.1]")),
         ("tests/test_x.py::test_c", ("tests.test_x", "test_c")),
-        ("tests/smoke/boot.sh", ("tests.smoke", "boot.sh")),
+        ("tests/test_x.py::test_d[a::b.c]", ("tests.test_x", "test_d[a::b.c]")),
+        ("pkg.test_mod.test_f", ("pkg.test_mod", "test_f")),
+        # Not dotted Python names: the whole id is the name.
+        ("tests/smoke/boot.sh", ("nightly", "tests/smoke/boot.sh")),
+        ("tests/net/t11.sh", ("nightly", "tests/net/t11.sh")),
+        ("t11.sh", ("nightly", "t11.sh")),
+        ("auth.test.js", ("nightly", "auth.test.js")),
+        ("t11-net.case", ("nightly", "t11-net.case")),
+        ("pkg.2fast.test_x", ("nightly", "pkg.2fast.test_x")),
+        ("pkg.class.test_x", ("nightly", "pkg.class.test_x")),
+        ("pkg.T.test_x[1", ("nightly", "pkg.T.test_x[1")),
         ("boot", ("nightly", "boot")),
         (".hidden", ("nightly", ".hidden")),
+        ("trailing.", ("nightly", "trailing.")),
     ],
 )
 def test_junit_names(test_id: str, names: tuple[str, str]) -> None:
     assert junit_names(test_id, "nightly") == names
+
+
+def test_junit_names_keep_a_file_whole() -> None:
+    assert junit_names("t11.sh", "s") == ("s", "t11.sh")
+    assert junit_names("tests/net/t11.sh", "s") == ("s", "tests/net/t11.sh")
 
 
 # --- JSON -----------------------------------------------------------------------

@@ -7,8 +7,9 @@ is recorded; no known_hosts file is read or written and ~/.ssh is never
 touched.
 
 ``run_commands`` runs a list of commands over one connection and closes it;
-``open_session`` holds a ``Session`` open for many ``Session.run`` and
-``Session.upload`` (SFTP) calls.
+``open_session`` holds a ``Session`` open for many ``Session.run`` calls,
+and SFTP transfers: ``Session.upload`` (a file or tree), and
+``write_file``, ``read_file`` and ``remove_file`` for single small files.
 """
 
 from txvmbot.ssh._keys import (
@@ -25,6 +26,10 @@ from txvmbot.ssh._values import (
     SSHCommandFailed,
     SSHCommandTimeout,
     SSHConnectError,
+    SSHFileError,
+    SSHFileMissing,
+    SSHFileTimeout,
+    SSHFileTooLarge,
     SSHHostKeyError,
     SSHOutcome,
     SSHUploadError,
@@ -38,6 +43,10 @@ __all__ = [
     "SSHCommandFailed",
     "SSHCommandTimeout",
     "SSHConnectError",
+    "SSHFileError",
+    "SSHFileMissing",
+    "SSHFileTimeout",
+    "SSHFileTooLarge",
     "SSHHostKeyError",
     "SSHOutcome",
     "SSHUploadError",

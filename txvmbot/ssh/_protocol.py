@@ -3,7 +3,8 @@
 ``connect`` (public as ``open_session``) turns a client endpoint string
 into an authenticated ``Session``; ``Session.execute`` runs one command in
 its own exec channel (``Session.run`` does, failing with public errors), and
-``Session.upload`` copies files over SFTP (in ``_sftp``).
+``Session.upload`` copies files over SFTP, and ``write_file``, ``read_file``
+and ``remove_file`` handle single small files (in ``_sftp``).
 Host keys are accepted whatever they are (every VM is new) and recorded.
 """
 
@@ -437,11 +438,12 @@ class _ExecChannel(SSHChannel):
 
 class Session:
     """An authenticated ssh connection, held open to run many commands and
-    uploads, each in its own channel.
+    SFTP transfers (uploads, small files), each in its own channel.
 
-    ``run`` and ``upload`` fail with public errors (SSHCommandFailed,
-    SSHCommandTimeout, SSHUploadError); ``lost`` tells a dead connection
-    from a failed command. Close it with ``close`` (or ``abort``).
+    ``run``, ``upload`` and the file methods fail with public errors
+    (SSHCommandFailed, SSHCommandTimeout, SSHUploadError, SSHFileError);
+    ``lost`` tells a dead connection from a failed command. Close it with
+    ``close`` (or ``abort``).
     """
 
     def __init__(
@@ -532,8 +534,8 @@ class Session:
         return await self.run(command, timeout, max_output)
 
     def closing(self, gone: Deferred[None]) -> None:
-        """Note a channel that is closing; ``run`` and ``upload`` wait (up
-        to ``CLOSE_GRACE``) until ``gone`` fires before opening another.
+        """Note a channel that is closing; ``run`` and SFTP transfers wait
+        (up to ``CLOSE_GRACE``) until ``gone`` fires before opening another.
         dropbear, asked for a new channel while an old one's process still
         ends, loses the new command's output and exit status."""
         if gone.called:
@@ -580,17 +582,70 @@ class Session:
         local path, the remote path and the server's message (``lost`` set if
         the connection went); with SSHUploadTimeout at the bound, naming the
         files being written and the bytes done. A timeout or a cancel closes
-        the sftp channel, not the session; what was written stays.
+        the sftp channel, not the session; what was written stays. The
+        bound includes waiting (``settled``) for an abandoned channel to
+        close.
         """
         from txvmbot.ssh._sftp import upload
 
-        if self._settling():
-            return Deferred.fromCoroutine(self._upload_later(local_path, remote_path, bound))
         return upload(self, local_path, remote_path, bound=bound)
 
-    async def _upload_later(self, local_path: str, remote_path: str, bound: float) -> UploadResult:
-        await self._settled()
-        return await self.upload(local_path, remote_path, bound=bound)
+    def write_file(self, path: str, data: bytes, bound: float, mode: int = 0o600) -> Deferred[None]:
+        """Create or truncate the remote file ``path`` and write ``data`` to
+        it, over one sftp channel, within ``bound`` seconds; its permission
+        bits become ``mode`` (whatever the server's umask). Fires None once
+        the file is written and closed.
+
+        Fails with SSHFileError naming the path, the step and the server's
+        message (a missing directory: "No such file"; ``lost`` set if the
+        connection went), with SSHFileTimeout at the bound. A timeout or a
+        cancel closes the sftp channel, not the session; the file may be
+        left partly written.
+        """
+        from txvmbot.ssh._sftp import write_file
+
+        return write_file(self, path, data, bound=bound, mode=mode)
+
+    def read_file(
+        self, path: str, bound: float, *, limit: int, remove: bool = False
+    ) -> Deferred[bytes]:
+        """Read the whole remote file ``path``, over one sftp channel, within
+        ``bound`` seconds; with ``remove``, remove it after reading (a failed
+        removal is logged, and the read stands).
+
+        Fails with SSHFileMissing if there is no such file; with
+        SSHFileTooLarge, saying its size, if it holds more than ``limit``
+        bytes (it is removed all the same with ``remove``); with
+        SSHFileTimeout at the bound (then it is not removed); with
+        SSHFileError naming the path, the step and the server's message
+        otherwise (not a regular file, permission denied, the connection
+        lost).
+        """
+        from txvmbot.ssh._sftp import read_file
+
+        return read_file(self, path, bound=bound, limit=limit, remove=remove)
+
+    def remove_file(self, path: str, bound: float) -> Deferred[None]:
+        """Remove the remote file ``path`` over one sftp channel, within
+        ``bound`` seconds. A file already missing is not an error. Fails with
+        SSHFileError naming the path and the server's message, or with
+        SSHFileTimeout at the bound."""
+        from txvmbot.ssh._sftp import remove_file
+
+        return remove_file(self, path, bound=bound)
+
+    def settled(self) -> Deferred[None]:
+        """Fires once no abandoned channel is closing any more (each is
+        waited for up to ``CLOSE_GRACE``): at once if none is. SFTP
+        transfers wait for it, within their bound, before they open their
+        channel."""
+        if not self._settling():
+            return succeed(None)
+        return Deferred.fromCoroutine(self._settle())
+
+    async def _settle(self) -> None:
+        while self._settling():
+            await self._settled()
 
     def execute(
         self,

@@ -1,9 +1,11 @@
-"""Copy a file or a directory tree to a machine over SFTP, on an open session.
+"""Copy a file or a directory tree to a machine over SFTP, on an open
+session; write, read and remove single small files there.
 
-The copy runs in an "sftp" subsystem channel of the session's connection,
-spoken by conch's ``FileTransferClient``; nothing is shelled out. Only the
-suite path imports this module (``Session.upload`` imports it when called),
-so conch's filetransfer is not loaded by the CLI's other commands.
+Each transfer runs in its own "sftp" subsystem channel of the session's
+connection, spoken by conch's ``FileTransferClient``; nothing is shelled
+out. Only the suite path imports this module (``Session.upload`` and the
+file methods import it when called), so conch's filetransfer is not loaded
+by the CLI's other commands.
 
 Like ``scp -r``: if the remote path is an existing directory the source is
 copied into it under its own name, else the remote path is created. Files
@@ -19,7 +21,8 @@ import os
 import posixpath
 import stat
 from collections import deque
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from attrs import frozen
 from twisted.conch.error import ConchError
@@ -29,6 +32,7 @@ from twisted.conch.ssh.connection import EXTENDED_DATA_STDERR, SSHConnection
 from twisted.conch.ssh.filetransfer import (
     FX_NO_SUCH_FILE,
     FXF_CREAT,
+    FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
     ClientFile,
@@ -42,7 +46,16 @@ from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot.ssh._values import SSHUploadError, SSHUploadTimeout, UploadResult
+from txvmbot.errors import SSHError
+from txvmbot.ssh._values import (
+    SSHFileError,
+    SSHFileMissing,
+    SSHFileTimeout,
+    SSHFileTooLarge,
+    SSHUploadError,
+    SSHUploadTimeout,
+    UploadResult,
+)
 
 if TYPE_CHECKING:
     from txvmbot.ssh._protocol import Session
@@ -56,6 +69,9 @@ CHUNK = 32 * 1024
 #: Writes sent ahead of their replies, per file (OpenSSH's sftp keeps 64).
 WRITES_IN_FLIGHT = 16
 
+#: Reads of CHUNK bytes sent ahead of their replies, per file.
+READS_IN_FLIGHT = 16
+
 #: How long an ending sftp channel may take to close before we close it.
 CLOSE_GRACE = 5.0
 
@@ -64,6 +80,7 @@ CLOSE_GRACE = 5.0
 FILES_AT_ONCE = 4
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @frozen
@@ -332,90 +349,94 @@ def upload(
     return _Upload(session, local_path, remote_path, bound).start()
 
 
-class _Upload:
-    """One upload: its channel, its bound, its progress.
+def write_file(
+    session: Session, path: str, data: bytes, *, bound: float, mode: int
+) -> Deferred[None]:
+    """Write ``data`` to the remote file ``path``; see ``Session.write_file``."""
+    return _WriteFile(session, path, bound, data, mode).start()
 
-    The work runs as a coroutine; ``result`` is fired by whichever ends it
-    first: the work (done or failed), the bound, or a cancel. Then the sftp
-    channel is closed and anything still in flight is dropped.
+
+def read_file(
+    session: Session, path: str, *, bound: float, limit: int, remove: bool
+) -> Deferred[bytes]:
+    """Read the remote file ``path``; see ``Session.read_file``."""
+    return _ReadFile(session, path, bound, limit, remove).start()
+
+
+def remove_file(session: Session, path: str, *, bound: float) -> Deferred[None]:
+    """Remove the remote file ``path``; see ``Session.remove_file``."""
+    return _RemoveFile(session, path, bound).start()
+
+
+class _Transfer(Generic[R]):
+    """One piece of work on its own sftp channel of a session, within a bound.
+
+    The work (``_work``, a coroutine, given by each kind of transfer) starts
+    once the session's abandoned channels have closed; ``result`` is fired by
+    whichever ends it first: the work (done or failed), the bound, or a
+    cancel. Then the sftp channel is closed and anything still in flight is
+    dropped. A ``_Failed`` from the work becomes the kind's public error
+    (``_error``); the bound, its timeout error (``_timed_out``).
     """
 
-    def __init__(self, session: Session, local_path: str, remote_path: str, bound: float) -> None:
+    def __init__(self, session: Session, bound: float) -> None:
         self._session = session
-        self._local = local_path
-        self._remote = remote_path
         self._bound = bound
         self._clock = session.clock
         self._channel: _SFTPChannel | None = None
         self._timer: IDelayedCall | None = None
         self._started = 0.0
         self._stopped = False
-        #: bytes the server acknowledged, in all
+        #: bytes the server acknowledged (writes) or sent (reads), in all
         self._bytes = 0
-        #: files being written: relative name -> [bytes acknowledged, size]
-        self._progress: dict[str, list[int]] = {}
-        self._files = 0
-        self._dirs = 0
-        self._result: Deferred[UploadResult] = Deferred(self._cancel)
+        self._result: Deferred[R] = Deferred(self._cancel)
 
-    def start(self) -> Deferred[UploadResult]:
+    def start(self) -> Deferred[R]:
         self._started = self._clock.seconds()
         self._timer = self._clock.callLater(self._bound, self._time_up)
-        work = Deferred.fromCoroutine(self._work())
+        work = Deferred.fromCoroutine(self._settle_then_work())
         work.addBoth(self._finish)
         return self._result
 
+    # -- what each kind says
+
+    async def _work(self) -> R:
+        raise NotImplementedError()
+
+    def _error(self, failed: _Failed) -> SSHError:
+        """The public error for a transfer stopped by ``failed``."""
+        raise NotImplementedError()
+
+    def _timed_out(self) -> SSHError:
+        """The public error (logged) for a transfer that passed its bound."""
+        raise NotImplementedError()
+
+    def _succeeded(self, result: R) -> None:
+        """Log what was done."""
+
     # -- how it ends
 
-    def _finish(self, outcome: UploadResult | Failure) -> None:
+    def _finish(self, outcome: R | Failure) -> None:
         self._stop()
         if self._result.called:
             return  # timed out or cancelled: already reported
         if isinstance(outcome, Failure):
             failed = outcome.value
             if isinstance(failed, _Failed):
-                outcome = Failure(self._error(failed.reason, lost=failed.lost))
+                outcome = Failure(self._error(failed))
             self._result.errback(outcome)
         else:
-            log.info(
-                "uploaded {local} to {remote}: {files} files, {dirs} directories, "
-                "{bytes} bytes in {seconds:.2f}s",
-                local=self._local,
-                remote=self._remote,
-                files=outcome.files,
-                dirs=outcome.directories,
-                bytes=outcome.bytes,
-                seconds=outcome.seconds,
-            )
+            self._succeeded(outcome)
             self._result.callback(outcome)
 
     def _time_up(self) -> None:
         self._timer = None
-        in_progress = tuple(
-            (name or os.path.basename(self._local), done, size)
-            for name, (done, size) in self._progress.items()
-        )
-        log.warn(
-            "upload of {local} to {remote} did not finish within {bound}s",
-            local=self._local,
-            remote=self._remote,
-            bound=self._bound,
-        )
+        error = self._timed_out()
         self._stop()
         if not self._result.called:
-            self._result.errback(
-                SSHUploadTimeout(
-                    self._session.endpoint,
-                    self._session.user,
-                    self._local,
-                    self._remote,
-                    self._bound,
-                    self._bytes,
-                    in_progress,
-                )
-            )
+            self._result.errback(error)
 
-    def _cancel(self, d: Deferred[UploadResult]) -> None:
+    def _cancel(self, d: Deferred[R]) -> None:
         self._stop()
 
     def _stop(self) -> None:
@@ -429,14 +450,161 @@ class _Upload:
             self._channel.abandon()
             self._session.closing(self._channel.gone)
 
-    def _error(self, reason: str, *, lost: bool = False) -> SSHUploadError:
+    def _seconds(self) -> float:
+        return round(self._clock.seconds() - self._started, 3)
+
+    # -- the steps every kind takes
+
+    async def _settle_then_work(self) -> R:
+        # Within the bound: a channel abandoned before (a cancelled upload,
+        # a killed command) may take up to CLOSE_GRACE to close.
+        await self._session.settled()
+        return await self._work()
+
+    async def _done(self) -> None:
+        """End the sftp server cleanly (end of file on its input) and wait
+        for its channel to close, so that the server is done with it before
+        the result fires (dropbear mixes up a new channel's exit with one
+        still closing)."""
+        channel = self._channel
+        assert channel is not None
+        channel.finish()
+        await channel.gone
+
+    async def _open(self) -> _Client:
+        if self._stopped:
+            raise CancelledError()  # while waiting for the session to settle
+        if self._session.lost:
+            raise _Failed(f"could not start: {self._session.lost_reason()}", lost=True)
+        channel = self._channel = _SFTPChannel(self._session.conn, self._clock, CLOSE_GRACE)
+        self._session.conn.openChannel(channel)
+        try:
+            return await channel.ready
+        except _Failed as e:
+            raise self._lost_or(e.reason) from None
+
+    def _lost_or(self, reason: str) -> _Failed:
+        """``reason``, unless the connection itself is gone: then that."""
+        if self._session.lost:
+            return _Failed(f"connection lost: {self._session.lost_reason()}", lost=True)
+        return _Failed(reason)
+
+    async def _call(self, d: Deferred[T], what: str) -> T:
+        """Wait for one SFTP request; _Failed naming ``what`` and the
+        server's answer if it failed. (End of file, EOFError, passes.)"""
+        try:
+            return await d
+        except SFTPError as e:
+            raise _Failed(f"{what}: {_server_says(e)}", code=e.code) from None
+        except NotImplementedError as e:
+            raise _Failed(f"{what}: the server does not support this ({e})") from None
+        except (ConchError, ConnectionClosed) as e:
+            if self._stopped:
+                raise CancelledError() from None
+            raise self._lost_or(f"{what}: the sftp channel closed ({e})") from None
+
+    async def _stat(self, client: _Client, path: bytes) -> dict[str, int] | None:
+        """The remote attributes of ``path`` (following links), or None if
+        there is no such file."""
+        try:
+            attrs: dict[str, int] = await self._call(
+                client.getAttrs(path, 1), f"stat {_text(path)}"
+            )
+        except _Failed as e:
+            if e.code == FX_NO_SUCH_FILE:
+                return None
+            raise
+        return attrs
+
+    async def _write_chunks(
+        self,
+        handle: ClientFile,
+        chunks: Iterable[bytes],
+        what: str,
+        chmod: Deferred[object],
+        chmod_what: str,
+        progress: list[int],
+    ) -> None:
+        """Write ``chunks`` one after the other from offset 0 of the open
+        file ``handle``, up to WRITES_IN_FLIGHT ahead of their replies.
+        ``chmod``, sent just before, is waited for with them. ``progress[0]``
+        counts the bytes acknowledged."""
+        window: deque[tuple[Deferred[object], str]] = deque([(chmod, chmod_what)])
+        try:
+            offset = 0
+            for chunk in chunks:
+                d = handle.writeChunk(offset, chunk)
+                d.addCallback(self._acked, progress, len(chunk))
+                window.append((d, what))
+                offset += len(chunk)
+                if len(window) >= WRITES_IN_FLIGHT:
+                    head, head_what = window.popleft()
+                    await self._call(head, head_what)
+            while window:
+                head, head_what = window.popleft()
+                await self._call(head, head_what)
+        finally:
+            for pending, _what in window:
+                pending.addErrback(lambda ignored: None)
+
+    def _acked(self, ignored: object, progress: list[int], size: int) -> None:
+        progress[0] += size
+        self._bytes += size
+
+
+class _Upload(_Transfer[UploadResult]):
+    """One upload of a local file or tree, with its progress."""
+
+    def __init__(self, session: Session, local_path: str, remote_path: str, bound: float) -> None:
+        super().__init__(session, bound)
+        self._local = local_path
+        self._remote = remote_path
+        #: files being written: relative name -> [bytes acknowledged, size]
+        self._progress: dict[str, list[int]] = {}
+        self._files = 0
+        self._dirs = 0
+
+    def _succeeded(self, result: UploadResult) -> None:
+        log.info(
+            "uploaded {local} to {remote}: {files} files, {dirs} directories, "
+            "{bytes} bytes in {seconds:.2f}s",
+            local=self._local,
+            remote=self._remote,
+            files=result.files,
+            dirs=result.directories,
+            bytes=result.bytes,
+            seconds=result.seconds,
+        )
+
+    def _timed_out(self) -> SSHError:
+        in_progress = tuple(
+            (name or os.path.basename(self._local), done, size)
+            for name, (done, size) in self._progress.items()
+        )
+        log.warn(
+            "upload of {local} to {remote} did not finish within {bound}s",
+            local=self._local,
+            remote=self._remote,
+            bound=self._bound,
+        )
+        return SSHUploadTimeout(
+            self._session.endpoint,
+            self._session.user,
+            self._local,
+            self._remote,
+            self._bound,
+            self._bytes,
+            in_progress,
+        )
+
+    def _error(self, failed: _Failed) -> SSHError:
         return SSHUploadError(
             self._session.endpoint,
             self._session.user,
             self._local,
             self._remote,
-            reason,
-            lost=lost,
+            failed.reason,
+            lost=failed.lost,
         )
 
     # -- the work
@@ -459,53 +627,13 @@ class _Upload:
             for path, mode in reversed(made)
         ]
         await self._all(modes)
-        await self._done(client)
+        await self._done()
         return UploadResult(
             files=self._files,
             directories=self._dirs,
             bytes=self._bytes,
-            seconds=round(self._clock.seconds() - self._started, 3),
+            seconds=self._seconds(),
         )
-
-    async def _done(self, client: _Client) -> None:
-        """End the sftp server cleanly (end of file on its input) and wait
-        for its channel to close, so that the server is done with it before
-        the result fires (dropbear mixes up a new channel's exit with one
-        still closing)."""
-        channel = self._channel
-        assert channel is not None
-        channel.finish()
-        await channel.gone
-
-    async def _open(self) -> _Client:
-        if self._session.lost:
-            raise _Failed(f"could not start: {self._session.lost_reason()}", lost=True)
-        channel = self._channel = _SFTPChannel(self._session.conn, self._clock, CLOSE_GRACE)
-        self._session.conn.openChannel(channel)
-        try:
-            return await channel.ready
-        except _Failed as e:
-            raise self._lost_or(e.reason) from None
-
-    def _lost_or(self, reason: str) -> _Failed:
-        """``reason``, unless the connection itself is gone: then that."""
-        if self._session.lost:
-            return _Failed(f"connection lost: {self._session.lost_reason()}", lost=True)
-        return _Failed(reason)
-
-    async def _call(self, d: Deferred[T], what: str) -> T:
-        """Wait for one SFTP request; _Failed naming ``what`` and the
-        server's answer if it failed."""
-        try:
-            return await d
-        except SFTPError as e:
-            raise _Failed(f"{what}: {_server_says(e)}", code=e.code) from None
-        except NotImplementedError as e:
-            raise _Failed(f"{what}: the server does not support this ({e})") from None
-        except (ConchError, ConnectionClosed) as e:
-            if self._stopped:
-                raise CancelledError() from None
-            raise self._lost_or(f"{what}: the sftp channel closed ({e})") from None
 
     async def _all(self, ds: list[Any]) -> None:
         """Wait for coroutines run at once; the first failure is raised and
@@ -520,19 +648,6 @@ class _Upload:
             if isinstance(first, Failure):
                 first.raiseException()
             raise
-
-    async def _stat(self, client: _Client, path: bytes) -> dict[str, int] | None:
-        """The remote attributes of ``path`` (following links), or None if
-        there is no such file."""
-        try:
-            attrs: dict[str, int] = await self._call(
-                client.getAttrs(path, 1), f"stat {_text(path)}"
-            )
-        except _Failed as e:
-            if e.code == FX_NO_SUCH_FILE:
-                return None
-            raise
-        return attrs
 
     async def _target(self, client: _Client) -> bytes:
         """Where the source goes: into ``remote_path`` if that is an
@@ -577,46 +692,235 @@ class _Upload:
     async def _put(self, client: _Client, remote: bytes, f: _File) -> None:
         """Copy one file: open, chmod, pipelined writes, close."""
         name = _text(remote)
-        handle: ClientFile = await self._call(
-            client.openFile(remote, FXF_WRITE | FXF_CREAT | FXF_TRUNC, {"permissions": f.mode}),
-            f"open {name} for writing",
-        )
-        # The mode given at open passes through the server's umask; set it.
-        chmod = client.setAttrs(remote, {"permissions": f.mode})
-        window: deque[Deferred[object]] = deque([chmod])
-        chmod_what = f"chmod {name}"
-        progress = self._progress[f.relative] = [0, f.size]
-        closed = False
-        try:
-            with _open_local(f.source) as src:
-                offset = 0
-                while True:
-                    chunk = _read(src, f.source)
-                    if not chunk:
-                        break
-                    d = handle.writeChunk(offset, chunk)
-                    d.addCallback(self._acked, progress, len(chunk))
-                    window.append(d)
-                    offset += len(chunk)
-                    if len(window) >= WRITES_IN_FLIGHT:
-                        head = window.popleft()
-                        await self._call(head, chmod_what if head is chmod else f"write {name}")
-                while window:
-                    head = window.popleft()
-                    await self._call(head, chmod_what if head is chmod else f"write {name}")
-            closed = True
-            await self._call(handle.close(), f"close {name}")
-        finally:
-            for pending in window:
-                pending.addErrback(lambda ignored: None)
-            if not closed:
-                handle.close().addErrback(lambda ignored: None)
-            self._progress.pop(f.relative, None)
+        with _open_local(f.source) as src:
+            handle: ClientFile = await self._call(
+                client.openFile(remote, FXF_WRITE | FXF_CREAT | FXF_TRUNC, {"permissions": f.mode}),
+                f"open {name} for writing",
+            )
+            # The mode given at open passes through the server's umask; set it.
+            chmod = client.setAttrs(remote, {"permissions": f.mode})
+            progress = self._progress[f.relative] = [0, f.size]
+            closed = False
+            try:
+                await self._write_chunks(
+                    handle,
+                    _local_chunks(src, f.source),
+                    f"write {name}",
+                    chmod,
+                    f"chmod {name}",
+                    progress,
+                )
+                closed = True
+                await self._call(handle.close(), f"close {name}")
+            finally:
+                if not closed:
+                    handle.close().addErrback(lambda ignored: None)
+                self._progress.pop(f.relative, None)
         self._files += 1
 
-    def _acked(self, ignored: object, progress: list[int], size: int) -> None:
-        progress[0] += size
-        self._bytes += size
+
+class _FileTransfer(_Transfer[R]):
+    """Writing, reading or removing one remote file, ``path``; it fails
+    with SSHFileError (SSHFileTimeout at the bound)."""
+
+    #: what it does to the file, in the errors: "write", "read", "remove"
+    operation = ""
+
+    def __init__(self, session: Session, path: str, bound: float) -> None:
+        super().__init__(session, bound)
+        self._path = path
+        self._remote = path.encode("utf-8")
+        #: the file's size, once known (for the timeout's message)
+        self._size: int | None = None
+
+    def _error(self, failed: _Failed) -> SSHError:
+        return SSHFileError(
+            self._session.endpoint,
+            self._session.user,
+            self.operation,
+            self._path,
+            failed.reason,
+            lost=failed.lost,
+        )
+
+    def _timed_out(self) -> SSHError:
+        log.warn(
+            "sftp {operation} of {path} did not finish within {bound}s",
+            operation=self.operation,
+            path=self._path,
+            bound=self._bound,
+        )
+        return SSHFileTimeout(
+            self._session.endpoint,
+            self._session.user,
+            self.operation,
+            self._path,
+            self._bound,
+            self._bytes,
+            self._size,
+        )
+
+
+class _WriteFile(_FileTransfer[None]):
+    operation = "write"
+
+    def __init__(self, session: Session, path: str, bound: float, data: bytes, mode: int) -> None:
+        super().__init__(session, path, bound)
+        self._data = data
+        self._mode = mode
+        self._size = len(data)
+
+    async def _work(self) -> None:
+        client = await self._open()
+        try:
+            handle: ClientFile = await self._call(
+                client.openFile(
+                    self._remote, FXF_WRITE | FXF_CREAT | FXF_TRUNC, {"permissions": self._mode}
+                ),
+                "open for writing",
+            )
+        except _Failed as e:
+            if e.code == FX_NO_SUCH_FILE:
+                parent = posixpath.dirname(self._path)
+                raise _Failed(f"{e.reason}; is there a directory {parent!r}?") from None
+            raise
+        # The mode given at open passes through the server's umask; set it.
+        chmod = client.setAttrs(self._remote, {"permissions": self._mode})
+        closed = False
+        try:
+            await self._write_chunks(
+                handle, _slices(self._data), "write", chmod, f"chmod {self._mode:o}", [0]
+            )
+            closed = True
+            await self._call(handle.close(), "close")
+        finally:
+            if not closed:
+                handle.close().addErrback(lambda ignored: None)
+        await self._done()
+
+    def _succeeded(self, result: None) -> None:
+        log.debug(
+            "wrote {bytes} bytes to {path} in {seconds:.2f}s",
+            bytes=len(self._data),
+            path=self._path,
+            seconds=self._seconds(),
+        )
+
+
+class _ReadFile(_FileTransfer[bytes]):
+    operation = "read"
+
+    def __init__(self, session: Session, path: str, bound: float, limit: int, remove: bool) -> None:
+        super().__init__(session, path, bound)
+        self._limit = limit
+        self._remove = remove
+
+    async def _work(self) -> bytes:
+        client = await self._open()
+        try:
+            handle: ClientFile = await self._call(
+                client.openFile(self._remote, FXF_READ, {}), "open for reading"
+            )
+        except _Failed as e:
+            if e.code == FX_NO_SUCH_FILE:
+                raise SSHFileMissing(
+                    self._session.endpoint, self._session.user, "read", self._path, e.reason
+                ) from None
+            raise
+        data = b""
+        closed = False
+        try:
+            attrs: dict[str, int] = await self._call(handle.getAttrs(), "fstat")
+            kind = attrs.get("permissions")
+            if kind is not None and not stat.S_ISREG(kind):
+                raise _Failed(f"not a regular file (mode {kind:o})")
+            self._size = attrs.get("size")
+            if self._size is None or self._size <= self._limit:
+                data = await self._read_all(handle, self._size or 0)
+            closed = True
+            await self._call(handle.close(), "close")
+        finally:
+            if not closed:
+                handle.close().addErrback(lambda ignored: None)
+        seen = max(self._size or 0, len(data))
+        removed = self._remove and await self._remove_after(client)
+        if seen > self._limit:
+            raise SSHFileTooLarge(
+                self._session.endpoint,
+                self._session.user,
+                self._path,
+                seen,
+                self._limit,
+                removed=removed,
+            )
+        await self._done()
+        return data
+
+    async def _read_all(self, handle: ClientFile, size: int) -> bytes:
+        """Read from offset 0 to end of file: the ``size`` the server stated
+        in reads up to READS_IN_FLIGHT ahead of their replies, then on until
+        end of file (the file may have grown; a server may answer a read with
+        fewer bytes than asked). Stops once past the limit."""
+        data = bytearray()
+        window: deque[tuple[int, Deferred[bytes]]] = deque()
+        ahead = 0  # the next offset to ask for
+        try:
+            while len(data) <= self._limit:
+                while len(window) < READS_IN_FLIGHT and (ahead < size or not window):
+                    window.append((ahead, handle.readChunk(ahead, CHUNK)))
+                    ahead += CHUNK
+                offset, d = window.popleft()
+                try:
+                    chunk: bytes = await self._call(d, f"read at offset {offset}")
+                except EOFError:
+                    break
+                data += chunk
+                self._bytes += len(chunk)
+                if len(chunk) < CHUNK:
+                    # Reads sent ahead ask for the wrong offsets now: drop
+                    # them, and go on from where this one ended.
+                    for _offset, pending in window:
+                        pending.addErrback(lambda ignored: None)
+                    window.clear()
+                    ahead = len(data)
+        finally:
+            for _offset, pending in window:
+                pending.addErrback(lambda ignored: None)
+        return bytes(data)
+
+    async def _remove_after(self, client: _Client) -> bool:
+        """Remove the file that was read; True if it was. A failure is
+        logged: what was read stands."""
+        try:
+            await self._call(client.removeFile(self._remote), "remove")
+        except _Failed as e:
+            log.warn(
+                "could not remove {path} after reading it: {why}", path=self._path, why=e.reason
+            )
+            return False
+        return True
+
+    def _succeeded(self, result: bytes) -> None:
+        log.debug(
+            "read {bytes} bytes from {path}{removed} in {seconds:.2f}s",
+            bytes=len(result),
+            path=self._path,
+            removed=" and removed it" if self._remove else "",
+            seconds=self._seconds(),
+        )
+
+
+class _RemoveFile(_FileTransfer[None]):
+    operation = "remove"
+
+    async def _work(self) -> None:
+        client = await self._open()
+        try:
+            await self._call(client.removeFile(self._remote), "remove")
+        except _Failed as e:
+            if e.code != FX_NO_SUCH_FILE:
+                raise
+        await self._done()
 
 
 def _open_local(path: str) -> Any:
@@ -626,12 +930,23 @@ def _open_local(path: str) -> Any:
         raise _Failed(f"cannot read local {path!r}: {e.strerror}") from None
 
 
-def _read(src: Any, path: str) -> bytes:
-    try:
-        data: bytes = src.read(CHUNK)
-    except OSError as e:
-        raise _Failed(f"cannot read local {path!r}: {e.strerror}") from None
-    return data
+def _local_chunks(src: Any, path: str) -> Iterator[bytes]:
+    """The open local file ``src`` in CHUNK pieces."""
+    while True:
+        try:
+            chunk: bytes = src.read(CHUNK)
+        except OSError as e:
+            raise _Failed(f"cannot read local {path!r}: {e.strerror}") from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _slices(data: bytes) -> Iterator[bytes]:
+    """``data`` in CHUNK pieces (none if it is empty)."""
+    view = memoryview(data)
+    for start in range(0, len(data), CHUNK):
+        yield bytes(view[start : start + CHUNK])
 
 
 def _join(target: bytes, relative: str) -> bytes:

@@ -182,6 +182,82 @@ class SSHUploadTimeout(SSHUploadError):
         self.in_progress = in_progress
 
 
+class SSHFileError(SSHError):
+    """Writing, reading or removing one remote file over SFTP
+    (``Session.write_file``, ``read_file``, ``remove_file``) failed.
+
+    ``operation`` is "write", "read" or "remove"; ``reason`` names the step
+    ("open for writing", "read at offset 65536") and, when the server refused
+    something, its own message ("No such file", "Permission denied") and SFTP
+    status code. ``lost`` is True when the ssh connection itself went away.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        user: str,
+        operation: str,
+        path: str,
+        reason: str,
+        *,
+        lost: bool = False,
+    ) -> None:
+        super().__init__(f"ssh to {endpoint} as {user}: {operation} {path!r}: {reason}")
+        self.endpoint = endpoint
+        self.user = user
+        self.operation = operation
+        self.path = path
+        self.reason = reason
+        self.lost = lost
+
+
+class SSHFileMissing(SSHFileError):
+    """``read_file``: there is no file at ``path`` (the server said "No such
+    file" when asked to open it)."""
+
+
+class SSHFileTooLarge(SSHFileError):
+    """``read_file``: the file holds more than ``limit`` bytes; ``size`` is
+    its size as the server stated it (or, if it grew while being read, the
+    bytes read before reading stopped). Nothing of it is returned;
+    ``removed`` says whether it was removed (asked with ``remove=True``)."""
+
+    def __init__(
+        self, endpoint: str, user: str, path: str, size: int, limit: int, *, removed: bool
+    ) -> None:
+        reason = f"the file is {size} bytes, over the limit of {limit} bytes" + (
+            " (removed)" if removed else ""
+        )
+        super().__init__(endpoint, user, "read", path, reason)
+        self.size = size
+        self.limit = limit
+        self.removed = removed
+
+
+class SSHFileTimeout(SSHFileError):
+    """A file transfer passed its ``bound``. Its sftp channel was closed (the
+    session stays open); ``bytes_done`` were written or read by then, of
+    ``size`` (None if not known yet). A file being read is not removed."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        user: str,
+        operation: str,
+        path: str,
+        bound: float,
+        bytes_done: int,
+        size: int | None,
+    ) -> None:
+        reason = f"did not finish within {bound:g}s" + (
+            f" after {bytes_done} of {size} bytes" if size else ""
+        )
+        super().__init__(endpoint, user, operation, path, reason)
+        self.bound = bound
+        self.bytes_done = bytes_done
+        self.size = size
+
+
 def _last_line(result: CommandResult) -> str:
     """The last non-empty line of output, shortened, for error messages."""
     for stream in (result.stderr, result.stdout):

@@ -173,12 +173,13 @@ class Feeder:
         """The tests as groups in listing order within each, the groups
         longest expected first (ties: the group listed first)."""
         groups: dict[object, list[str]] = {}
-        for position, tid in enumerate(self._ids):
+        first: dict[str, int] = {}
+        for index, tid in enumerate(self._ids):
             key = group(tid)
-            groups.setdefault(position if key is None else ("group", key), []).append(tid)
+            first[tid] = index
+            groups.setdefault(index if key is None else ("group", key), []).append(tid)
         ordered = list(groups.values())
-        position = {tid: i for i, tid in enumerate(self._ids)}
-        ordered.sort(key=lambda g: (-self._seconds(g), position[g[0]]))
+        ordered.sort(key=lambda g: (-self._seconds(g), first[g[0]]))
         return ordered
 
     # -- counts ---------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import keyword
 import re
 import signal as _signal
 import struct
@@ -635,26 +636,56 @@ def _last_dot(text: str) -> int:
     return cut
 
 
+# Last parts that make a dotted id a file name, not a Python name: ``t11.sh``.
+_FILE_SUFFIXES = frozenset(
+    """
+    awk bash bat bats bin c cc cfg cjs cmd conf cpp cs csh cxx dart el erl ex exe exp
+    expect exs fish go groovy h hs ini jar java jl js json jsx kt ksh log lua md mjs ml
+    nim out php pl pm ps1 py pyc r rb robot rs rst scala sed sh sql swift t tcl toml ts
+    tsx txt xml yaml yml zig zsh
+    """.split()
+)
+
+
+def _python_part(part: str) -> bool:
+    return part.isidentifier() and not keyword.iskeyword(part)
+
+
+def _is_python_name(module: str, last: str) -> bool:
+    """Whether ``module.last`` is a dotted Python name: every part an
+    identifier, ``last`` maybe with a ``[...]`` or ``(...)`` parameter suffix,
+    and not a file name (``t11.sh``: ``last`` is not a file suffix)."""
+    bracket = min((i for i in (last.find("["), last.find("(")) if i >= 0), default=len(last))
+    base, suffix = last[:bracket], last[bracket:]
+    if suffix and (suffix[0], suffix[-1]) not in (("[", "]"), ("(", ")")):
+        return False
+    return (
+        all(_python_part(part) for part in module.split("."))
+        and _python_part(base)
+        and base.lower() not in _FILE_SUFFIXES
+    )
+
+
 def junit_names(test_id: str, suite_name: str) -> tuple[str, str]:
     """The JUnit ``(classname, name)`` of a test id.
 
-    Python ids split on their last dot (``pkg.mod.Class.test_x``); pytest
-    node ids (``tests/test_x.py::Class::test_y``) as pytest's own JUnit
-    writer does; paths (``tests/boot.sh``) on their last slash. An id with
-    none of these is a test of ``suite_name``.
+    pytest node ids (``tests/test_x.py::Class::test_y[1]``) split as
+    pytest's own JUnit writer does: ``tests.test_x.Class``, ``test_y[1]``.
+    Dotted Python names (``pkg.mod.Class.test_x``, parameters such as
+    ``[1.5]`` or ``(scenario.a)`` kept whole) split on their last dot. Any
+    other id (``t11.sh``, ``tests/net/t11.sh``, ``boot``) is a test of
+    ``suite_name`` named by its whole id: a file's name is not a class and a
+    method.
     """
-    if "::" in test_id:
-        path, *rest = test_id.split("::")
-        name = rest.pop()
-        module = path.removesuffix(".py").replace("/", ".")
-        return ".".join([module, *rest]), name
-    if "/" in test_id:
-        folder, _, name = test_id.rpartition("/")
-        return folder.replace("/", ".") or suite_name, name
+    path, bracket, parameters = test_id.partition("[")
+    if "::" in path:
+        module, *rest = path.split("::")
+        name = rest.pop() + bracket + parameters
+        return ".".join([module.removesuffix(".py").replace("/", "."), *rest]), name
     cut = _last_dot(test_id)
-    if cut <= 0 or cut == len(test_id) - 1:
-        return suite_name, test_id
-    return test_id[:cut], test_id[cut + 1 :]
+    if cut > 0 and _is_python_name(test_id[:cut], test_id[cut + 1 :]):
+        return test_id[:cut], test_id[cut + 1 :]
+    return suite_name, test_id
 
 
 def _seconds(value: float) -> str:
