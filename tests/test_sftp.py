@@ -1,4 +1,5 @@
-"""Tests for ``open_session``, ``Session.run`` and ``Session.upload`` (SFTP).
+"""Tests for ``open_session``, ``Session.run``, ``Session.upload`` and the
+small-file calls ``write_file``, ``read_file``, ``remove_file`` (SFTP).
 
 Integration tests run against a real OpenSSH sshd on 127.0.0.1 (tests/sshd.py,
 one per test, stopped by its pid): the sshd side's filesystem is this
@@ -39,6 +40,10 @@ from txvmbot.ssh import (
     Session,
     SSHCommandFailed,
     SSHCommandTimeout,
+    SSHFileError,
+    SSHFileMissing,
+    SSHFileTimeout,
+    SSHFileTooLarge,
     SSHUploadError,
     SSHUploadTimeout,
     UploadResult,
@@ -51,7 +56,6 @@ from txvmbot.ssh import (
 from txvmbot.ssh._protocol import CLOSE_GRACE, KILL_GRACE
 
 reactor: Any = _reactor
-
 
 
 def write(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -239,6 +243,60 @@ class SessionRunUnitTests(SynchronousTestCase):
         e = self.failureResultOf(session.run("true", 5), SSHCommandFailed).value
         self.assertIn("could not start: server disconnected: bye", str(e))
         self.assertEqual(conn.opened, [])
+
+
+class FileBoundUnitTests(SynchronousTestCase):
+    """The bound of the small-file calls, on doubles and a Clock."""
+
+    endpoint = "tcp:host=127.0.0.1:port=2222"
+
+    def session(self) -> tuple[Session, FakeConnection, Clock]:
+        clock = Clock()
+        conn = FakeConnection()
+        session = Session(
+            conn.transport,  # type: ignore[arg-type]
+            conn,  # type: ignore[arg-type]
+            clock,
+            endpoint=self.endpoint,
+            user="root",
+        )
+        return session, conn, clock
+
+    def test_timeout_names_the_path_and_the_bound(self) -> None:
+        session, conn, clock = self.session()
+        d = session.read_file("/tmp/ids.txt", 3.0, limit=100)
+        [channel] = conn.opened  # the server never answers
+        clock.advance(2.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        e = self.failureResultOf(d, SSHFileTimeout).value
+        self.assertIsInstance(e, SSHFileError)
+        self.assertEqual(
+            (e.path, e.operation, e.bound, e.bytes_done), ("/tmp/ids.txt", "read", 3.0, 0)
+        )
+        self.assertEqual(
+            str(e), f"ssh to {self.endpoint} as root: read '/tmp/ids.txt': did not finish within 3s"
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_waiting_for_a_closing_channel_is_within_the_bound(self) -> None:
+        session, conn, clock = self.session()
+        session.closing(Deferred())  # an abandoned channel that never closes
+        d = session.write_file("/tmp/x", b"data", 1.0)
+        self.assertEqual(conn.opened, [])
+        clock.advance(1.0)
+        e = self.failureResultOf(d, SSHFileTimeout).value
+        self.assertEqual((e.operation, e.path, e.bound), ("write", "/tmp/x", 1.0))
+        self.assertIn("did not finish within 1s after 0 of 4 bytes", str(e))
+        clock.advance(CLOSE_GRACE)  # done waiting: it does not open a channel now
+        self.assertEqual(conn.opened, [])
+
+    def test_cancel(self) -> None:
+        session, conn, clock = self.session()
+        d = session.remove_file("/tmp/x", 5.0)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 # -- against a real sshd ----------------------------------------------------------
@@ -484,7 +542,142 @@ class UploadTests(SFTPTestCase):
             e = await failed(session.upload(src, self.remote, bound=10), SSHUploadError)
             self.assertIn("the server refused the sftp subsystem", str(e))
             self.assertFalse(e.lost)
+            f = await failed(session.write_file(src, b"x", 10), SSHFileError)
+            self.assertIn(f"write {src!r}: the server refused the sftp subsystem", str(f))
             await session.close()
+
+
+class FileTests(SFTPTestCase):
+    """``write_file``, ``read_file`` and ``remove_file``."""
+
+    async def test_write_then_read_back(self) -> None:
+        path = os.path.join(self.remote, "ids.bin")
+        data = os.urandom(200 * 1024 + 5)  # several 32 KiB writes and reads
+        session = await self.session()
+        self.assertIsNone(await session.write_file(path, data, 20))
+        self.assertEqual(listing(self.remote), {"ids.bin": ("file", 0o600, data)})
+        self.assertEqual(await session.read_file(path, 20, limit=len(data)), data)
+        self.assertTrue(os.path.exists(path))  # read without remove: kept
+        # truncates a longer file, and sets the mode whatever the umask (022)
+        await session.write_file(path, b"short\x00\xff", 20, mode=0o664)
+        self.assertEqual(listing(self.remote), {"ids.bin": ("file", 0o664, b"short\x00\xff")})
+        self.assertEqual(await session.read_file(path, 20, limit=8), b"short\x00\xff")
+        await session.write_file(path, b"", 20)
+        self.assertEqual(await session.read_file(path, 20, limit=0), b"")
+        self.assertEqual(listing(self.remote), {"ids.bin": ("file", 0o600, b"")})
+        # all over one connection, one sftp channel each
+        self.assertEqual(self.sshd.log().count("Accepted publickey"), 1)
+        self.assertEqual(self.sshd.log().count("subsystem 'sftp'"), 6)
+
+    async def test_read_and_remove(self) -> None:
+        path = os.path.join(self.remote, "report.xml")
+        data = os.urandom(70 * 1024)
+        write(path, data)
+        session = await self.session()
+        self.assertEqual(await session.read_file(path, 20, limit=1 << 20, remove=True), data)
+        self.assertFalse(os.path.exists(path))
+
+    async def test_read_missing(self) -> None:
+        path = os.path.join(self.remote, "nope")
+        session = await self.session()
+        e = await failed(session.read_file(path, 10, limit=100), SSHFileMissing)
+        self.assertIsInstance(e, SSHFileError)
+        self.assertEqual((e.path, e.operation, e.lost), (path, "read", False))
+        self.assertEqual(
+            str(e),
+            f"ssh to {self.sshd.endpoint} as {self.sshd.user}: read {path!r}: "
+            "open for reading: the server said 'No such file' (SFTP status 2)",
+        )
+        e = await failed(session.read_file(path, 10, limit=100, remove=True), SSHFileMissing)
+        self.assertEqual(e.path, path)
+
+    async def test_read_too_large(self) -> None:
+        path = os.path.join(self.remote, "big")
+        write(path, b"x" * 1000)
+        session = await self.session()
+        e = await failed(session.read_file(path, 10, limit=999), SSHFileTooLarge)
+        self.assertIsInstance(e, SSHFileError)
+        self.assertEqual((e.path, e.size, e.limit, e.removed), (path, 1000, 999, False))
+        self.assertIn(f"read {path!r}: the file is 1000 bytes, over the limit of 999 bytes", str(e))
+        self.assertTrue(os.path.exists(path))
+        e = await failed(session.read_file(path, 10, limit=999, remove=True), SSHFileTooLarge)
+        self.assertEqual((e.size, e.limit, e.removed), (1000, 999, True))
+        self.assertIn("over the limit of 999 bytes (removed)", str(e))
+        self.assertFalse(os.path.exists(path))
+        # the session is still good
+        self.assertEqual((await session.run("echo ok", 10)).stdout, b"ok\n")
+
+    async def test_read_past_the_stated_size_and_removal_refused(self) -> None:
+        # /proc files say they are 0 bytes long, and cannot be removed
+        with open("/proc/version", "rb") as f:
+            expected = f.read()
+        session = await self.session()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        data = await session.read_file("/proc/version", 10, limit=1 << 16, remove=True)
+        self.assertEqual(data, expected)
+        [warning] = [e for e in events if "could not remove" in e.get("log_format", "")]
+        self.assertEqual(warning["path"], "/proc/version")
+        self.assertIn("remove: the server said", warning["why"])
+        e = await failed(session.read_file("/proc/version", 10, limit=10), SSHFileTooLarge)
+        self.assertGreater(e.size, 10)
+
+    async def test_read_a_directory(self) -> None:
+        session = await self.session()
+        e = await failed(session.read_file(self.remote, 10, limit=100), SSHFileError)
+        self.assertNotIsInstance(e, SSHFileMissing)
+        self.assertIn(f"read {self.remote!r}: not a regular file", str(e))
+
+    async def test_write_into_missing_directory(self) -> None:
+        parent = os.path.join(self.remote, "missing-dir")
+        path = os.path.join(parent, "ids")
+        session = await self.session()
+        e = await failed(session.write_file(path, b"data", 10), SSHFileError)
+        self.assertNotIsInstance(e, SSHFileMissing)
+        self.assertEqual((e.path, e.operation, e.lost), (path, "write", False))
+        self.assertIn(
+            f"write {path!r}: open for writing: the server said 'No such file' (SFTP status 2); "
+            f"is there a directory {parent!r}?",
+            str(e),
+        )
+        self.assertEqual(os.listdir(self.remote), [])
+        self.assertEqual((await session.run("echo ok", 10)).stdout, b"ok\n")
+
+    async def test_write_permission_denied(self) -> None:
+        session = await self.session()
+        e = await failed(session.write_file("/sys/txvmbot-x", b"x", 10), SSHFileError)
+        self.assertIn("write '/sys/txvmbot-x': open for writing: the server said", str(e))
+        self.assertIn("Permission denied", str(e))
+
+    async def test_remove(self) -> None:
+        path = os.path.join(self.remote, "gone")
+        write(path, b"x")
+        session = await self.session()
+        self.assertIsNone(await session.remove_file(path, 10))
+        self.assertFalse(os.path.exists(path))
+        # already missing: not an error
+        self.assertIsNone(await session.remove_file(path, 10))
+        e = await failed(session.remove_file(self.remote, 10), SSHFileError)
+        self.assertIn(f"remove {self.remote!r}: remove: the server said", str(e))
+
+    async def test_write_bound_too_short(self) -> None:
+        # The proxy forwards the first 1 MiB the client sends, then holds.
+        factory = _StallingProxyFactory("127.0.0.1", self.sshd.port, stall_after=1 << 20)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        session = await self.session(f"tcp:host=127.0.0.1:port={port.getHost().port}")
+        path = os.path.join(self.remote, "big")
+        t0 = time.monotonic()
+        e = await failed(session.write_file(path, os.urandom(4 << 20), 1.5), SSHFileTimeout)
+        self.assertTrue(1.4 < time.monotonic() - t0 < 5)
+        self.assertEqual((e.path, e.operation, e.bound, e.size), (path, "write", 1.5, 4 << 20))
+        self.assertTrue(0 < e.bytes_done < 1 << 20, e.bytes_done)
+        self.assertIn(
+            f"write {path!r}: did not finish within 1.5s after {e.bytes_done} of {4 << 20} bytes",
+            str(e),
+        )
+        self.assertFalse(session.lost)
 
 
 class SessionTests(SFTPTestCase):
@@ -529,6 +722,9 @@ class SessionTests(SFTPTestCase):
         u = await failed(session.upload(src, self.remote, bound=5), SSHUploadError)
         self.assertTrue(u.lost)
         self.assertIn("could not start: the connection was lost", str(u))
+        f = await failed(session.read_file(src, 5, limit=10), SSHFileError)
+        self.assertTrue(f.lost)
+        self.assertIn(f"read {src!r}: could not start: the connection was lost", str(f))
 
     async def test_lost_mid_upload(self) -> None:
         session = await self.session()
