@@ -85,6 +85,10 @@ class Lab:
         self.opened: list[str] = []
         self.closed: list[str] = []
         self.uploads: list[tuple[str, str, str]] = []
+        #: One file system for all machines (as loopback machines share one).
+        self.files: dict[str, bytes] = {}
+        self.written: list[tuple[str, str]] = []  # (machine, path)
+        self.removed: list[tuple[str, str]] = []
         self.test_time: dict[str, float] = {}
         self.answer: Callable[[str, str], Reply | None] = lambda machine, command: None
 
@@ -198,6 +202,28 @@ class FakeSession:
     def upload(self, source: str, dest: str, *, bound: float) -> Deferred[ssh.UploadResult]:
         self.lab.uploads.append((self.machine, source, dest))
         return succeed(ssh.UploadResult(files=1, directories=0, bytes=10, seconds=0.0))
+
+    def write_file(self, path: str, data: bytes, bound: float, mode: int = 0o600) -> Deferred[None]:
+        assert bound > 0 and mode == 0o600
+        if self.lost:
+            return fail(ssh.SSHFileError(self.endpoint, self.user, "write", path, "lost", lost=True))
+        self.lab.files[path] = data
+        self.lab.written.append((self.machine, path))
+        return succeed(None)
+
+    def read_file(self, path: str, bound: float, *, limit: int, remove: bool = False) -> Deferred[bytes]:
+        assert bound > 0 and limit > 0
+        if path not in self.lab.files:
+            return fail(ssh.SSHFileMissing(self.endpoint, self.user, "read", path, "No such file"))
+        data = self.lab.files.pop(path) if remove else self.lab.files[path]
+        if remove:
+            self.lab.removed.append((self.machine, path))
+        return succeed(data)
+
+    def remove_file(self, path: str, bound: float) -> Deferred[None]:
+        if self.lab.files.pop(path, None) is not None:
+            self.lab.removed.append((self.machine, path))
+        return succeed(None)
 
     def close(self) -> Deferred[None]:
         self.lab.closed.append(self.machine)
@@ -747,3 +773,189 @@ def test_no_machine_is_acquired_after_the_run_gave_up(rig: Rig) -> None:
     assert [m.name for m in rig.machines.handed] == ["m1", "m2", "m3", "m4"]
     assert rig.machines.cleanups == 1
     assert_tidy(rig)
+
+
+# -- {tests_file}, --format junit, groups ------------------------------------
+
+
+def junit_xml(ids: tuple[str, ...], fail: str = "", extra: str = "") -> bytes:
+    """What pytest writes for node ids ``tests/test_x.py::TestX::test_n``: one
+    second a test; ``fail`` fails; ``extra`` is a testcase no id asked for."""
+    cases = []
+    for t in ids:
+        path, cls, name = t.split("::")
+        classname = path.removesuffix(".py").replace("/", ".") + "." + cls
+        body = '<failure message="assert 1 == 2">tb of ' + name + "</failure>" if t == fail else ""
+        cases.append(f'<testcase classname="{classname}" name="{name}" time="1.000">{body}</testcase>')
+    if extra:
+        cases.append(f'<testcase classname="tests.test_x.Extra" name="{extra}" time="0.5"/>')
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">'
+        + "".join(cases)
+        + "</testsuite></testsuites>"
+    ).encode()
+
+
+def pytest_ids(n: int) -> tuple[str, ...]:
+    return tuple(f"tests/test_x.py::Test{i // 4}::test_{i:02d}" for i in range(n))
+
+
+def test_tests_file_is_written_before_each_command_and_removed_after(rig: Rig) -> None:
+    ids = tuple(f"pkg.mod.Case{i // 3}.test_{i}" for i in range(12))
+    seen: list[tuple[str, tuple[str, ...]]] = []
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-list":
+            return None
+        listing = rig.lab.files[words[1]].decode().splitlines()
+        seen.append((words[1], tuple(listing)))
+        stdout = subunit_run(tuple(listing), rig.clock.seconds(), "", "")
+        return Reply(after=float(len(listing)), stdout=stdout)
+
+    rig.lab.answer = answer
+    _, d = rig.start(rig.spec(run="run-list {tests_file}", format="subunit", machines=2, tests=ids))
+
+    result = rig.finish(d)
+
+    assert result.passed, [(t.test_id, t.message) for t in result.tests]
+    assert sorted(t for _, listing in seen for t in listing) == sorted(ids)
+    paths = [path for path, _ in seen]
+    assert len(set(paths)) == len(paths)  # a fresh path for every command
+    assert all(p.startswith("/tmp/txvmbot-") and p.endswith(".tests") for p in paths)
+    # Classes stay together, in order (only the last, more than a
+    # machine's share of what was left, may be split).
+    split = set()
+    for _, listing in seen:
+        for case in {t.rsplit(".", 1)[0] for t in listing}:
+            mine = [t for t in listing if t.startswith(case + ".")]
+            whole = [t for t in ids if t.startswith(case + ".")]
+            assert mine == [t for t in whole if t in mine]
+            if mine != whole:
+                split.add(case)
+    assert split <= {"pkg.mod.Case3"}
+    assert rig.lab.files == {}  # every list removed
+    assert_tidy(rig)
+
+
+def test_junit_reports_are_read_mapped_to_ids_and_removed(rig: Rig) -> None:
+    ids = pytest_ids(12)
+    failing = ids[5]
+    stale: list[str] = []
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-junit":
+            return None
+        out, batch = words[1], tuple(words[2:])
+        assert out not in rig.lab.files  # fresh: never a stale report
+        stale.append(out)
+        extra = "test_unasked" if ids[0] in batch else ""
+        rig.lab.files[out] = junit_xml(batch, failing, extra)
+        return Reply(after=float(len(batch)), exit_status=1 if failing in batch else 0, stdout=b"pytest says hi\n")
+
+    rig.lab.answer = answer
+    _, d = rig.start(
+        rig.spec(run="run-junit {junit} {tests}", format="junit", machines=2, tests=ids)
+    )
+
+    result = rig.finish(d)
+
+    tests = by_id(result)
+    assert set(tests) == set(ids) | {"tests.test_x.Extra.test_unasked"}
+    assert tests[failing].outcome == "failed"
+    assert tests[failing].message == "assert 1 == 2"
+    assert b"tb of test_05" in tests[failing].output
+    assert b"pytest says hi" in tests[failing].output  # the command's own output
+    assert tests["tests.test_x.Extra.test_unasked"].outcome == "passed"
+    assert all(tests[t].outcome == "passed" for t in ids if t != failing)
+    assert tests[ids[0]].duration == pytest.approx(1.0)
+    assert len(set(stale)) == len(stale) and all(p.endswith(".xml") for p in stale)
+    assert rig.lab.files == {}  # every report removed once read
+    assert not result.passed and result.error == ""
+    assert_tidy(rig)
+
+
+@pytest.mark.parametrize(
+    ("writes", "says"),
+    [
+        (None, "the command wrote no JUnit XML to /tmp/txvmbot-"),
+        (b"<testsuites><testsuite>", "JUnit XML"),
+        (b"<html>not junit</html>", "JUnit XML"),
+    ],
+)
+def test_a_missing_or_broken_junit_report_fails_its_batch_with_the_reason(
+    rig: Rig, writes: bytes | None, says: str
+) -> None:
+    ids = pytest_ids(4)
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-junit":
+            return None
+        if writes is not None:
+            rig.lab.files[words[1]] = writes
+        return Reply(after=1.0, exit_status=4, stderr=b"ERROR: usage\n")
+
+    rig.lab.answer = answer
+    _, d = rig.start(rig.spec(run="run-junit {junit} {tests}", format="junit", machines=1, tests=ids))
+
+    result = rig.finish(d)
+
+    assert result.error == ""
+    assert sorted(by_id(result)) == sorted(ids)
+    for t in result.tests:
+        assert t.outcome == "failed"
+        assert says in t.message and "exit status 4" in t.message
+        assert b"ERROR: usage" in t.output
+    assert rig.lab.files == {}
+    assert_tidy(rig)
+
+
+def test_an_id_with_no_testcase_did_not_run(rig: Rig) -> None:
+    ids = pytest_ids(4)
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-junit":
+            return None
+        batch = tuple(t for t in words[2:] if t != ids[2])
+        rig.lab.files[words[1]] = junit_xml(batch)
+        return Reply(after=float(len(batch)))
+
+    rig.lab.answer = answer
+    _, d = rig.start(rig.spec(run="run-junit {junit} {tests}", format="junit", machines=1, tests=ids))
+
+    tests = by_id(rig.finish(d))
+
+    assert tests[ids[2]].outcome == "failed"
+    assert "not in the JUnit XML" in tests[ids[2]].message
+    assert all(tests[t].outcome == "passed" for t in ids if t != ids[2])
+
+
+def test_the_summary_counts_the_measured_cost_of_a_command(rig: Rig) -> None:
+    """Every command costs 3 s besides its tests: the feeder learns it and
+    the lower bound the summary prints includes it."""
+    ids = tuple(f"pkg.mod.Case{i}.test" for i in range(40))
+
+    def answer(machine: str, command: str) -> Reply | None:
+        words = shlex.split(command)
+        if words[0] != "run-tests":
+            return None
+        batch = tuple(words[1:])
+        stdout = subunit_run(batch, rig.clock.seconds() + 3.0, "", "")
+        return Reply(after=3.0 + len(batch), stdout=stdout)
+
+    rig.lab.answer = answer
+    _, d = rig.start(rig.spec(run="run-tests {tests}", format="subunit", machines=2, tests=ids))
+
+    result = rig.finish(d)
+
+    assert result.passed
+    spread = result.spread
+    assert spread is not None
+    assert spread.fixed_cost == pytest.approx(3.0, abs=0.5)
+    assert spread.lower_bound == pytest.approx(20.0 + spread.fixed_cost)
+    # 3 s a command: no batch of the bulk is under 2 x 3 s of tests.
+    sizes = [len(r.tests) for r in rig.lab.test_runs()]
+    assert len(sizes) <= 8 and min(sizes[2:-1], default=6) >= 6

@@ -122,7 +122,7 @@ def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[s
     [
         (["--tests", "T"], "--run: required"),
         (["--run", "x {test}"], "--list: give the test ids"),
-        (["--run", "x {tests}", "--tests", "T"], "--run: {tests} (a batch) needs --format subunit"),
+        (["--run", "x {tests}", "--tests", "T"], "--run: {tests} and {tests_file} (a batch) need --format subunit or junit"),
         (["--run", "x {test}", "--tests", "T", "--upload", "nocolon"], "--upload: 'nocolon' is not SRC:DEST"),
         (["--run", "x {test}", "--tests", "T", "--upload", "/no/such:/d"], "--upload: /no/such does not exist"),
         (["--run", "x {test}", "--tests", "missing.txt"], "--tests: cannot read missing.txt"),

@@ -396,7 +396,7 @@ def _local_from_dict(
 # --- suites --------------------------------------------------------------------
 
 _SUITE_KEYS = ("name", "run", "machines", "format", "tests", "list", "uploads", "setup",
-               "test_timeout", "bound")
+               "test_timeout", "bound", "group_regex", "group")
 #: At most this many test ids travel in a job (longer lists: --list CMD).
 MAX_SUITE_TESTS = 20000
 
@@ -418,13 +418,17 @@ def suite_to_dict(suite: SuiteSpec) -> dict[str, Any]:
         d["uploads"] = [[u.source, u.dest] for u in suite.uploads]
     if suite.setup:
         d["setup"] = list(suite.setup)
+    if suite.group_regex is not None:
+        d["group_regex"] = suite.group_regex
+    if not suite.group:
+        d["group"] = False
     return d
 
 
 def suite_from_dict(data: Any, where: str, target: CheckSpec | LocalSpec) -> SuiteSpec:
     """Validate a job's ``suite`` table on ``target``. Raises ConfigError
     naming the key (``job.suite.run``)."""
-    from txvmbot.config import check_commands, check_float, check_int, check_str
+    from txvmbot.config import check_bool, check_commands, check_float, check_int, check_str
 
     if not isinstance(data, Mapping):
         raise ConfigError(where, f"expected a table (JSON object), found {type(data).__name__}")
@@ -461,6 +465,10 @@ def suite_from_dict(data: Any, where: str, target: CheckSpec | LocalSpec) -> Sui
             setup=check_commands(f"{where}.setup", data["setup"]) if "setup" in data else (),
             test_timeout=check_float(f"{where}.test_timeout", data.get("test_timeout", 300.0)),
             bound=check_float(f"{where}.bound", data.get("bound", 3600.0)),
+            group_regex=(
+                check_str(f"{where}.group_regex", data["group_regex"]) if "group_regex" in data else None
+            ),
+            group=check_bool(f"{where}.group", data.get("group", True)),
         )
     except ConfigError as e:
         if e.where.startswith(where):

@@ -32,8 +32,14 @@ example (a Python unittest suite on 3 local VMs, results for Jenkins):
   txvmbot suite --local --name mylib --machines 3 \\
       --upload ./src:/root/src --setup 'cd /root/src && ./prepare' \\
       --list 'cd /root/src && python3 -m subunit.run discover --list | subunit-ls' \\
-      --run 'cd /root/src && python3 -m subunit.run {tests}' --format subunit \\
-      --junit results.xml --subunit results.subunit
+      --run 'cd /root/src && python3 -m subunit.run --load-list {tests_file}' \\
+      --format subunit --junit results.xml --subunit results.subunit
+
+example (a pytest suite, read back from the JUnit XML pytest writes):
+  txvmbot suite --name mylib --machines 2 --config clouds.toml --cloud ci \\
+      --upload ./src:src --list 'cd src && python3 -m pytest --collect-only -q | grep ::' \\
+      --run 'cd src && python3 -m pytest -p no:cacheprovider --junitxml={junit} $(cat {tests_file})' \\
+      --format junit --junit results.xml
 
 Exit status: 0 when every test passed (or was skipped), 1 when any failed,
 timed out or could not run, 2 for bad usage.
@@ -74,14 +80,32 @@ def add_suite_flags(p: argparse.ArgumentParser, *, with_bound: bool = True) -> N
     s.add_argument(
         "--run",
         metavar="CMD",
-        help="the test command: {test} is one test id, {tests} a batch (shell-quoted, "
-        "space-separated; needs --format subunit)",
+        help="the test command: {test} is one test id; a batch is {tests} (shell-quoted, "
+        "space-separated) or {tests_file} (the path of a file on the machine with the "
+        "batch's ids, one a line, uploaded over SFTP: for --load-list and batches too "
+        "long for a command line); {junit} is the path the command writes JUnit XML to "
+        "(--format junit; a fresh path for every command)",
     )
     s.add_argument(
         "--format",
-        choices=("exit", "subunit"),
+        choices=("exit", "subunit", "junit"),
         help="exit: one test per command, its exit status is its result; subunit: the "
-        "command's stdout is a subunit v2 stream (default: exit)",
+        "command's stdout is a subunit v2 stream; junit: the command writes JUnit XML "
+        "to {junit}, fetched over SFTP when it ends (default: exit)",
+    )
+    grouping = s.add_mutually_exclusive_group()
+    grouping.add_argument(
+        "--group-regex",
+        metavar="RE",
+        help="tests whose ids match RE (from the start) to the same string run in the "
+        "same batch, in order, as stestr's --group-regex (default: by class: "
+        "pkg.mod.Class.test_x and tests/x.py::Class::test_y go with their class)",
+    )
+    grouping.add_argument(
+        "--no-group",
+        action="store_true",
+        default=None,
+        help="do not keep any tests together: batches are cut by time alone",
     )
     s.add_argument(
         "--test-timeout",
@@ -178,6 +202,8 @@ def suite_spec_from_args(args: argparse.Namespace, target: Any) -> Any:
         setup=tuple(check_str("--setup", c) for c in args.setup or ()),
         test_timeout=300.0 if args.test_timeout is None else check_float("--test-timeout", args.test_timeout),
         bound=3600.0 if args.bound is None else check_float("--bound", args.bound),
+        group_regex=None if args.group_regex is None else check_str("--group-regex", args.group_regex),
+        group=not getattr(args, "no_group", None),
     )
 
 

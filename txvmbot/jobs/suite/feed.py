@@ -230,6 +230,11 @@ class Feeder:
             return self._costs[worker]
         return statistics.median(self._costs.values()) if self._costs else 0.0
 
+    def fixed_costs(self) -> dict[str, float]:
+        """Each worker's measured fixed cost per command (workers with no
+        batch measured yet are left out)."""
+        return dict(self._costs)
+
     def _seconds(self, ids: Sequence[str]) -> float:
         return math.fsum(self.expected(tid) for tid in ids)
 

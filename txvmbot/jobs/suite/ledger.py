@@ -6,7 +6,7 @@ this module only keeps the books."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -17,6 +17,15 @@ from txvmbot.jobs.suite.feed import Batch, Feeder
 from txvmbot.jobs.suite.spec import SuiteSpec
 
 __all__ = ["Ledger"]
+
+#: Marks, in a failing test's output, its command's own stdout and stderr.
+_COMMAND_OUTPUT = b"\n--- the command's stdout and stderr ---\n"
+#: At most this much of a command's own output goes with each test.
+_OUTPUT_TAIL = 64 * 1024
+
+
+def _tail(data: bytes) -> bytes:
+    return data if len(data) <= _OUTPUT_TAIL else b"[...]\n" + data[-_OUTPUT_TAIL:]
 
 
 class Ledger:
@@ -51,8 +60,12 @@ class Ledger:
     def record(self, result: R.TestResult) -> None:
         self.results[result.test_id] = result
 
-    def ended(self, worker: str, batch: Batch, started: float, outcome: Any) -> None:
-        """The batch's command ended by itself with ``outcome`` (a CommandResult)."""
+    def ended(
+        self, worker: str, batch: Batch, started: float, outcome: Any, report: bytes | str | None = None
+    ) -> None:
+        """The batch's command ended by itself with ``outcome`` (a
+        CommandResult). ``report``: with ``--format junit``, the bytes of the
+        JUnit XML it wrote, or why there are none."""
         feeder = self.feeder
         ids = batch.test_ids
         duration = self.wall() - started
@@ -73,15 +86,39 @@ class Ledger:
             )
             feeder.finished(batch, {test})
             return
+        if self.spec.format == "junit":
+            self._ended_junit(worker, batch, started, duration, outcome, report)
+            return
         read = R.read_subunit(outcome.stdout, worker, ids, started=started)
         ended = self._record_read(read, ids)
         # The command ended by itself: a test it never reported did not run
         # (a bad id, a crash of the runner): that is the test's failure.
         why = f"not in the subunit output of {worker}'s command (exit status {outcome.exit_status})"
         tail = read.stray + outcome.stderr
+        self._not_run(worker, started, ids, ended, why, tail, read.running, read.running_output)
+        self._close(batch, duration, read.results)
+
+    def _close(self, batch: Batch, took: float, results: Sequence[R.TestResult]) -> None:
+        """Close a batch whose command ended: every test of it is over, and
+        what they reported teaches the feeder."""
+        ids = set(batch.test_ids)
+        times = {r.test_id: r.duration for r in results if r.test_id in ids}
+        self.feeder.finished(batch, ids, took=took, times=times)
+
+    def _not_run(
+        self,
+        worker: str,
+        started: float,
+        ids: Sequence[str],
+        ended: set[str],
+        why: str,
+        tail: bytes,
+        running: str | None = None,
+        running_output: bytes = b"",
+    ) -> None:
         for test in ids:
             if test not in ended:
-                output = read.running_output if test == read.running else tail
+                output = running_output if test == running else tail
                 self.record(
                     R.TestResult(
                         test_id=test,
@@ -94,7 +131,37 @@ class Ledger:
                         attempts=self.attempts[test],
                     )
                 )
-        feeder.finished(batch, set(ids))
+
+    def _ended_junit(
+        self, worker: str, batch: Batch, started: float, took: float, outcome: Any, report: bytes | str | None
+    ) -> None:
+        """Tests as the command's JUnit XML says; the command's own stdout and
+        stderr go with every test that did not pass. No report, or a broken
+        one, is the failure of every test of the batch, with the reason."""
+        from txvmbot.jobs.suite.junit import JUnitError, read_junit
+
+        ids = batch.test_ids
+        own = _tail(outcome.stdout + outcome.stderr)
+        status = f"exit status {outcome.exit_status}"
+        results: tuple[R.TestResult, ...] = ()
+        if isinstance(report, bytes):
+            try:
+                read = read_junit(report, worker, ids, started, where=f"the JUnit XML of {worker}'s command")
+            except JUnitError as e:
+                why = f"{e} ({status})"
+            else:
+                results = read.results
+                why = f"not in the JUnit XML of {worker}'s command ({status})"
+        else:
+            why = f"{report or 'no JUnit XML'} ({status})"
+        ended: set[str] = set()
+        for r in results:
+            if r.outcome not in ("passed", "skipped") and own:
+                r = attrs.evolve(r, output=r.output + _COMMAND_OUTPUT + own)
+            self.record(attrs.evolve(r, attempts=self.attempts.get(r.test_id, 1)))
+            ended.add(r.test_id)
+        self._not_run(worker, started, ids, ended, why, own)
+        self._close(batch, took, results)
 
     def _record_read(self, read: R.SubunitRead, ids: tuple[str, ...]) -> set[str]:
         ended: set[str] = set()

@@ -14,6 +14,8 @@ failures). The whole run has a bound; cleanup always runs.
 from __future__ import annotations
 
 import os
+import secrets
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,6 +41,18 @@ __all__ = ["Progress", "SlotState", "SuiteRun"]
 #: How often one slot may get a fresh machine after its first (a timeout,
 #: a dead machine, a failed setup).
 MAX_REPLACEMENTS = 3
+#: Where a batch's id list and JUnit XML go on the machine.
+REMOTE_DIR = "/tmp"
+#: The largest JUnit XML read back from one command.
+MAX_REPORT_BYTES = 64 * 1024 * 1024
+
+
+@attrs.frozen
+class _BatchFiles:
+    """Paths on the machine for one command (empty: not used)."""
+
+    tests_file: str
+    junit: str
 
 
 @attrs.frozen
@@ -180,7 +194,9 @@ class SuiteRun:
         if not tests:
             tests = await self.sequence.step("list", spec.test_timeout, self._list)
         self._tests = tuple(tests)
-        self._feeder = Feeder(tests, self.durations, len(self._slots), batch=spec.batched)
+        self._feeder = Feeder(
+            tests, self.durations, len(self._slots), batch=spec.batched, group=spec.group_key()
+        )
         self._ledger = Ledger(
             spec, self._feeder, self._wall, self.check_id, self._results, self._attempts
         )
@@ -364,11 +380,16 @@ class SuiteRun:
         self._report()
         started = self._wall()
         slot.start = slot.start if slot.start is not None else started
-        command = command_for(spec.run, ids)
+        files = self._files(slot, batch)
+        command = command_for(spec.run, ids, tests_file=files.tests_file, junit=files.junit)
         replace = ""
         try:
             try:
+                if files.tests_file:
+                    listing = "".join(f"{t}\n" for t in ids).encode("utf-8")
+                    await slot.session.write_file(files.tests_file, listing, spec.test_timeout)
                 outcome = await slot.session.run(command, spec.test_timeout * len(ids))
+                report = await self._report_of(slot, files.junit) if files.junit else None
             except ssh.SSHCommandTimeout as e:
                 answering = await self._answers(slot)
                 if answering:
@@ -379,12 +400,14 @@ class SuiteRun:
                     why = f"it stopped answering (a new ssh login failed after {e})"
                     ledger.lost(slot.worker, slot.machine.name, batch, started, e.partial, why)
                     replace = why
-            except (ssh.SSHCommandFailed, ssh.SSHConnectError) as e:
+            except (ssh.SSHCommandFailed, ssh.SSHConnectError, ssh.SSHFileError) as e:
                 partial = getattr(e, "partial", None)
                 ledger.lost(slot.worker, slot.machine.name, batch, started, partial, str(e))
                 replace = f"it stopped answering: {e}"
             else:
-                ledger.ended(slot.worker, batch, started, outcome)
+                ledger.ended(slot.worker, batch, started, outcome, report)
+            if files.tests_file and not replace:
+                await self._forget(slot, files.tests_file)
         finally:
             slot.busy += self._wall() - started
             slot.end = self._wall()
@@ -392,6 +415,44 @@ class SuiteRun:
             self._report()
         if replace:
             await self._replace(ctx, slot, replace)
+
+    def _files(self, slot: _Slot, batch: Batch) -> _BatchFiles:
+        """Fresh paths on the machine for this command's id list and JUnit
+        XML: named by the run, the worker, the batch and a random token, so
+        that neither a stale file of an earlier batch nor another machine's
+        (machines may share a file system) is ever read as this one's."""
+        stem = f"{REMOTE_DIR}/txvmbot-{self.check_id}-{slot.worker}-{batch.seq}-{secrets.token_hex(4)}"
+        return _BatchFiles(
+            tests_file=f"{stem}.tests" if self.spec.uses_tests_file else "",
+            junit=f"{stem}.xml" if self.spec.format == "junit" else "",
+        )
+
+    async def _report_of(self, slot: _Slot, path: str) -> bytes | str:
+        """The JUnit XML the command wrote to ``path``, fetched and removed;
+        or, when there is none to read, why. A lost connection is the
+        machine's trouble, not the tests': it is raised."""
+        from txvmbot import ssh
+
+        try:
+            data: bytes = await slot.session.read_file(
+                path, self.spec.test_timeout, limit=MAX_REPORT_BYTES, remove=True
+            )
+        except ssh.SSHFileMissing:
+            return f"the command wrote no JUnit XML to {path}"
+        except ssh.SSHFileError as e:
+            if e.lost:
+                raise
+            return f"cannot fetch the JUnit XML {path}: {e.reason}"
+        return data
+
+    async def _forget(self, slot: _Slot, path: str) -> None:
+        """Remove a batch's id list; a machine that cannot is not a failure."""
+        from txvmbot import ssh
+
+        try:
+            await slot.session.remove_file(path, self.spec.test_timeout)
+        except ssh.SSHFileError as e:
+            self.log.info("Suite {check_id}: cannot remove {path}: {e}", check_id=self.check_id, path=path, e=e)
 
     async def _answers(self, slot: _Slot) -> bool:
         """Whether the slot's machine still takes a new ssh login and runs
@@ -485,9 +546,11 @@ class SuiteRun:
         times = self._times()
         if not times or not tests:
             return None
+        costs = self._feeder.fixed_costs() if self._feeder is not None else {}
         return summarize(
             [Timeline(t.worker, self._t0, t.end, t.busy) for t in times],
             [t.duration for t in tests if t.outcome != "infra"],
+            fixed_cost=statistics.median(costs.values()) if costs else 0.0,
         )
 
     # -- evidence ---------------------------------------------------------

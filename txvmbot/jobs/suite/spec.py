@@ -17,6 +17,7 @@ from attrs import frozen
 
 from txvmbot.errors import ConfigError
 from txvmbot.jobs.suite.durations import check_suite_name
+from txvmbot.jobs.suite.groups import GroupKey, grouping
 from txvmbot.model import CheckResult, CheckSpec
 from txvmbot.qemu.model import LocalSpec
 
@@ -26,10 +27,14 @@ if TYPE_CHECKING:  # results imports python-subunit: only the suite path pays fo
 
 __all__ = ["SuiteFormat", "SuiteResult", "SuiteSpec", "Upload", "command_for"]
 
-SuiteFormat = Literal["exit", "subunit"]
-FORMATS: tuple[SuiteFormat, ...] = ("exit", "subunit")
+SuiteFormat = Literal["exit", "subunit", "junit"]
+FORMATS: tuple[SuiteFormat, ...] = ("exit", "subunit", "junit")
 
-_PLACEHOLDER = re.compile(r"\{(tests?)\}")
+#: What ``--run`` may hold: the ids, one (``{test}``) or shell-quoted
+#: (``{tests}``), the path of a file on the machine with the ids, one a line
+#: (``{tests_file}``), and the path where the command writes its JUnit XML
+#: (``{junit}``).
+_PLACEHOLDER = re.compile(r"\{(test|tests|tests_file|junit)\}")
 
 
 @frozen
@@ -44,12 +49,18 @@ class Upload:
 class SuiteSpec:
     """A whole suite across ``machines`` fresh machines.
 
-    ``run`` holds ``{test}`` (one test id) or ``{tests}`` (a batch,
-    shell-quoted and space-separated). With ``format`` ``exit`` each test
-    is its own command and its exit status is its result; with ``subunit``
-    the command's stdout is a subunit v2 stream. The ids come from
-    ``tests`` or from ``list_command``, run once on the first ready
-    machine. ``test_timeout`` bounds one test, ``bound`` the whole run.
+    ``run`` holds ``{test}`` (one test id), ``{tests}`` (a batch,
+    shell-quoted and space-separated) or ``{tests_file}`` (a batch: the path
+    of a file on the machine, one id a line, as stestr's and
+    zope.testrunner's ``--load-list`` read it). With ``format`` ``exit``
+    each test is its own command and its exit status is its result; with
+    ``subunit`` the command's stdout is a subunit v2 stream; with ``junit``
+    the command writes JUnit XML to the path ``{junit}`` stands for (a fresh
+    one for every command). The ids come from ``tests`` or from
+    ``list_command``, run once on the first ready machine. Batches keep
+    groups of tests together: by class unless ``group_regex`` (stestr's
+    meaning) says otherwise, or not at all without ``group``.
+    ``test_timeout`` bounds one test, ``bound`` the whole run.
     """
 
     target: CheckSpec | LocalSpec
@@ -63,16 +74,32 @@ class SuiteSpec:
     setup: tuple[str, ...] = ()
     test_timeout: float = 300.0
     bound: float = 3600.0
+    group_regex: str | None = None
+    group: bool = True
 
     def __attrs_post_init__(self) -> None:
         check_suite_name(self.name)
         if self.format not in FORMATS:
-            raise ConfigError("--format", f"must be exit or subunit, not {self.format!r}")
+            raise ConfigError("--format", f"must be exit, subunit or junit, not {self.format!r}")
         found = set(_PLACEHOLDER.findall(self.run))
-        if not found:
-            raise ConfigError("--run", f"{self.run!r} names no {{test}} or {{tests}}")
-        if self.format == "exit" and "tests" in found:
-            raise ConfigError("--run", "{tests} (a batch) needs --format subunit; use {test}")
+        ids = found & {"test", "tests", "tests_file"}
+        if not ids:
+            raise ConfigError("--run", f"{self.run!r} names no {{test}}, {{tests}} or {{tests_file}}")
+        if len(ids) > 1:
+            names = ", ".join(f"{{{n}}}" for n in sorted(ids))
+            raise ConfigError("--run", f"{self.run!r} names {names}: use one of them")
+        if self.format == "exit" and ids != {"test"}:
+            raise ConfigError(
+                "--run", "{tests} and {tests_file} (a batch) need --format subunit or junit; use {test}"
+            )
+        if self.format == "junit" and "junit" not in found:
+            raise ConfigError("--run", "--format junit needs {junit}: the path the command writes its XML to")
+        if self.format != "junit" and "junit" in found:
+            raise ConfigError("--run", "{junit} is only for --format junit")
+        if self.group_regex is not None:
+            if not self.group:
+                raise ConfigError("--group-regex", "cannot be given with --no-group")
+            grouping(self.group_regex)  # raises ConfigError for a bad regex
         if not 1 <= self.machines <= 100:
             raise ConfigError("--machines", f"must be from 1 to 100, got {self.machines}")
         if bool(self.tests) == bool(self.list_command):
@@ -85,17 +112,35 @@ class SuiteSpec:
 
     @property
     def batched(self) -> bool:
-        """Whether one command runs a batch of tests (``{tests}``)."""
-        return "{tests}" in self.run
+        """Whether one command runs a batch of tests (``{tests}`` or
+        ``{tests_file}``)."""
+        return "{tests}" in self.run or "{tests_file}" in self.run
+
+    @property
+    def uses_tests_file(self) -> bool:
+        """Whether each command reads its ids from a file on the machine."""
+        return "{tests_file}" in self.run
+
+    def group_key(self) -> GroupKey:
+        """Which tests this suite keeps together in a batch."""
+        return grouping(self.group_regex, self.group)
 
 
-def command_for(template: str, test_ids: Sequence[str]) -> str:
-    """``template`` with ``{test}``/``{tests}`` replaced by the shell-quoted ids;
-    nothing else in it is touched (braces of the user's own shell stay)."""
-    quoted = " ".join(shlex.quote(t) for t in test_ids)
+def command_for(
+    template: str, test_ids: Sequence[str], *, tests_file: str = "", junit: str = ""
+) -> str:
+    """``template`` with ``{test}``/``{tests}`` replaced by the shell-quoted
+    ids, ``{tests_file}`` and ``{junit}`` by the shell-quoted paths; nothing
+    else in it is touched (braces of the user's own shell stay)."""
+    values = {
+        "test": " ".join(shlex.quote(t) for t in test_ids),
+        "tests_file": shlex.quote(tests_file),
+        "junit": shlex.quote(junit),
+    }
+    values["tests"] = values["test"]
 
     def fill(m: re.Match[str]) -> str:
-        return quoted
+        return values[m.group(1)]
 
     return _PLACEHOLDER.sub(fill, template)
 

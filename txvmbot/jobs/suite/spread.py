@@ -28,9 +28,11 @@ class Spread:
     """Summary figures of a run over ``workers`` machines.
 
     ``end_spread``: the last worker's end minus the first worker's end, the
-    time machines sat done while another still ran. ``lower_bound``: no
-    schedule can beat ``max(total_test_time / workers, longest_test)``;
-    ``ratio`` is ``makespan / lower_bound`` (1.0 is perfect).
+    time machines sat done while another still ran. ``fixed_cost``: the
+    measured seconds a command costs besides its tests (the runner's start,
+    its imports), which every machine pays at least once. ``lower_bound``:
+    no schedule can beat ``max(total_test_time / workers, longest_test) +
+    fixed_cost``; ``ratio`` is ``makespan / lower_bound`` (1.0 is perfect).
     """
 
     workers: int
@@ -42,11 +44,14 @@ class Spread:
     longest_test: float
     lower_bound: float
     ratio: float
+    fixed_cost: float = 0.0
 
 
-def summarize(timelines: Sequence[Timeline], test_durations: Iterable[float]) -> Spread:
-    """The figures of a run from its workers' timelines and the seconds
-    each of its tests took."""
+def summarize(
+    timelines: Sequence[Timeline], test_durations: Iterable[float], fixed_cost: float = 0.0
+) -> Spread:
+    """The figures of a run from its workers' timelines, the seconds each of
+    its tests took and the fixed cost of one command."""
     if not timelines:
         raise ConfigError("timelines", "need at least one worker's timeline")
     durations = list(test_durations)
@@ -55,7 +60,7 @@ def summarize(timelines: Sequence[Timeline], test_durations: Iterable[float]) ->
     end_spread = max(ends) - min(ends)
     total = sum(durations)
     longest = max(durations, default=0.0)
-    lower = max(total / len(timelines), longest)
+    lower = max(total / len(timelines), longest) + fixed_cost
     return Spread(
         workers=len(timelines),
         makespan=makespan,
@@ -66,6 +71,7 @@ def summarize(timelines: Sequence[Timeline], test_durations: Iterable[float]) ->
         longest_test=longest,
         lower_bound=lower,
         ratio=makespan / lower if lower > 0 else 1.0,
+        fixed_cost=fixed_cost,
     )
 
 
