@@ -202,3 +202,157 @@ def test_subunit_suite_on_the_cloud_backend(
     # The failing test's evidence is kept.
     evidence = doc["summary"]["evidence_dir"]
     assert evidence and os.listdir(os.path.join(evidence, "tests"))
+
+
+PYTEST_SAMPLE = '''
+import pytest
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+
+class TestMath:
+    def test_add(self):
+        assert 1 + 1 == 2
+
+    def test_wrong(self):
+        assert 2 * 2 == 5, "two times two"
+
+    @pytest.mark.parametrize("a, b", [(1, 2), (3, 4)])
+    def test_pairs(self, a, b):
+        assert a < b
+
+    def test_setup_error(self, broken):
+        pass
+
+
+class TestMore:
+    def test_skip(self):
+        pytest.skip("not here")
+
+    def test_prints(self):
+        print("hello from a test")
+
+
+def test_function():
+    assert True
+'''
+
+
+def suite_cli(moto: Moto, sshd: SSHD, key: tuple[str, str], state: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        checkrun.txvmbot_cmd(
+            "suite",
+            "--endpoint",
+            moto.url,
+            "--region",
+            checkrun.REGION,
+            "--image",
+            image_of(moto),
+            "--ssh-key",
+            key[0],
+            "--ssh-user",
+            sshd.user,
+            "--ssh-endpoint",
+            sshd.endpoint,
+            "--timeout-ssh",
+            "20",
+            "--timeout-running",
+            "60",
+            "--state-dir",
+            state,
+            "--test-timeout",
+            "60",
+            *args,
+        ),
+        env=checkrun.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_pytest_suite_through_junit_xml(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object
+) -> None:
+    """A real pytest run per batch, its ids in a file ({tests_file}, read by
+    pytest's @file), its results read back from the JUnit XML it writes to
+    {junit}, fetched over SFTP."""
+    base = str(tmp_path)
+    # The "machines" are sshd on this host and share its file system: the
+    # suite is written where both find it (an --upload of one tree to one
+    # place twice would nest the second copy).
+    src = os.path.join(base, "remote", "suite")
+    os.makedirs(os.path.join(src, "tests"))
+    with open(os.path.join(src, "tests", "test_sample.py"), "w") as f:
+        f.write(textwrap.dedent(PYTEST_SAMPLE))
+    py = shlex.quote(sys.executable)
+    dest = shlex.quote(src)
+    out = os.path.join(base, "r.json")
+    xml = os.path.join(base, "r.xml")
+    proc = suite_cli(
+        moto, sshd, key, os.path.join(base, "state"),
+        "--name", "pysample",
+        "--machines", "2",
+        "--list", f"cd {dest} && {py} -m pytest -p no:cacheprovider --collect-only -q | grep ::",
+        "--run", f"cd {dest} && {py} -m pytest -p no:cacheprovider -q --junitxml={{junit}} @{{tests_file}}",
+        "--format", "junit",
+        "--no-group",
+        "--json", out,
+        "--junit", xml,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # test_wrong fails
+    with open(out) as f:
+        doc = json.load(f)
+    by_id = {t["test_id"]: t for t in doc["tests"]}
+    base_id = "tests/test_sample.py::"
+    expected = {
+        "TestMath::test_add": "passed",
+        "TestMath::test_wrong": "failed",
+        "TestMath::test_pairs[1-2]": "passed",
+        "TestMath::test_pairs[3-4]": "passed",
+        "TestMath::test_setup_error": "failed",
+        "TestMore::test_skip": "skipped",
+        "TestMore::test_prints": "passed",
+        "test_function": "passed",
+    }
+    assert {k: v["outcome"] for k, v in by_id.items()} == {base_id + k: v for k, v in expected.items()}
+    wrong = by_id[base_id + "TestMath::test_wrong"]
+    assert "two times two" in wrong["message"] + wrong["output"]
+    assert "fixture broke" in by_id[base_id + "TestMath::test_setup_error"]["output"]
+    assert {t["worker"] for t in doc["tests"]} == {"worker-1", "worker-2"}
+    # Every report was fetched and removed; no id list is left behind.
+    assert not [n for n in os.listdir("/tmp") if n.startswith(f"txvmbot-{doc['summary']['check_id']}")]
+    # JUnit out: pytest's names, as Jenkins shows them.
+    cases = {(c.get("classname"), c.get("name")) for c in ET.parse(xml).getroot().iter("testcase")}
+    assert ("tests.test_sample.TestMath", "test_pairs[1-2]") in cases
+    assert ("tests.test_sample", "test_function") in cases
+    assert checkrun.leftovers(moto.url, doc["summary"]["check_id"]) == []
+
+
+def test_a_junit_command_that_writes_no_report_fails_its_tests_with_the_reason(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object
+) -> None:
+    base = str(tmp_path)
+    tests_path = os.path.join(base, "ids")
+    with open(tests_path, "w") as f:
+        f.write("a.b.C.test_one\na.b.C.test_two\n")
+    out = os.path.join(base, "r.json")
+    proc = suite_cli(
+        moto, sshd, key, os.path.join(base, "state"),
+        "--tests", tests_path,
+        "--run", "echo would write {junit} for {tests}; exit 3",
+        "--format", "junit",
+        "--json", out,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    with open(out) as f:
+        doc = json.load(f)
+    assert {t["test_id"] for t in doc["tests"]} == {"a.b.C.test_one", "a.b.C.test_two"}
+    for t in doc["tests"]:
+        assert t["outcome"] == "failed"
+        assert "the command wrote no JUnit XML to /tmp/txvmbot-" in t["message"]
+        assert "exit status 3" in t["message"]
+        assert "would write /tmp/txvmbot-" in t["output"]
