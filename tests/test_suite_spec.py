@@ -34,6 +34,26 @@ def test_command_for_quotes_ids_and_leaves_other_braces() -> None:
     assert command_for("run {tests}", ["x", "y;z"]) == "run x 'y;z'"
 
 
+def test_command_for_fills_the_paths_of_a_batch() -> None:
+    got = command_for(
+        "pytest --junitxml={junit} @{tests_file} {other}",
+        ["a"],
+        tests_file="/tmp/a b.tests",
+        junit="/tmp/r.xml",
+    )
+    assert got == "pytest --junitxml=/tmp/r.xml @'/tmp/a b.tests' {other}"
+
+
+def test_placeholders_say_how_a_batch_runs() -> None:
+    assert suite(run="x {tests_file}", format="subunit").batched
+    assert suite(run="x {tests_file}", format="subunit").uses_tests_file
+    assert suite(run="x {tests} > {junit}", format="junit").batched
+    assert not suite(run="x {test} > {junit}", format="junit").batched
+    assert suite().group_key()("pkg.mod.C.t") == "pkg.mod.C"
+    assert suite(group=False).group_key()("pkg.mod.C.t") is None
+    assert suite(group_regex="pkg").group_key()("pkg.mod.C.t") == "pkg"
+
+
 @pytest.mark.parametrize(
     "kw, where",
     [
@@ -46,6 +66,12 @@ def test_command_for_quotes_ids_and_leaves_other_braces() -> None:
         ({"test_timeout": 0.0}, "--test-timeout"),
         ({"name": "../x"}, "suite name"),
         ({"format": "tap"}, "--format"),
+        ({"run": "run {tests_file}", "format": "exit"}, "--run"),
+        ({"run": "run {tests} {tests_file}", "format": "subunit"}, "--run"),
+        ({"run": "run {tests}", "format": "junit"}, "--run"),
+        ({"run": "run {tests} {junit}", "format": "subunit"}, "--run"),
+        ({"run": "run {tests}", "format": "subunit", "group_regex": "("}, "--group-regex"),
+        ({"run": "run {tests}", "format": "subunit", "group_regex": "x", "group": False}, "--group-regex"),
     ],
 )
 def test_bad_suites_name_what_is_wrong(kw: dict[str, Any], where: str) -> None:
@@ -65,6 +91,7 @@ def test_a_suite_job_round_trips_through_its_json_form(target: Any) -> None:
         setup=("make",),
         test_timeout=12.5,
         bound=99.0,
+        group_regex=r"^[^.]+\.[^.]+",
     )
     backend = "local" if target is LOCAL else "b"
     job = JobSpec(check=s, backend=backend, priority=3, bound=99.0)
@@ -73,6 +100,11 @@ def test_a_suite_job_round_trips_through_its_json_form(target: Any) -> None:
     assert back == job
     assert back.instances == 3 and back.machines == target
     assert back.target.startswith("suite s on 3 x ")
+
+
+def test_a_suite_without_groups_round_trips() -> None:
+    job = JobSpec(check=suite(run="x {tests_file}", format="subunit", group=False), backend="local")
+    assert codec.spec_from_dict(codec.loads(codec.dumps(codec.spec_to_dict(job)), "s")) == job
 
 
 @given(st.lists(st.text(min_size=1, max_size=20).filter(lambda t: t.strip() == t and "\x00" not in t),
@@ -92,6 +124,8 @@ def test_any_test_ids_survive_the_json_form(ids: list[str]) -> None:
         ({"uploads": [["only-one"]]}, "job.suite.uploads[0]"),
         ({"colour": "red"}, "job.suite.colour"),
         ({"format": "tap"}, "job.suite.format"),
+        ({"group": "no"}, "job.suite.group"),
+        ({"group_regex": "("}, "job.suite.group_regex"),
     ],
 )
 def test_bad_suite_tables_name_the_key(change: dict[str, Any], where: str) -> None:
