@@ -8,8 +8,10 @@ touched.
 
 ``run_commands`` runs a list of commands over one connection and closes it;
 ``open_session`` holds a ``Session`` open for many ``Session.run`` calls,
-and SFTP transfers: ``Session.upload`` (a file or tree), and
-``write_file``, ``read_file`` and ``remove_file`` for single small files.
+``Session.start`` for a long-lived command talked to over its stdin and
+stdout (a ``RemoteProcess``), and SFTP transfers: ``Session.upload`` (a file
+or tree), and ``write_file``, ``read_file`` and ``remove_file`` for single
+small files.
 """
 
 from txvmbot.ssh._keys import (
@@ -19,6 +21,7 @@ from txvmbot.ssh._keys import (
     load_private_key,
     public_openssh,
 )
+from txvmbot.ssh._process import RemoteProcess
 from txvmbot.ssh._protocol import Session, open_session
 from txvmbot.ssh._run import run_commands, wait_for_ssh
 from txvmbot.ssh._values import (
@@ -39,6 +42,7 @@ from txvmbot.ssh._values import (
 )
 
 __all__ = [
+    "RemoteProcess",
     "SSHAuthenticationError",
     "SSHCommandFailed",
     "SSHCommandTimeout",

@@ -2,16 +2,19 @@
 
 ``connect`` (public as ``open_session``) turns a client endpoint string
 into an authenticated ``Session``; ``Session.execute`` runs one command in
-its own exec channel (``Session.run`` does, failing with public errors), and
-``Session.upload`` copies files over SFTP, and ``write_file``, ``read_file``
-and ``remove_file`` handle single small files (in ``_sftp``).
+its own exec channel (``Session.run`` does, failing with public errors),
+``Session.start`` keeps one running to talk to over stdin and stdout (in
+``_process``), and ``Session.upload`` copies files over SFTP, and
+``write_file``, ``read_file`` and ``remove_file`` handle single small files
+(in ``_sftp``).
 Host keys are accepted whatever they are (every VM is new) and recorded.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh.channel import SSHChannel
@@ -43,6 +46,9 @@ from txvmbot.ssh._values import (
     UploadResult,
 )
 
+if TYPE_CHECKING:
+    from txvmbot.ssh._process import RemoteProcess, _ProcessChannel
+
 log = Logger(namespace="txvmbot.ssh")
 
 #: How long a graceful close may take before the connection is aborted.
@@ -54,6 +60,9 @@ KILL_GRACE = 2.0
 
 #: Output kept per stream of one command; the rest is dropped (and logged).
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+
+#: The stderr a started command (``Session.start``) keeps: its last MiB.
+DEFAULT_MAX_STDERR = 1 << 20
 
 
 def _text(value: bytes | str) -> str:
@@ -316,6 +325,12 @@ class _ExecChannel(SSHChannel):
         #: fires once the channel has closed (or could not be opened)
         self.gone: Deferred[None] = Deferred()
         self._close_timer: IDelayedCall | None = None
+        #: we stopped caring about the command (``abandon``)
+        self.abandoned = False
+
+    def exec_line(self) -> bytes:
+        """What the exec request asks the server to run."""
+        return self.command.encode("utf-8")
 
     def partial(self) -> CommandResult:
         return CommandResult(
@@ -329,7 +344,11 @@ class _ExecChannel(SSHChannel):
     # -- channel events
 
     def channelOpen(self, specificData: bytes) -> None:
-        d = self._conn.sendRequest(self, b"exec", NS(self.command.encode("utf-8")), wantReply=True)
+        if self.abandoned:
+            # abandoned while the server was opening it: run nothing
+            self._conn.sendClose(self)
+            return
+        d = self._conn.sendRequest(self, b"exec", NS(self.exec_line()), wantReply=True)
         d.addCallbacks(self._exec_accepted, self._exec_refused)
 
     def _exec_accepted(self, ignored: object) -> None:
@@ -417,11 +436,13 @@ class _ExecChannel(SSHChannel):
 
     def abandon(self, grace: float = 0.0, clock: IReactorTime | None = None) -> None:
         """Stop caring about the command: ask the server to kill it (best
-        effort, OpenSSH >= 8.1 honours this) and close the channel; with a
-        ``grace`` (and a ``clock``), let the server close it once the command
-        is dead, and close it only if that takes longer than ``grace``."""
+        effort: OpenSSH >= 8.1 honours it for non-root logins only) and close
+        the channel; with a ``grace`` (and a ``clock``), let the server close
+        it once the command is dead, and close it only if that takes longer
+        than ``grace``."""
+        self.abandoned = True
         if self.localClosed or self not in self._conn.channelsToRemoteChannel:
-            return
+            return  # not open yet (``channelOpen`` closes it), or closing
         self._conn.sendRequest(self, b"signal", NS(b"KILL"), wantReply=False)
         if grace > 0 and clock is not None:
             if self._close_timer is None:
@@ -466,6 +487,8 @@ class Session:
         self.host_key_type = key_type(transport.host_key)
         #: channels still closing (an abandoned upload's): fire when closed
         self._closing: list[Deferred[None]] = []
+        #: the channels of commands started with ``start`` and still open
+        self.processes: list[_ProcessChannel] = []
 
     @property
     def lost(self) -> bool:
@@ -501,33 +524,66 @@ class Session:
 
         def public(f: Failure) -> Failure:
             e = f.value
-            if isinstance(e, _CommandTimedOut):
-                return Failure(
-                    SSHCommandTimeout(
-                        self.endpoint,
-                        self.user,
-                        command,
-                        e.bound,
-                        e.partial,
-                        host_key_fingerprint=self.host_key_fingerprint,
-                        host_key_type=self.host_key_type,
-                    )
-                )
             if isinstance(e, _ChannelError):
-                return Failure(
-                    SSHCommandFailed(
-                        self.endpoint,
-                        self.user,
-                        command,
-                        e.reason,
-                        e.partial,
-                        host_key_fingerprint=self.host_key_fingerprint,
-                        host_key_type=self.host_key_type,
-                    )
-                )
+                return Failure(self.command_error(command, e))
             return f
 
         return d.addErrback(public)
+
+    def command_error(self, command: str, e: _ChannelError) -> SSHCommandFailed:
+        """The public error for ``command`` that did not run to its end:
+        SSHCommandTimeout if it timed out, else SSHCommandFailed."""
+        if isinstance(e, _CommandTimedOut):
+            return SSHCommandTimeout(
+                self.endpoint,
+                self.user,
+                command,
+                e.bound,
+                e.partial,
+                host_key_fingerprint=self.host_key_fingerprint,
+                host_key_type=self.host_key_type,
+            )
+        return self.command_failed(command, e.reason, e.partial)
+
+    def command_failed(self, command: str, reason: str, partial: CommandResult) -> SSHCommandFailed:
+        """SSHCommandFailed for ``command`` on this session: ``reason`` in
+        words, and what it produced so far."""
+        return SSHCommandFailed(
+            self.endpoint,
+            self.user,
+            command,
+            reason,
+            partial,
+            host_key_fingerprint=self.host_key_fingerprint,
+            host_key_type=self.host_key_type,
+        )
+
+    def start(
+        self,
+        command: str,
+        on_stdout: Callable[[bytes], None],
+        *,
+        max_stderr: int = DEFAULT_MAX_STDERR,
+    ) -> Deferred[RemoteProcess]:
+        """Start ``command`` in a new exec channel and keep it running, to
+        write to its stdin and read its stdout as it comes (a test runner
+        fed batch after batch); fire with a ``RemoteProcess`` once the
+        server accepted the exec request.
+
+        Each chunk of stdout is passed to ``on_stdout`` as it arrives, and
+        not kept (an exception from it is logged; the channel carries on);
+        the last ``max_stderr`` bytes of stderr are kept for
+        ``RemoteProcess.ended``. There is no bound: the command runs until it
+        exits, ``RemoteProcess.stop`` or ``close`` (which kills it).
+
+        Fails with SSHCommandFailed, naming the command and the reason, if
+        the server refused the channel or the exec request, or the
+        connection was lost. Cancelling before it fired closes the channel.
+        Waits first, like ``run``, for an abandoned channel to close.
+        """
+        from txvmbot.ssh._process import start
+
+        return start(self, command, on_stdout, max_stderr=max_stderr)
 
     async def _run_later(self, command: str, timeout: float, max_output: int) -> CommandResult:
         await self._settled()
@@ -715,7 +771,12 @@ class Session:
 
     def close(self, grace: float = CLOSE_GRACE) -> Deferred[None]:
         """Close gracefully; abort if that takes longer than ``grace``.
-        Fires once the connection is gone. Cancelling aborts at once."""
+        Fires once the connection is gone. Cancelling aborts at once.
+
+        Commands started with ``start`` and still running are killed first
+        (sshd would leave a command that ignores its closed stdin running
+        after the connection), for up to ``KILL_GRACE`` of the ``grace``;
+        their ``ended`` fires with exit_status None."""
         lost = self.transport.when_lost()
         if lost.called:
             return lost
@@ -734,8 +795,18 @@ class Session:
             if not result.called:
                 result.callback(None)
 
+        def goodbye(ignored: object = None) -> None:
+            for channel in list(self.processes):
+                channel.abandon()
+            self.transport.close()
+
         lost.addCallback(gone)
-        self.transport.close()
+        running = [channel.kill() for channel in self.processes if not channel.exited]
+        if running:
+            killed = DeferredList(running).addCallback(lambda ignored: None)
+            _bounded(killed, self.clock, KILL_GRACE).addCallback(goodbye)
+        else:
+            goodbye()
         return result
 
     def abort(self) -> Deferred[None]:
