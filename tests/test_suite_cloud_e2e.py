@@ -356,3 +356,78 @@ def test_a_junit_command_that_writes_no_report_fails_its_tests_with_the_reason(
         assert "the command wrote no JUnit XML to /tmp/txvmbot-" in t["message"]
         assert "exit status 3" in t["message"]
         assert "would write /tmp/txvmbot-" in t["output"]
+
+
+TRIAL_SAMPLE = '''
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+
+class Deferreds(unittest.TestCase):
+    def test_fires(self):
+        return task.deferLater(__import__("twisted.internet.reactor").internet.reactor, 0.01, lambda: None)
+
+    def test_fails(self):
+        return defer.fail(ValueError("deferred went wrong"))
+
+    def test_skipped(self):
+        raise unittest.SkipTest("not today")
+
+
+class Plain(unittest.SynchronousTestCase):
+    def test_one(self):
+        self.assertEqual(1, 1)
+
+    def test_two(self):
+        self.assertTrue(True)
+'''
+
+
+@pytest.mark.parametrize("kind", ["unittest", "trial"])
+def test_a_long_lived_runner_per_machine(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object, kind: str
+) -> None:
+    """--runner with txvmbot's own runner ({runner_py}), uploaded over SFTP
+    and started once a machine; batches go in on its stdin."""
+    base = str(tmp_path)
+    src = os.path.join(base, "remote", "suite")
+    os.makedirs(src)
+    module = "test_sample" if kind == "unittest" else "test_trialsample"
+    with open(os.path.join(src, f"{module}.py"), "w") as f:
+        f.write(textwrap.dedent(SAMPLE if kind == "unittest" else TRIAL_SAMPLE))
+    py = shlex.quote(sys.executable)
+    flag = " --trial" if kind == "trial" else ""
+    if kind == "unittest":
+        names = ["Arithmetic.test_add", "Arithmetic.test_sub", "Arithmetic.test_wrong",
+                 "Noisy.test_prints_to_stdout", "Noisy.test_skip", "Noisy.test_mul"]
+        outcomes = ["passed", "passed", "failed", "passed", "skipped", "passed"]
+    else:
+        names = ["Deferreds.test_fires", "Deferreds.test_fails", "Deferreds.test_skipped",
+                 "Plain.test_one", "Plain.test_two"]
+        outcomes = ["passed", "failed", "skipped", "passed", "passed"]
+    ids = [f"{module}.{n}" for n in names] + [f"{module}.Nowhere.test_missing"]
+    tests_path = os.path.join(base, "ids")
+    with open(tests_path, "w") as f:
+        f.write("\n".join(ids) + "\n")
+    out = os.path.join(base, "r.json")
+    proc = suite_cli(
+        moto, sshd, key, os.path.join(base, "state"),
+        "--name", f"runner-{kind}",
+        "--machines", "2",
+        "--tests", tests_path,
+        "--runner", f"cd {shlex.quote(src)} && {py} {{runner_py}}{flag}",
+        "--format", "subunit",
+        "--json", out,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    with open(out) as f:
+        doc = json.load(f)
+    by_id = {t["test_id"]: t for t in doc["tests"]}
+    assert {i: by_id[i]["outcome"] for i in ids} == dict(
+        zip(ids, [*outcomes, "failed"], strict=True)
+    ), proc.stdout
+    assert "Nowhere" in by_id[ids[-1]]["output"]  # the loader's own error
+    # Every runner was stopped and its script removed with nothing left behind.
+    check = doc["summary"]["check_id"]
+    assert not [n for n in os.listdir("/tmp") if n.startswith(f"txvmbot-{check}") and n.endswith(".tests")]
+    assert checkrun.leftovers(moto.url, check) == []

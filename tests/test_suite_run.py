@@ -89,6 +89,8 @@ class Lab:
         self.files: dict[str, bytes] = {}
         self.written: list[tuple[str, str]] = []  # (machine, path)
         self.removed: list[tuple[str, str]] = []
+        self.processes: list[FakeProcess] = []
+        self.crash_on = ""
         self.test_time: dict[str, float] = {}
         self.answer: Callable[[str, str], Reply | None] = lambda machine, command: None
 
@@ -225,8 +227,72 @@ class FakeSession:
             self.lab.removed.append((self.machine, path))
         return succeed(None)
 
+    def start(self, command: str, on_stdout: Callable[[bytes], None]) -> Deferred[FakeProcess]:
+        if self.lost:
+            return fail(ssh.SSHCommandFailed(self.endpoint, self.user, command, "lost", CommandResult(command, None)))
+        process = FakeProcess(self, command, on_stdout)
+        self.lab.processes.append(process)
+        return succeed(process)
+
     def close(self) -> Deferred[None]:
         self.lab.closed.append(self.machine)
+        return succeed(None)
+
+
+class FakeProcess:
+    """A runner (``--runner``) on a fake machine: for each batch on its
+    stdin, after one second a test (``lab.test_time``), the batch's subunit
+    and the end-of-batch packet. ``lab.crash_on`` makes it exit 1 in the
+    middle of that test."""
+
+    def __init__(self, session: FakeSession, command: str, on_stdout: Callable[[bytes], None]) -> None:
+        self.session = session
+        self.command = command
+        self.on_stdout = on_stdout
+        self.ended: Deferred[CommandResult] = Deferred()
+        self.running = True
+        self.pending = ""
+        self.batches: list[tuple[str, ...]] = []
+
+    def write(self, data: bytes) -> None:
+        assert self.running
+        self.pending += data.decode()
+        *lines, self.pending = self.pending.split("\n")
+        batch: list[str] = []
+        for line in lines:
+            if line.startswith("#end "):
+                self._run(tuple(batch), line[len("#end "):])
+                batch = []
+            else:
+                batch.append(line)
+
+    def _run(self, ids: tuple[str, ...], token: str) -> None:
+        lab = self.session.lab
+        self.batches.append(ids)
+        clock = lab.clock
+        crash = lab.crash_on if lab.crash_on in ids else None
+        ran = ids[: ids.index(crash) + 1] if crash else ids
+        stream = subunit_run(ran, clock.seconds(), "", "")
+        if crash:
+            stream = stream[: stream.rfind(b"\xb3")]  # cut before the crashing test's end
+            clock.callLater(len(ran) - 0.5, self._crash, stream)
+            return
+        out = io.BytesIO()
+        StreamResultToBytes(out).status(test_id="txvmbot:end-of-batch:" + token, test_status="exists")
+        whole = stream + out.getvalue()
+        half = len(whole) - 3  # the end packet's CRC comes in a later chunk
+        clock.callLater(sum(lab.test_time.get(t, 1.0) for t in ids), self.on_stdout, whole[:half])
+        clock.callLater(sum(lab.test_time.get(t, 1.0) for t in ids) + 0.01, self.on_stdout, whole[half:])
+
+    def _crash(self, stream: bytes) -> None:
+        self.on_stdout(stream)
+        self.running = False
+        self.ended.callback(CommandResult(self.command, 1, b"", b"Segmentation fault\n"))
+
+    def stop(self, grace: float = 5.0) -> Deferred[None]:
+        if self.running:
+            self.running = False
+            self.ended.callback(CommandResult(self.command, 0))
         return succeed(None)
 
 
@@ -959,3 +1025,43 @@ def test_the_summary_counts_the_measured_cost_of_a_command(rig: Rig) -> None:
     # 3 s a command: no batch of the bulk is under 2 x 3 s of tests.
     sizes = [len(r.tests) for r in rig.lab.test_runs()]
     assert len(sizes) <= 8 and min(sizes[2:-1], default=6) >= 6
+
+
+def test_a_runner_per_machine_is_fed_batch_after_batch(rig: Rig) -> None:
+    ids = tuple(f"pkg.mod.Case{i // 2}.test_{i}" for i in range(20))
+    _, d = rig.start(
+        rig.spec(runner="cd src && python3 {runner_py} --trial", run="", format="subunit", machines=2, tests=ids)
+    )
+
+    result = rig.finish(d, step=0.25)
+
+    assert result.passed, [(t.test_id, t.message) for t in result.tests]
+    assert sorted(t.test_id for t in result.tests) == sorted(ids)
+    processes = rig.lab.processes
+    assert len(processes) == 2  # one runner a machine, for every batch
+    assert all(not p.running for p in processes)  # stopped at the end
+    assert sum(len(p.batches) for p in processes) > 2
+    # txvmbot's own runner was uploaded and named in the command.
+    for p in processes:
+        script = p.command.split()[-2]
+        assert script.startswith("/tmp/txvmbot-") and script.endswith("-runner.py")
+        assert b"#end " in rig.lab.files[script]
+    assert rig.lab.test_runs() == []  # no command per batch
+    assert_tidy(rig)
+
+
+def test_a_test_that_kills_its_runner_fails_and_the_rest_run_on_a_fresh_runner(rig: Rig) -> None:
+    ids = tuple(f"pkg.mod.Case{i}.test" for i in range(6))
+    rig.lab.crash_on = ids[1]
+    _, d = rig.start(rig.spec(runner="runner", run="", format="subunit", machines=1, tests=ids))
+
+    result = rig.finish(d, step=0.25)
+
+    tests = by_id(result)
+    assert tests[ids[1]].outcome == "failed"
+    assert "ended (exit status 1) in the middle of a batch while this test ran" in tests[ids[1]].message
+    assert b"Segmentation fault" in tests[ids[1]].output
+    assert all(tests[t].outcome == "passed" for t in ids if t != ids[1])
+    assert len(rig.lab.processes) == 2  # a fresh runner on the same machine
+    assert rig.machines.released == []
+    assert_tidy(rig)

@@ -396,7 +396,7 @@ def _local_from_dict(
 # --- suites --------------------------------------------------------------------
 
 _SUITE_KEYS = ("name", "run", "machines", "format", "tests", "list", "uploads", "setup",
-               "test_timeout", "bound", "group_regex", "group")
+               "test_timeout", "bound", "group_regex", "group", "runner")
 #: At most this many test ids travel in a job (longer lists: --list CMD).
 MAX_SUITE_TESTS = 20000
 
@@ -404,12 +404,13 @@ MAX_SUITE_TESTS = 20000
 def suite_to_dict(suite: SuiteSpec) -> dict[str, Any]:
     d: dict[str, Any] = {
         "name": suite.name,
-        "run": suite.run,
         "machines": suite.machines,
         "format": suite.format,
         "test_timeout": suite.test_timeout,
         "bound": suite.bound,
     }
+    if suite.run:
+        d["run"] = suite.run
     if suite.tests:
         d["tests"] = list(suite.tests)
     if suite.list_command:
@@ -422,6 +423,8 @@ def suite_to_dict(suite: SuiteSpec) -> dict[str, Any]:
         d["group_regex"] = suite.group_regex
     if not suite.group:
         d["group"] = False
+    if suite.runner:
+        d["runner"] = suite.runner
     return d
 
 
@@ -456,7 +459,7 @@ def suite_from_dict(data: Any, where: str, target: CheckSpec | LocalSpec) -> Sui
         return SuiteSpec(
             target=target,
             name=check_str(f"{where}.name", data.get("name", "suite")),
-            run=check_str(f"{where}.run", data.get("run", "")),
+            run=check_str(f"{where}.run", data["run"]) if "run" in data else "",
             machines=check_int(f"{where}.machines", data.get("machines", 1)),
             format=data.get("format", "exit"),
             tests=strings("tests", MAX_SUITE_TESTS),
@@ -469,6 +472,7 @@ def suite_from_dict(data: Any, where: str, target: CheckSpec | LocalSpec) -> Sui
                 check_str(f"{where}.group_regex", data["group_regex"]) if "group_regex" in data else None
             ),
             group=check_bool(f"{where}.group", data.get("group", True)),
+            runner=check_str(f"{where}.runner", data["runner"]) if "runner" in data else "",
         )
     except ConfigError as e:
         if e.where.startswith(where):

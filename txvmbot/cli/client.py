@@ -451,7 +451,7 @@ def _suite_job_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
 
 
 _SUITE_ONLY = ("name", "machines", "upload", "setup", "list", "tests", "run", "format",
-               "test_timeout", "subunit", "junit", "group_regex", "no_group")
+               "test_timeout", "subunit", "junit", "group_regex", "no_group", "runner")
 
 
 class _Submit:

@@ -87,6 +87,15 @@ def add_suite_flags(p: argparse.ArgumentParser, *, with_bound: bool = True) -> N
         "(--format junit; a fresh path for every command)",
     )
     s.add_argument(
+        "--runner",
+        metavar="CMD",
+        help="instead of --run: a long-lived runner started once per machine, fed batch "
+        "after batch of ids on its stdin, one a line, writing subunit v2 (--format "
+        "subunit); {runner_py} is txvmbot's own, uploaded: 'python3 {runner_py}' runs "
+        "unittest ids, 'python3 {runner_py} --trial' trial ids (needs python-subunit, "
+        "and Twisted for --trial, on the machine)",
+    )
+    s.add_argument(
         "--format",
         choices=("exit", "subunit", "junit"),
         help="exit: one test per command, its exit status is its result; subunit: the "
@@ -186,14 +195,16 @@ def suite_spec_from_args(args: argparse.Namespace, target: Any) -> Any:
         raise ConfigError("--command", "not used by a suite: --run is its test command")
     if getattr(args, "parallel", None) is not None:
         raise ConfigError("--parallel", "not used by a suite: use --machines")
-    if not args.run:
-        raise ConfigError("--run", "required: the command that runs {test} or {tests}")
+    runner = getattr(args, "runner", None)
+    if not args.run and not runner:
+        raise ConfigError("--run", "required: the command that runs {test} or {tests} (or --runner)")
     if not args.list and not args.tests:
         raise ConfigError("--list", "give the test ids with --list CMD or --tests FILE")
     return SuiteSpec(
         target=target,
         name=check_str("--name", args.name or "suite"),
-        run=check_str("--run", args.run),
+        run=check_str("--run", args.run) if args.run else "",
+        runner=check_str("--runner", runner) if runner else "",
         machines=1 if args.machines is None else check_int("--machines", args.machines),
         format=args.format or "exit",
         tests=_read_tests(args.tests) if args.tests else (),

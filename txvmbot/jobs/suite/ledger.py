@@ -206,6 +206,32 @@ class Ledger:
         )
         feeder.timed_out(batch, running, done=ended)
 
+    def runner_died(self, worker: str, machine: str, batch: Batch, started: float, partial: Any, why: str) -> None:
+        """The batch's long-lived runner ended in the middle of it. The test
+        it was running failed (a test that kills its runner is that test's
+        failure); the others that did not end go back to the queue. If no
+        test was running, it is the machine's trouble, as :meth:`lost`."""
+        ids = batch.test_ids
+        read = R.read_subunit(partial.stdout, worker, ids, started=started)
+        ended = self._record_read(read, ids)
+        running = read.running
+        if running is None or running not in ids or running in ended:
+            self.lost(worker, machine, batch, started, partial, why)
+            return
+        self.record(
+            R.TestResult(
+                test_id=running,
+                outcome="failed",
+                duration=max(0.0, self.wall() - (read.running_started or started)),
+                worker=worker,
+                started=read.running_started or started,
+                output=read.running_output + _COMMAND_OUTPUT + _tail(partial.stderr),
+                message=f"{why} while this test ran",
+                attempts=self.attempts[running],
+            )
+        )
+        self.feeder.timed_out(batch, running, done=ended)
+
     def lost(self, worker: str, machine: str, batch: Batch, started: float, partial: Any, why: str) -> None:
         """The batch's machine died or stopped answering: its tests that did
         not end go back to the queue once, then are infrastructure trouble."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +32,8 @@ from txvmbot.evidence import save_evidence
 from txvmbot.jobs.suite import results as R
 from txvmbot.jobs.suite.feed import Batch, Feeder
 from txvmbot.jobs.suite.ledger import Ledger, give_up_rest
-from txvmbot.jobs.suite.spec import MachineTime, SuiteResult, SuiteSpec, command_for
+from txvmbot.jobs.suite.serve import RunnerExited, RunnerFeed, runner_script
+from txvmbot.jobs.suite.spec import RUNNER_PY, MachineTime, SuiteResult, SuiteSpec, command_for
 from txvmbot.jobs.suite.spread import Timeline, summarize
 from txvmbot.machines import IMachines, Machine
 from txvmbot.model import CheckResult, StepEvent
@@ -79,6 +81,8 @@ class _Slot:
     worker: str
     machine: Machine
     session: Any = None
+    #: the long-lived runner on this machine (``--runner``)
+    runner: RunnerFeed | None = None
     state: str = "setup"
     start: float | None = None
     end: float | None = None
@@ -261,8 +265,21 @@ class SuiteRun:
                     "setup",
                     f"{slot.worker} on {m.name}: {command!r} ended with {how}" + (f": {out}" if out else ""),
                 )
+        if spec.runner:
+            await self._start_runner(slot)
         slot.state = "idle"
         self._report()
+
+    async def _start_runner(self, slot: _Slot) -> None:
+        """Start the suite's runner on the slot's machine (after uploading
+        txvmbot's own for ``{runner_py}``)."""
+        spec = self.spec
+        command = spec.runner
+        if RUNNER_PY in command:
+            path = f"{REMOTE_DIR}/txvmbot-{self.check_id}-{slot.worker}-{secrets.token_hex(4)}-runner.py"
+            await slot.session.write_file(path, runner_script(), spec.test_timeout)
+            command = command.replace(RUNNER_PY, shlex.quote(path))
+        slot.runner = await RunnerFeed(self.reactor, slot.session, command).start()
 
     async def _swap_machine(self, slot: _Slot) -> None:
         """Give the slot's machine back and get a fresh one in its place."""
@@ -283,6 +300,12 @@ class SuiteRun:
         slot.replacements += 1
 
     async def _close_session(self, slot: _Slot) -> None:
+        runner, slot.runner = slot.runner, None
+        if runner is not None:
+            try:
+                await runner.stop()
+            except Exception as e:
+                self.log.info("Stopping {worker}'s runner: {e}", worker=slot.worker, e=e)
         session, slot.session = slot.session, None
         if session is not None:
             try:
@@ -385,11 +408,15 @@ class SuiteRun:
         replace = ""
         try:
             try:
-                if files.tests_file:
-                    listing = "".join(f"{t}\n" for t in ids).encode("utf-8")
-                    await slot.session.write_file(files.tests_file, listing, spec.test_timeout)
-                outcome = await slot.session.run(command, spec.test_timeout * len(ids))
-                report = await self._report_of(slot, files.junit) if files.junit else None
+                if slot.runner is not None:
+                    outcome = await slot.runner.batch(ids, spec.test_timeout * len(ids))
+                    report = None
+                else:
+                    if files.tests_file:
+                        listing = "".join(f"{t}\n" for t in ids).encode("utf-8")
+                        await slot.session.write_file(files.tests_file, listing, spec.test_timeout)
+                    outcome = await slot.session.run(command, spec.test_timeout * len(ids))
+                    report = await self._report_of(slot, files.junit) if files.junit else None
             except ssh.SSHCommandTimeout as e:
                 answering = await self._answers(slot)
                 if answering:
@@ -400,6 +427,16 @@ class SuiteRun:
                     why = f"it stopped answering (a new ssh login failed after {e})"
                     ledger.lost(slot.worker, slot.machine.name, batch, started, e.partial, why)
                     replace = why
+            except RunnerExited as e:
+                # The runner died under a test (or between tests): that test
+                # failed, the rest go back; a fresh runner on this machine.
+                ledger.runner_died(slot.worker, slot.machine.name, batch, started, e.partial, str(e))
+                try:
+                    await self._start_runner(slot)
+                except CancelledError:
+                    raise
+                except Exception as restart:
+                    replace = f"its runner ended and did not start again: {restart}"
             except (ssh.SSHCommandFailed, ssh.SSHConnectError, ssh.SSHFileError) as e:
                 partial = getattr(e, "partial", None)
                 ledger.lost(slot.worker, slot.machine.name, batch, started, partial, str(e))

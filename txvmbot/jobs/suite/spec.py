@@ -35,6 +35,8 @@ FORMATS: tuple[SuiteFormat, ...] = ("exit", "subunit", "junit")
 #: (``{tests_file}``), and the path where the command writes its JUnit XML
 #: (``{junit}``).
 _PLACEHOLDER = re.compile(r"\{(test|tests|tests_file|junit)\}")
+#: In ``--runner``: the path of txvmbot's own runner on the machine.
+RUNNER_PY = "{runner_py}"
 
 
 @frozen
@@ -59,8 +61,12 @@ class SuiteSpec:
     one for every command). The ids come from ``tests`` or from
     ``list_command``, run once on the first ready machine. Batches keep
     groups of tests together: by class unless ``group_regex`` (stestr's
-    meaning) says otherwise, or not at all without ``group``.
-    ``test_timeout`` bounds one test, ``bound`` the whole run.
+    meaning) says otherwise, or not at all without ``group``. Instead of
+    ``run``, ``runner`` is a long-lived command started once per machine
+    and fed batch after batch on its stdin (:mod:`txvmbot.jobs.suite.serve`);
+    ``{runner_py}`` in it is the path of txvmbot's own Python runner,
+    uploaded to the machine. ``test_timeout`` bounds one test, ``bound``
+    the whole run.
     """
 
     target: CheckSpec | LocalSpec
@@ -76,11 +82,41 @@ class SuiteSpec:
     bound: float = 3600.0
     group_regex: str | None = None
     group: bool = True
+    runner: str = ""
 
     def __attrs_post_init__(self) -> None:
         check_suite_name(self.name)
         if self.format not in FORMATS:
             raise ConfigError("--format", f"must be exit, subunit or junit, not {self.format!r}")
+        if self.runner:
+            self._check_runner()
+        else:
+            self._check_run()
+        if self.group_regex is not None:
+            if not self.group:
+                raise ConfigError("--group-regex", "cannot be given with --no-group")
+            grouping(self.group_regex)  # raises ConfigError for a bad regex
+        if not 1 <= self.machines <= 100:
+            raise ConfigError("--machines", f"must be from 1 to 100, got {self.machines}")
+        if bool(self.tests) == bool(self.list_command):
+            raise ConfigError("--tests", "give the test ids either with --tests FILE or --list CMD")
+        if len(set(self.tests)) != len(self.tests):
+            raise ConfigError("--tests", "a test id is listed twice")
+        for what, value in (("--test-timeout", self.test_timeout), ("--bound", self.bound)):
+            if not value > 0:
+                raise ConfigError(what, f"must be a positive number of seconds, got {value}")
+
+    def _check_runner(self) -> None:
+        if self.run:
+            raise ConfigError("--runner", "give the test command either with --run or with --runner")
+        if self.format != "subunit":
+            raise ConfigError("--runner", "a runner writes subunit: it needs --format subunit")
+        named = set(_PLACEHOLDER.findall(self.runner))
+        if named:
+            names = ", ".join(f"{{{n}}}" for n in sorted(named))
+            raise ConfigError("--runner", f"{names}: a runner reads its test ids on stdin")
+
+    def _check_run(self) -> None:
         found = set(_PLACEHOLDER.findall(self.run))
         ids = found & {"test", "tests", "tests_file"}
         if not ids:
@@ -96,25 +132,12 @@ class SuiteSpec:
             raise ConfigError("--run", "--format junit needs {junit}: the path the command writes its XML to")
         if self.format != "junit" and "junit" in found:
             raise ConfigError("--run", "{junit} is only for --format junit")
-        if self.group_regex is not None:
-            if not self.group:
-                raise ConfigError("--group-regex", "cannot be given with --no-group")
-            grouping(self.group_regex)  # raises ConfigError for a bad regex
-        if not 1 <= self.machines <= 100:
-            raise ConfigError("--machines", f"must be from 1 to 100, got {self.machines}")
-        if bool(self.tests) == bool(self.list_command):
-            raise ConfigError("--tests", "give the test ids either with --tests FILE or --list CMD")
-        if len(set(self.tests)) != len(self.tests):
-            raise ConfigError("--tests", "a test id is listed twice")
-        for what, value in (("--test-timeout", self.test_timeout), ("--bound", self.bound)):
-            if not value > 0:
-                raise ConfigError(what, f"must be a positive number of seconds, got {value}")
 
     @property
     def batched(self) -> bool:
         """Whether one command runs a batch of tests (``{tests}`` or
         ``{tests_file}``)."""
-        return "{tests}" in self.run or "{tests_file}" in self.run
+        return bool(self.runner) or "{tests}" in self.run or "{tests_file}" in self.run
 
     @property
     def uses_tests_file(self) -> bool:

@@ -1,0 +1,176 @@
+"""Batches fed to a long-lived runner on a machine (``txvmbot suite --runner``).
+
+A fresh process per batch pays the interpreter's start and the test
+modules' imports again and again; a runner started once per machine pays
+them once, as ``trial -j`` and pytest-xdist workers do. :class:`RunnerFeed`
+holds one such runner (a :class:`~txvmbot.ssh.RemoteProcess`), writes each
+batch's ids to its stdin, one a line, then ``#end TOKEN``, and collects its
+stdout until the runner's end-of-batch packet for that token (a subunit v2
+status ``exists`` for ``txvmbot:end-of-batch:TOKEN``; the token is random,
+so no test's output can end a batch early). The protocol is the one
+:mod:`txvmbot.jobs.suite.remote_runner` speaks; any runner that speaks it
+will do.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txvmbot.errors import TxvmbotError
+from txvmbot.model import CommandResult
+
+__all__ = ["END", "MARK", "RunnerExited", "RunnerFeed", "runner_script"]
+
+#: The line that ends a batch on the runner's stdin (then the token).
+END = "#end "
+#: The test id of the runner's end-of-batch packet (then the token).
+MARK = "txvmbot:end-of-batch:"
+#: What follows the test id in that packet: its CRC32.
+_CRC = 4
+
+
+def runner_script() -> bytes:
+    """The source of txvmbot's own runner, uploaded for ``{runner_py}``."""
+    from importlib.resources import files
+
+    return files("txvmbot.jobs.suite").joinpath("remote_runner.py").read_bytes()
+
+
+class RunnerExited(TxvmbotError):
+    """The runner ended in the middle of a batch; ``partial`` has what it
+    wrote for the batch (stdout) and its stderr, and how it ended."""
+
+    def __init__(self, command: str, partial: CommandResult) -> None:
+        how = (
+            f"signal {partial.signal}" if partial.signal else f"exit status {partial.exit_status}"
+        )
+        super().__init__(f"the runner {command!r} ended ({how}) in the middle of a batch")
+        self.command = command
+        self.partial = partial
+
+
+class RunnerFeed:
+    """One runner on one machine, fed one batch at a time."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, session: Any, command: str) -> None:
+        self.clock = clock
+        self.session = session
+        self.command = command
+        self.process: Any = None
+        self._buffer = bytearray()
+        self._mark = b""
+        self._waiting: Deferred[CommandResult] | None = None
+        self._timer: Any = None
+        self._ended: CommandResult | Failure | None = None
+
+    async def start(self) -> RunnerFeed:
+        """Start the runner on the session; fires once the server runs it."""
+        self.process = await self.session.start(self.command, self._received)
+        self.process.ended.addBoth(self._exited)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self._ended is None
+
+    def batch(self, ids: tuple[str, ...], bound: float) -> Deferred[CommandResult]:
+        """Run ``ids``; fires with the batch's subunit bytes as ``stdout``
+        of a CommandResult (exit status 0: the runner is still up). Fails
+        with SSHCommandTimeout after ``bound`` seconds, RunnerExited if the
+        runner ends first, SSHCommandFailed if the connection is lost."""
+        from txvmbot import ssh
+
+        assert self._waiting is None, "one batch at a time"
+        token = secrets.token_hex(8)
+        self._mark = (MARK + token).encode("ascii")
+        self._buffer = bytearray()
+        d: Deferred[CommandResult] = Deferred(lambda _: self._cancel())
+        if not self.running:
+            d.errback(Failure(self._gone()))
+            return d
+        self._waiting = d
+        self._timer = self.clock.callLater(bound, self._time_up, bound)
+        listing = "".join(f"{t}\n" for t in ids) + f"{END}{token}\n"
+        try:
+            self.process.write(listing.encode("utf-8"))
+        except ssh.SSHCommandFailed as e:
+            self._fire(Failure(e))
+        return d
+
+    def stop(self, grace: float = 5.0) -> Deferred[None]:
+        """Close the runner's stdin (it exits at end of input); kill it if it
+        is still there after ``grace`` seconds."""
+        self._stop_waiting()
+        d: Deferred[None] = self.process.stop(grace)
+        return d
+
+    # -- what the runner says ---------------------------------------------
+
+    def _received(self, data: bytes) -> None:
+        if self._waiting is None:
+            if data.strip():
+                self.log.info("Runner {command!r} wrote between batches: {n} bytes", command=self.command, n=len(data))
+            return
+        searched = max(0, len(self._buffer) - len(self._mark) - _CRC)
+        self._buffer += data
+        at = self._buffer.find(self._mark, searched)
+        if at < 0 or len(self._buffer) < at + len(self._mark) + _CRC:
+            return
+        end = at + len(self._mark) + _CRC
+        stdout = bytes(self._buffer[:end])
+        self._fire(CommandResult(self.command, 0, stdout, b""))
+
+    def _exited(self, outcome: CommandResult | Failure) -> None:
+        self._ended = outcome
+        if self._waiting is not None:
+            self._fire(Failure(self._gone()))
+
+    def _gone(self) -> Exception:
+        from txvmbot import ssh
+
+        outcome = self._ended
+        if isinstance(outcome, CommandResult):
+            partial = CommandResult(
+                self.command, outcome.exit_status, bytes(self._buffer), outcome.stderr, signal=outcome.signal
+            )
+            return RunnerExited(self.command, partial)
+        if isinstance(outcome, Failure) and isinstance(outcome.value, ssh.SSHCommandFailed):
+            e = outcome.value
+            partial = CommandResult(self.command, None, bytes(self._buffer), e.partial.stderr)
+            return ssh.SSHCommandFailed(e.endpoint, e.user, self.command, e.reason, partial)
+        partial = CommandResult(self.command, None, bytes(self._buffer), b"")
+        return ssh.SSHCommandFailed(
+            self.session.endpoint, self.session.user, self.command, "the runner is not running", partial
+        )
+
+    def _time_up(self, bound: float) -> None:
+        from txvmbot import ssh
+
+        self._timer = None
+        partial = CommandResult(self.command, None, bytes(self._buffer), b"")
+        self._fire(
+            Failure(ssh.SSHCommandTimeout(self.session.endpoint, self.session.user, self.command, bound, partial))
+        )
+
+    def _fire(self, outcome: CommandResult | Failure) -> None:
+        d = self._stop_waiting()
+        if d is not None:
+            d.callback(outcome) if isinstance(outcome, CommandResult) else d.errback(outcome)
+
+    def _cancel(self) -> None:
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> Deferred[CommandResult] | None:
+        d, self._waiting = self._waiting, None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return d
