@@ -383,21 +383,29 @@ class Plain(unittest.SynchronousTestCase):
 '''
 
 
-@pytest.mark.parametrize("kind", ["unittest", "trial"])
+@pytest.mark.parametrize("kind", ["unittest", "trial", "pytest"])
 def test_a_long_lived_runner_per_machine(
     moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object, kind: str
 ) -> None:
     """--runner with txvmbot's own runner ({runner_py}), uploaded over SFTP
-    and started once a machine; batches go in on its stdin."""
+    and started once a machine; batches go in on its stdin (for pytest: one
+    session a machine, collected once, as an xdist worker)."""
     base = str(tmp_path)
     src = os.path.join(base, "remote", "suite")
     os.makedirs(src)
-    module = "test_sample" if kind == "unittest" else "test_trialsample"
-    with open(os.path.join(src, f"{module}.py"), "w") as f:
-        f.write(textwrap.dedent(SAMPLE if kind == "unittest" else TRIAL_SAMPLE))
+    module = {"unittest": "test_sample", "trial": "test_trialsample", "pytest": "tests/test_sample.py:"}[kind]
+    sample = {"unittest": SAMPLE, "trial": TRIAL_SAMPLE, "pytest": PYTEST_SAMPLE}[kind]
+    path = os.path.join(src, "tests", "test_sample.py") if kind == "pytest" else os.path.join(src, f"{module}.py")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(sample))
     py = shlex.quote(sys.executable)
-    flag = " --trial" if kind == "trial" else ""
-    if kind == "unittest":
+    flag = {"unittest": "", "trial": " --trial", "pytest": " --pytest tests"}[kind]
+    if kind == "pytest":
+        names = [":TestMath::test_add", ":TestMath::test_wrong", ":TestMath::test_pairs[3-4]",
+                 ":TestMath::test_setup_error", ":TestMore::test_skip", ":TestMore::test_prints"]
+        outcomes = ["passed", "failed", "passed", "failed", "skipped", "passed"]
+    elif kind == "unittest":
         names = ["Arithmetic.test_add", "Arithmetic.test_sub", "Arithmetic.test_wrong",
                  "Noisy.test_prints_to_stdout", "Noisy.test_skip", "Noisy.test_mul"]
         outcomes = ["passed", "passed", "failed", "passed", "skipped", "passed"]
@@ -405,7 +413,10 @@ def test_a_long_lived_runner_per_machine(
         names = ["Deferreds.test_fires", "Deferreds.test_fails", "Deferreds.test_skipped",
                  "Plain.test_one", "Plain.test_two"]
         outcomes = ["passed", "failed", "skipped", "passed", "passed"]
-    ids = [f"{module}.{n}" for n in names] + [f"{module}.Nowhere.test_missing"]
+    if kind == "pytest":
+        ids = [f"{module}{n}" for n in names] + [f"{module}:Nowhere::test_missing"]
+    else:
+        ids = [f"{module}.{n}" for n in names] + [f"{module}.Nowhere.test_missing"]
     tests_path = os.path.join(base, "ids")
     with open(tests_path, "w") as f:
         f.write("\n".join(ids) + "\n")

@@ -24,6 +24,7 @@ import io
 import os
 import sys
 import unittest
+from collections.abc import Iterator
 from typing import IO, Any
 
 END = "#end "
@@ -108,6 +109,101 @@ def _trial_runner(stream: Any) -> Any:
     return run
 
 
+def _batches(stdin: IO[str]) -> Iterator[tuple[list[str], str]]:
+    """(ids, token) for each batch on ``stdin``, until end of input."""
+    batch: list[str] = []
+    for line in stdin:
+        line = line.rstrip("\n")
+        if line.startswith(END):
+            yield batch, line[len(END) :]
+            batch = []
+        elif line.strip():
+            batch.append(line.strip())
+
+
+_PYTEST_STATUS = {"passed": "success", "failed": "fail", "skipped": "skip"}
+
+
+def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int:
+    """pytest, collected once; then each batch's node ids run in that
+    session, as an xdist worker runs what its controller sends."""
+    import datetime
+
+    import pytest
+    from subunit import StreamResultToBytes
+
+    utc = datetime.timezone.utc  # noqa: UP017 - the machine's Python may be older than 3.11
+
+    class Feed:
+        def __init__(self) -> None:
+            self.stream = StreamResultToBytes(out)
+            self.outcome: dict[str, str] = {}
+            self.done = False
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_runtestloop(self, session: Any) -> bool:
+            items = {item.nodeid: item for item in session.items}
+            for ids, token in _batches(feed_in):
+                todo = []
+                for tid in ids:
+                    if tid in items:
+                        todo.append(items[tid])
+                    else:
+                        self._status(tid, "inprogress")
+                        self._status(tid, "fail", text=f"{tid}: pytest collected no such test")
+                for i, item in enumerate(todo):
+                    after = todo[i + 1] if i + 1 < len(todo) else None
+                    item.config.hook.pytest_runtest_protocol(item=item, nextitem=after)
+                marks.status(test_id=MARK + token, test_status="exists")
+            self.done = True
+            return True
+
+        def pytest_runtest_logreport(self, report: Any) -> None:
+            tid = report.nodeid
+            if report.when == "setup":
+                self._status(tid, "inprogress")
+                self.outcome[tid] = "success"
+            status = _PYTEST_STATUS.get(report.outcome, "fail")
+            if hasattr(report, "wasxfail"):
+                status = "xfail" if report.skipped else "uxsuccess"
+            if status != "success" and self.outcome.get(tid) == "success":
+                self.outcome[tid] = status
+                text = str(report.longrepr or "") if status in ("fail", "uxsuccess") else ""
+                reason = ""
+                if report.skipped and isinstance(report.longrepr, tuple):
+                    reason = str(report.longrepr[-1])
+                elif hasattr(report, "wasxfail"):
+                    reason = str(report.wasxfail)
+                self._attach(tid, "traceback", text)
+                self._attach(tid, "reason", reason)
+            if report.when == "teardown":
+                self._attach(tid, "stdout", report.capstdout)
+                self._attach(tid, "stderr", report.capstderr)
+                self._status(tid, self.outcome.pop(tid, "success"))
+
+        def _attach(self, tid: str, name: str, text: str) -> None:
+            if text:
+                self.stream.status(
+                    test_id=tid, file_name=name, file_bytes=text.encode("utf-8", "replace"),
+                    eof=True, mime_type="text/plain;charset=utf8",
+                    timestamp=datetime.datetime.now(utc),
+                )
+
+        def _status(self, tid: str, status: str, text: str = "") -> None:
+            self._attach(tid, "traceback", text)
+            self.stream.status(test_id=tid, test_status=status, timestamp=datetime.datetime.now(utc))
+
+    feed = Feed()
+    code = pytest.main(["-p", "no:cacheprovider", "-p", "no:terminal", *args], plugins=[feed])
+    if not feed.done:  # collection failed: say so on every batch's ids
+        for ids, token in _batches(feed_in):
+            for tid in ids:
+                feed._status(tid, "inprogress")
+                feed._status(tid, "fail", text=f"pytest did not start (exit status {int(code)})")
+            marks.status(test_id=MARK + token, test_status="exists")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     # As ``python -m subunit.run`` and ``python -m twisted.trial`` do: the
     # tests are found from the working directory, not from this file's.
@@ -115,6 +211,16 @@ def main(argv: list[str]) -> int:
     from subunit import StreamResultToBytes
     from testtools import ExtendedToStreamDecorator
 
+    if argv[1:2] == ["--pytest"]:
+        # Seed 002: the protocol gets a descriptor of its own; everything
+        # else written to stdout (pytest's own lines, a test's print outside
+        # its capture) goes to stderr instead.
+        # pytest's capture replaces stdin too: the batches keep their own.
+        protocol = os.fdopen(os.dup(1), "wb")
+        feed_in = os.fdopen(os.dup(0), "r")
+        os.dup2(2, 1)
+        out = _flushing(protocol)
+        return _pytest_main(out, StreamResultToBytes(out), argv[2:], feed_in)
     out = _flushing(sys.stdout.buffer)
     marks = StreamResultToBytes(out)
     if "--trial" in argv[1:]:
@@ -126,17 +232,11 @@ def main(argv: list[str]) -> int:
         def run(ids: list[str]) -> None:
             _unittest_batch(ids, result)
 
-    batch: list[str] = []
-    for line in sys.stdin:
-        line = line.rstrip("\n")
-        if line.startswith(END):
-            if batch:
-                run(batch)
-            sys.stdout.flush()
-            marks.status(test_id=MARK + line[len(END) :], test_status="exists")
-            batch = []
-        elif line.strip():
-            batch.append(line.strip())
+    for ids, token in _batches(sys.stdin):
+        if ids:
+            run(ids)
+        sys.stdout.flush()
+        marks.status(test_id=MARK + token, test_status="exists")
     return 0
 
 
