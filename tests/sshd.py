@@ -4,6 +4,11 @@ Everything it needs (host key, authorized_keys, pid file, log) lives in a
 temporary directory; nothing under ~/.ssh or /etc/ssh is read or written.
 The privilege separation directory /run/sshd is created if missing. It
 offers the "sftp" subsystem (OpenSSH's sftp-server).
+
+By default it logs in as the user who started it. Started by root with
+``user=NAME``, it logs in as that user only (``AllowUsers``, no root login):
+benchmarks run third-party test suites that way, never as root (Twisted's
+own suite, run as root, chmods the host's /dev/null; see DESIGN.md).
 """
 
 from __future__ import annotations
@@ -72,8 +77,12 @@ def keygen_fingerprint(public_key_path: str) -> tuple[str, str]:
     return out[1], out[-1].strip("()")
 
 
-def _config(directory: str, port: int, extra: list[str], sftp: bool = True) -> str:
+def _config(
+    directory: str, port: int, extra: list[str], sftp: bool = True, user: str | None = None
+) -> str:
     path = os.path.join(directory, "sshd_config")
+    # sshd keeps the first value of a keyword: who may log in is decided here.
+    who = ["PermitRootLogin prohibit-password"] if user is None else ["PermitRootLogin no", f"AllowUsers {user}"]
     lines = [
         f"Port {port}",
         "ListenAddress 127.0.0.1",
@@ -85,7 +94,7 @@ def _config(directory: str, port: int, extra: list[str], sftp: bool = True) -> s
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
         "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password",
+        *who,
         "UseDNS no",
         "PrintMotd no",
         "LogLevel VERBOSE",
@@ -97,17 +106,46 @@ def _config(directory: str, port: int, extra: list[str], sftp: bool = True) -> s
     return path
 
 
+def _login_user(user: str | None) -> pwd.struct_passwd | None:
+    """The account sshd logs in as, when it is not the current user: it must
+    exist, have a shell and not be locked (without PAM, sshd refuses a
+    locked account whatever the key), and only root can start such an sshd."""
+    if user is None or user == pwd.getpwuid(os.getuid()).pw_name:
+        return None
+    if os.geteuid() != 0:
+        raise RuntimeError(f"only root can start an sshd that logs in as another user ({user})")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise RuntimeError(f"no user {user!r}: create it first (useradd)") from None
+    if not os.access(entry.pw_shell, os.X_OK) or entry.pw_shell.endswith("nologin"):
+        raise RuntimeError(f"user {user!r} has no login shell ({entry.pw_shell}): usermod -s /bin/sh {user}")
+    try:
+        with open("/etc/shadow") as f:
+            hashes = dict(line.split(":", 2)[:2] for line in f if line.count(":") >= 2)
+    except OSError:
+        hashes = {}
+    if hashes.get(user, "").startswith("!"):
+        raise RuntimeError(
+            f"user {user!r} is locked, and sshd without PAM refuses it: "
+            f"usermod -p '*' {user} (no password, not locked)"
+        )
+    return entry
+
+
 @contextmanager
 def sshd_server(
-    authorized_keys: list[str], port: int | None = None, *, sftp: bool = True
+    authorized_keys: list[str], port: int | None = None, *, sftp: bool = True, user: str | None = None
 ) -> Iterator[SSHD]:
     """Start ``sshd -D -e`` on 127.0.0.1 (a free port unless ``port`` is
-    given) accepting ``authorized_keys`` lines for the current user, with the
-    "sftp" subsystem unless ``sftp`` is False; stop it by pid on exit.
-    Raises RuntimeError if OpenSSH is missing."""
+    given) accepting ``authorized_keys`` lines for the current user, or,
+    started by root, for ``user`` only; with the "sftp" subsystem unless
+    ``sftp`` is False; stop it by pid on exit. Raises RuntimeError if
+    OpenSSH is missing or ``user`` cannot log in."""
     sshd = _require(SSHD_PATH, "openssh-server")
     _require(SFTP_SERVER, "openssh-sftp-server")
     keygen = _require(SSH_KEYGEN, "openssh-client")
+    login = _login_user(user)
     if os.geteuid() == 0:
         os.makedirs(PRIVSEP_DIR, mode=0o755, exist_ok=True)
     directory = tempfile.mkdtemp(prefix="txvmbot-sshd-")
@@ -125,16 +163,20 @@ def sshd_server(
         with open(keys_path, "w") as f:
             f.write("".join(line.strip() + "\n" for line in authorized_keys))
         os.chmod(keys_path, 0o600)
+        if login is not None:
+            # sshd reads authorized_keys as the user who logs in.
+            os.chown(keys_path, login.pw_uid, login.pw_gid)
+            os.chmod(directory, 0o711)
         port = free_port() if port is None else port
         # OpenSSH >= 9.8 penalises addresses that fail to authenticate by
         # refusing them for a while: tests fail auth on purpose, from
         # 127.0.0.1. Older sshd does not know the option; then leave it out.
-        config = _config(directory, port, ["PerSourcePenalties no"], sftp)
+        config = _config(directory, port, ["PerSourcePenalties no"], sftp, user)
         check = subprocess.run(
             [sshd, "-t", "-f", config], capture_output=True, text=True, timeout=30
         )
         if check.returncode != 0 and "PerSourcePenalties" in check.stderr:
-            config = _config(directory, port, [], sftp)
+            config = _config(directory, port, [], sftp, user)
             check = subprocess.run(
                 [sshd, "-t", "-f", config], capture_output=True, text=True, timeout=30
             )
@@ -158,7 +200,7 @@ def sshd_server(
             pid=proc.pid,
             host_key_fingerprint=fingerprint,
             host_key_type=kind,
-            user=pwd.getpwuid(os.getuid()).pw_name,
+            user=pwd.getpwuid(os.getuid()).pw_name if login is None else login.pw_name,
             endpoint=f"tcp:host=127.0.0.1:port={port}",
             directory=directory,
             log_path=log_path,

@@ -92,8 +92,9 @@ def add_suite_flags(p: argparse.ArgumentParser, *, with_bound: bool = True) -> N
         help="instead of --run: a long-lived runner started once per machine, fed batch "
         "after batch of ids on its stdin, one a line, writing subunit v2 (--format "
         "subunit); {runner_py} is txvmbot's own, uploaded: 'python3 {runner_py}' runs "
-        "unittest ids, 'python3 {runner_py} --trial' trial ids (needs python-subunit, "
-        "and Twisted for --trial, on the machine)",
+        "unittest ids, 'python3 {runner_py} --trial' trial ids, 'python3 {runner_py} "
+        "--pytest ARGS' pytest node ids (collected once with ARGS); it needs "
+        "python-subunit on the machine",
     )
     s.add_argument(
         "--format",
