@@ -1059,7 +1059,8 @@ def test_a_test_that_kills_its_runner_fails_and_the_rest_run_on_a_fresh_runner(r
 
     tests = by_id(result)
     assert tests[ids[1]].outcome == "failed"
-    assert "ended (exit status 1) in the middle of a batch while this test ran" in tests[ids[1]].message
+    assert "ended (exit status 1) in the middle of a batch" in tests[ids[1]].message
+    assert "its stderr ends: Segmentation fault while this test ran" in tests[ids[1]].message
     assert b"Segmentation fault" in tests[ids[1]].output
     assert all(tests[t].outcome == "passed" for t in ids if t != ids[1])
     assert len(rig.lab.processes) == 2  # a fresh runner on the same machine

@@ -50,7 +50,11 @@ class RunnerExited(TxvmbotError):
         how = (
             f"signal {partial.signal}" if partial.signal else f"exit status {partial.exit_status}"
         )
-        super().__init__(f"the runner {command!r} ended ({how}) in the middle of a batch")
+        said = " ".join(partial.stderr.decode("utf-8", "replace").split())[-300:]
+        super().__init__(
+            f"the runner {command!r} ended ({how}) in the middle of a batch"
+            + (f"; its stderr ends: {said}" if said else "")
+        )
         self.command = command
         self.partial = partial
 
