@@ -91,6 +91,7 @@ class Lab:
         self.removed: list[tuple[str, str]] = []
         self.processes: list[FakeProcess] = []
         self.crash_on = ""
+        self.hang_on = ""
         self.test_time: dict[str, float] = {}
         self.answer: Callable[[str, str], Reply | None] = lambda machine, command: None
 
@@ -270,6 +271,8 @@ class FakeProcess:
         lab = self.session.lab
         self.batches.append(ids)
         clock = lab.clock
+        if lab.hang_on in ids:
+            return  # never answers: the batch passes its bound
         crash = lab.crash_on if lab.crash_on in ids else None
         ran = ids[: ids.index(crash) + 1] if crash else ids
         stream = subunit_run(ran, clock.seconds(), "", "")
@@ -1065,4 +1068,21 @@ def test_a_test_that_kills_its_runner_fails_and_the_rest_run_on_a_fresh_runner(r
     assert all(tests[t].outcome == "passed" for t in ids if t != ids[1])
     assert len(rig.lab.processes) == 2  # a fresh runner on the same machine
     assert rig.machines.released == []
+    assert_tidy(rig)
+
+
+def test_a_runner_that_hangs_times_out_its_batch_and_its_machine_is_replaced(rig: Rig) -> None:
+    ids = tuple(f"pkg.mod.Case{i}.test" for i in range(4))
+    rig.lab.hang_on = ids[0]
+    _, d = rig.start(
+        rig.spec(runner="runner", run="", format="subunit", machines=1, tests=ids, test_timeout=5.0)
+    )
+
+    result = rig.finish(d, step=0.5)
+
+    tests = by_id(result)
+    assert tests[ids[0]].outcome == "timeout"
+    assert all(tests[t].outcome == "passed" for t in ids[1:])
+    assert rig.machines.released  # the hung machine went back
+    assert all(not p.running for p in rig.lab.processes)  # every runner stopped
     assert_tidy(rig)
