@@ -85,24 +85,8 @@ def image_of(moto: Moto) -> str:
     return str(sorted(i["ImageId"] for i in images)[0])
 
 
-def test_subunit_suite_on_the_cloud_backend(
-    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object
-) -> None:
-    base = str(tmp_path)
-    src = os.path.join(base, "src")
-    os.makedirs(src)
-    with open(os.path.join(src, "test_sample.py"), "w") as f:
-        f.write(textwrap.dedent(SAMPLE))
-    with open(os.path.join(src, "lister.py"), "w") as f:
-        f.write(LISTER)
-    # The "machines" are sshd on this host: each gets its own upload dir.
-    remote = os.path.join(base, "remote")
-    os.makedirs(remote)
-    py = shlex.quote(sys.executable)
-    dest = os.path.join(remote, "suite")
-    state = os.path.join(base, "state")
-    out = {n: os.path.join(base, n) for n in ("r.json", "r.subunit", "r.xml")}
-    proc = subprocess.run(
+def suite_cli(moto: Moto, sshd: SSHD, key: tuple[str, str], state: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         checkrun.txvmbot_cmd(
             "suite",
             "--endpoint",
@@ -123,33 +107,46 @@ def test_subunit_suite_on_the_cloud_backend(
             "60",
             "--state-dir",
             state,
-            "--name",
-            "sample",
-            "--machines",
-            "2",
-            "--upload",
-            f"{src}:{dest}",
-            "--setup",
-            f"test -f {shlex.quote(dest)}/test_sample.py",
-            "--list",
-            f"cd {shlex.quote(dest)} && {py} lister.py",
-            "--run",
-            f"cd {shlex.quote(dest)} && {py} -m subunit.run {{tests}}",
-            "--format",
-            "subunit",
             "--test-timeout",
             "60",
-            "--json",
-            out["r.json"],
-            "--subunit",
-            out["r.subunit"],
-            "--junit",
-            out["r.xml"],
+            *args,
         ),
         env=checkrun.env(),
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_subunit_suite_on_the_cloud_backend(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object
+) -> None:
+    base = str(tmp_path)
+    src = os.path.join(base, "src")
+    os.makedirs(src)
+    with open(os.path.join(src, "test_sample.py"), "w") as f:
+        f.write(textwrap.dedent(SAMPLE))
+    with open(os.path.join(src, "lister.py"), "w") as f:
+        f.write(LISTER)
+    # The "machines" are sshd on this host: each gets its own upload dir.
+    remote = os.path.join(base, "remote")
+    os.makedirs(remote)
+    py = shlex.quote(sys.executable)
+    dest = os.path.join(remote, "suite")
+    state = os.path.join(base, "state")
+    out = {n: os.path.join(base, n) for n in ("r.json", "r.subunit", "r.xml")}
+    proc = suite_cli(
+        moto, sshd, key, state,
+        "--name", "sample",
+        "--machines", "2",
+        "--upload", f"{src}:{dest}",
+        "--setup", f"test -f {shlex.quote(dest)}/test_sample.py",
+        "--list", f"cd {shlex.quote(dest)} && {py} lister.py",
+        "--run", f"cd {shlex.quote(dest)} && {py} -m subunit.run {{tests}}",
+        "--format", "subunit",
+        "--json", out["r.json"],
+        "--subunit", out["r.subunit"],
+        "--junit", out["r.xml"],
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr  # test_wrong fails
     with open(out["r.json"]) as f:
@@ -239,39 +236,6 @@ class TestMore:
 def test_function():
     assert True
 '''
-
-
-def suite_cli(moto: Moto, sshd: SSHD, key: tuple[str, str], state: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        checkrun.txvmbot_cmd(
-            "suite",
-            "--endpoint",
-            moto.url,
-            "--region",
-            checkrun.REGION,
-            "--image",
-            image_of(moto),
-            "--ssh-key",
-            key[0],
-            "--ssh-user",
-            sshd.user,
-            "--ssh-endpoint",
-            sshd.endpoint,
-            "--timeout-ssh",
-            "20",
-            "--timeout-running",
-            "60",
-            "--state-dir",
-            state,
-            "--test-timeout",
-            "60",
-            *args,
-        ),
-        env=checkrun.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_a_pytest_suite_through_junit_xml(
