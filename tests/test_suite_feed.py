@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from txvmbot.errors import ConfigError, TxvmbotError
 from txvmbot.jobs.suite import durations
 from txvmbot.jobs.suite.feed import Batch, Closed, Feeder, FeedError, expected_durations
-from txvmbot.jobs.suite.groups import by_class, grouping
+from txvmbot.jobs.suite.groups import by_class, family_of, grouping
 from txvmbot.jobs.suite.spread import (
     Spread,
     Timeline,
@@ -150,6 +150,37 @@ def test_times_of_this_run_replace_the_guess() -> None:
     assert feeder.remaining_seconds == pytest.approx(0.01 * feeder.remaining)
 
 
+def test_a_slow_module_learned_from_its_first_tests_goes_first() -> None:
+    """Nothing recorded; tests of ``pkg.slow`` take 3 s, the rest 0.01 s.
+    Once a batch has run some of them, the other tests of that module are
+    expected to take 3 s each (more than the run's mean), and are handed
+    out before the others although they were listed last."""
+    def case(module: str) -> list[str]:
+        return [f"pkg.{module}.test_{j}" for j in range(10)]
+
+    ids = case("slow.Case0") + [t for i in range(8) for t in case(f"fast{i}.Case")]
+    ids += case("slow.Case1") + case("slow.Case2")
+    seconds = {t: 3.0 if t.startswith("pkg.slow") else 0.01 for t in ids}
+    feeder = Feeder(ids, {}, workers=2, slices_per_worker=2, group=by_class)
+    first = feeder.take("w0")
+    assert first is not None
+    assert {t.rsplit(".", 1)[0] for t in first.test_ids} == {"pkg.slow.Case0", "pkg.fast0.Case"}
+    times = {t: seconds[t] for t in first.test_ids}
+    feeder.finished(first, set(first.test_ids), took=sum(times.values()) + 0.1, times=times)
+    assert feeder.expected("pkg.slow.Case2.test_0") == pytest.approx(3.0)
+    assert feeder.expected("pkg.fast0.Case.test_0") == pytest.approx(0.01)
+    assert feeder.expected("pkg.fast5.Case.test_0") == pytest.approx(1.505)  # the run's mean
+    following = feeder.take("w1")
+    assert following is not None and following.test_ids[0] == "pkg.slow.Case1.test_0"
+
+
+def test_families_are_modules() -> None:
+    assert family_of("pkg.mod.Class.test_x") == "pkg.mod"
+    assert family_of("tests/test_x.py::TestX::test_y[1]") == "tests/test_x.py"
+    assert family_of("tests/test_x.py::test_f") == "tests/test_x.py"
+    assert family_of("t11.sh") == ""
+
+
 # -- groups -----------------------------------------------------------------
 
 
@@ -218,7 +249,9 @@ def test_without_batching_groups_do_not_apply() -> None:
         ("pkg.mod.test_f", "pkg.mod"),
         ("test_mod.test_f", None),  # two parts: as likely a file name as a Python name
         ("tests/test_x.py::TestX::test_y[1-2]", "tests/test_x.py::TestX"),
-        ("tests/test_x.py::test_f", "tests/test_x.py"),
+        ("tests/test_x.py::test_f", None),
+        ("tests/test_x.py::test_f[a::b]", None),
+        ("tests/test_x.py::TestX::test_y[a::b]", "tests/test_x.py::TestX"),
         ("t11.sh", None),
         ("tests/net/t11.sh", None),
         ("single", None),

@@ -31,14 +31,14 @@ _EXAMPLE = """\
 example (a Python unittest suite on 3 local VMs, results for Jenkins):
   txvmbot suite --local --name mylib --machines 3 \\
       --upload ./src:/root/src --setup 'cd /root/src && ./prepare' \\
-      --list 'cd /root/src && python3 -m subunit.run discover --list | subunit-ls' \\
-      --run 'cd /root/src && python3 -m subunit.run --load-list {tests_file}' \\
+      --list 'cd /root/src && python3 -m subunit.run discover --list | subunit-ls --exists' \\
+      --runner 'cd /root/src && python3 {runner_py}' \\
       --format subunit --junit results.xml --subunit results.subunit
 
 example (a pytest suite, read back from the JUnit XML pytest writes):
   txvmbot suite --name mylib --machines 2 --config clouds.toml --cloud ci \\
       --upload ./src:src --list 'cd src && python3 -m pytest --collect-only -q | grep ::' \\
-      --run 'cd src && python3 -m pytest -p no:cacheprovider --junitxml={junit} $(cat {tests_file})' \\
+      --run 'cd src && python3 -m pytest -p no:cacheprovider --junitxml={junit} @{tests_file}' \\
       --format junit --junit results.xml
 
 Exit status: 0 when every test passed (or was skipped), 1 when any failed,

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence, Set
 from attrs import frozen
 
 from txvmbot.errors import ConfigError, TxvmbotError
-from txvmbot.jobs.suite.groups import GroupKey
+from txvmbot.jobs.suite.groups import GroupKey, family_of
 
 #: Expected seconds of a test when no test of the run has a recorded time.
 DEFAULT_EXPECTED = 1.0
@@ -155,16 +155,23 @@ class Feeder:
             seen.add(tid)
         self._recorded = _check_durations(test_ids, durations)
         self._ids = tuple(test_ids)
-        self._guess = statistics.median(self._recorded.values()) if self._recorded else DEFAULT_EXPECTED
-        self._learned: list[float] = []
+        self._base_guess = statistics.median(self._recorded.values()) if self._recorded else DEFAULT_EXPECTED
+        #: seconds and count of this run's tests without a recorded time that
+        #: ended, in all ("") and by family (module)
+        self._learned: dict[str, tuple[float, int]] = {}
+        self._family = {tid: family_of(tid) for tid in self._ids if tid not in self._recorded}
         self._workers = workers
         self._batch = batch
         self._slices = slices_per_worker
+        self._position = {tid: i for i, tid in enumerate(self._ids)}
+        self._given_back: dict[str, int] = {}
         self._queue: deque[list[str]] = deque(self._groups(group if batch else _alone))
         self._queued_known = math.fsum(self._recorded.values())
-        self._queued_guessed = len(self._ids) - len(self._recorded)
+        #: queued tests without a recorded time, by family
+        self._queued_guessed: dict[str, int] = {}
+        for f in self._family.values():
+            self._queued_guessed[f] = self._queued_guessed.get(f, 0) + 1
         self._out: dict[int, Batch] = {}
-        self._given_back: dict[str, int] = {}
         self._costs: dict[str, float] = {}
         self._seq = 0
         self._ended = 0
@@ -173,14 +180,17 @@ class Feeder:
         """The tests as groups in listing order within each, the groups
         longest expected first (ties: the group listed first)."""
         groups: dict[object, list[str]] = {}
-        first: dict[str, int] = {}
         for index, tid in enumerate(self._ids):
             key = group(tid)
-            first[tid] = index
             groups.setdefault(index if key is None else ("group", key), []).append(tid)
         ordered = list(groups.values())
-        ordered.sort(key=lambda g: (-self._seconds(g), first[g[0]]))
+        ordered.sort(key=self._order)
         return ordered
+
+    def _order(self, group: list[str]) -> tuple[int, float, int]:
+        """Tests given back first, then longest expected first, then as
+        listed."""
+        return (0 if group[0] in self._given_back else 1, -self._seconds(group), self._position[group[0]])
 
     # -- counts ---------------------------------------------------------
 
@@ -209,7 +219,18 @@ class Feeder:
         """Expected seconds of the tests in the queue."""
         if not self._queue:
             return 0.0
-        return max(0.0, self._queued_known) + self._queued_guessed * self._guess
+        return max(0.0, self._queued_known) + self._guessed_seconds()
+
+    def _guessed_seconds(self) -> float:
+        return math.fsum(n * self._guess_for(f) for f, n in self._queued_guessed.items())
+
+    def _guess_for(self, family: str) -> float:
+        """Expected seconds of a test of ``family`` without a recorded time."""
+        for key in (family, ""):
+            if key in self._learned:
+                seconds, count = self._learned[key]
+                return seconds / count
+        return self._base_guess
 
     @property
     def empty(self) -> bool:
@@ -218,9 +239,12 @@ class Feeder:
 
     def expected(self, test_id: str) -> float:
         """Expected seconds of one test of the suite: its recorded time, else
-        the mean time of this run's tests without one that ended so far,
-        else the median recorded time of the suite's tests."""
-        return self._recorded.get(test_id, self._guess)
+        the mean time of this run's tests without one that ended so far in
+        its module (a suite's slow tests come in modules), else in the whole
+        run, else the median recorded time of the suite's tests."""
+        if test_id in self._recorded:
+            return self._recorded[test_id]
+        return self._guess_for(self._family[test_id])
 
     def fixed_cost(self, worker: str) -> float:
         """Seconds ``worker`` spends per command besides its tests, as
@@ -254,7 +278,7 @@ class Feeder:
             if tid in self._recorded:
                 self._queued_known -= self._recorded[tid]
             else:
-                self._queued_guessed -= 1
+                self._queued_guessed[self._family[tid]] -= 1
         batch = Batch(worker=worker, test_ids=tuple(ids), expected=self._seconds(ids), seq=self._seq)
         self._seq += 1
         self._out[batch.seq] = batch
@@ -263,7 +287,7 @@ class Feeder:
     def _budget(self, worker: str) -> float:
         """Seconds of tests for the next batch of ``worker``."""
         left = self.remaining_seconds
-        guessed = self._queued_guessed * self._guess
+        guessed = self._guessed_seconds()
         share = guessed / left if left > 0 else 1.0
         known = min(KNOWN_SLICES, self._slices)
         slices = known + (self._slices - known) * share
@@ -329,10 +353,15 @@ class Feeder:
 
     def _learn(self, batch: Batch, done: Set[str], took: float | None, times: Mapping[str, float]) -> None:
         reported = {tid: max(0.0, float(t)) for tid, t in times.items() if tid in done and math.isfinite(t)}
-        guessed = [s for tid, s in reported.items() if tid not in self._recorded]
-        if guessed:
-            self._learned.extend(guessed)
-            self._guess = math.fsum(self._learned) / len(self._learned)
+        guessed = [(self._family[tid], t) for tid, t in reported.items() if tid not in self._recorded]
+        for family, seconds in guessed:
+            for key in (family, ""):
+                total, count = self._learned.get(key, (0.0, 0))
+                self._learned[key] = (total + seconds, count + 1)
+        if guessed and self._queue:
+            # What was learned may make other tests of the same modules
+            # longer than their groups' places say: longest first again.
+            self._queue = deque(sorted(self._queue, key=self._order))
         if took is None or not math.isfinite(took) or len(reported) != len(batch.test_ids):
             return
         cost = max(0.0, took - math.fsum(reported.values()))
@@ -375,7 +404,7 @@ class Feeder:
             return
         if not self._queue:
             self._queued_known = 0.0
-            self._queued_guessed = 0
+            self._queued_guessed = dict.fromkeys(self._queued_guessed, 0)
         if self._batch:
             self._queue.appendleft(list(ids))
         else:
@@ -384,4 +413,4 @@ class Feeder:
             if tid in self._recorded:
                 self._queued_known += self._recorded[tid]
             else:
-                self._queued_guessed += 1
+                self._queued_guessed[self._family[tid]] += 1

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from txvmbot.errors import ConfigError
 
-__all__ = ["GroupKey", "by_class", "by_regex", "grouping"]
+__all__ = ["GroupKey", "by_class", "by_regex", "family_of", "grouping"]
 
 #: A test id's group key, or ``None``: the test is a group of its own.
 GroupKey = Callable[[str], "str | None"]
@@ -45,12 +45,15 @@ def by_class(test_id: str) -> str | None:
     """The default grouping: a test's class (or module, for a function).
 
     ``pkg.mod.Class.test_x`` -> ``pkg.mod.Class``; pytest's
-    ``tests/test_x.py::TestX::test_y[1]`` -> ``tests/test_x.py::TestX`` and
-    ``tests/test_x.py::test_f`` -> ``tests/test_x.py``. Any other id
-    (``t11.sh``, ``tests/net/t11.sh``) is a group of its own.
+    ``tests/test_x.py::TestX::test_y[1]`` -> ``tests/test_x.py::TestX``. A
+    pytest function outside a class (``tests/test_x.py::test_f``) and any
+    other id (``t11.sh``, ``tests/net/t11.sh``) is a group of its own.
     """
     if "::" in test_id:
-        return test_id.rpartition("::")[0] or None
+        head = test_id.split("[", 1)[0].rpartition("::")[0]
+        # A module's functions share no class: each is a group of its own,
+        # as pytest-xdist's default --dist load spreads them.
+        return test_id[: len(head)] if "::" in head else None
     return _dotted_prefix(test_id)
 
 
@@ -81,3 +84,16 @@ def grouping(group_regex: str | None, enabled: bool = True) -> GroupKey:
     if group_regex is not None:
         return by_regex(group_regex)
     return by_class
+
+
+def family_of(test_id: str) -> str:
+    """The module a test id names, whose tests' times say something of each
+    other's (``pkg.mod`` of ``pkg.mod.Class.test_x``, ``tests/x.py`` of
+    ``tests/x.py::Class::test_y``); ``""`` when the id names none."""
+    if "::" in test_id:
+        return test_id.partition("::")[0]
+    head = _dotted_prefix(test_id)
+    if head is None:
+        return ""
+    module, dot, _ = head.rpartition(".")
+    return module if dot else head

@@ -237,6 +237,10 @@ def _case(element: ET.Element, index: int, where: str) -> _Case:
             if outcome != "failed":
                 outcome = "failed"
                 message = child.get("message") or _first_line(text) or child.tag
+        elif child.tag == "skipped" and outcome == "passed" and child.get("type") == "pytest.xfail":
+            # pytest writes an expected failure as a skip of this type; a
+            # subunit stream says "xfail", which passes: the same here.
+            message = "expected failure: " + (child.get("message") or _first_line(_text(child)))
         elif child.tag == "skipped" and outcome == "passed":
             outcome = "skipped"
             message = child.get("message") or _first_line(_text(child)) or "skipped"
@@ -385,8 +389,9 @@ def read_junit(
     The root is ``<testsuites>`` or ``<testsuite>``; testsuites may nest.
     A ``<failure>`` or ``<error>`` fails a testcase (its message attribute,
     else the first line of its text, is the message; its text, the
-    traceback, comes first in the output); ``<skipped>`` skips it (pytest's
-    xfail too). The output is then system-out and system-err. The report
+    traceback, comes first in the output); ``<skipped>`` skips it, but for
+    pytest's expected failures (``type="pytest.xfail"``), which pass, as
+    subunit's ``xfail`` does. The output is then system-out and system-err. The report
     has no start times: testcases are laid out one after the other from
     ``started``, each taking its ``time`` (0 when absent).
 
