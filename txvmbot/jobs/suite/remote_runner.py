@@ -158,11 +158,13 @@ def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int
             self.done = True
             return True
 
+        def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+            # Before its fixtures: a test's time includes its set-up.
+            self._status(nodeid, "inprogress")
+            self.outcome[nodeid] = "success"
+
         def pytest_runtest_logreport(self, report: Any) -> None:
             tid = report.nodeid
-            if report.when == "setup":
-                self._status(tid, "inprogress")
-                self.outcome[tid] = "success"
             status = _PYTEST_STATUS.get(report.outcome, "fail")
             if hasattr(report, "wasxfail"):
                 status = "xfail" if report.skipped else "uxsuccess"
