@@ -53,6 +53,9 @@ COST_SHARE = 0.05
 #: machine's fixed cost per command: smaller batches would cost more in
 #: starts than they win in a closer end.
 FLOOR_COSTS = 2.0
+#: The queue is sorted again on what was learned of unrecorded tests each
+#: time that grew by this factor.
+RESORT_GROWTH = 1.25
 #: How much of a machine's last measured fixed cost is kept when a new
 #: batch is measured (an exponential moving average).
 COST_MEMORY = 0.5
@@ -159,6 +162,8 @@ class Feeder:
         #: seconds and count of this run's tests without a recorded time that
         #: ended, in all ("") and by family (module)
         self._learned: dict[str, tuple[float, int]] = {}
+        #: how many had been learned when the queue was last sorted
+        self._sorted_at = 0
         self._family = {tid: family_of(tid) for tid in self._ids if tid not in self._recorded}
         self._workers = workers
         self._batch = batch
@@ -358,10 +363,13 @@ class Feeder:
             for key in (family, ""):
                 total, count = self._learned.get(key, (0.0, 0))
                 self._learned[key] = (total + seconds, count + 1)
-        if guessed and self._queue:
+        learned = self._learned.get("", (0.0, 0))[1]
+        if guessed and self._queue and learned >= RESORT_GROWTH * self._sorted_at:
             # What was learned may make other tests of the same modules
-            # longer than their groups' places say: longest first again.
+            # longer than their groups' places say: longest first again
+            # (each time a quarter more is known, so a few times a run).
             self._queue = deque(sorted(self._queue, key=self._order))
+            self._sorted_at = learned
         if took is None or not math.isfinite(took) or len(reported) != len(batch.test_ids):
             return
         cost = max(0.0, took - math.fsum(reported.values()))
