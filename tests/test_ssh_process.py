@@ -15,27 +15,23 @@ import shlex
 import struct
 import sys
 import uuid
-from contextlib import ExitStack
 from typing import Any, TypeVar
 
 from twisted.conch.ssh.common import NS
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from tests.sshd import SSHD, sshd_server
 from tests.test_sftp import _children, _kill
-from tests.test_ssh import failed
+from tests.test_ssh import SSHDTestCase, failed
 from tests.test_ssh_unit import FakeConnection, FakeTransport
 from txvmbot.model import CommandResult
 from txvmbot.ssh import (
     RemoteProcess,
     Session,
     SSHCommandFailed,
-    generate_key,
     open_session,
-    public_openssh,
 )
 from txvmbot.ssh._process import STOP_GRACE
 from txvmbot.ssh._protocol import CLOSE_GRACE, KILL_GRACE
@@ -516,14 +512,8 @@ class ProcessUnitTests(SynchronousTestCase):
 # -- against a real sshd -------------------------------------------------------------
 
 
-class ProcessTests(TestCase):
-    timeout = 60
-
-    def setUp(self) -> None:
-        self.key = generate_key()
-        self.stack = ExitStack()
-        self.addCleanup(self.stack.close)
-        self.sshd: SSHD = self.stack.enter_context(sshd_server([public_openssh(self.key)]))
+class ProcessTests(SSHDTestCase):
+    """A real sshd a test (SSHDTestCase's)."""
 
     async def session(self) -> Session:
         session = await within(
