@@ -159,20 +159,25 @@ def test_local_tree_missing(tmp_path: Path) -> None:
 # -- Session.run on doubles: public errors, waiting for a killed command -----------
 
 
+def fake_session(endpoint: str) -> tuple[Session, FakeConnection, Clock]:
+    """A Session over a fake connection, on a Clock."""
+    clock = Clock()
+    conn = FakeConnection()
+    session = Session(
+        conn.transport,  # type: ignore[arg-type]
+        conn,  # type: ignore[arg-type]
+        clock,
+        endpoint=endpoint,
+        user="root",
+    )
+    return session, conn, clock
+
+
 class SessionRunUnitTests(SynchronousTestCase):
     endpoint = "tcp:host=127.0.0.1:port=2222"
 
     def session(self) -> tuple[Session, FakeConnection, Clock]:
-        clock = Clock()
-        conn = FakeConnection()
-        session = Session(
-            conn.transport,  # type: ignore[arg-type]
-            conn,  # type: ignore[arg-type]
-            clock,
-            endpoint=self.endpoint,
-            user="root",
-        )
-        return session, conn, clock
+        return fake_session(self.endpoint)
 
     def started(self, conn: FakeConnection, index: int = -1) -> Any:
         channel: Any = conn.opened[index]
@@ -251,16 +256,7 @@ class FileBoundUnitTests(SynchronousTestCase):
     endpoint = "tcp:host=127.0.0.1:port=2222"
 
     def session(self) -> tuple[Session, FakeConnection, Clock]:
-        clock = Clock()
-        conn = FakeConnection()
-        session = Session(
-            conn.transport,  # type: ignore[arg-type]
-            conn,  # type: ignore[arg-type]
-            clock,
-            endpoint=self.endpoint,
-            user="root",
-        )
-        return session, conn, clock
+        return fake_session(self.endpoint)
 
     def test_timeout_names_the_path_and_the_bound(self) -> None:
         session, conn, clock = self.session()
