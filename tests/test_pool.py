@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests import checkrun
@@ -335,6 +335,7 @@ class WorkerDeathAndCancelTests(PoolTestBase):
         ]
         self.assertEqual(len(errors), 1, errors)
         self.assertEqual(errors[0]["status"], "killed by signal 9 (SIGKILL)")
+        self.assertEqual(errors[0]["pid"], pid)
         self.assertIn("stderr_tail", errors[0])
         self.assertIn(f"Running job {job.id}", errors[0]["stderr_tail"])
         # The journal still holds what the dead worker created (for cleanup
@@ -353,6 +354,30 @@ class WorkerDeathAndCancelTests(PoolTestBase):
 
     def test_worker_killed_mid_job(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._killed())
+
+    async def _idle_killed(self) -> None:
+        pool = self.pool()
+        await pool.start()
+        (worker,) = pool.workers()
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        for _ in range(100):
+            errors = [e for e in self.log_events if e.get("doing") == "idle"]
+            if errors:
+                break
+            await sleep(0.1)
+        else:
+            self.fail("no error logged for the killed idle worker")
+        self.assertEqual(len(errors), 1, errors)
+        # The line names the pid that was killed, as "Worker w1 started"
+        # did (Twisted's transport has forgotten it by then).
+        self.assertEqual(errors[0]["pid"], worker.pid)
+        text = formatEvent(errors[0])
+        self.assertIn(f"Worker {worker.name} (pid {worker.pid}) died while idle", text)
+        self.assertIn("killed by signal 9 (SIGKILL)", text)
+
+    def test_idle_worker_killed_is_logged_with_its_pid(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._idle_killed())
 
     async def _cancelled(self) -> None:
         pool = self.pool()

@@ -162,11 +162,10 @@ class _Worker:
         lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )
     partial: bytes = b""
-
-    @property
-    def pid(self) -> int | None:
-        transport = getattr(self.connector, "transport", None)
-        return getattr(transport, "pid", None)
+    #: The process's pid, kept from its start: Twisted's process transport
+    #: forgets it (sets it to None) before it tells of the exit, and the
+    #: line that logs a death must still name it.
+    pid: int | None = None
 
     def stderr_tail(self) -> str:
         lines = list(self.tail)
@@ -590,6 +589,7 @@ class AmpoulePool:
         self._workers.append(w)
         w.connector = self._connector_class(parent, w, self)
         self._starter.start_worker(w.connector, worker_module.WorkerChild)
+        w.pid = w.connector.transport.pid
         self.log.info("Worker {worker} started (pid {pid})", worker=w.name, pid=w.pid)
 
         def pong(_: object) -> None:
