@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txvmbot._sqlite import FileKind, Migration
+from txvmbot._sqlite_errors import is_lock_timeout
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.model import JournalEntry
@@ -233,7 +234,9 @@ class SQLiteJournal:
             # IMMEDIATE takes the write lock now (waiting up to busy_timeout
             # for another process), so the seq we read stays ours.
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
+        except sqlite3.Error as e:
+            if not is_lock_timeout(e):
+                raise JournalError(self.path, f"cannot {what}: {e}") from e
             raise JournalError(
                 self.path,
                 f"cannot {what}: {e} (another process held the write lock for more "

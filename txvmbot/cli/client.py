@@ -685,6 +685,13 @@ async def _status(
         f"  workers: {s.workers} ({s.busy_workers} busy)\n"
         f"  jobs:    {s.queue_depth} queued, {s.running} running\n"
     )
+    if s.data_dir:
+        free = "free space unknown" if s.data_dir_free < 0 else f"{s.data_dir_free / 2**20:.1f} MB free"
+        out.write(f"  data:    {s.data_dir} ({free})\n")
+    if s.writes_held:
+        out.write(f"  HELD WRITES: {s.writes_held}\n")
+    if s.refusing:
+        out.write(f"  REFUSING NEW JOBS: {s.refusing}\n")
     if s.backends:
         rows = [["BACKEND", "STATE", "RUNNING", "INSTANCES", "QUEUED", "CAPACITY", "FAILURES", "REASON"]]
         for b in s.backends:

@@ -116,6 +116,13 @@ class DaemonStatus:
     queue_depth: int
     running: int
     backends: tuple[BackendStatus, ...] = ()
+    #: The data dir ("" with a shared store), its free bytes (-1: not
+    #: known), why the daemon holds writes it could not make ("" when none)
+    #: and why it refuses new jobs ("" when it takes them).
+    data_dir: str = ""
+    data_dir_free: int = -1
+    writes_held: str = ""
+    refusing: str = ""
 
 
 def check_id_for(job: Job) -> str:

@@ -115,7 +115,7 @@ class _StatusCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         m = self._metrics
-        jobs, queue, workers, busy, backends = self._families()
+        jobs, queue, workers, busy, backends, free, held = self._families()
         for backend in m._job_backends:
             for state in _UNFINISHED:
                 jobs.add_metric([state, backend], m._job_counts.get((state, backend), 0))
@@ -124,6 +124,9 @@ class _StatusCollector(Collector):
             queue.add_metric([], status.queue_depth)
             workers.add_metric([], status.workers)
             busy.add_metric([], status.busy_workers)
+            if status.data_dir:
+                free.add_metric([], status.data_dir_free)
+                held.add_metric([], 1 if status.writes_held else 0)
             # Backends past the label limit share the label "other": their
             # values add up (one series each, or Prometheus refuses the scrape).
             by_label: dict[tuple[str, str], int] = {}
@@ -134,7 +137,7 @@ class _StatusCollector(Collector):
                     by_label[key] = by_label.get(key, 0) + (1 if b.state == state else 0)
             for (name, state), value in by_label.items():
                 backends.add_metric([name, state], value)
-        return [jobs, queue, workers, busy, backends]
+        return [jobs, queue, workers, busy, backends, free, held]
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -151,6 +154,16 @@ class _StatusCollector(Collector):
                 "txvmbot_backend_state",
                 "1 for the state each backend is in (active, draining, quarantined), else 0.",
                 labels=["backend", "state"],
+            ),
+            GaugeMetricFamily(
+                "txvmbot_data_dir_free_bytes",
+                "Free bytes in the daemon's data dir (-1: cannot be read). Below "
+                "daemon.min_free_mb new jobs are refused.",
+            ),
+            GaugeMetricFamily(
+                "txvmbot_writes_held",
+                "1 while writes to the job store or journal are held (disk full, I/O error) "
+                "and tried again; new jobs are refused meanwhile.",
             ),
         )
 

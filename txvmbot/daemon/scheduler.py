@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon.failures import FailureReport, scan_failures
+from txvmbot.daemon.held import Storage
 from txvmbot.daemon.interfaces import IJobStore, IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -242,6 +243,8 @@ class Scheduler:
         that no local job will take, whenever the scheduler has dispatched:
         the cluster claims that many jobs from the shared queue and hands
         them over with :meth:`adopt` (txvmbot.daemon.shared.cluster).
+    :param storage: the data dir's free space and held writes, for
+        :meth:`status` (txvmbot.daemon.held.DataDir.storage).
     :param on_requeue: with a shared store, a job queued again after an
         infrastructure failure is not kept here: it is forgotten and
         handed to ``on_requeue``, which gives it back to the shared queue
@@ -274,6 +277,7 @@ class Scheduler:
         wall: Callable[[], float] = time.time,
         on_free: Callable[[int], object] | None = None,
         on_requeue: Callable[[Job], object] | None = None,
+        storage: Callable[[], Storage] | None = None,
     ) -> None:
         if default_cap < 1 or any(c < 1 for c in caps.values()):
             raise ValueError("backend caps must be at least 1")
@@ -293,6 +297,7 @@ class Scheduler:
         self._wall = wall
         self._on_free = on_free
         self._on_requeue = on_requeue
+        self._storage = storage
         self._order = itertools.count()
         self._active: dict[str, _Active] = {}
         self._backends: dict[str, _Backend] = {}
@@ -477,7 +482,9 @@ class Scheduler:
         """Workers, queue and backends. A backend's ``running`` counts the
         jobs holding a worker (what its cap limits); the daemon's ``running``
         counts every job in state running or cleaning, including those the
-        daemon is cleaning up itself after a worker died."""
+        daemon is cleaning up itself after a worker died. With ``storage``,
+        the data dir's free space and whether writes are held."""
+        st = Storage("", -1, "", "") if self._storage is None else self._storage()
         return DaemonStatus(
             api_version=API_VERSION,
             workers=self._pool.size,
@@ -487,6 +494,10 @@ class Scheduler:
             backends=tuple(
                 self._backend_status(self._backends[name]) for name in sorted(self._backends)
             ),
+            data_dir=st.data_dir,
+            data_dir_free=st.free,
+            writes_held=st.held,
+            refusing=st.refusing,
         )
 
     # --- a shared store: jobs handed over by the cluster ---------------------------

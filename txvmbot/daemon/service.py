@@ -92,6 +92,7 @@ class DaemonService(service.MultiService):
         self._json_log: IO[str] | None = None
         self._json_observer: Any = None
         self.store: Any = None
+        self.data_dir: Any = None
         self.journal: Any = None
         self.pool: Any = None
         self.scheduler: Any = None
@@ -139,9 +140,7 @@ class DaemonService(service.MultiService):
         from txvmbot.daemon.pool import AmpoulePool
         from txvmbot.daemon.scheduler import Scheduler
         from txvmbot.daemon.server import AMPServerFactory
-        from txvmbot.daemon.store import SQLiteJobStore
         from txvmbot.daemon.upkeep import Pruner, make_cleaner, make_health_check
-        from txvmbot.journal import SQLiteJournal
 
         s = self.settings
         _prepare_data_dir(s.data_dir)
@@ -153,8 +152,7 @@ class DaemonService(service.MultiService):
         if s.shared:
             await self._open_shared()
         else:
-            self.store = SQLiteJobStore(os.path.join(s.data_dir, "jobs.sqlite"))
-            self.journal = SQLiteJournal(os.path.join(s.data_dir, "journal.sqlite"))
+            self._open_local()
         evidence = os.path.join(s.data_dir, "evidence")
         os.makedirs(evidence, mode=0o700, exist_ok=True)
         # Counted from the start (worker deaths, reaped resources), served
@@ -187,6 +185,7 @@ class DaemonService(service.MultiService):
                 self.reactor, self.store, api_observer=m.api_call
             ),
             health_interval=s.health_interval,
+            storage=None if self.data_dir is None else self.data_dir.storage,
             on_free=self.cluster.want_claim if s.shared else None,
             on_requeue=self.cluster.give_back if s.shared else None,
         )
@@ -231,6 +230,24 @@ class DaemonService(service.MultiService):
             workers=s.workers,
             listen=", ".join(s.listen_endpoints),
             data_dir=s.data_dir,
+        )
+
+    def _open_local(self) -> None:
+        """The job store and journal in SQLite files in the data dir, whose
+        writes are held through a full disk (txvmbot.daemon.held)."""
+        from txvmbot.daemon.held import DataDir, HeldJournal, HeldStore, WriteQueue
+        from txvmbot.daemon.store import SQLiteJobStore
+        from txvmbot.journal import SQLiteJournal
+
+        s = self.settings
+        self.data_dir = data = DataDir(s.data_dir, int(s.min_free_mb * 1024 * 1024))
+        store = SQLiteJobStore(os.path.join(s.data_dir, "jobs.sqlite"))
+        self.store = HeldStore(
+            store, WriteQueue(self.reactor, data, f"job store {store.path}"), data
+        )
+        journal = SQLiteJournal(os.path.join(s.data_dir, "journal.sqlite"))
+        self.journal = HeldJournal(
+            journal, WriteQueue(self.reactor, data, f"journal {journal.path}")
         )
 
     async def _open_shared(self) -> None:

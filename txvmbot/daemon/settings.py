@@ -30,6 +30,7 @@ _KEYS = (
     "caps",
     "health_interval",
     "keep_finished_days",
+    "min_free_mb",
     "tls",
     "log_json",
     "web",
@@ -65,6 +66,9 @@ class DaemonSettings:
     #: Days to keep a finished job (with its events) and a done journal
     #: entry before the daemon prunes them; 0 keeps them forever.
     keep_finished_days: float = 30.0
+    #: Below this much free space in data_dir (MB) the daemon refuses new
+    #: jobs, so that the jobs it runs can still write their events.
+    min_free_mb: float = 50.0
     tls: TLSFiles | None = None
     log_json: str | None = None
     config_path: str | None = None
@@ -277,6 +281,14 @@ def parse_daemon_table(
         unit="days",
     )
 
+    min_free = check_float(
+        "daemon.min_free_mb",
+        table.get("min_free_mb", 50.0),
+        f" (0 turns the check off){src}",
+        positive=False,
+        unit="MB",
+    )
+
     dsn = _store_dsn(table, src, environ)
     host = _str("host", table["host"], src) if "host" in table else socket.gethostname()
     lease = check_float("daemon.lease", table.get("lease", 30.0), src)
@@ -298,6 +310,7 @@ def parse_daemon_table(
         caps=tuple(sorted(caps.items())),
         health_interval=health,
         keep_finished_days=keep,
+        min_free_mb=min_free,
         tls=tls,
         log_json=rel(_str("log_json", table["log_json"], src)) if "log_json" in table else None,
         config_path=path,

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txvmbot._sqlite import FileKind, Migration
+from txvmbot._sqlite_errors import is_lock_timeout
 from txvmbot.codec import dumps, event_from_dict, event_to_dict, job_from_dict, job_to_dict, loads
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
@@ -251,11 +252,13 @@ class SQLiteJobStore:
             raise self._error(what, e) from e
 
     def _error(self, what: str, e: sqlite3.Error) -> StoreError:
-        if isinstance(e, sqlite3.OperationalError):
+        """What SQLite said; the "only writer" hint only for a lock timeout,
+        which is the one error another writer causes."""
+        if is_lock_timeout(e):
             return StoreError(
                 self.path,
-                f"cannot {what}: {e} (is another process writing to it? the daemon "
-                "must be its only writer)",
+                f"cannot {what}: {e} (another process held its write lock past the busy "
+                "timeout; the daemon must be its only writer)",
             )
         return StoreError(self.path, f"cannot {what}: {e}")
 

@@ -82,7 +82,16 @@ def overview(
             ("workers", "workers busy", f"{status.busy_workers}/{status.workers}"),
             ("queue", "queued", status.queue_depth),
             ("running", "running", status.running),
+            *_disk_card(status),
         )
+    )
+    alerts = "".join(
+        f'<p class=error id="{key}">{e(label)}: {e(text)}</p>'
+        for key, label, text in (
+            ("held", "Writes held", status.writes_held),
+            ("refusing", "New jobs refused", status.refusing),
+        )
+        if text
     )
     rows = "".join(_backend_row(b, csrf) for b in status.backends) or (
         "<tr><td colspan=6 class=muted>no backend has had a job yet</td></tr>"
@@ -118,7 +127,15 @@ def overview(
         f"<th>backend</th><th>submitted (UTC)</th><th>took</th><th>reason</th></tr>{recent_rows}"
         "</table></div>"
     )
-    return f"<div class=cards>{cards}</div>{backends}{running_html}{recent_html}"
+    return f"<div class=cards>{cards}</div>{alerts}{backends}{running_html}{recent_html}"
+
+
+def _disk_card(status: DaemonStatus) -> tuple[tuple[str, str, str], ...]:
+    """The data dir's free space, when the daemon keeps its jobs there."""
+    if not status.data_dir:
+        return ()
+    free = "?" if status.data_dir_free < 0 else f"{status.data_dir_free / 2**20:.0f} MB"
+    return (("free", f"free in {status.data_dir}", free),)
 
 
 def _backend_row(b: BackendStatus, csrf: str) -> str:
