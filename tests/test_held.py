@@ -22,7 +22,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from txvmbot._sqlite_errors import host_fault, is_lock_timeout
-from txvmbot.daemon.held import BACKOFF, DataDir, HeldJournal, HeldStore, WriteQueue
+from txvmbot.daemon.held import (
+    BACKOFF,
+    DataDir,
+    HeldJournal,
+    HeldStore,
+    SubmitsRefused,
+    WriteQueue,
+)
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.scheduler import Scheduler
 from txvmbot.daemon.store import SQLiteJobStore, StoreError
@@ -191,7 +198,7 @@ class HeldStoreTests(SynchronousTestCase):
         status = self.s.status()
         self.assertIn("database or disk is full", status.writes_held)
         self.assertIn(f"cannot write to its data dir {self.f.dir}", status.refusing)
-        refused = self.assertRaises(StoreError, self.s.submit, make_job_spec("b"))
+        refused = self.assertRaises(SubmitsRefused, self.s.submit, make_job_spec("b"))
         self.assertIn("new jobs are refused", str(refused))
         self.assertIn("held writes go through", str(refused))
 
@@ -235,7 +242,7 @@ class HeldStoreTests(SynchronousTestCase):
 
     def test_submits_refused_while_the_data_dir_is_low_then_taken(self) -> None:
         self.f.statvfs.free = int(0.9 * MB)
-        refused = self.assertRaises(StoreError, self.s.submit, make_job_spec("b"))
+        refused = self.assertRaises(SubmitsRefused, self.s.submit, make_job_spec("b"))
         self.assertIn(f"the data dir {self.f.dir} has 0.9 MB free", str(refused))
         self.assertIn("daemon.min_free_mb", str(refused))
         self.assertEqual(self.f.raw.list(), [])

@@ -37,11 +37,19 @@ from zope.interface import implementer
 from txvmbot._sqlite_errors import host_fault
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.store import StoreError
+from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.model import JournalEntry
 
-__all__ = ["BACKOFF", "DataDir", "HeldJournal", "HeldStore", "Storage", "WriteQueue"]
+__all__ = [
+    "BACKOFF",
+    "DataDir",
+    "HeldJournal",
+    "HeldStore",
+    "Storage",
+    "SubmitsRefused",
+    "WriteQueue",
+]
 
 T = TypeVar("T")
 
@@ -63,6 +71,11 @@ class Storage:
     held: str
     #: Why new jobs are refused ("" when they are accepted).
     refusing: str
+
+
+class SubmitsRefused(TxvmbotError):
+    """New jobs are refused: the data dir is short of space or its writes
+    are held. Says which, and that it passes by itself."""
 
 
 def _mb(n: int) -> str:
@@ -131,6 +144,12 @@ class DataDir:
         return Storage(self.path, free, self.held(), self.refusal(free))
 
 
+def _said(e: Exception) -> str:
+    """The error without the file's name, which the queue's name gives."""
+    message = getattr(e, "message", None)
+    return message if isinstance(message, str) else str(e)
+
+
 @attrs.define
 class _Held:
     what: str
@@ -190,7 +209,7 @@ class WriteQueue:
                 raise
             d = Deferred()
             self._queue.append(_Held(what, write, d, settled))
-            self._start_holding(str(e))
+            self._start_holding(_said(e))
             return d
         settled()
         return succeed(result)
@@ -227,7 +246,7 @@ class WriteQueue:
                 result = held.write()
             except Exception as e:
                 if host_fault(e):
-                    self._data_dir.hold(self.name, str(e))
+                    self._data_dir.hold(self.name, _said(e))
                     self._schedule()
                     return False
                 self._queue.popleft()
@@ -318,7 +337,7 @@ class HeldStore:
     def _refuse_if_full(self) -> None:
         why = self._data_dir.refusal()
         if why:
-            raise StoreError(self.path, f"new jobs are refused: {why}")
+            raise SubmitsRefused(f"new jobs are refused: {why}")
 
     def update(self, job: Job) -> None:
         def written() -> None:
