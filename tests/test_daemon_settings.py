@@ -146,3 +146,17 @@ def test_the_database_is_described_without_its_password() -> None:
     assert text == "postgresql database jobs as txvmbot on db.example:5432"
     assert SECRET not in describe_dsn(f"host=/run/pg dbname=j user=u password={SECRET}")
     assert describe_dsn("::garbage::") == "postgresql database (DSN not shown)"
+
+
+def test_min_free_mb_defaults_to_50_and_0_turns_it_off() -> None:
+    assert parse().min_free_mb == 50.0
+    assert parse(min_free_mb=0).min_free_mb == 0.0
+    assert parse(min_free_mb=2.5).min_free_mb == 2.5
+
+
+@pytest.mark.parametrize("bad", [-1, "50", True, float("nan")])
+def test_min_free_mb_invalid_names_the_key(bad: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(min_free_mb=bad)
+    assert e.value.where == "daemon.min_free_mb"
+    assert PATH in str(e.value)

@@ -21,6 +21,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.test_metrics import scrape, value
 from txvmbot._sqlite_errors import host_fault, is_lock_timeout
 from txvmbot.daemon.held import (
     BACKOFF,
@@ -31,8 +32,10 @@ from txvmbot.daemon.held import (
     WriteQueue,
 )
 from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.metrics import DaemonMetrics
 from txvmbot.daemon.scheduler import Scheduler
 from txvmbot.daemon.store import SQLiteJobStore, StoreError
+from txvmbot.daemon.web.pages import overview
 from txvmbot.interfaces import IJournal
 from txvmbot.journal import SQLiteJournal
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
@@ -214,6 +217,26 @@ class HeldStoreTests(SynchronousTestCase):
         self.assertEqual((self.s.status().writes_held, self.s.status().refusing), ("", ""))
         c = self.s.submit(make_job_spec("b"))
         self.assertEqual(self.stored_state(c.id), "running")
+
+    def test_free_space_and_held_writes_on_metrics_and_web_page(self) -> None:
+        metrics = DaemonMetrics()
+        self.addCleanup(metrics.attach(self.s))
+        self.f.statvfs.free = 300 * MB
+        m = scrape(metrics)
+        self.assertEqual(value(m, "txvmbot_data_dir_free_bytes"), 300 * MB)
+        self.assertEqual(value(m, "txvmbot_writes_held"), 0)
+        html = overview(self.s.status(), [], [], T0, "csrf")
+        self.assertIn("300 MB", html)
+        self.assertNotIn("New jobs refused", html)
+        a = self.s.submit(make_job_spec("b"))
+        fill(self.f.store_conn())
+        self.pool.finish(a.id, passed=False, error=BIG)
+        self.assertEqual(value(scrape(metrics), "txvmbot_writes_held"), 1)
+        html = overview(self.s.status(), [], [], T0, "csrf")
+        self.assertIn("Writes held", html)
+        self.assertIn("New jobs refused", html)
+        make_room(self.f.store_conn())
+        self.f.wait_out_backoff()
 
     def test_retries_back_off(self) -> None:
         a = self.s.submit(make_job_spec("b"))
