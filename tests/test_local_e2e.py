@@ -131,6 +131,23 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def wait_gone(what: str, pids: list[int], since: float, bound: float = 5.0) -> float:
+    """Wait until none of ``pids`` runs, at most ``bound`` s after the
+    monotonic time ``since``; the seconds it took from ``since``."""
+    left = max(0.0, since + bound - time.monotonic())
+    wait_until(f"{what} within {bound:g}s", lambda: not any(pid_alive(p) for p in pids), left,
+               interval=0.01)
+    return time.monotonic() - since
+
+
 def kill_if(pid: int, marker: str) -> None:
     """SIGKILL ``pid`` if it still runs a command line containing ``marker``."""
     try:
@@ -412,12 +429,74 @@ def test_each_job_gets_fresh_state(pool_daemon: tuple[D.Daemon, str]) -> None:
     assert vm_dirs(run_dir) == [] and qemu_pids(run_dir) == []
 
 
+def test_worker_killed_takes_its_qemu_with_it(pool_daemon: tuple[D.Daemon, str]) -> None:
+    """SIGKILL the worker that drives a job's VM while the daemon is
+    stopped (SIGSTOP), so that only the kernel can end that QEMU: it is gone
+    within 5 s. Then the daemon, let go on, logs the death with the worker's
+    pid, cleans up and ends the job."""
+    d, run_dir = pool_daemon
+    job = submit(d, "--command", "sleep 600", "--timeout-command", "900", "--max-attempts", "1")
+    wait_until("a ready VM", lambda: len(ready_vms(run_dir)) == 1, 60)
+    [qemu] = qemu_pids(run_dir)
+    worker = parent_of(qemu)
+    assert worker in D.worker_pids(d.pid), (worker, D.worker_pids(d.pid))
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        took = wait_gone("the killed worker's QEMU gone", [qemu], killed)
+        print(f"\nQEMU gone {took * 1000:.0f} ms after its worker's SIGKILL")
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+        kill_if(qemu, "qemu-system")
+    wait_until("the job ended", lambda: jobs_of(d)[job]["state"] in FINAL, 30)
+    j = jobs_of(d)[job]
+    assert j["state"] == "error", j
+    assert "died: killed by signal 9 (SIGKILL)" in j["reason"], j
+    assert f"(pid {worker}) died while running job {job}" in d.log()
+    wait_until("its VM directory removed", lambda: vm_dirs(run_dir) == [], 30)
+    assert qemu_pids(run_dir) == []
+
+
+def test_cli_killed_takes_its_qemu_with_it(
+    qemu_image: ImageInfo, short_dir: Callable[[], str]
+) -> None:
+    """``txvmbot check --local`` SIGKILLed while its VM runs a command: the
+    QEMU it started is gone within 5 s."""
+    state = short_dir()
+    run_dir = os.path.join(state, "vms")
+    cmd = checkrun.txvmbot_cmd(
+        "check", "--local", "--state-dir", state, "--image-dir", qemu_image.dir,
+        "--command", "sleep 600", "--timeout-command", "900",
+    )
+    cli = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=checkrun.env())
+    qemus: list[int] = []
+    try:
+        wait_until("a ready VM", lambda: len(ready_vms(run_dir)) == 1, 60)
+        qemus = qemu_pids(run_dir)
+        assert len(qemus) == 1 and parent_of(qemus[0]) == cli.pid, (qemus, cli.pid)
+        os.kill(cli.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        cli.wait(10)
+        took = wait_gone("the killed CLI's QEMU gone", qemus, killed)
+        print(f"\nQEMU gone {took * 1000:.0f} ms after the CLI's SIGKILL")
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+        for pid in qemus:
+            kill_if(pid, "qemu-system")
+
+
 def test_daemon_killed_while_vms_run_then_restarted(
     qemu_image: ImageInfo, short_dir: Callable[[], str]
 ) -> None:
     """SIGKILL the daemon while two jobs hang in their VMs: its workers die
-    with it and their QEMUs are orphaned. The restarted daemon cleans up
-    through the journal, and every job ends."""
+    with it, and their QEMUs within 5 s, without waiting for a restart
+    (the kernel kills each QEMU when its worker dies: setpriv --pdeathsig).
+    The restarted daemon cleans up through the journal, and every job
+    ends."""
     root = short_dir()
     run_dir = os.path.join(root, "run")
     data = os.path.join(root, "data")
@@ -425,31 +504,40 @@ def test_daemon_killed_while_vms_run_then_restarted(
     config = pool_config(os.path.join(root, "txvmbot.toml"), qemu_image.dir, run_dir)
     hang = ["--command", "sleep 600", "--timeout-command", "900"]
     proc, d = D.start(data, ["--config", config])
+    workers: list[int] = []
+    qemus: list[int] = []
     try:
         once = submit(d, *hang, "--max-attempts", "1")
         twice = submit(d, *hang, "--max-attempts", "2")
         # Both VMs up (the ready marker on their consoles), both jobs running.
         wait_until("two ready VMs", lambda: len(ready_vms(run_dir)) == 2, 60)
         first_vms = vm_dirs(run_dir)
-        assert len(first_vms) == 2 and len(qemu_pids(run_dir)) == 2
+        qemus = qemu_pids(run_dir)
+        assert len(first_vms) == 2 and len(qemus) == 2
         assert all(j["state"] == "running" for j in jobs_of(d).values())
         workers = D.worker_pids(d.pid)
+        assert sorted(parent_of(p) or 0 for p in qemus) == sorted(workers)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
         proc.wait(10)
     try:
-        # They die with their pipes to the daemon.
+        # The workers die with their pipes to the daemon, and the kernel
+        # kills their QEMUs with them: nothing waits for a restart.
+        took = wait_gone("QEMUs of the killed daemon gone", qemus, killed)
+        print(f"\nQEMUs gone {took * 1000:.0f} ms after the daemon's SIGKILL")
         wait_until("workers gone", lambda: not any(pid_alive(p) for p in workers), 15)
     finally:
         for pid in workers:
             kill_if(pid, "txvmbot.daemon.worker")
-    orphans = qemu_pids(run_dir)
+        for pid in qemus:
+            kill_if(pid, "qemu-system")
 
     proc, d = D.start(data, ["--config", config], log_name="twistd2.log")
     try:
-        # The attempt the daemon died under was cleaned up: its QEMUs killed
-        # (by their vm.json record) and their directories removed.
-        wait_until("orphaned QEMUs stopped", lambda: not any(pid_alive(p) for p in orphans), 30)
+        # The attempt the daemon died under was cleaned up: its directories
+        # removed (a QEMU still running would be stopped from its vm.json
+        # record first: test_vm.py's test_stop_from_record).
         wait_until("first VMs removed", lambda: not set(first_vms) & set(vm_dirs(run_dir)), 30)
         # Recovery runs before the daemon listens: the job is final already.
         job = jobs_of(d)[once]

@@ -14,13 +14,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -44,6 +45,7 @@ from txvmbot.qemu.vm import (
     VMStateError,
     boot,
     free_port,
+    parent_death_launcher,
     qemu_argv,
     stop_from_record,
 )
@@ -89,7 +91,9 @@ class ProcessReactor(MemoryReactorClock):
         return process
 
 
-def make_vm(vm_dir: str, incoming: str | None = None) -> tuple[VM, ProcessReactor, StringTransport]:
+def make_vm(
+    vm_dir: str, incoming: str | None = None, launcher: tuple[str, ...] = ()
+) -> tuple[VM, ProcessReactor, StringTransport]:
     r = ProcessReactor()
     argv = qemu_argv(
         binary="/usr/bin/qemu-system-x86_64",
@@ -117,6 +121,7 @@ def make_vm(vm_dir: str, incoming: str | None = None) -> tuple[VM, ProcessReacto
         qemu_version="7.2.22",
         argv=tuple(argv),
         incoming=incoming,
+        launcher=launcher,
     )
     vm = VM(r, r, config)
     vm._spawn()
@@ -264,6 +269,54 @@ class AccelTests(TempDirMixin, SynchronousTestCase):
         v = qemu_version("qemu-system-x86_64")
         self.assertRegex(v, r"^\d+\.\d+")
         self.assertIs(qemu_version("qemu-system-x86_64"), v)
+
+
+class ParentDeathTests(TempDirMixin, SynchronousTestCase):
+    """QEMU is started through ``setpriv --pdeathsig KILL`` so that it dies
+    with its parent (tests/test_local_e2e.py kills the parents for real)."""
+
+    def setUp(self) -> None:
+        parent_death_launcher.cache_clear()
+        self.addCleanup(parent_death_launcher.cache_clear)
+
+    def test_launcher_is_setpriv(self) -> None:
+        if shutil.which("setpriv") is None:
+            self.skipTest("no setpriv (util-linux) here")
+        launcher = parent_death_launcher()
+        self.assertEqual(launcher[1:], ("--pdeathsig", "KILL", "--"))
+        self.assertEqual(os.path.basename(launcher[0]), "setpriv")
+        self.assertTrue(os.path.isabs(launcher[0]))
+        self.assertIs(parent_death_launcher(), launcher)
+
+    def test_without_setpriv_qemu_runs_bare_with_a_warning(self) -> None:
+        import txvmbot.qemu.vm as vm_module
+
+        self.patch(vm_module.shutil, "which", lambda name, path=None: None)
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.assertEqual(parent_death_launcher(), ())
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("No setpriv (util-linux)", warnings[0])
+        self.assertIn("until a daemon starts again", warnings[0])
+
+    def test_spawned_through_the_launcher_and_recorded_as_qemu(self) -> None:
+        d = self.mktemp_dir()
+        launcher = ("/usr/bin/setpriv", "--pdeathsig", "KILL", "--")
+        vm, r, _ = make_vm(d, launcher=launcher)
+        [(_, _, executable, args, path)] = r.spawned
+        self.assertEqual(executable, "/usr/bin/setpriv")
+        self.assertEqual(args, [*launcher, *vm.config.argv])
+        self.assertEqual(path, d)
+        # setpriv execs QEMU: the pid is QEMU's and the record holds QEMU's
+        # own command line, which is what stop_from_record compares.
+        with open(os.path.join(d, "vm.json")) as f:
+            record = json.load(f)
+        self.assertEqual(record["argv"], list(vm.config.argv))
+        self.assertEqual(record["argv"][0], "/usr/bin/qemu-system-x86_64")
+        self.assertEqual(record["pid"], vm.pid)
 
 
 class StateMachineTests(TempDirMixin, SynchronousTestCase):

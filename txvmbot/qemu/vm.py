@@ -5,6 +5,10 @@ unless told otherwise), the serial console (``console.log``, written as it
 arrives), the QMP socket (``qmp.sock``), QEMU's pidfile (``qemu.pid``) and
 ``vm.json`` (pid, port, argv, start time, image) so that a successor of a
 crashed daemon can find the QEMU and stop it (``stop_from_record``).
+QEMU does not outlive the process that started it, though: it is started
+through ``setpriv --pdeathsig KILL`` (``parent_death_launcher``), so the
+kernel kills it when its parent (a daemon's worker, ``txvmbot check
+--local``) dies, even by SIGKILL.
 
 The process goes through an explicit state machine::
 
@@ -20,11 +24,14 @@ is ready once QEMU runs it again.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Protocol
@@ -54,6 +61,7 @@ __all__ = [
     "VMStopError",
     "boot",
     "free_port",
+    "parent_death_launcher",
     "qemu_argv",
     "stop_from_record",
 ]
@@ -275,6 +283,47 @@ def qemu_argv(
     return argv
 
 
+@functools.cache
+def parent_death_launcher() -> tuple[str, ...]:
+    """``(setpriv, "--pdeathsig", "KILL", "--")``: the prefix that makes a
+    QEMU die with the process that starts it; () if this host cannot.
+
+    util-linux's setpriv sets PR_SET_PDEATHSIG and execs QEMU, which keeps
+    setpriv's pid and has exactly the recorded command line (what
+    ``stop_from_record`` compares). The kernel then SIGKILLs QEMU when the
+    thread that spawned it ends: the reactor thread of a daemon's worker or
+    of ``txvmbot check --local``. A worker ends when its daemon does (its
+    AMP pipe closes), so a SIGKILLed daemon's QEMUs end too, without waiting
+    for a daemon to start again (bench/qemu_orphan.py: a few ms after the
+    parent's SIGKILL; without it, QEMU ran on). KILL, not TERM: a job's
+    disk is thrown away anyway, and KILL cannot be held up by a stuck QEMU.
+
+    Probed once per process (``setpriv --pdeathsig KILL -- true``, ~2 ms,
+    synchronously). Without setpriv (util-linux 2.33 or later) QEMU runs
+    bare, with one warning: then only the record stops an orphan, when a
+    daemon starts again.
+    """
+    path = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+    if path is None:
+        log.warn(
+            "No setpriv (util-linux) on PATH: a VM's QEMU will outlive a killed worker or "
+            "daemon until a daemon starts again; install util-linux to tie it to its parent"
+        )
+        return ()
+    launcher = (os.path.abspath(path), "--pdeathsig", "KILL", "--")
+    try:
+        subprocess.run([*launcher, "true"], capture_output=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warn(
+            "{setpriv} --pdeathsig does not work here ({error}): a VM's QEMU will outlive a "
+            "killed worker or daemon until a daemon starts again",
+            setpriv=path,
+            error=e,
+        )
+        return ()
+    return launcher
+
+
 # -- the VM -------------------------------------------------------------
 
 
@@ -316,6 +365,10 @@ class VMConfig:
     #: what the guest prints on the console once ready; None: ready as soon
     #: as QEMU runs (wait for ssh instead).
     ready_marker: str | None = READY_MARKER
+    #: the command QEMU's command line is run through (it execs QEMU, which
+    #: keeps its pid and ``argv``): ``parent_death_launcher()``, or () for
+    #: QEMU itself.
+    launcher: tuple[str, ...] = ()
 
 
 class _QEMUProcess(ProcessProtocol):
@@ -453,8 +506,9 @@ class VM:
         self._started = self._clock.seconds()
         self._started_wall = time.time()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+        executable = c.launcher[0] if c.launcher else c.qemu_binary
         self._transport = self._reactor.spawnProcess(
-            _QEMUProcess(self), c.qemu_binary, list(c.argv), env=env, path=c.vm_dir
+            _QEMUProcess(self), executable, [*c.launcher, *c.argv], env=env, path=c.vm_dir
         )
         self._pid = self._transport.pid
         self.log.info(
@@ -919,6 +973,7 @@ async def _boot(
     accel, accel_reason = detect_accel(accel_setting)
     binary = find_binary(qemu_binary)
     version = qemu_version(binary)
+    launcher = parent_death_launcher()
     if incoming is not None and not os.path.isfile(incoming):
         raise VMError(f"incoming state {incoming} does not exist")
     os.makedirs(vm_dir, mode=0o700, exist_ok=True)
@@ -971,6 +1026,7 @@ async def _boot(
             incoming=os.path.abspath(incoming) if incoming else None,
             kernel_version=str(getattr(image, "kernel_version", "") or ""),
             ready_marker=_ready_marker(image),
+            launcher=launcher,
         )
         vm = VM(reactor, clock, config)
         vm._spawn()
