@@ -10,18 +10,105 @@ there.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable
 from typing import Literal
 
 from attrs import frozen
 from twisted.logger import Logger
 
-__all__ = ["FileKind", "Migration"]
+__all__ = ["FileKind", "Migration", "quick_check"]
 
 #: Takes a database at schema version ``i`` to ``i + 1``, inside the caller's
 #: transaction.
 Migration = Callable[[sqlite3.Connection], None]
+
+
+#: How many of ``PRAGMA quick_check``'s complaints a message quotes.
+_SHOWN = 3
+
+#: Bytes per read when a file is read through before its check.
+_CHUNK = 1 << 20
+
+
+def _is_damage(e: sqlite3.Error) -> bool:
+    """Whether SQLite refused to read the file because of its contents:
+    ``SQLITE_CORRUPT`` ("database disk image is malformed") or
+    ``SQLITE_NOTADB`` ("file is not a database"), by result code."""
+    name = getattr(e, "sqlite_errorname", "")
+    return isinstance(name, str) and (name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB")
+
+
+def _read_through(path: str, size: int) -> None:
+    """Read ``size`` bytes of ``path`` in order, into the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        for _ in range(size // _CHUNK + 1):
+            if not f.read(_CHUNK):
+                break
+
+
+def quick_check(path: str, *, busy_timeout: float = 5.0) -> str | None:
+    """What SQLite finds wrong with the database file at ``path``, in its
+    own words; None when ``PRAGMA quick_check`` says "ok".
+
+    A missing or empty file is sound: opening it creates the schema. The
+    file is opened read-only, so a damaged one is left as it was found (a
+    read-write connection would checkpoint its WAL into it on close); a
+    running daemon's file may be checked, WAL readers do not block its
+    writes. quick_check reads every page and checks each b-tree's
+    structure, but not that indexes match their tables
+    (``integrity_check`` does, at several times the cost).
+
+    The file is read through in order first: quick_check walks the
+    b-trees a 4 KiB page at a time, out of file order, which on a cold
+    cache waits on the disk for each page. bench/store_check.py, 100,000
+    jobs with 30 events each (590 MiB, build machine): 10-14 s cold
+    without the read-through, 1.6 s with it, 1.5 s warm. Not mmap, which
+    is about as fast: a bad sector would kill the process with SIGBUS
+    instead of being reported.
+
+    Raises OSError or sqlite3.Error when the file cannot be read for
+    another reason (no permission, a lock held longer than
+    ``busy_timeout`` seconds).
+    """
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    try:
+        _read_through(path, size)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return f"cannot be read: {e.strerror}"
+        raise
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as e:
+        if _is_damage(e):
+            return str(e)
+        raise
+    try:
+        rows = [str(r[0]) for r in conn.execute(f"PRAGMA quick_check({_SHOWN + 1})")]
+    except sqlite3.Error as e:
+        # A page SQLite cannot even walk (a garbage header, a truncated
+        # file) fails the PRAGMA itself.
+        if _is_damage(e):
+            return str(e)
+        raise
+    finally:
+        conn.close()
+    if rows == ["ok"]:
+        return None
+    # The first row starts with a "*** in database main ***" line.
+    lines = [ln for r in rows for ln in r.splitlines() if ln and not ln.startswith("***")]
+    said = "; ".join(lines[:_SHOWN]) or "; ".join(rows)
+    return said + ("; ..." if len(lines) > _SHOWN else "")
 
 
 def _user_tables(conn: sqlite3.Connection) -> set[str]:

@@ -136,6 +136,7 @@ class DaemonService(service.MultiService):
             raise _StartInterrupted("the daemon was told to stop while starting")
 
     async def _start(self) -> None:
+        from txvmbot.daemon.datafiles import sqlite_files
         from txvmbot.daemon.metrics import DaemonMetrics
         from txvmbot.daemon.pool import AmpoulePool
         from txvmbot.daemon.scheduler import Scheduler
@@ -149,6 +150,10 @@ class DaemonService(service.MultiService):
             self._json_log = open(s.log_json, "a", encoding="utf-8")  # noqa: SIM115
             self._json_observer = jsonFileLogObserver(self._json_log)
             globalLogPublisher.addObserver(self._json_observer)
+        # Before anything opens them: a damaged file stops the start here,
+        # with what to do, instead of in the middle of a recovery.
+        for data_file in sqlite_files(s.shared):
+            data_file.check(s.data_dir)
         if s.shared:
             await self._open_shared()
         else:
