@@ -6,15 +6,18 @@ installed the reactor; nothing here touches the reactor at import time.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from typing import Any
 
 import attrs
 from twisted.application.service import IService
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from txvmbot.daemon import settings as _settings
-from txvmbot.errors import ConfigError
+from txvmbot.errors import ConfigError, TxvmbotError
 
 
 class Options(usage.Options):
@@ -74,4 +77,53 @@ def makeService(options: Options) -> IService:
 
     from txvmbot.daemon.service import DaemonService
 
-    return DaemonService(options.settings, reactor)
+    service = DaemonService(options.settings, reactor)
+    exit_status = _ExitStatus()
+    service.ready.addErrback(exit_status.cannot_start)
+    return service
+
+
+def cannot_start_line(error: BaseException) -> str:
+    """The line a failed start prints on stderr: what went wrong and, for
+    txvmbot's own errors, what to do; the traceback is in the log."""
+    why = str(error) if isinstance(error, TxvmbotError) else f"{type(error).__name__}: {error}"
+    return f"txvmbot: cannot start: {why}"
+
+
+class _ExitStatus:
+    """Makes ``twistd txvmbot`` exit 1 when the daemon fails to start.
+
+    twistd has no way for a service to set its exit status: it stops the
+    reactor, removes its pid file and returns, and the process exits 0
+    (systemd's ``Restart=on-failure`` and every script read that as a clean
+    stop). So once the start has failed, the process ends with
+    ``os._exit(1)`` from an atexit hook, after twistd has done all of that
+    and Python has begun to exit. The hook is registered here, before the
+    reactor runs, so that the atexit hooks registered later (by what the
+    daemon imports) run before it; only those registered earlier are
+    skipped.
+    """
+
+    def __init__(self) -> None:
+        self.status = 0
+        atexit.register(self._exit)
+
+    def cannot_start(self, failure: Failure) -> None:
+        """Print the one line on stderr (the daemon logs the traceback next)
+        and exit 1 at the end."""
+        self.status = 1
+        stderr = sys.__stderr__
+        if stderr is not None and failure.value is not None:
+            stderr.write(cannot_start_line(failure.value) + "\n")
+            stderr.flush()
+
+    def _exit(self) -> None:
+        if not self.status:
+            return
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(self.status)

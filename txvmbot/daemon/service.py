@@ -121,8 +121,10 @@ class DaemonService(service.MultiService):
                     why=f.getErrorMessage(),
                 )
                 return
-            self.log.failure("txvmbot daemon failed to start", f)
+            # ready first: under twistd, it prints the one line that says
+            # why on stderr, before the traceback (txvmbot.tap).
             self.ready.errback(f)
+            self.log.failure("txvmbot daemon failed to start", f)
             if self.reactor.running:
                 self.reactor.stop()
             else:
