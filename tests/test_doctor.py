@@ -1,5 +1,6 @@
 """``txvmbot doctor`` finds a missing, stale or unwritable plugin cache and
-says how to fix it (seed 001)."""
+says how to fix it (seed 001), and a damaged job store or journal in the
+daemon's data dir (issue 16)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from tests import damage
 from txvmbot import doctor
 from txvmbot.cli import run
 
@@ -81,3 +83,52 @@ def test_installed_checkout_passes_doctor_in_a_subprocess() -> None:
                        text=True, timeout=120, cwd="/")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "twistd knows the txvmbot plugin" in p.stdout
+
+
+def test_data_files_sound_missing_or_shared_are_ok(tmp_path: object) -> None:
+    d = str(tmp_path)
+    missing = list(doctor.check_data_files(d))
+    assert [f.ok for f in missing] == [True, True]
+    assert "no job store at" in missing[0].what and "no journal at" in missing[1].what
+    damage.make_store(os.path.join(d, "jobs.sqlite"))
+    damage.make_journal(os.path.join(d, "journal.sqlite"))
+    sound = list(doctor.check_data_files(d))
+    assert all(f.ok and "passes SQLite's quick_check" in f.what for f in sound), sound
+    (shared,) = doctor.check_data_files(d, shared=True)
+    assert shared.ok and "shared store" in shared.what
+
+
+def test_damaged_journal_is_reported_with_the_command_that_moves_it(tmp_path: object) -> None:
+    d = str(tmp_path)
+    path = os.path.join(d, "journal.sqlite")
+    damage.make_store(os.path.join(d, "jobs.sqlite"))
+    damage.make_journal(path)
+    damage.scribble(path)
+    store, journal = doctor.check_data_files(d)
+    assert store.ok
+    assert not journal.ok and journal.what.startswith(f"journal {path} is damaged (SQLite: ")
+    assert journal.fix.startswith(f"stop the daemon, then: mv {path} {path}.damaged-")
+    assert "txvmbot reap" in journal.fix
+
+
+def test_doctor_command_checks_the_data_dir_it_is_given(tmp_path: object) -> None:
+    """As an operator runs it: a truncated job store fails doctor (exit 1),
+    --fix leaves it where it is."""
+    d = str(tmp_path)
+    path = os.path.join(d, "jobs.sqlite")
+    damage.make_store(path)
+    damage.truncate_half(path)
+    before = damage.read(path)
+    p = subprocess.run([sys.executable, "-m", "txvmbot", "doctor", "--fix", "--data-dir", d],
+                       capture_output=True, text=True, timeout=120, cwd="/")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"FAIL job store {path} is damaged (SQLite: database disk image is malformed)" in p.stdout
+    assert f"fix: stop the daemon, then: mv {path} " in p.stdout
+    assert damage.read(path) == before
+    config = os.path.join(d, "txvmbot.toml")
+    with open(config, "w") as f:
+        f.write(f'[daemon]\ndata_dir = "{os.path.join(d, "elsewhere")}"\n')
+    out = io.StringIO()
+    run(["doctor", "--config", config], stdout=out, stderr=io.StringIO())
+    elsewhere = os.path.join(d, "elsewhere", "jobs.sqlite")
+    assert f"ok   no job store at {elsewhere}" in out.getvalue(), out.getvalue()

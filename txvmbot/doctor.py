@@ -1,5 +1,9 @@
 """``txvmbot doctor``: checks of the installation an operator can act on.
 
+It checks the daemon's SQLite files as every daemon start does
+(:mod:`txvmbot.daemon.datafiles`), so an operator can look without
+stopping a running daemon.
+
 Seed 001 is why the first check exists: a missing or stale Twisted plugin
 cache makes the first ``getPlugins`` call import every plugin module, and
 one that imports the reactor at import time breaks whoever installs a
@@ -9,6 +13,7 @@ reactor next.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 from attrs import frozen
@@ -88,6 +93,41 @@ def check_twistd_plugin() -> Iterable[Finding]:
         yield Finding(True, "twistd knows the txvmbot plugin")
     else:
         yield Finding(False, "twistd does not list the txvmbot plugin", "reinstall txvmbot")
+
+
+def check_data_files(data_dir: str, shared: bool = False) -> Iterable[Finding]:
+    """The check each daemon start runs on its SQLite files
+    (:mod:`txvmbot.daemon.datafiles`), on the files in ``data_dir``."""
+    from txvmbot.daemon.datafiles import DamagedFile, DataFileError, sqlite_files
+
+    files = sqlite_files(shared)
+    if not files:
+        yield Finding(True, "the job store and journal are in the shared store: "
+                      "no SQLite files to check")
+        return
+    for data_file in files:
+        path = data_file.path(data_dir)
+        if not os.path.exists(path):
+            yield Finding(True, f"no {data_file.what} at {path} yet (the daemon creates it)")
+            continue
+        t0 = time.monotonic()
+        try:
+            data_file.check(data_dir)
+        except DamagedFile as e:
+            yield Finding(
+                False,
+                f"{e.what} {e.path} is damaged (SQLite: {e.said})",
+                f"stop the daemon, then: {e.command} ; the daemon then starts with a new, "
+                f"empty {e.what}, and loses {e.lost}",
+            )
+        except DataFileError as e:
+            yield Finding(False, str(e), "run txvmbot doctor as the daemon's user")
+        else:
+            yield Finding(
+                True,
+                f"{data_file.what} {path} passes SQLite's quick_check "
+                f"({os.path.getsize(path) / 2**20:.1f} MiB in {time.monotonic() - t0:.1f}s)",
+            )
 
 
 def regenerate() -> None:
