@@ -17,6 +17,10 @@ Sides, each timed --runs times (median and max reported):
                  ``sleep 600`` in its VM (ready marker seen): the daemon is
                  SIGKILLed; its worker ends when its AMP pipe closes, and the
                  kernel then kills the worker's QEMU
+  daemon-stuck   the same with the worker SIGSTOPped first (a worker whose
+                 reactor cannot run never reads that EOF): the kernel kills
+                 the worker when the daemon dies (txvmbot.daemon.bootstrap),
+                 then its QEMU; timed until both are gone
 
 Each run is timed from the parent's (the daemon's) SIGKILL to QEMU's /proc
 entry gone or a zombie, polled every 2 ms, bounded by --timeout (a QEMU still
@@ -85,7 +89,7 @@ _TXVMBOT_PARENT = (
     "reactor.run()\n"
 )
 
-SIDES = [*WRAPPERS, "txvmbot", "daemon"]
+SIDES = [*WRAPPERS, "txvmbot", "daemon", "daemon-stuck"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -117,17 +121,20 @@ def wait_until(what: str, probe: Callable[[], object], bound: float) -> None:
         time.sleep(0.01)
 
 
-def time_death(victim: subprocess.Popen[bytes], qemu: int, bound: float) -> float | None:
-    """SIGKILL ``victim``; seconds until ``qemu`` is gone, None if it
-    outlives ``bound``."""
+def time_death(
+    victim: subprocess.Popen[bytes], qemu: int, bound: float, also: Sequence[int] = ()
+) -> float | None:
+    """SIGKILL ``victim``; seconds until ``qemu`` (and ``also``) are gone,
+    None if one outlives ``bound``."""
     assert alive(qemu), f"QEMU {qemu} is not running before the kill"
+    pids = [qemu, *also]
     t0 = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
-    while alive(qemu) and time.monotonic() - t0 < bound:
+    while any(alive(p) for p in pids) and time.monotonic() - t0 < bound:
         time.sleep(0.002)
     took = time.monotonic() - t0
     victim.wait(10)
-    return None if alive(qemu) else took
+    return None if any(alive(p) for p in pids) else took
 
 
 def plain_run(side: str, image: ImageInfo, bound: float) -> float | None:
@@ -197,7 +204,7 @@ def ready(run_dir: str) -> bool:
     return False
 
 
-def daemon_run(image: ImageInfo, bound: float) -> float | None:
+def daemon_run(image: ImageInfo, bound: float, stuck: bool = False) -> float | None:
     root = tempfile.mkdtemp(prefix="orph-", dir="/tmp")
     run_dir, data = os.path.join(root, "run"), os.path.join(root, "data")
     os.makedirs(data)
@@ -216,9 +223,11 @@ def daemon_run(image: ImageInfo, bound: float) -> float | None:
         wait_until("the VM ready", lambda: ready(run_dir), 90)
         qemus = qemu_pids(run_dir)
         workers = D.worker_pids(d.pid)
-        if len(qemus) != 1:
-            raise RuntimeError(f"expected one QEMU under {run_dir}, found {qemus}")
-        return time_death(proc, qemus[0], bound)
+        if len(qemus) != 1 or len(workers) != 1:
+            raise RuntimeError(f"expected one QEMU and one worker, found {qemus}, {workers}")
+        if stuck:
+            os.kill(workers[0], signal.SIGSTOP)
+        return time_death(proc, qemus[0], bound, also=workers if stuck else ())
     finally:
         for pid in [proc.pid, *workers, *qemus]:
             kill(pid)
@@ -236,8 +245,8 @@ def main(argv: Sequence[str]) -> int:
     for side in args.sides:
         times: list[float | None] = []
         for _ in range(args.runs):
-            if side == "daemon":
-                times.append(daemon_run(image, args.timeout))
+            if side.startswith("daemon"):
+                times.append(daemon_run(image, args.timeout, stuck=side == "daemon-stuck"))
             else:
                 times.append(plain_run(side, image, args.timeout))
         died = [t * 1000 for t in times if t is not None]

@@ -458,6 +458,44 @@ def test_worker_killed_takes_its_qemu_with_it(pool_daemon: tuple[D.Daemon, str])
     assert qemu_pids(run_dir) == []
 
 
+def test_killed_daemon_takes_a_stuck_worker_and_its_qemu_with_it(
+    qemu_image: ImageInfo, short_dir: Callable[[], str]
+) -> None:
+    """A worker that cannot run its reactor (SIGSTOP here) never sees its
+    pipe to the daemon close: when the daemon is SIGKILLed the kernel kills
+    the worker (PR_SET_PDEATHSIG, from the worker's bootstrap), and so its
+    QEMU, within 5 s."""
+    root = short_dir()
+    run_dir = os.path.join(root, "run")
+    data = os.path.join(root, "data")
+    os.makedirs(data)
+    config = pool_config(os.path.join(root, "txvmbot.toml"), qemu_image.dir, run_dir)
+    proc, d = D.start(data, ["--config", config])
+    qemus: list[int] = []
+    workers: list[int] = []
+    try:
+        submit(d, "--command", "sleep 600", "--timeout-command", "900", "--max-attempts", "1")
+        wait_until("a ready VM", lambda: len(ready_vms(run_dir)) == 1, 60)
+        qemus = qemu_pids(run_dir)
+        workers = D.worker_pids(d.pid)
+        worker = parent_of(qemus[0])
+        assert len(qemus) == 1 and worker in workers, (qemus, workers)
+        assert worker is not None
+        os.kill(worker, signal.SIGSTOP)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(10)
+    try:
+        took = wait_gone("the stopped worker and its QEMU gone", [*workers, *qemus], killed)
+        print(f"\nstopped worker and QEMU gone {took * 1000:.0f} ms after the daemon's SIGKILL")
+    finally:
+        for pid in workers:
+            kill_if(pid, "txvmbot.daemon.worker")
+        for pid in qemus:
+            kill_if(pid, "qemu-system")
+
+
 def test_cli_killed_takes_its_qemu_with_it(
     qemu_image: ImageInfo, short_dir: Callable[[], str]
 ) -> None:

@@ -13,6 +13,12 @@ machines and builds.
 
 This bootstrap never asks the plugin system anything. It
 
+0. asks the kernel to SIGKILL this worker when the daemon dies
+   (PR_SET_PDEATHSIG; the daemon passes its pid in ``$TXVMBOT_WORKER_PARENT``),
+   so that a worker whose reactor cannot run (blocked, stopped) does not
+   outlive a SIGKILLed daemon, nor does the QEMU it started, which dies
+   with the worker (``txvmbot.qemu.vm.parent_death_launcher``). A worker
+   that runs ends anyway when the daemon's end of its pipe closes;
 1. installs the platform's default reactor explicitly
    (``twisted.internet.default.install()``: epoll on Linux), before anything
    else can import ``twisted.internet.reactor``;
@@ -44,10 +50,40 @@ BOOTSTRAP = "import sys\nfrom txvmbot.daemon.bootstrap import main\nmain(sys.arg
 #: The environment variable that sets the worker's log level (default info).
 LOG_LEVEL_ENV = "TXVMBOT_WORKER_LOG_LEVEL"
 
+#: The environment variable in which the pool passes its own pid: the worker
+#: dies with that process.
+PARENT_ENV = "TXVMBOT_WORKER_PARENT"
+
+_PR_SET_PDEATHSIG = 1
+
 # ampoule's child fds (ampoule.main.TO_CHILD/FROM_CHILD on POSIX). Not
 # imported from ampoule: importing ampoule imports the reactor.
 TO_CHILD = 3
 FROM_CHILD = 4
+
+
+def die_with_parent(parent: str | None) -> None:
+    """Have the kernel SIGKILL this process when its parent, pid ``parent``,
+    dies; exit at once if it is already dead (then the kernel would never
+    tell). Nothing without ``parent`` (a worker started by hand) or off
+    Linux. If prctl fails, says so on stderr and goes on: the worker then
+    ends with its daemon only when its pipe closes."""
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        sys.stderr.write(
+            "txvmbot worker: prctl(PR_SET_PDEATHSIG) failed: "
+            f"{os.strerror(ctypes.get_errno())}; this worker ends with its daemon only "
+            "when its pipe closes\n"
+        )
+        return
+    if str(os.getppid()) != parent:
+        sys.stderr.write(f"txvmbot worker: the daemon (pid {parent}) is gone; exiting\n")
+        os._exit(1)
 
 
 def install_reactor() -> None:
@@ -103,6 +139,7 @@ def main(argv: Sequence[str]) -> None:
     child class; arguments between ``argv[0]`` and the last two are passed
     to its constructor (ampoule's convention; ``argv[-2]``, ampoule's
     reactor name, is ignored: see the module docstring)."""
+    die_with_parent(os.environ.get(PARENT_ENV))
     install_reactor()
     _stdout_to_stderr()
     start_logging()

@@ -572,8 +572,11 @@ class AmpoulePool:
 
     def _child_env(self) -> dict[str, str]:
         import txvmbot
+        from txvmbot.daemon.bootstrap import PARENT_ENV
 
         env = dict(self.env)
+        # The workers die with this process (see txvmbot.daemon.bootstrap).
+        env[PARENT_ENV] = str(os.getpid())
         ours = os.path.dirname(os.path.dirname(os.path.abspath(txvmbot.__file__)))
         paths = [ours] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ours]
         env["PYTHONPATH"] = os.pathsep.join(paths)
