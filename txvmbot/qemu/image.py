@@ -272,10 +272,15 @@ def nocloud_files(
     hostname: str = "txvmbot-guest",
     user: str = "root",
     ready_marker: str | None = READY_MARKER,
+    user_data: bytes | None = None,
 ) -> dict[str, str]:
     """The ``user-data`` and ``meta-data`` of a NoCloud seed: ``ssh_public``
     authorized for ``user`` (root login allowed when ``user`` is root), and
-    ``ready_marker`` written to the console once cloud-init is done."""
+    ``ready_marker`` written to the console once cloud-init is done.
+
+    ``user_data`` (a job's ``--user-data``) is merged with that
+    (:func:`txvmbot.userdata.merge_nocloud`); a ConfigError names
+    ``--user-data`` when it cannot be."""
     if not ssh_public.startswith(("ssh-", "ecdsa-", "sk-")):
         raise ImageError(f"nocloud seed: {ssh_public[:30]!r} is not an ssh public key line")
     lines = [
@@ -300,9 +305,15 @@ def nocloud_files(
         ]
     if ready_marker:
         lines += [f"final_message: {json.dumps(ready_marker)}"]
-    user_data = "\n".join(lines) + "\n"
+    own = "\n".join(lines) + "\n"
+    if user_data is None:
+        user_data_text = own
+    else:
+        from txvmbot.userdata import merge_nocloud
+
+        user_data_text = merge_nocloud(own, user_data)
     meta_data = f"instance-id: {json.dumps(instance_id)}\nlocal-hostname: {json.dumps(hostname)}\n"
-    return {"user-data": user_data, "meta-data": meta_data}
+    return {"user-data": user_data_text, "meta-data": meta_data}
 
 
 def make_nocloud_seed(
@@ -314,17 +325,20 @@ def make_nocloud_seed(
     hostname: str = "txvmbot-guest",
     user: str = "root",
     ready_marker: str | None = READY_MARKER,
+    user_data: bytes | None = None,
 ) -> str:
     """Write a cloud-init NoCloud seed (volume label ``cidata``) into
     ``dir``; return its path. A vfat image made with mkfs.vfat and mcopy,
     else an iso from genisoimage or xorriso; an ImageError names the apt
-    packages when none is installed."""
+    packages when none is installed. ``user_data`` as for
+    :func:`nocloud_files`."""
     files = nocloud_files(
         ssh_public,
         instance_id=instance_id,
         hostname=hostname,
         user=user,
         ready_marker=ready_marker,
+        user_data=user_data,
     )
     os.makedirs(dir, exist_ok=True)
     dest = os.path.join(dir, name)
