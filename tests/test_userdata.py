@@ -217,3 +217,69 @@ def test_the_seed_holds_the_merged_user_data(tmp_path: Path) -> None:
                              user_data=b"#cloud-config\npackages: [git]\n")
     merged = yaml.safe_load(read_vfat_file(seed, "user-data"))
     assert merged["packages"] == ["git"] and merged["final_message"] == READY_MARKER
+
+
+# --- in a job spec (the daemon's wire and store) ---------------------------------
+
+
+def _cloud_job(user_data: bytes | None) -> object:
+    from txvmbot.daemon.jobs import JobSpec
+    from txvmbot.model import CheckSpec, Cloud
+
+    check = CheckSpec(cloud=Cloud("http://127.0.0.1:5000", "us-east-1"), image="ami-1",
+                      user_data=user_data)
+    return JobSpec(check=check, backend="b")
+
+
+@given(st.binary(min_size=1, max_size=MAX_BYTES))
+def test_cloud_job_round_trips_its_user_data(data: bytes) -> None:
+    from txvmbot import codec
+
+    doc = codec.spec_to_dict(_cloud_job(data))  # type: ignore[arg-type]
+    assert set(doc) >= {"user_data_base64"} and "user_data" not in doc
+    back = codec.spec_from_dict(codec.loads(codec.dumps(doc), "spec"))
+    assert back.check.user_data == data  # type: ignore[union-attr]
+
+
+def test_local_job_round_trips_and_a_pool_job_takes_it() -> None:
+    from txvmbot import codec
+    from txvmbot.daemon.jobs import JobSpec
+    from txvmbot.qemu.model import LocalPool, LocalSpec
+
+    pool = LocalPool(name="cloudy", image_dir="/i", run_dir="/r")
+    spec = JobSpec(check=LocalSpec(pool=pool, user_data=b"#!/bin/sh\n"), backend="cloudy")
+    doc = codec.spec_to_dict(spec)
+    assert codec.spec_from_dict(doc).check.user_data == b"#!/bin/sh\n"  # type: ignore[union-attr]
+    public = {"pool": "cloudy", "user_data_base64": "IyEvYmluL3NoCg=="}
+    job = codec.spec_from_dict(public, "spec", {"cloudy": pool})
+    assert job.check.user_data == b"#!/bin/sh\n"  # type: ignore[union-attr]
+    assert "#!/bin/sh" not in repr(job) and "IyEv" not in repr(job)
+
+
+def test_jobs_stored_before_user_data_still_load() -> None:
+    from txvmbot import codec
+
+    stored = {"id": "j1", "state": "passed", "submitted": 1.0, "attempts": 1,
+              "spec": {"backend": "b", "bound": 3600.0, "endpoint": "http://127.0.0.1:5000",
+                       "image": "ami-1", "max_attempts": 2, "priority": 0,
+                       "region": "us-east-1", "signature_version": "v4"}}
+    assert codec.job_from_dict(stored).spec.check.user_data is None  # type: ignore[union-attr]
+    local = dict(stored, spec={"pool": "local", "commands": ["true"]})
+    assert codec.job_from_dict(local).spec.check.user_data is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(7, "expected a base64 string, found int"),
+     ("not base64!", "not valid base64"),
+     ("", "user data is empty"),
+     ("eHh4" * 5462, "16386 bytes is over the user data limit")],
+)
+def test_bad_user_data_in_a_job_names_the_key(value: object, message: str) -> None:
+    from txvmbot import codec
+
+    for doc in ({"endpoint": "http://127.0.0.1:5000", "region": "r", "image": "ami-1"},
+                {"pool": "local"}):
+        with pytest.raises(ConfigError, match=message) as e:
+            codec.spec_from_dict(dict(doc, user_data_base64=value), "spec")
+        assert e.value.where == "spec.user_data_base64"

@@ -8,6 +8,8 @@ travel in a job: the daemon resolves credentials itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +37,9 @@ MAX_DOCUMENT_BYTES = 1 << 20
 MAX_SPEC_BYTES = 64 * 1024
 
 _JOB_KEYS = ("backend", "priority", "bound", "max_attempts")
+#: A job's user data travels base64-encoded (it may be gzip); a job stored
+#: before it existed has no such key.
+USER_DATA_KEY = "user_data_base64"
 _SECRET_KEYS = ("access_key", "secret_key", "secret_key_env", "session_token")
 
 
@@ -91,7 +96,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         d["retry"] = retry
     defaults = CheckSpec(cloud=cloud, image="x")
     for a in attrs.fields(CheckSpec):
-        if a.name in ("cloud", "timeouts"):
+        if a.name in ("cloud", "timeouts", "user_data"):
             continue
         v = getattr(check, a.name)
         if v is None or (v == getattr(defaults, a.name) and a.name not in ("image",)):
@@ -100,7 +105,30 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     timeouts = _changed(check.timeouts, Timeouts())
     if timeouts:
         d["timeouts"] = timeouts
+    _user_data_to(d, check.user_data)
     return d
+
+
+def _user_data_to(d: dict[str, Any], user_data: bytes | None) -> None:
+    if user_data is not None:
+        d[USER_DATA_KEY] = base64.b64encode(user_data).decode("ascii")
+
+
+def _user_data_from(data: Mapping[str, Any], where: str) -> bytes | None:
+    """A job's user data, checked as ``--user-data`` is (at most 16 KB)."""
+    from txvmbot.userdata import check_size
+
+    if USER_DATA_KEY not in data:
+        return None
+    key = f"{where}.{USER_DATA_KEY}"
+    raw = data[USER_DATA_KEY]
+    if not isinstance(raw, str):
+        raise ConfigError(key, f"expected a base64 string, found {type(raw).__name__}")
+    try:
+        value = base64.b64decode(raw.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as e:
+        raise ConfigError(key, f"not valid base64: {e}") from None
+    return check_size(value, key)
 
 
 def spec_from_dict(
@@ -141,7 +169,8 @@ def spec_from_dict(
                 "credentials are not accepted in a job; the daemon resolves them "
                 "(its config, environment or profile)",
             )
-    table = {k: v for k, v in data.items() if k not in _JOB_KEYS}
+    table = {k: v for k, v in data.items() if k not in _JOB_KEYS and k != USER_DATA_KEY}
+    user_data = _user_data_from(data, where)
     backend_raw = data.get("backend")
     priority = 0
     bound = 3600.0
@@ -174,7 +203,7 @@ def spec_from_dict(
         backend = check_str(f"{where}.backend", backend_raw)
         if len(backend) > 200:
             raise ConfigError(f"{where}.backend", "at most 200 characters")
-    check = attrs.evolve(check, cloud=attrs.evolve(cloud, name=backend))
+    check = attrs.evolve(check, cloud=attrs.evolve(cloud, name=backend), user_data=user_data)
     return JobSpec(check=check, backend=backend, priority=priority, bound=bound,
                    max_attempts=max_attempts)
 
@@ -301,7 +330,9 @@ def step_event_from_dict(d: Mapping[str, Any]) -> StepEvent:
 
 # --- local VM jobs -------------------------------------------------------------
 
-_LOCAL_KEYS = ("pool", "pool_settings", "commands", "ssh_user", "console", "timeouts")
+_LOCAL_KEYS = (
+    "pool", "pool_settings", "commands", "ssh_user", "console", "timeouts", USER_DATA_KEY
+)
 
 
 def _local_to_dict(spec: JobSpec, check: LocalSpec) -> dict[str, Any]:
@@ -319,6 +350,7 @@ def _local_to_dict(spec: JobSpec, check: LocalSpec) -> dict[str, Any]:
     timeouts = _changed(check.timeouts, LocalTimeouts())
     if timeouts:
         d["timeouts"] = timeouts
+    _user_data_to(d, check.user_data)
     return d
 
 
@@ -372,6 +404,7 @@ def _local_from_dict(
         ssh_user=check_str(f"{where}.ssh_user", data["ssh_user"]) if "ssh_user" in data else "root",
         console=check_bool(f"{where}.console", data["console"]) if "console" in data else False,
         timeouts=LocalTimeouts(**timeouts),
+        user_data=_user_data_from(data, where),
     )
     priority = check_int(f"{where}.priority", data.get("priority", 0), minimum=-1000)
     if priority > 1000:

@@ -89,6 +89,9 @@ class CheckSpec:
     console: bool = False
     ssh: bool = True
     timeouts: Timeouts = Timeouts()
+    #: RunInstances' UserData, plain (the EC2 client base64-encodes it); kept
+    #: out of reprs: user data often holds secrets.
+    user_data: bytes | None = field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.image and not self.image_name:

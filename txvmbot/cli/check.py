@@ -92,6 +92,13 @@ def add_check_settings(p: argparse.ArgumentParser) -> None:
         f"OpenStack's ec2-api (default: {_default('address_domain')})",
     )
     img.add_argument(
+        "--user-data",
+        metavar="FILE",
+        help="user data for the machines, at most 16 KB: a cloud's RunInstances UserData "
+        "(sent base64-encoded); on a local cloud image (txvmbot image import) merged "
+        "with txvmbot's own cloud-init NoCloud data (default: none)",
+    )
+    img.add_argument(
         "--console",
         action=argparse.BooleanOptionalAction,
         help="fetch and keep the console log even when the check passes (default: on failure only)",
@@ -255,7 +262,24 @@ def spec_from_args(
     spec = build_check_spec(cloud, chosen.check if chosen else CheckSettings(), flags)
     if spec.ssh_key is not None and spec.ssh_key.startswith("~"):
         spec = attrs.evolve(spec, ssh_key=os.path.expanduser(spec.ssh_key))
+    if getattr(args, "user_data", None) is not None:
+        spec = attrs.evolve(spec, user_data=user_data_from_args(args, local=False))
     return spec
+
+
+def user_data_from_args(args: argparse.Namespace, *, local: bool) -> bytes | None:
+    """The bytes of ``--user-data FILE`` (None without it). For a local VM
+    it must be text: it is merged with txvmbot's own cloud-config."""
+    from txvmbot.userdata import read_user_data, user_data_text
+
+    path = getattr(args, "user_data", None)
+    if path is None:
+        return None
+    path = os.path.expanduser(check_str("--user-data", path))
+    data = read_user_data(path)
+    if local:
+        user_data_text(data, "--user-data", path)
+    return data
 
 
 _CLOUD_ONLY = (
@@ -323,6 +347,7 @@ def local_spec_from_args(
         ssh_user=args.ssh_user or "root",
         console=bool(args.console),
         timeouts=LocalTimeouts(**timeouts),
+        user_data=user_data_from_args(args, local=True),
     )
 
 

@@ -373,8 +373,10 @@ def _job_spec_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict
 def _local_job_dict(args: argparse.Namespace) -> dict[str, Any]:
     """A job on one of the daemon's local VM pools, by name: the daemon
     supplies the pool's image and settings."""
+    import base64
+
     from txvmbot import codec
-    from txvmbot.cli.check import _CLOUD_ONLY, _CLOUD_ONLY_TIMEOUTS
+    from txvmbot.cli.check import _CLOUD_ONLY, _CLOUD_ONLY_TIMEOUTS, user_data_from_args
 
     for name in _CLOUD_ONLY:
         if getattr(args, name, None) not in (None, False):
@@ -388,6 +390,9 @@ def _local_job_dict(args: argparse.Namespace) -> dict[str, Any]:
                 "--" + name.replace("_", "-"), "set in the daemon's [pools.NAME], not per job"
             )
     doc: dict[str, Any] = {"pool": check_str("--pool", args.pool)}
+    user_data = user_data_from_args(args, local=True)
+    if user_data is not None:
+        doc[codec.USER_DATA_KEY] = base64.b64encode(user_data).decode("ascii")
     if args.commands is not None:
         doc["commands"] = [check_str("--command", c) for c in args.commands]
     if args.ssh_user is not None:

@@ -366,6 +366,9 @@ class CloudMachines:
             "ClientToken": f"txvmbot-{self.check_id}{suffix}",
             "TagSpecifications": R.tag_specs("instance", self.check_id, self._now()),
         }
+        if spec.user_data is not None:
+            # Plain bytes: the client base64-encodes UserData.
+            params["UserData"] = spec.user_data
         started: list[dict[str, Any]] = []
 
         async def running() -> str:

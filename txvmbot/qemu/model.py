@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from attrs import frozen
+from attrs import field, frozen
 
 Accel = Literal["auto", "kvm", "tcg"]
 
@@ -55,3 +55,6 @@ class LocalSpec:
     ssh_user: str = "root"
     console: bool = False
     timeouts: LocalTimeouts = LocalTimeouts()
+    #: merged with the image's NoCloud user-data into a seed per VM (a cloud
+    #: image's only: ``txvmbot.userdata``); kept out of reprs.
+    user_data: bytes | None = field(default=None, repr=False)
