@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from txvmbot.cli import _images
 from txvmbot.cli._common import _Streams, _wrap, state_dir_for
 
 
@@ -55,7 +56,9 @@ def add_parser(sub: Any) -> None:
     )
     _state_flags(show)
     show.add_argument("--verify", action="store_true", help="check every file's sha256")
+    _images.add_show_arguments(show)
     show.set_defaults(func=_cmd_show)
+    _images.add_parsers(isub, _state_flags)
 
 
 def _state_flags(p: argparse.ArgumentParser) -> None:
@@ -110,12 +113,13 @@ def _cmd_show(
 ) -> int:
     from txvmbot.qemu.image import ImageError, load_image
 
-    output, _cache = _dirs(args, environ)
+    output = _images.image_dir_from_args(args, environ) or _dirs(args, environ)[0]
     try:
         info = load_image(output, verify=args.verify)
     except ImageError as e:
         print(f"txvmbot image show: error: {e}", file=streams.stderr)
         return 1
+    streams.write_json(_images.info_json(info, "sha256" if args.verify else "size"))
     _print_info(info, streams.human)
     return 0
 
@@ -124,7 +128,9 @@ def _print_info(info: Any, out: Any) -> None:
     m = info.manifest
     rows = [
         ("image", info.dir),
-        ("kernel", f"{info.kernel} ({info.kernel_version})"),
+        *_images.info_rows(info),
+        ("kernel", f"{info.kernel} ({info.kernel_version})" if info.kernel
+         else "none: the disk's own boot loader"),
         ("initrd", info.initrd),
         ("disk", info.disk),
         ("ssh key", f"{info.ssh_key} (user {info.ssh_user})"),
@@ -141,4 +147,5 @@ def _print_info(info: Any, out: Any) -> None:
         built = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m["built_at"]))
         rows.append(("built", f"{built} on {m.get('builder', {}).get('host_kernel', '?')}"))
     for k, v in rows:
-        print(f"  {k + ':':<13} {v}", file=out)
+        if v is not None and v != "":
+            print(f"  {k + ':':<13} {v}", file=out)

@@ -210,6 +210,8 @@ def custom_image(
     seed: str | None = None,
     ssh_user: str = "root",
     ready_marker: str | None = None,
+    kind: str = "custom",
+    extra: Mapping[str, Any] | None = None,
 ) -> ImageInfo:
     """Record a user's own image in ``dir`` (a ``manifest.json`` naming
     the given files, copied or linked in by the caller beforehand: all paths
@@ -217,6 +219,8 @@ def custom_image(
 
     Either ``kernel`` (with an optional ``initrd``) or ``disk`` is needed; a
     cloud image usually comes with a ``seed`` from ``make_nocloud_seed``.
+    ``kind`` is the manifest's (:mod:`txvmbot.qemu.images`); ``extra`` adds
+    keys to the manifest (``distro``, ``release``, ``nocloud``...).
     """
     if kernel is None and disk is None:
         raise ImageError(f"image {dir}: give a kernel (and initrd) or a disk to boot")
@@ -241,8 +245,10 @@ def custom_image(
     if not os.path.isfile(os.path.join(dir, ssh_key + ".pub")):
         raise ImageError(f"image {dir}: no public key {ssh_key}.pub next to the ssh key")
     manifest = {
+        **(extra or {}),
         "format_version": FORMAT_VERSION,
-        "custom": True,
+        "kind": kind,
+        "custom": kind == "custom",
         **{k: v for k, v in names.items() if v is not None},
         "cmdline": cmdline,
         "ssh_user": ssh_user,
