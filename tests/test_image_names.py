@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -227,3 +228,35 @@ def test_list_says_which_image_is_broken_and_why(cloud_qcow2: Path, state: str) 
     assert [i.verified for i in list_images(state)][:1] == [True]
     [a] = [i for i in list_images(state, verify=True) if i.name == "a"]
     assert not a.verified and "sha256 differs" in a.error
+
+
+# --- [pools.NAME] image = "NAME" ----------------------------------------------------------
+
+
+def _pool(tmp_path: Path, body: str) -> object:
+    from txvmbot.daemon import settings
+
+    conf = tmp_path / "daemon.toml"
+    conf.write_text(f"[daemon]\ndata_dir = {json.dumps(str(tmp_path / 'data'))}\n\n"
+                    f"[pools.cloudy]\n{body}")
+    [pool] = settings.load(str(conf), {"XDG_STATE_HOME": str(tmp_path / "xdg"),
+                                       "HOME": str(tmp_path)}).pools
+    return pool
+
+
+def test_a_pool_names_its_image(tmp_path: Path) -> None:
+    from txvmbot.errors import ConfigError
+
+    state = tmp_path / "xdg" / "txvmbot"
+    assert _pool(tmp_path, 'image = "deb"\n').image_dir == str(state / "images" / "deb")  # type: ignore[attr-defined]
+    assert _pool(tmp_path, 'image = "default"\n').image_dir == str(state / "image")  # type: ignore[attr-defined]
+    assert _pool(tmp_path, 'image_dir = "imgs/x"\n').image_dir == str(tmp_path / "imgs" / "x")  # type: ignore[attr-defined]
+    for body, message in (
+        ('image = "deb"\nimage_dir = "/x"\n', "give image (a name) or image_dir, not both"),
+        ('image = "../x"\n', "is a path: use image_dir = '../x'"),
+        ('image = "a b"\n', "image name 'a b': use 1 to 64 letters"),
+        ("image = 3\n", "expected str, found 3"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as e:
+            _pool(tmp_path, body)
+        assert e.value.where == "pools.cloudy.image" and "daemon.toml" in e.value.message

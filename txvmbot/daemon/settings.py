@@ -370,6 +370,7 @@ def load(path: str, environ: Mapping[str, str] = os.environ) -> DaemonSettings:
 
 
 _POOL_TYPES: dict[str, type | tuple[type, ...]] = {
+    "image": str,
     "image_dir": str,
     "run_dir": str,
     "accel": str,
@@ -416,5 +417,29 @@ def parse_pool_table(
         if key in values:
             p = os.path.expanduser(values[key])
             values[key] = p if os.path.isabs(p) else os.path.join(base, p)
+    if "image" in values:
+        values["image_dir"] = _pool_image_dir(where, values, environ, src)
     default = default_pool(data_dir, environ)
     return attrs.evolve(default, name=name, **values)
+
+
+def _pool_image_dir(
+    where: str, values: dict[str, Any], environ: Mapping[str, str], src: str
+) -> str:
+    """``image = "NAME"``: the image of that name in the state dir, where
+    ``image build`` and ``image import`` put them (``txvmbot image list``)."""
+    from txvmbot.config import state_dir_for
+    from txvmbot.qemu.image import ImageError
+    from txvmbot.qemu.images import image_dir_for
+
+    name = values.pop("image")
+    if "image_dir" in values:
+        raise ConfigError(f"{where}.image", f"give image (a name) or image_dir, not both{src}")
+    if "/" in name:
+        raise ConfigError(
+            f"{where}.image", f"{name!r} is a path: use image_dir = {name!r} for a directory{src}"
+        )
+    try:
+        return image_dir_for(name, state_dir_for(None, None, environ))
+    except ImageError as e:
+        raise ConfigError(f"{where}.image", f"{e}{src}") from None

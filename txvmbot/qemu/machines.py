@@ -40,6 +40,8 @@ from txvmbot.qemu.model import LocalSpec
 log = Logger()
 
 VM_KIND = "qemu-vm"
+#: A VM's own NoCloud seed, in its directory, when the job has user data.
+SEED_FILE = "seed.img"
 
 
 def journal_endpoint(pool_name: str) -> str:
@@ -96,6 +98,8 @@ class _VM:
     vm: Any = None
     host_key: str = ""
     kept: bool = False
+    #: this VM's own NoCloud seed (the job's user data merged in), if any.
+    seed: str | None = None
 
 
 @implementer(IMachines)
@@ -120,7 +124,8 @@ class LocalMachines:
     async def _prepare(self, sequence: StepSequence) -> None:
         await sequence.step("disk-space", 10, self._disk_space)
         await sequence.step("image", 30, self._load_image)
-        if self.spec.pool.fast_start:
+        # A template's guest ran cloud-init already: user data needs a boot.
+        if self.spec.pool.fast_start and self.spec.user_data is None:
             await sequence.step("template", self._template_bound(), self._ensure_template)
 
     def prepare(self, sequence: StepSequence) -> Deferred[None]:
@@ -139,7 +144,7 @@ class LocalMachines:
             Machine(
                 name=v.id,
                 ssh_endpoint=v.vm.ssh_endpoint,
-                ssh_user=self.spec.ssh_user,
+                ssh_user=self._ssh_user(),
                 key=self._key,
                 host_key=v.host_key,
             )
@@ -199,6 +204,8 @@ class LocalMachines:
         if self._template is not None:
             extra["template"] = "built" if self._template.built else "reused"
             extra["template_image_key"] = self._template.image_key
+        if self.spec.user_data is not None:
+            extra["user_data_bytes"] = str(len(self.spec.user_data))
         kept = next((v for v in self._vms if v.kept), None)
         if kept is not None:
             extra["kept_vm"] = kept.id
@@ -242,6 +249,72 @@ class LocalMachines:
 
         self._image = load_image(self.spec.pool.image_dir)
         ctx.saw(f"{self.spec.pool.image_dir} (kernel {self._image.kernel_version})")
+        if self.spec.user_data is not None:
+            self._check_user_data(ctx)
+
+    def _ssh_user(self) -> str:
+        """The job's user: the image's (a cloud image's cloud-init made it)
+        unless the job names one other than root."""
+        if self.spec.ssh_user == "root" and self._image is not None:
+            return str(getattr(self._image, "ssh_user", "root") or "root")
+        return self.spec.ssh_user
+
+    def _nocloud(self) -> dict[str, Any]:
+        record = self._image.manifest.get("nocloud")
+        return dict(record) if isinstance(record, dict) else {}
+
+    def _check_user_data(self, ctx: StepContext) -> None:
+        """User data needs an image that boots cloud-init with a NoCloud
+        seed; merge it once here, so a bad file fails before any VM."""
+        from txvmbot.errors import ConfigError
+        from txvmbot.qemu._image_list import kind_of
+        from txvmbot.qemu.image import nocloud_files
+
+        image = self._image
+        if image.seed is None:
+            raise StepFailed(
+                "image",
+                f"--user-data needs a cloud image booted by cloud-init (txvmbot image "
+                f"import); {image.dir} is a {kind_of(image.manifest)} image without a "
+                "NoCloud seed",
+            )
+        nocloud = self._nocloud()
+        try:
+            nocloud_files(
+                image.ssh_public,
+                hostname=str(nocloud.get("hostname", "txvmbot-guest")),
+                user=str(nocloud.get("user", image.ssh_user)),
+                ready_marker=image.ready_marker,
+                user_data=self.spec.user_data,
+            )
+        except ConfigError as e:
+            raise StepFailed("image", str(e)) from None
+        skipped = (
+            "; fast start skipped: the template's guest ran cloud-init without it"
+            if self.spec.pool.fast_start
+            else ""
+        )
+        ctx.saw(
+            f"user data: {len(self.spec.user_data or b'')} bytes, merged into each VM's "
+            f"seed{skipped}"
+        )
+
+    def _make_seed(self, v: _VM) -> str:
+        """``v``'s own NoCloud seed, in its directory (removed with it)."""
+        from txvmbot.qemu.image import make_nocloud_seed
+
+        image = self._image
+        nocloud = self._nocloud()
+        return make_nocloud_seed(
+            v.dir,
+            image.ssh_public,
+            name=SEED_FILE,
+            instance_id=v.id,
+            hostname=str(nocloud.get("hostname", "txvmbot-guest")),
+            user=str(nocloud.get("user", image.ssh_user)),
+            ready_marker=image.ready_marker,
+            user_data=self.spec.user_data,
+        )
 
     def _template_bound(self) -> float:
         # Waiting for another builder, then (if it failed) building here.
@@ -277,6 +350,11 @@ class LocalMachines:
         async def creating() -> str:
             os.makedirs(v.dir, mode=0o700)
             await create_overlay(self.reactor, base, os.path.join(v.dir, K.OVERLAY_FILE))
+            if self.spec.user_data is not None:
+                from twisted.internet.threads import deferToThread
+
+                # mkfs.vfat and mcopy: off the reactor thread.
+                v.seed = await deferToThread(self._make_seed, v)
             return v.id
 
         await track(
@@ -296,10 +374,11 @@ class LocalMachines:
         pool = self.spec.pool
         tmpl = self._template
         disk = os.path.join(v.dir, K.OVERLAY_FILE)
+        image = self._image if v.seed is None else attrs.evolve(self._image, seed=v.seed)
         if tmpl is None:
             v.vm = await boot(
                 self.reactor,
-                self._image,
+                image,
                 v.dir,
                 accel=pool.accel,
                 memory_mb=pool.memory_mb,
@@ -351,7 +430,7 @@ class LocalMachines:
         v.host_key = await ssh.wait_for_ssh(
             self.reactor,
             v.vm.ssh_endpoint,
-            self.spec.ssh_user,
+            self._ssh_user(),
             self._key,
             connect_timeout=t.ssh_connect,
             bound=ssh_wait_bound(t.ssh),
