@@ -11,6 +11,7 @@ from typing import Any
 
 from txvmbot.cli import _images
 from txvmbot.cli._common import _Streams, _wrap, state_dir_for
+from txvmbot.errors import ConfigError
 
 
 def add_parser(sub: Any) -> None:
@@ -40,9 +41,44 @@ def add_parser(sub: Any) -> None:
     build.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help="where kernel .debs are kept between builds (default: STATE_DIR/cache/debs)",
+        help="where kernel .debs (and, with --distro debian, the archive's .debs and "
+        "package lists, in debian-RELEASE/) are kept between builds "
+        "(default: STATE_DIR/cache/debs)",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.add_argument(
+        "--distro",
+        choices=("busybox", "debian"),
+        default="busybox",
+        help="busybox: the small test image (busybox, dropbear, no package manager); "
+        "debian: a real Debian guest (systemd, OpenSSH, python3 and --package) built from "
+        "Debian's archive with mmdebstrap, as root (apt-get install mmdebstrap) "
+        "(default: busybox)",
+    )
+    build.add_argument(
+        "--release",
+        metavar="R",
+        help="with --distro debian: the Debian release (default: bookworm)",
+    )
+    build.add_argument(
+        "--package",
+        metavar="PKG",
+        action="append",
+        dest="packages",
+        help="with --distro debian: a Debian package to install too; repeat for several "
+        "(default: only systemd-sysv udev dbus kmod openssh-server iproute2 python3)",
+    )
+    build.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="with --distro debian: the Debian mirror (default: http://deb.debian.org/debian)",
+    )
+    build.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the image's name, under STATE_DIR/images/NAME (default: 'default' at "
+        "STATE_DIR/image for busybox, debian-RELEASE for debian)",
+    )
     build.set_defaults(func=_cmd_build)
 
     show = isub.add_parser(
@@ -85,12 +121,38 @@ def _dirs(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, st
     return os.path.abspath(os.path.expanduser(output)), os.path.expanduser(cache)
 
 
+def _build_dirs(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str]:
+    """The output and cache dirs of ``image build``: --output, else --name
+    (or the distribution's default name) under the state dir."""
+    from txvmbot.qemu.image import ImageError, default_cache_dir
+    from txvmbot.qemu.images import DEFAULT, image_dir_for
+
+    if args.distro != "debian":
+        for flag in ("release", "packages", "mirror"):
+            if getattr(args, flag, None):
+                name = "--package" if flag == "packages" else f"--{flag}"
+                raise ConfigError(name, "only with --distro debian")
+    if args.output and args.name:
+        raise ConfigError("--name", "give --name or --output DIR, not both")
+    state = state_dir_for(args.state_dir, None, environ)
+    cache = os.path.expanduser(args.cache_dir or default_cache_dir(environ, state))
+    if args.output:
+        return os.path.abspath(os.path.expanduser(args.output)), cache
+    name = args.name
+    if name is None:
+        name = f"debian-{args.release or 'bookworm'}" if args.distro == "debian" else DEFAULT
+    try:
+        return image_dir_for(name, state), cache
+    except ImageError as e:
+        raise ConfigError("--name", str(e)) from None
+
+
 def _cmd_build(
     args: argparse.Namespace, streams: _Streams, environ: Mapping[str, str], reactor: Any
 ) -> int:
-    from txvmbot.qemu.image import ImageError, build_image, load_image
+    from txvmbot.qemu.image import ImageError, build_debian_image, build_image, load_image
 
-    output, cache = _dirs(args, environ)
+    output, cache = _build_dirs(args, environ)
     out = streams.human
     started = time.monotonic()
 
@@ -98,7 +160,19 @@ def _cmd_build(
         print(f"[{time.monotonic() - started:5.1f}s] {line}", file=out, flush=True)
 
     try:
-        result = build_image(output, cache_dir=cache, force=args.force, progress=progress)
+        if args.distro == "debian":
+            result = build_debian_image(
+                output,
+                cache_dir=cache,
+                release=args.release or "bookworm",
+                packages=tuple(args.packages or ()),
+                mirror=args.mirror or "http://deb.debian.org/debian",
+                force=args.force,
+                progress=progress,
+                environ=environ,
+            )
+        else:
+            result = build_image(output, cache_dir=cache, force=args.force, progress=progress)
         info = load_image(output)
     except ImageError as e:
         print(f"txvmbot image build: error: {e}", file=streams.stderr)
@@ -141,7 +215,11 @@ def _print_info(info: Any, out: Any) -> None:
     pkgs = m.get("packages") or {}
     if m.get("kernel"):
         pkgs = {m["kernel"]["package"]: m["kernel"]["version"], **pkgs}
-    if pkgs:
+    if pkgs and m.get("requested_packages"):
+        # A Debian guest: hundreds of packages, listed in manifest.json.
+        rows.append(("packages", f"{len(pkgs)} installed, from "
+                     + ", ".join(str(p) for p in m["requested_packages"])))
+    elif pkgs:
         rows.append(("packages", ", ".join(f"{k} {v}" for k, v in pkgs.items())))
     if m.get("built_at"):
         built = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m["built_at"]))

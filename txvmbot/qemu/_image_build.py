@@ -299,6 +299,7 @@ def _build_into(tmp: str, inputs: dict[str, object], cache_dir: str, step: Progr
         packages[package[0]] = package[1]
     manifest = {
         "format_version": FORMAT_VERSION,
+        "kind": "busybox",
         "built_at": built_at,
         "build_seconds": round(time.monotonic() - started, 2),
         "builder": {

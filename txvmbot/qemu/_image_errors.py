@@ -22,6 +22,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "ssh": "openssh-client",
     "ldd": "libc-bin",
     "mkfs.ext4": "e2fsprogs",
+    "mmdebstrap": "mmdebstrap",
+    "chroot": "coreutils",
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",
     "mkfs.vfat": "dosfstools",

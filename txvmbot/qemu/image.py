@@ -2,6 +2,9 @@
 
 - ``build_image(dir, cache_dir=...)``: the default test image, built offline
   from Debian packages (``txvmbot image build``).
+- ``build_debian_image(dir, cache_dir=..., release=..., packages=...)``: a
+  real Debian guest (systemd, OpenSSH) built from Debian's archive with
+  mmdebstrap (``txvmbot image build --distro debian``).
 - ``load_image(dir)``: an image directory, checked against its manifest, as
   an ``ImageInfo``.
 - ``custom_image(...)``: a user's own kernel + initrd, or a qcow2 disk (a
@@ -31,6 +34,7 @@ from txvmbot.qemu._image_build import (
     inputs_key,
     sha256_file,
 )
+from txvmbot.qemu._image_debian import build_debian_image, debian_inputs
 from txvmbot.qemu._image_errors import ImageError, find_tool, need_tool, run_tool
 from txvmbot.qemu.model import READY_MARKER
 
@@ -39,9 +43,11 @@ __all__ = [
     "FORMAT_VERSION",
     "ImageError",
     "ImageInfo",
+    "build_debian_image",
     "build_image",
     "build_inputs",
     "custom_image",
+    "debian_inputs",
     "default_cache_dir",
     "default_image_dir",
     "fingerprint_of",
