@@ -59,7 +59,12 @@ def add_check_settings(p: argparse.ArgumentParser) -> None:
     t = Timeouts()
     img = p.add_argument_group("image and instance")
     which = img.add_mutually_exclusive_group()
-    which.add_argument("--image", metavar="ID", help="image id such as ami-0123 (or --image-name)")
+    which.add_argument(
+        "--image",
+        metavar="ID",
+        help="image id such as ami-0123 (or --image-name); with --local, the name of a "
+        "local image (txvmbot image list) in the state dir",
+    )
     which.add_argument(
         "--image-name",
         metavar="PATTERN",
@@ -285,7 +290,6 @@ def user_data_from_args(args: argparse.Namespace, *, local: bool) -> bytes | Non
 _CLOUD_ONLY = (
     "endpoint",
     "region",
-    "image",
     "image_name",
     "image_owner",
     "instance_type",
@@ -298,6 +302,32 @@ _CLOUD_ONLY = (
     "ssh",
 )
 _CLOUD_ONLY_TIMEOUTS = ("api_step", "running", "terminate", "poll_interval", "poll_max_interval")
+
+
+def local_image_dir(name: str, image_dir: str | None, state_dir: str) -> str:
+    """The directory of ``--image NAME`` with ``--local``: the image of that
+    name in the state dir (:func:`txvmbot.qemu.images.image_dir_for`). A
+    ConfigError names --image if it is not a name, clashes with
+    --image-dir or names no image there."""
+    from txvmbot.qemu.image import ImageError
+    from txvmbot.qemu.images import image_dir_for, image_names
+
+    if image_dir:
+        raise ConfigError("--image", "give --image NAME or --image-dir DIR, not both")
+    name = check_str("--image", name)
+    try:
+        path = image_dir_for(name, state_dir)
+    except ImageError as e:
+        raise ConfigError("--image", str(e)) from None
+    if not os.path.isdir(path):
+        known = ", ".join(image_names(state_dir)) or "none"
+        raise ConfigError(
+            "--image",
+            f"no local image {name!r} in {state_dir} (images there: {known}); build one "
+            f"with txvmbot image build --distro debian --name {name}, or import one with "
+            f"txvmbot image import FILE.qcow2 --name {name} --user USER",
+        )
+    return path
 
 
 def local_spec_from_args(
@@ -327,11 +357,15 @@ def local_spec_from_args(
         if value is not None:
             timeouts[name] = check_float(flag, value)
     memory = 256 if args.memory is None else check_int("--memory", args.memory, minimum=64)
+    if getattr(args, "image", None) is not None:
+        image_dir = local_image_dir(args.image, args.image_dir, state_dir)
+    elif args.image_dir:
+        image_dir = os.path.abspath(os.path.expanduser(args.image_dir))
+    else:
+        image_dir = default_image_dir(environ)
     pool = LocalPool(
         name="local",
-        image_dir=os.path.abspath(os.path.expanduser(args.image_dir))
-        if args.image_dir
-        else default_image_dir(environ),
+        image_dir=image_dir,
         run_dir=os.path.join(state_dir, "vms"),
         accel=args.accel or "auto",
         memory_mb=memory,
