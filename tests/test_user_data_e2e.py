@@ -101,3 +101,13 @@ def test_submit_to_a_local_pool_needs_text(tmp_path: Path) -> None:
     assert p.returncode == 2, p.stderr
     assert f"--user-data: {ud} is not UTF-8 text" in p.stderr
     assert not os.path.exists(tmp_path / "none.sock")
+
+
+def test_submit_to_a_pool_does_not_take_an_image(tmp_path: Path) -> None:
+    """The pool's image is the daemon's (``image = "NAME"``), not the job's."""
+    p = subprocess.run(
+        checkrun.txvmbot_cmd("submit", "--pool", "local", "--image", "deb",
+                             "--connect", f"unix:path={tmp_path}/none.sock"),
+        capture_output=True, text=True, timeout=60, env=checkrun.env(),
+    )
+    assert p.returncode == 2 and "--image: set in the daemon's [pools.NAME]" in p.stderr, p.stderr

@@ -384,7 +384,7 @@ def _local_job_dict(args: argparse.Namespace) -> dict[str, Any]:
     for name in _CLOUD_ONLY_TIMEOUTS:
         if getattr(args, f"timeout_{name}", None) is not None:
             raise ConfigError("--timeout-" + name.replace("_", "-"), "not used with --pool")
-    for name in ("image_dir", "accel", "memory", "keep_on_failure"):
+    for name in ("image", "image_dir", "accel", "memory", "keep_on_failure"):
         if getattr(args, name, None) is not None:
             raise ConfigError(
                 "--" + name.replace("_", "-"), "set in the daemon's [pools.NAME], not per job"
