@@ -260,3 +260,19 @@ def test_a_pool_names_its_image(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=re.escape(message)) as e:
             _pool(tmp_path, body)
         assert e.value.where == "pools.cloudy.image" and "daemon.toml" in e.value.message
+
+
+def test_kernel_release_from_a_bzimage_header_or_a_vmlinux_banner(tmp_path: Path) -> None:
+    from txvmbot.qemu._image_import import kernel_release
+
+    bz = bytearray(0x600)
+    bz[0x202:0x206] = b"HdrS"
+    bz[0x20E:0x210] = (0x300).to_bytes(2, "little")
+    bz[0x500:0x520] = b"6.1.0-28-amd64 (debian@x) #1\0"
+    (tmp_path / "vmlinuz").write_bytes(bytes(bz))
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 1000 + b"Linux version 6.1.0-28-amd64 (gcc)")
+    (tmp_path / "other").write_bytes(b"nothing")
+    assert kernel_release(str(tmp_path / "vmlinuz")) == "6.1.0-28-amd64"
+    assert kernel_release(str(tmp_path / "vmlinux")) == "6.1.0-28-amd64"
+    assert kernel_release(str(tmp_path / "other")) == ""
+    assert kernel_release(str(tmp_path / "missing")) == ""

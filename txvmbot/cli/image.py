@@ -213,7 +213,7 @@ def _print_info(info: Any, out: Any) -> None:
         ("ready marker", info.ready_marker),
     ]
     pkgs = m.get("packages") or {}
-    if m.get("kernel"):
+    if (m.get("kernel") or {}).get("package"):
         pkgs = {m["kernel"]["package"]: m["kernel"]["version"], **pkgs}
     if pkgs and m.get("requested_packages"):
         # A Debian guest: hundreds of packages, listed in manifest.json.

@@ -74,6 +74,28 @@ def qcow2_info(path: str) -> dict[str, Any]:
     return dict(info)
 
 
+def kernel_release(path: str) -> str:
+    """The release of the Linux kernel ``path`` (``6.1.0-28-amd64``), read
+    from a bzImage's header or a vmlinux's banner; "" if neither says."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x210)
+            if len(head) >= 0x210 and head[0x202:0x206] == b"HdrS":
+                f.seek(int.from_bytes(head[0x20E:0x210], "little") + 0x200)
+                return f.read(256).split(b"\0", 1)[0].split(b" ", 1)[0].decode("ascii", "replace")
+            if head[:4] == b"\x7fELF":
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    at = m.find(b"Linux version ")
+                    if at >= 0:
+                        banner = m[at + 14 : at + 14 + 128]
+                        return banner.split(b" ", 1)[0].decode("ascii", "replace")
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
 def check_user(user: str) -> str:
     """``user`` if cloud-init can create it (a Linux user name)."""
     if not _USER.match(user):
@@ -139,6 +161,9 @@ def import_cloud_image(
         names: dict[str, str] = {}
         for key, path, name in (("kernel", kernel, "vmlinuz"), ("initrd", initrd, "initrd.img")):
             if path is not None:
+                base = os.path.basename(path)
+                if base not in (DISK, SEED, KEY, KEY + ".pub", "manifest.json", *names.values()):
+                    name = base
                 shutil.copyfile(path, os.path.join(tmp, name))
                 names[key] = name
         progress(f"generating the ssh key pair {KEY} and the NoCloud seed for user {user}")
@@ -163,6 +188,7 @@ def import_cloud_image(
                 "compat": (info.get("format-specific") or {}).get("data", {}).get("compat"),
             },
             "built_at": time.time(),
+            **({"kernel": {"release": kernel_release(kernel)}} if kernel else {}),
             "builder": {"host_kernel": os.uname().release, "txvmbot": __version__},
         }
         progress("writing the manifest (sha256 of every file)")
