@@ -71,7 +71,9 @@ def add_parser(sub: Any) -> None:
     build.add_argument(
         "--mirror",
         metavar="URL",
-        help="with --distro debian: the Debian mirror (default: http://deb.debian.org/debian)",
+        help="with --distro debian: the Debian mirror, e.g. http://deb.debian.org/debian "
+        "(default: mmdebstrap's: deb.debian.org with RELEASE, RELEASE-updates and "
+        "RELEASE-security)",
     )
     build.add_argument(
         "--name",
@@ -166,7 +168,7 @@ def _cmd_build(
                 cache_dir=cache,
                 release=args.release or "bookworm",
                 packages=tuple(args.packages or ()),
-                mirror=args.mirror or "http://deb.debian.org/debian",
+                mirror=args.mirror,
                 force=args.force,
                 progress=progress,
                 environ=environ,

@@ -93,7 +93,9 @@ __all__ = [
 ]
 
 DEFAULT_RELEASE = "bookworm"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: No mirror: mmdebstrap's default, deb.debian.org with RELEASE,
+#: RELEASE-updates and RELEASE-security (for a stable release).
+DEFAULT_MIRROR: str | None = None
 
 #: Always installed (``--package`` adds to these): a systemd boot with udev
 #: and D-Bus (systemd-logind needs it: the power button), kmod (modprobe,
@@ -287,7 +289,7 @@ def _builder_digest() -> str:
 def debian_inputs(
     release: str = DEFAULT_RELEASE,
     packages: Sequence[str] = (),
-    mirror: str = DEFAULT_MIRROR,
+    mirror: str | None = DEFAULT_MIRROR,
     kernel: tuple[str, str] | None = None,
 ) -> dict[str, object]:
     """What the image is made of; an image with the same inputs is reused.
@@ -319,7 +321,7 @@ def build_debian_image(
     cache_dir: str,
     release: str = DEFAULT_RELEASE,
     packages: Sequence[str] = (),
-    mirror: str = DEFAULT_MIRROR,
+    mirror: str | None = DEFAULT_MIRROR,
     force: bool = False,
     progress: Progress | None = None,
     inputs: dict[str, object] | None = None,
@@ -401,16 +403,8 @@ def _build_into(
 ) -> None:
     started = time.monotonic()
     release = str(inputs["release"])
-    mirror = str(inputs["mirror"])
+    mirror = None if inputs.get("mirror") is None else str(inputs["mirror"])
     packages = [str(p) for p in inputs["packages"]]  # type: ignore[attr-defined]
-    deb = fetch_deb(str(inputs["kernel_package"]), str(inputs["kernel_version"]), cache_dir, step)
-    kernel = unpack_kernel(deb, cache_dir, step)
-    shutil.copyfile(kernel.vmlinuz, os.path.join(tmp, "vmlinuz"))
-    kernel_file = "vmlinuz"
-    if kernel.vmlinux:
-        shutil.copyfile(kernel.vmlinux, os.path.join(tmp, "vmlinux"))
-        kernel_file = "vmlinux"
-
     step("generating the client ssh key and the guest's host key (ed25519)")
     key = os.path.join(tmp, "id_ed25519")
     _keygen(key, "txvmbot-image")
@@ -426,8 +420,18 @@ def _build_into(
 
     rootfs = os.path.join(tmp, ".rootfs")
     apt_cache = os.path.join(cache_dir, f"debian-{release}")
+    # First: a package name apt does not know fails here, in seconds.
     _mmdebstrap(rootfs, release, mirror, packages, apt_cache, step, epoch)
     try:
+        deb = fetch_deb(
+            str(inputs["kernel_package"]), str(inputs["kernel_version"]), cache_dir, step
+        )
+        kernel = unpack_kernel(deb, cache_dir, step)
+        shutil.copyfile(kernel.vmlinuz, os.path.join(tmp, "vmlinuz"))
+        kernel_file = "vmlinuz"
+        if kernel.vmlinux:
+            shutil.copyfile(kernel.vmlinux, os.path.join(tmp, "vmlinux"))
+            kernel_file = "vmlinux"
         step("configuring the guest: sshd, the ready marker unit, masked units")
         machine_id = uuid.uuid4().hex
         _configure(rootfs, client_public, host_key, machine_id)
@@ -435,11 +439,13 @@ def _build_into(
         step(f"copying the kernel's modules into /lib/modules/{kernel.release}")
         module_count = _install_modules(deb, kernel.release, rootfs)
         installed = _installed_packages(rootfs)
+        sources = _apt_sources(rootfs)
         os_release = _os_release(rootfs)
         if epoch is not None:
             _clamp_mtimes(rootfs, epoch)
         size_mb = _disk_size_mb(rootfs)
-        fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"txvmbot:{json.dumps(inputs, sort_keys=True)}:{epoch}"))
+        seed = f"txvmbot:{json.dumps(inputs, sort_keys=True)}:{epoch}"
+        fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, seed))
         step(f"making the root disk (ext4, {size_mb} MiB, mkfs.ext4 -d) and converting it to qcow2")
         _make_root_disk(rootfs, tmp, size_mb, fs_uuid if epoch is not None else None, epoch)
     finally:
@@ -465,6 +471,7 @@ def _build_into(
         "release": release,
         "os_release": os_release,
         "mirror": mirror,
+        "apt_sources": sources,
         "built_at": built_at,
         "build_seconds": round(time.monotonic() - started, 2),
         "source_date_epoch": epoch,
@@ -530,7 +537,7 @@ DPKG_OPTIONS = (
 def mmdebstrap_argv(
     rootfs: str,
     release: str,
-    mirror: str,
+    mirror: str | None,
     packages: Sequence[str],
     archives: str,
     lists: str | None,
@@ -560,15 +567,16 @@ def mmdebstrap_argv(
         f"--customize-hook=sync-out /var/lib/apt/lists {shlex.quote(lists_out)}",
         release,
         rootfs,
-        mirror,
     ]
+    if mirror is not None:
+        argv.append(mirror)
     return argv
 
 
 def _mmdebstrap(
     rootfs: str,
     release: str,
-    mirror: str,
+    mirror: str | None,
     packages: Sequence[str],
     apt_cache: str,
     step: Progress,
@@ -592,8 +600,9 @@ def _mmdebstrap(
     debs = len([n for n in os.listdir(archives) if n.endswith(".deb")])
     fresh = cached is not None and time.time() - cached < lists_max_age
     step(
-        f"installing Debian {release} from {mirror} with mmdebstrap: {len(packages)} packages "
-        f"and their dependencies ({debs} .debs cached in {archives}; package lists "
+        f"installing Debian {release} from {_where(release, mirror)} with mmdebstrap: "
+        f"{len(packages)} packages and their dependencies ({debs} .debs cached in "
+        f"{archives}; package lists "
         + ("cached" if fresh else "fetched")
         + ")"
     )
@@ -636,7 +645,13 @@ def _mmdebstrap(
         _remove_tree(new_lists)
 
 
-def _cached_lists(stamp: str, release: str, mirror: str) -> float | None:
+def _where(release: str, mirror: str | None) -> str:
+    if mirror is not None:
+        return mirror
+    return f"deb.debian.org ({release}, {release}-updates, {release}-security)"
+
+
+def _cached_lists(stamp: str, release: str, mirror: str | None) -> float | None:
     """When the cached lists of ``release`` from ``mirror`` were fetched."""
     try:
         with open(stamp) as f:
@@ -649,11 +664,16 @@ def _cached_lists(stamp: str, release: str, mirror: str) -> float | None:
 
 
 def _update_failed(tail: Sequence[str]) -> bool:
-    text = "\n".join(tail)
-    return "apt-get update" in text and ("failed" in text or "E: " in text)
+    """Did ``apt-get update`` fail (no network, mirror down)?"""
+    return any(
+        re.match(r"E: apt-get update .*failed", line) or "Failed to fetch" in line
+        for line in tail
+    )
 
 
-def mmdebstrap_error(code: int, tail: Sequence[str], release: str, mirror: str) -> ImageError:
+def mmdebstrap_error(
+    code: int, tail: Sequence[str], release: str, mirror: str | None
+) -> ImageError:
     """The ImageError of a failed mmdebstrap: a package apt does not know is
     named as such; anything else shows mmdebstrap's last error lines."""
     text = "\n".join(tail)
@@ -664,14 +684,15 @@ def mmdebstrap_error(code: int, tail: Sequence[str], release: str, mirror: str) 
     if unknown:
         names = ", ".join(unknown)
         return ImageError(
-            f"build the Debian root file system: Debian {release} ({mirror}) has no package "
-            f"{names}; check the --package names (https://packages.debian.org/{release}/)"
+            f"build the Debian root file system: Debian {release} "
+            f"({_where(release, mirror)}) has no package {names}; check the --package "
+            f"names (https://packages.debian.org/{release}/)"
         )
     errors = [line for line in tail if line.startswith("E: ")] or list(tail[-3:])
     return ImageError(
         f"build the Debian root file system: mmdebstrap exited {code}: "
-        f"{' / '.join(errors[-3:])}; check access to {mirror} (or run with network once, "
-        "so the package lists and .debs are cached)"
+        f"{' / '.join(errors[-3:])}; check access to {_where(release, mirror)} (or run "
+        "with network once, so the package lists and .debs are cached)"
     )
 
 
@@ -834,12 +855,13 @@ def _configure(root: str, client_public: str, host_key: str, machine_id: str) ->
     _write(
         root,
         "/etc/hosts",
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{GUEST_HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{GUEST_HOSTNAME}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n",
     )
     _write(root, "/etc/resolv.conf", "nameserver 10.0.2.3\n")
     # / is mounted read-write by the initramfs: no fstab entry (one would
     # make systemd wait for dev-vda.device and remount).
-    _write(root, "/etc/fstab", "# / is mounted by txvmbot's initramfs (root= on the kernel command line)\n")
+    _write(root, "/etc/fstab", "# / is mounted by the initramfs (root= on the command line)\n")
     # A fixed machine id: no "first boot" (systemd-firstboot, preset-all).
     _write(root, "/etc/machine-id", machine_id + "\n", 0o444)
 
@@ -951,6 +973,18 @@ def _installed_packages(root: str) -> dict[str, str]:
     return dict(sorted(packages.items()))
 
 
+def _apt_sources(root: str) -> list[str]:
+    """The guest's apt sources, as mmdebstrap wrote them."""
+    lines: list[str] = []
+    for rel in ("etc/apt/sources.list",):
+        try:
+            with open(os.path.join(root, rel)) as f:
+                lines += [x.strip() for x in f if x.strip() and not x.startswith("#")]
+        except OSError:
+            pass
+    return lines
+
+
 def _os_release(root: str) -> dict[str, str]:
     """The guest's os-release (ID, VERSION_ID, PRETTY_NAME...)."""
     for rel in ("etc/os-release", "usr/lib/os-release"):
@@ -970,7 +1004,8 @@ def _os_release(root: str) -> dict[str, str]:
             key, sep, value = line.partition("=")
             if sep and key.isupper():
                 values[key] = value.strip().strip('"')
-        return {k: values[k] for k in ("ID", "VERSION_ID", "VERSION_CODENAME", "PRETTY_NAME") if k in values}
+        keys = ("ID", "VERSION_ID", "VERSION_CODENAME", "PRETTY_NAME")
+        return {k: values[k] for k in keys if k in values}
     return {}
 
 
