@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.debian_fixtures import debian_image  # noqa: F401
 from tests.pgserver import PostgresServer, choose_base_dir, running_server
 from tests.qemu_fixtures import qemu_image  # noqa: F401
 from tests.servers import Moto, moto_server

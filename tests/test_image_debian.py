@@ -1,0 +1,381 @@
+"""``txvmbot image build --distro debian``: its options and errors (no
+build), the manifest of a real build (the session's Debian image, built once
+by tests/debian_fixtures.py), a warm rebuild without network, and the guest
+booted for real under QEMU: ``check --local --image NAME`` runs python3 and
+systemctl, a template start reaches ssh, the ACPI power button powers it off.
+
+At most one VM runs at a time here; every QEMU is stopped by its job's
+cleanup or killed by pid; the guests reach nothing, their sshd only through a
+forward on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor as _reactor
+from twisted.trial.unittest import TestCase
+
+from tests import checkrun
+from tests.debian_fixtures import CACHE, PACKAGES, RELEASE
+from tests.test_local_e2e import reap_run_dir, short_dirs, step
+from txvmbot.cli import run
+from txvmbot.qemu import _image_debian as D
+from txvmbot.qemu import image as image_module
+from txvmbot.qemu.image import (
+    ImageError,
+    ImageInfo,
+    build_debian_image,
+    build_image,
+    debian_inputs,
+    fingerprint_of,
+    load_image,
+)
+from txvmbot.qemu.model import READY_MARKER
+
+reactor: Any = _reactor
+
+
+def _cli(*argv: str, environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), stdout=out, stderr=err, environ=environ or dict(os.environ))
+    return code, out.getvalue(), err.getvalue()
+
+
+# --- options and errors, no build --------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["Bad", "a", "foo;rm", "py thon", "-x", "ok=ver sion"])
+def test_bad_package_name_fails_before_anything_runs(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ImageError, match=f"--package {bad!r} is not a Debian package name"):
+        build_debian_image(
+            str(tmp_path / "img"), cache_dir=str(tmp_path / "cache"), packages=["python3", bad]
+        )
+    assert os.listdir(tmp_path) == []
+
+
+def test_good_package_names_and_release() -> None:
+    assert D.check_packages(["python3-twisted", "g++", "libc6=2.36-9", "lib.x"]) == (
+        "python3-twisted", "g++", "libc6=2.36-9", "lib.x")
+    with pytest.raises(ImageError, match="not a Debian release name"):
+        D.check_release("Bookworm/../x")
+
+
+def test_missing_mmdebstrap_names_its_apt_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = D.find_tool
+    monkeypatch.setattr(D, "find_tool", lambda t: None if t == "mmdebstrap" else real(t))
+    with pytest.raises(ImageError) as e:
+        D.check_debian_tools()
+    assert str(e.value) == (
+        "cannot build the Debian image: not installed: mmdebstrap; "
+        "install them: apt-get install mmdebstrap"
+    )
+    code, _out, err = _cli(
+        "image", "build", "--distro", "debian", "--output", str(tmp_path / "img"),
+        "--cache-dir", str(tmp_path / "cache"),
+    )
+    assert code == 1
+    assert "apt-get install mmdebstrap" in err and not (tmp_path / "img").exists()
+
+
+def test_not_root_is_refused_with_the_fix() -> None:
+    with pytest.raises(ImageError, match="built as root .* sudo txvmbot image build --distro"):
+        D._check_root(lambda: 1000)
+
+
+def _fake_mmdebstrap(bin_dir: Path, *lines: str, code: int = 1) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "mmdebstrap"
+    body = "".join(f"echo {json.dumps(line)}\n" for line in lines)
+    script.write_text(f"#!/bin/sh\n{body}exit {code}\n")
+    script.chmod(0o755)
+
+
+def test_unknown_package_is_named_and_nothing_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apt's "Unable to locate package" becomes an error naming the package
+    and the release (mmdebstrap replaced by a script that says what apt
+    says, so the test needs no network)."""
+    _fake_mmdebstrap(
+        tmp_path / "bin",
+        "I: running apt-get update...",
+        "I: downloading packages with apt...",
+        "E: Unable to locate package nosuchpkg",
+        "E: apt-get --yes install failed",
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _o, err = _cli(
+        "image", "build", "--distro", "debian", "--package", "nosuchpkg",
+        "--output", str(out / "img"), "--cache-dir", str(tmp_path / "cache"),
+    )
+    assert code == 1, err
+    assert (
+        "Debian bookworm (deb.debian.org (bookworm, bookworm-updates, bookworm-security)) "
+        "has no package nosuchpkg; check the --package names" in err
+    ), err
+    assert os.listdir(out) == []  # no image, no half-built .tmp dir
+
+
+def test_other_mmdebstrap_failure_shows_its_errors() -> None:
+    e = D.mmdebstrap_error(
+        1, ["I: running apt-get update...", "E: Failed to fetch http://x/InRelease", "E: bad"],
+        "trixie", "http://x",
+    )
+    assert str(e).startswith("build the Debian root file system: mmdebstrap exited 1: ")
+    assert "E: Failed to fetch http://x/InRelease / E: bad; check access to http://x" in str(e)
+    assert D._update_failed(["E: Failed to fetch http://x/InRelease"])
+    assert D._update_failed(["E: apt-get update --error-on=any failed"])
+    assert not D._update_failed(["I: running apt-get update...", "E: Unable to locate package x"])
+
+
+def test_mmdebstrap_argv_syncs_the_cache_and_skips_update_with_cached_lists() -> None:
+    argv = D.mmdebstrap_argv(
+        "/r", "bookworm", None, ["a", "b"], "/c d/archives", "/c d/lists", "/c d/new"
+    )
+    assert argv[:5] == [
+        "mmdebstrap", "--mode=root", "--format=directory", "--variant=apt", "--include=a,b"]
+    assert "--setup-hook=sync-in '/c d/archives' /var/cache/apt/archives/" in argv
+    assert "--setup-hook=sync-in '/c d/lists' /var/lib/apt/lists/" in argv
+    assert "--skip=update" in argv
+    assert "--customize-hook=sync-out /var/cache/apt/archives '/c d/archives'" in argv
+    assert argv[-2:] == ["bookworm", "/r"]
+    fetched = D.mmdebstrap_argv("/r", "trixie", "http://m/debian", ["a"], "/a", None, "/n")
+    assert "--skip=update" not in fetched and fetched[-3:] == ["trixie", "/r", "http://m/debian"]
+
+
+def test_guest_modules_are_the_ones_a_vm_can_use() -> None:
+    wanted = D._wanted_module
+    for rel in ("modules.order", "kernel/fs/ext4/ext4.ko", "kernel/drivers/net/veth.ko",
+                "kernel/net/bridge/bridge.ko", "kernel/drivers/scsi/virtio_scsi.ko",
+                "kernel/drivers/block/loop.ko"):
+        assert wanted(rel), rel
+    for rel in ("kernel/drivers/gpu/drm/i915/i915.ko", "kernel/sound/core/snd.ko",
+                "kernel/drivers/net/ethernet/intel/e1000/e1000.ko",
+                "kernel/drivers/net/wireless/ath/ath.ko", "kernel/drivers/scsi/sg.ko",
+                "modules.dep"):
+        assert not wanted(rel), rel
+
+
+def test_cli_build_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake(output: str, **kw: Any) -> str:
+        calls.append((output, kw))
+        raise ImageError("stop here")
+
+    monkeypatch.setattr(image_module, "build_debian_image", fake)
+    state = str(tmp_path / "state")
+    code, _o, err = _cli(
+        "image", "build", "--distro", "debian", "--state-dir", state, "--release", "trixie",
+        "--package", "python3-twisted", "--package", "git", "--mirror", "http://m/debian",
+    )
+    assert code == 1 and "stop here" in err
+    output, kw = calls.pop()
+    assert output == os.path.join(state, "images", "debian-trixie")
+    assert kw["release"] == "trixie" and kw["packages"] == ("python3-twisted", "git")
+    assert kw["mirror"] == "http://m/debian" and kw["cache_dir"] == os.path.join(
+        state, "cache", "debs")
+    _cli("image", "build", "--distro", "debian", "--state-dir", state, "--name", "mine")
+    output, kw = calls.pop()
+    assert output == os.path.join(state, "images", "mine")
+    assert kw["release"] == "bookworm" and kw["packages"] == () and kw["mirror"] is None
+    _cli("image", "build", "--distro", "debian", "--output", str(tmp_path / "d"))
+    assert calls.pop()[0] == str(tmp_path / "d")
+    for argv, message in (
+        (["--package", "git"], "--package: only with --distro debian"),
+        (["--release", "trixie"], "--release: only with --distro debian"),
+        (["--distro", "debian", "--name", "a", "--output", "b"], "give --name or --output"),
+        (["--distro", "debian", "--name", "a b"], "--name: image name 'a b'"),
+    ):
+        code, _o, err = _cli("image", "build", "--state-dir", state, *argv)
+        assert code == 2 and message in err, (argv, err)
+    assert calls == []
+
+
+def test_busybox_manifest_says_its_kind(qemu_image: ImageInfo, tmp_path: Path) -> None:
+    out = tmp_path / "bb"
+    assert build_image(str(out), cache_dir=CACHE) == "built"
+    assert load_image(str(out)).manifest["kind"] == "busybox"
+
+
+# --- the session's Debian image ----------------------------------------------------
+
+
+def test_manifest_lists_every_package_and_the_inputs(debian_image: ImageInfo) -> None:
+    m = debian_image.manifest
+    assert (m["kind"], m["distro"], m["release"]) == ("debian", "debian", RELEASE)
+    assert m["os_release"]["ID"] == "debian" and m["os_release"]["VERSION_ID"] == "12"
+    pkgs = m["packages"]
+    for name in ("python3-twisted", "python3-subunit", "openssh-server", "systemd", "udev",
+                 "dbus", "python3", "libc6", "dpkg"):
+        assert pkgs.get(name), name
+    assert len(pkgs) > 100 and all(isinstance(v, str) and v for v in pkgs.values())
+    assert m["requested_packages"] == sorted({*D.BASE_PACKAGES, *PACKAGES})
+    assert m["inputs"] == debian_inputs(RELEASE, PACKAGES)
+    assert m["inputs"]["mirror"] is None
+    assert any("bookworm-security" in line for line in m["apt_sources"])
+    with open(os.path.join(debian_image.dir, "host_key.pub")) as f:
+        assert debian_image.host_key_fingerprint == fingerprint_of(f.read())
+    assert debian_image.kernel_version == m["kernel"]["release"]
+    assert m["kernel"]["rootfs_modules"] > 500
+    assert m["ready_marker"] == READY_MARKER and m["ssh_user"] == "root"
+    assert set(m["masked_units"]) == set(D.MASKED_UNITS)
+    assert m["format_version"] == 1 and m["built_at"] > 0
+    assert debian_image.disk and debian_image.disk.endswith("disk.qcow2")
+    mode = os.stat(debian_image.ssh_key).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    info = subprocess.run(["qemu-img", "check", debian_image.disk], capture_output=True,
+                          text=True, check=False)
+    assert info.returncode == 0, info.stdout + info.stderr
+    # image show --verify: every file's sha256 against the manifest.
+    code, out, err = _cli("image", "show", "--verify", "--output", debian_image.dir)
+    assert code == 0, err
+    assert "kind:         debian" in out and "distribution: debian bookworm" in out
+    assert f"installed, from {', '.join(m['requested_packages'])}" in out
+
+
+def test_same_inputs_are_reused(debian_image: ImageInfo) -> None:
+    started = time.monotonic()
+    assert build_debian_image(
+        debian_image.dir, cache_dir=CACHE, release=RELEASE, packages=PACKAGES
+    ) == "reused"
+    assert time.monotonic() - started < 10
+
+
+def test_warm_rebuild_needs_no_network_and_honours_source_date_epoch(
+    debian_image: ImageInfo, tmp_path: Path
+) -> None:
+    """With the packages cached, a rebuild runs in a network namespace of
+    its own (no network at all): nothing is downloaded. SOURCE_DATE_EPOCH
+    is the build date."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("unshare -n does not work here")
+    out = tmp_path / "offline"
+    env = {**checkrun.env(), "SOURCE_DATE_EPOCH": "1700000000"}
+    cmd = ["unshare", "-n", *checkrun.txvmbot_cmd(
+        "image", "build", "--distro", "debian", "--output", str(out), "--cache-dir", CACHE,
+        *[a for p in PACKAGES for a in ("--package", p)],
+    )]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    m = load_image(str(out), verify=True).manifest
+    assert m["built_at"] == 1700000000 and m["source_date_epoch"] == 1700000000
+    assert m["packages"]["python3-twisted"]
+    assert m["inputs"] == debian_image.manifest["inputs"]
+
+
+def test_check_local_image_name_runs_python_and_systemctl(debian_image: ImageInfo) -> None:
+    """``txvmbot check --local --image NAME``: a cold boot of the Debian
+    guest, python3 with Twisted, and systemd reports the system running (no
+    unit failed: not even degraded)."""
+    with short_dirs() as make:
+        state = make()
+        os.makedirs(os.path.join(state, "images"))
+        os.symlink(debian_image.dir, os.path.join(state, "images", "deb"))
+        out = os.path.join(state, "result.json")
+        cmd = checkrun.txvmbot_cmd(
+            "check", "--local", "--state-dir", state, "--image", "deb", "--json", out,
+            "--command", "python3 -c 'import twisted, subunit, sys; "
+            "print(twisted.__version__, sys.version_info[0])'",
+            "--command", "systemctl is-system-running --wait",
+        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=checkrun.env())
+        assert p.returncode == 0, p.stdout + p.stderr
+        with open(out) as f:
+            r = json.load(f)[0]
+        assert r["passed"] is True
+        twisted_line, running = (c["stdout"] for c in r["commands"])
+        assert twisted_line.endswith(" 3\n") and twisted_line.split()[0] == (
+            debian_image.manifest["packages"]["python3-twisted"].split("-")[0])
+        assert running == "running\n"
+        assert debian_image.kernel_version in r["facts"]["guest_uname"]
+        assert r["facts"]["image_dir"] == os.path.join(state, "images", "deb")
+        print(f"\n[debian cold boot] ready {step(r, 'ready')['duration']:.2f}s "
+              f"wait-ssh {step(r, 'wait-ssh')['duration']:.2f}s")
+        # An unknown name is refused, naming the images there.
+        p = subprocess.run(
+            checkrun.txvmbot_cmd("check", "--local", "--state-dir", state, "--image", "nope"),
+            capture_output=True, text=True, timeout=60, env=checkrun.env(),
+        )
+        assert p.returncode == 2
+        assert "--image: no local image 'nope'" in p.stderr and "(images there: deb)" in p.stderr
+
+
+@pytest.fixture(scope="class")
+def _debian_for_class(request: pytest.FixtureRequest, debian_image: ImageInfo) -> None:
+    request.cls.image = debian_image
+
+
+@pytest.mark.usefixtures("_debian_for_class")
+class DebianTemplateTests(TestCase):
+    """The Debian guest under txvmbot's own VM code: a pool's template, jobs
+    resumed from it, and the ACPI power button."""
+
+    timeout = 240
+    image: Any
+
+    def setUp(self) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="txvd-")
+        self.addCleanup(shutil.rmtree, self.run_dir, True)
+        self.addCleanup(reap_run_dir, self.run_dir)
+        from txvmbot.qemu.vm import stop_from_record
+
+        self.addCleanup(stop_from_record, os.path.join(self.run_dir, "template", ".build"))
+        self.addCleanup(stop_from_record, os.path.join(self.run_dir, "button"))
+
+    async def test_template_jobs_and_the_power_button(self) -> None:
+        from txvmbot.jobs.smoke import LocalCheck
+        from txvmbot.journal import MemoryJournal
+        from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
+        from txvmbot.qemu.template import ensure_template
+        from txvmbot.qemu.vm import boot
+
+        pool = LocalPool(name="deb", image_dir=self.image.dir, run_dir=self.run_dir,
+                         accel="auto", fast_start=True, min_free_mb=64)
+        spec = LocalSpec(pool=pool, commands=("systemctl is-system-running --wait",),
+                         timeouts=LocalTimeouts(boot=90, ssh=30, command=60, shutdown=10))
+        results = []
+        for _ in range(2):
+            results.append(await LocalCheck(reactor, spec, journal=MemoryJournal()).run())
+        for r in results:
+            self.assertTrue(r.passed, f"{r.error}\n{r.steps}")
+            self.assertEqual(r.commands[-1].stdout, b"running\n")
+        first, second = (dict(r.facts.extra) for r in results)
+        self.assertEqual((first["template"], second["template"]), ("built", "reused"))
+        steps = {s.name: s for s in results[1].steps}
+        fast = steps["wait-ssh"].started + steps["wait-ssh"].duration - steps["boot"].started
+        print(f"\n[debian template start] boot to ssh {fast:.2f}s")
+        self.assertLess(fast, 5.0)  # 0.8-1.3 s here, measured by bench/guest_boot.py
+
+        # The ACPI power button (QMP system_powerdown) powers the guest off:
+        # systemd-logind, which the ready marker waits for.
+        t = await ensure_template(reactor, self.image, pool)
+        self.assertFalse(t.built)
+        vm_dir = os.path.join(self.run_dir, "button")
+        os.makedirs(vm_dir)
+        from txvmbot.qemu.disk import create_overlay
+
+        await create_overlay(reactor, t.overlay, os.path.join(vm_dir, "disk.qcow2"))
+        vm = await boot(reactor, self.image, vm_dir, accel=t.accel, memory_mb=t.memory_mb,
+                        cpus=t.cpus, machine=t.machine, incoming=t.state,
+                        disk=os.path.join(vm_dir, "disk.qcow2"))
+        await vm.wait_ready(30)
+        started = time.monotonic()
+        how = await vm.stop(15.0)
+        self.assertEqual(how, "powerdown")
+        print(f"[debian power button] off in {time.monotonic() - started:.2f}s")
