@@ -283,3 +283,28 @@ def test_bad_user_data_in_a_job_names_the_key(value: object, message: str) -> No
         with pytest.raises(ConfigError, match=message) as e:
             codec.spec_from_dict(dict(doc, user_data_base64=value), "spec")
         assert e.value.where == "spec.user_data_base64"
+
+
+def test_suite_local_takes_an_image_by_name_and_user_data(tmp_path: Path) -> None:
+    """``suite --local --image NAME --user-data FILE``: the suite's machines
+    are local VMs on that image, each with the user data."""
+    from txvmbot.cli import build_parser
+    from txvmbot.cli.check import target_from_args
+    from txvmbot.cli.suite import suite_spec_from_args
+
+    state = tmp_path / "state"
+    (state / "images" / "deb").mkdir(parents=True)
+    ud = tmp_path / "ud"
+    ud.write_bytes(b"#cloud-config\npackages: [git]\n")
+    tests = tmp_path / "tests"
+    tests.write_text("a.test\n")
+    args = build_parser().parse_args(
+        ["suite", "--local", "--image", "deb", "--user-data", str(ud), "--state-dir", str(state),
+         "--run", "true {test}", "--tests", str(tests), "--machines", "2"])
+    target, _, _ = target_from_args(args, {"HOME": str(tmp_path)})
+    spec = suite_spec_from_args(args, target)
+    assert spec.target.pool.image_dir == str(state / "images" / "deb")
+    assert spec.target.user_data == ud.read_bytes() and spec.machines == 2
+    args.user_data = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="--user-data: cannot read"):
+        target_from_args(args, {"HOME": str(tmp_path)})
