@@ -235,6 +235,7 @@ def test_manifest_lists_every_package_and_the_inputs(debian_image: ImageInfo) ->
     assert m["kernel"]["rootfs_modules"] > 500
     assert m["ready_marker"] == READY_MARKER and m["ssh_user"] == "root"
     assert set(m["masked_units"]) == set(D.MASKED_UNITS)
+    assert set(m["disabled_generators"]) == set(D.DISABLED_GENERATORS)
     assert m["format_version"] == 1 and m["built_at"] > 0
     assert debian_image.disk and debian_image.disk.endswith("disk.qcow2")
     mode = os.stat(debian_image.ssh_key).st_mode

@@ -164,6 +164,23 @@ MASKED_UNITS: dict[str, str] = {
     "systemd-update-utmp-runlevel.service": "no utmp/wtmp records of boots in a throw-away VM",
 }
 
+#: systemd generators disabled in the guest, and why: systemd runs every
+#: generator (a process each) before it starts any unit, at every boot. The
+#: fstab and SysV ones stay (a job may add to /etc/fstab or install a
+#: package with only an init script).
+DISABLED_GENERATORS: dict[str, str] = {
+    "systemd-cryptsetup-generator": "no encrypted disks",
+    "systemd-integritysetup-generator": "no dm-integrity disks",
+    "systemd-veritysetup-generator": "no dm-verity disks",
+    "systemd-gpt-auto-generator": "no partition table: the root is the whole disk",
+    "systemd-hibernate-resume-generator": "no hibernation",
+    "systemd-getty-generator": "no console logins (getty units are masked)",
+    "systemd-debug-generator": "no systemd.debug_shell/systemd.mask on the command line",
+    "systemd-run-generator": "no systemd.run on the command line",
+    "systemd-system-update-generator": "no offline updates",
+    "systemd-rc-local-generator": "no /etc/rc.local",
+}
+
 #: The kernel modules copied into the guest's /lib/modules (for udev and
 #: modprobe): everything a VM can use, not the drivers of real hardware.
 MODULE_DIRS: tuple[str, ...] = (
@@ -312,6 +329,7 @@ def debian_inputs(
         "modules": list(GUEST_MODULES),
         "cmdline": DEBIAN_CMDLINE,
         "masked_units": sorted(MASKED_UNITS),
+        "disabled_generators": sorted(DISABLED_GENERATORS),
     }
 
 
@@ -492,6 +510,7 @@ def _build_into(
         "requested_packages": packages,
         "packages": installed,
         "masked_units": dict(sorted(MASKED_UNITS.items())),
+        "disabled_generators": dict(sorted(DISABLED_GENERATORS.items())),
         "root": {"device": "/dev/vda", "fstype": "ext4", "size_mb": size_mb},
         "kernel_file": kernel_file,
         "initrd": "initrd",
@@ -887,6 +906,8 @@ def _configure(root: str, client_public: str, host_key: str, machine_id: str) ->
     _write(root, "/etc/systemd/journald.conf.d/txvmbot.conf", JOURNALD_CONF)
     for unit in MASKED_UNITS:
         _link(root, f"/etc/systemd/system/{unit}", "/dev/null")
+    for generator in DISABLED_GENERATORS:
+        _link(root, f"/etc/systemd/system-generators/{generator}", "/dev/null")
     # Units enabled in *.wants/ of masked ones would only warn.
     for wants in ("getty.target.wants", "timers.target.wants", "sysinit.target.wants"):
         d = os.path.join(etc, "systemd", "system", wants)
