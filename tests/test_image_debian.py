@@ -317,6 +317,52 @@ def test_check_local_image_name_runs_python_and_systemctl(debian_image: ImageInf
         assert "--image: no local image 'nope'" in p.stderr and "(images there: deb)" in p.stderr
 
 
+TRIAL_MODULES = ("twisted.test.test_defer", "twisted.test.test_task")
+#: Lists trial's test ids (what ``trial -n`` would run), one a line.
+LIST_TRIAL = (
+    "python3 -c 'import sys; from twisted.trial.runner import TestLoader; "
+    "from twisted.trial._asyncrunner import _iterateTests; "
+    "[print(t.id()) for t in _iterateTests(TestLoader().loadByNames(sys.argv[1:], True))]' "
+    + " ".join(TRIAL_MODULES)
+)
+
+
+def test_suite_runs_twisted_trial_tests_as_a_native_run_does(debian_image: ImageInfo) -> None:
+    """``txvmbot suite --local --machines 2 --image NAME``: Twisted's own
+    tests from Debian's python3-twisted, fed through txvmbot's trial runner
+    (subunit), count what a native ``trial`` run of the same modules inside
+    one guest counts."""
+    with short_dirs() as make:
+        state = make()
+        os.makedirs(os.path.join(state, "images"))
+        os.symlink(debian_image.dir, os.path.join(state, "images", "deb"))
+        out = os.path.join(state, "suite.json")
+        cmd = checkrun.txvmbot_cmd(
+            "suite", "--local", "--state-dir", state, "--image", "deb", "--machines", "2",
+            "--name", "twisted", "--list", LIST_TRIAL, "--runner", "python3 {runner_py} --trial",
+            "--format", "subunit", "--json", out,
+        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=checkrun.env())
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        with open(out) as f:
+            counts = json.load(f)["counts"]
+        native = subprocess.run(
+            checkrun.txvmbot_cmd(
+                "check", "--local", "--state-dir", state, "--image", "deb", "--json", out,
+                "--command", "cd /tmp && python3 -m twisted.trial " + " ".join(TRIAL_MODULES),
+            ),
+            capture_output=True, text=True, timeout=300, env=checkrun.env(),
+        )
+        assert native.returncode == 0, native.stdout[-3000:] + native.stderr[-3000:]
+        with open(out) as f:
+            trial_out = json.load(f)[0]["commands"][0]["stdout"]
+        ran = int(trial_out.split("\nRan ", 1)[1].split()[0])
+        assert "PASSED (successes=" in trial_out
+        assert counts == {"passed": ran, "failed": 0, "skipped": 0, "timeout": 0, "infra": 0}
+        assert ran > 200
+        print(f"\n[debian suite] {ran} trial tests on 2 VMs, as natively")
+
+
 @pytest.fixture(scope="class")
 def _debian_for_class(request: pytest.FixtureRequest, debian_image: ImageInfo) -> None:
     request.cls.image = debian_image
