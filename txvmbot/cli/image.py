@@ -34,7 +34,10 @@ def add_parser(sub: Any) -> None:
             "and dropbear from this host's busybox-static and dropbear-bin packages. "
             "The build is atomic; an image built from the same inputs is kept unless "
             "--force. Needs: apt-get install qemu-utils busybox-static dropbear-bin "
-            "e2fsprogs openssh-client."
+            "e2fsprogs openssh-client. With --distro debian: a real Debian guest (systemd, "
+            "OpenSSH, python3 and each --package) installed from Debian's archive with "
+            "mmdebstrap, as root, into STATE_DIR/images/debian-RELEASE (or --name); the "
+            "archive's packages are cached, so a rebuild downloads nothing."
         ),
     )
     _state_flags(build)
