@@ -81,6 +81,7 @@ def cloud_facts(kernel: str = NEW_KERNEL, image: str = "ami-1") -> Facts:
         image_id=image,
         image_name="debian-12",
         guest_uname=GUEST,
+        guest_os="debian 12",
         host_kernel=kernel,
     )
 
@@ -93,6 +94,7 @@ def local_facts(qemu: str = "8.2.1", accel: str = "tcg", kernel: str = NEW_KERNE
         host_kernel=kernel,
         extra=(
             ("guest_kernel_version", "6.1.0-17-amd64"),
+            ("image_digest", "sha256:ab12"),
             ("qemu_accel", accel),
             ("qemu_version", qemu),
         ),
@@ -203,6 +205,8 @@ class GroupTests(SynchronousTestCase):
             "api_version": ("2016-11-15", UNKNOWN, UNKNOWN),
             # A local VM's guest kernel comes from its image without uname.
             "guest_kernel": ("6.1.0-18-amd64", "6.1.0-17-amd64", UNKNOWN),
+            "guest_os": ("debian 12", UNKNOWN, UNKNOWN),
+            "image_digest": (UNKNOWN, "sha256:ab12", UNKNOWN),
             "backend": ("prod", "prod", "b2"),
         }
         self.assertEqual(set(expected), set(FACTS))
@@ -210,6 +214,29 @@ class GroupTests(SynchronousTestCase):
             for j, value in zip((cloud, local, bare), values, strict=True):
                 (g,) = group_failures([j], [name], since=0).groups
                 self.assertEqual(g.key, (value,), name)
+
+    def test_by_guest_os(self) -> None:
+        """The failures all on one distribution's guests (issue 17)."""
+        ubuntu = attrs.evolve(cloud_facts(), guest_os="ubuntu 24.04")
+        jobs = newest_first(
+            [
+                job(1, "failed", ubuntu, reason="step 'commands' failed"),
+                job(2, "failed", ubuntu, reason="step 'commands' failed"),
+                job(3, "passed", ubuntu),
+                job(4, "passed", cloud_facts()),
+                job(5, "passed", cloud_facts()),
+                job(6, "passed", local_facts()),
+            ]
+        )
+        r = group_failures(jobs, check_by(["guest_os", "backend"]), since=0)
+        self.assertEqual(
+            [(g.key, g.failed, g.passed) for g in r.groups],
+            [
+                (("ubuntu 24.04", "prod"), 2, 1),
+                (("debian 12", "prod"), 0, 2),
+                ((UNKNOWN, "prod"), 0, 1),
+            ],
+        )
 
     def test_image_name_when_no_id(self) -> None:
         j = job(1, "failed", attrs.evolve(cloud_facts(), image_id=""))

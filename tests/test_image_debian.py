@@ -305,6 +305,9 @@ def test_check_local_image_name_runs_python_and_systemctl(debian_image: ImageInf
             debian_image.manifest["packages"]["python3-twisted"].split("-")[0])
         assert running == "running\n"
         assert debian_image.kernel_version in r["facts"]["guest_uname"]
+        rel = debian_image.manifest["os_release"]
+        assert r["facts"]["guest_os"] == f"debian {rel['VERSION_ID']}", r["facts"]
+        assert r["facts"]["image_digest"] == debian_image.manifest_digest != ""
         assert r["facts"]["image_dir"] == os.path.join(state, "images", "deb")
         print(f"\n[debian cold boot] ready {step(r, 'ready')['duration']:.2f}s "
               f"wait-ssh {step(r, 'wait-ssh')['duration']:.2f}s")

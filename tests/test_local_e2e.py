@@ -10,6 +10,7 @@ reach nothing; their sshd is reached only through a forward on 127.0.0.1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -228,6 +229,11 @@ def test_passing_job_records_facts_and_leaves_nothing(
     assert facts["guest_uname"].startswith("Linux") and qemu_image.kernel_version in facts[
         "guest_uname"
     ]
+    assert "\n" not in facts["guest_uname"]
+    # The busybox guest has no os-release: its busybox banner names it.
+    assert facts["guest_os"].startswith("busybox "), facts
+    with open(os.path.join(qemu_image.dir, "manifest.json"), "rb") as f:
+        assert facts["image_digest"] == "sha256:" + hashlib.sha256(f.read()).hexdigest()
     # The VM is gone: its QEMU (pid from the boot step) and its directory.
     run_dir = os.path.join(state, "vms")
     vm_id = step(r, "overlay")["detail"].rsplit("/", 1)[-1]

@@ -173,6 +173,9 @@ class Facts:
     image_name: str = ""
     instance_type: str = ""
     guest_uname: str = ""
+    #: The guest's distribution and release from its os-release
+    #: ("debian 12"; see txvmbot.facts.guest_os), "" when unknown.
+    guest_os: str = ""
     host_kernel: str = ""
     txvmbot_version: str = ""
     twisted_version: str = ""

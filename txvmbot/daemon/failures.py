@@ -130,6 +130,16 @@ FACTS: Mapping[str, Fact] = {
             "api_version", "the EC2 API version the cloud was spoken to with", _from("api_version")
         ),
         Fact("guest_kernel", "the guest's kernel release (from its `uname -a`)", _guest_kernel),
+        Fact(
+            "guest_os",
+            "the guest's distribution and release (its os-release: ID VERSION_ID)",
+            _from("guest_os"),
+        ),
+        Fact(
+            "image_digest",
+            "the sha256 of a local VM image's manifest.json",
+            _from("image_digest"),
+        ),
         Fact("backend", "the daemon backend the job ran on", lambda job: job.spec.backend),
     )
 }

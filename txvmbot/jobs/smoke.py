@@ -17,6 +17,7 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
+from txvmbot import facts as _facts
 from txvmbot.engine import StepContext, StepRunner, StepSequence, gather, new_check_id
 from txvmbot.errors import StepFailed, StepTimeout
 from txvmbot.evidence import save_evidence
@@ -28,8 +29,8 @@ from txvmbot.qemu.model import LocalSpec
 __all__ = ["Check", "LocalCheck", "SmokeJob", "commands_bound", "judge"]
 
 #: Run before the user's commands, for the facts (seed 000: the kernel
-#: decided pass or fail).
-UNAME = "uname -a"
+#: decided pass or fail): ``uname -a`` and the guest's os-release.
+UNAME = _facts.GUEST_FACTS_COMMAND
 
 
 def commands_bound(command: float, commands: int, connect: float) -> float:
@@ -79,6 +80,7 @@ class SmokeJob:
         self._machines: tuple[Machine, ...] = ()
         self._commands: list[CommandResult] = []
         self._guest_uname = ""
+        self._guest_os = ""
 
     def run(self) -> Deferred[CheckResult]:
         return ensureDeferred(self._run())
@@ -103,7 +105,7 @@ class SmokeJob:
             check_id=self.check_id,
             passed=passed,
             steps=self.steps.results,
-            facts=self.machines.facts(self._guest_uname),
+            facts=attrs.evolve(self.machines.facts(self._guest_uname), guest_os=self._guest_os),
             commands=tuple(self._commands),
             console=console,
             host_keys=self.machines.host_keys(),
@@ -148,7 +150,8 @@ class SmokeJob:
         failures: list[str] = []
         for m, outcome in zip(self._machines, outcomes, strict=True):
             done = judge(outcome.results)
-            self._guest_uname = self._guest_uname or done.uname
+            if not self._guest_uname:
+                self._guest_uname, self._guest_os = done.uname, done.guest_os
             self._commands.extend(done.results)
             failures.extend(f"{m.name}: {f}" if o.name_failures else f for f in done.failures)
         if failures:
@@ -237,16 +240,19 @@ class LocalCheck(SmokeJob):
 
 @attrs.frozen
 class CommandsRun:
-    """What one machine's commands did: the guest's ``uname -a`` and each
-    user command's result, and a sentence per failed one."""
+    """What one machine's commands did: the guest's ``uname -a`` and
+    distribution (:func:`txvmbot.facts.guest_os`), each user command's
+    result, and a sentence per failed one."""
 
     uname: str
     results: tuple[CommandResult, ...]
     failures: tuple[str, ...]
+    guest_os: str = ""
 
 
 def judge(outcome_results: Sequence[CommandResult]) -> CommandsRun:
-    """Split ``uname -a`` off and describe every command that did not exit 0."""
+    """Split the facts command (``uname -a``, os-release) off and describe
+    every command that did not exit 0."""
     uname, *rest = outcome_results
     failures = []
     for r in rest:
@@ -254,10 +260,11 @@ def judge(outcome_results: Sequence[CommandResult]) -> CommandsRun:
             how = f"signal {r.signal}" if r.signal else f"exit status {r.exit_status}"
             tail = r.stderr.decode("utf-8", "replace").strip()[-300:]
             failures.append(f"{r.command!r} ended with {how}" + (f": {tail}" if tail else ""))
+    guest_uname, guest_os = (
+        _facts.split_guest_facts(uname.stdout.decode("utf-8", "replace")) if uname.ok else ("", "")
+    )
     return CommandsRun(
-        uname=uname.stdout.decode("utf-8", "replace").strip() if uname.ok else "",
-        results=tuple(rest),
-        failures=tuple(failures),
+        uname=guest_uname, results=tuple(rest), failures=tuple(failures), guest_os=guest_os
     )
 
 

@@ -16,6 +16,7 @@ reactor: it runs from the CLI and test setup, not on the daemon's reactor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -85,6 +86,8 @@ class ImageInfo:
     ssh_user: str = "root"
     seed: str | None = None
     manifest: Mapping[str, Any] = field(factory=dict, eq=False, repr=False)
+    #: "sha256:HEX" of manifest.json's bytes as loaded (the image_digest fact).
+    manifest_digest: str = ""
 
 
 def _state_dir(environ: Mapping[str, str]) -> str:
@@ -115,8 +118,9 @@ def load_image(dir: str, *, verify: bool = False) -> ImageInfo:
     path = os.path.join(dir, MANIFEST)
     rebuild = "rebuild it: txvmbot image build --force"
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        with open(path, "rb") as mf:
+            raw = mf.read()
+        manifest = json.loads(raw)
     except FileNotFoundError:
         raise ImageError(f"image {dir}: no {MANIFEST}; build one: txvmbot image build") from None
     except (OSError, ValueError) as e:
@@ -176,6 +180,7 @@ def load_image(dir: str, *, verify: bool = False) -> ImageInfo:
         ssh_user=str(manifest.get("ssh_user", "root")),
         seed=opt("seed"),
         manifest=manifest,
+        manifest_digest="sha256:" + hashlib.sha256(raw).hexdigest(),
     )
 
 

@@ -204,6 +204,9 @@ class LocalMachines:
         if self._template is not None:
             extra["template"] = "built" if self._template.built else "reused"
             extra["template_image_key"] = self._template.image_key
+        digest = getattr(self._image, "manifest_digest", "")
+        if digest:
+            extra["image_digest"] = digest
         if self.spec.user_data is not None:
             extra["user_data_bytes"] = str(len(self.spec.user_data))
         kept = next((v for v in self._vms if v.kept), None)
