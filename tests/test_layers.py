@@ -20,6 +20,9 @@ LAYERS = {
     "txvmbot.codec": 3,
     "txvmbot.tap": 3,
     "txvmbot.cli": 4,
+    # The checks behind ``txvmbot doctor`` look at every layer's install
+    # (the plugin cache, the daemon's files); only the CLI uses them.
+    "txvmbot.doctor": 4,
     "txvmbot.__main__": 4,
     "txvmbot.testing": 5,
 }

@@ -290,7 +290,7 @@ def test_status_on_a_daemon_sees_jobs_queued_on_another(
 
 
 
-def test_local_jobs_of_a_lost_host_fail_and_its_daemon_stops_their_vms_on_return(
+def test_local_jobs_of_a_lost_host_fail_and_their_vms_die_with_its_daemon(
     pg_dsn: str, qemu_image: Any, tmp_path: Any
 ) -> None:
     """Local VMs belong to their host. Daemon A (host-a) runs a local job
@@ -333,9 +333,10 @@ def test_local_jobs_of_a_lost_host_fail_and_its_daemon_stops_their_vms_on_return
             time.sleep(2)
             assert query(pg_dsn, "SELECT state, owner FROM jobs WHERE id = %s", (later,)) == [
                 ("queued", None)]
-            assert pid_alive(orphans[0])
+            # The QEMU died with A (setpriv --pdeathsig), without waiting for
+            # A to come back; A still cleans up what the job left on return.
+            assert not pid_alive(orphans[0])
             a.start(log_name="twistd2.log")
-            wait("the orphaned QEMU stopped", lambda: not pid_alive(orphans[0]), 60)
             assert wait_until_final(pg_dsn, [later], 120) == {later: "passed"}
             assert "cleaning up what it left here" in a.d.log()
 
