@@ -183,8 +183,6 @@ def build_image(
     builds. ``inputs`` is ``build_inputs()`` if the caller has it already. Without ``force`` an existing image that loads and was built
     from the same inputs is kept. ``progress`` receives one line per step.
     """
-    from txvmbot.qemu.image import load_image
-
     say: Progress = progress or (lambda line: None)
 
     def step(line: str) -> None:
@@ -193,18 +191,42 @@ def build_image(
 
     check_tools()
     output = os.path.abspath(output)
+    if inputs is None:
+        inputs = build_inputs(kernel_for_build(kernel_meta, step))
+    return build_or_reuse(
+        output, inputs, force, step, lambda tmp: _build_into(tmp, inputs, cache_dir, step)
+    )
+
+
+def kernel_for_build(meta: str, step: Progress) -> tuple[str, str]:
+    """The kernel package ``meta`` depends on, and its version, after one
+    ``apt-get update`` if apt does not know it yet."""
     try:
-        kernel = kernel_package(kernel_meta) if inputs is None else None
+        return kernel_package(meta)
     except ImageError as e:
-        step(f"apt does not know {kernel_meta} ({e}); running apt-get update once")
+        step(f"apt does not know {meta} ({e}); running apt-get update once")
         run_tool(
             ["apt-get", "update", "-q"],
             "apt-get update (to find the kernel package)",
             "run it as root, with access to the Debian mirror",
         )
-        kernel = kernel_package(kernel_meta)
-    if inputs is None:
-        inputs = build_inputs(kernel)
+        return kernel_package(meta)
+
+
+def build_or_reuse(
+    output: str,
+    inputs: dict[str, object],
+    force: bool,
+    step: Progress,
+    build_into: Callable[[str], None],
+    remove: Callable[[str], None] = lambda path: shutil.rmtree(path, ignore_errors=True),
+) -> str:
+    """Keep the image in ``output`` if it loads and was built from
+    ``inputs`` (unless ``force``): ``"reused"``. Else ``build_into`` a fresh
+    directory beside it, then put that at ``output`` (``remove`` cleans up
+    after a failed build): ``"built"``."""
+    from txvmbot.qemu.image import load_image
+
     if not force and os.path.isdir(output):
         try:
             info = load_image(output)
@@ -220,10 +242,10 @@ def build_image(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
     try:
-        _build_into(tmp, inputs, cache_dir, step)
+        build_into(tmp)
         _replace_dir(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     step(f"image ready in {output}")
     return "built"

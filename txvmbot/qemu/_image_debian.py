@@ -62,9 +62,10 @@ from txvmbot.qemu._image_build import (
     _ldd,
     _owning_package,
     _package_version,
-    _replace_dir,
+    build_or_reuse,
     file_record,
     fingerprint_of,
+    kernel_for_build,
 )
 from txvmbot.qemu._image_errors import TOOL_PACKAGES, ImageError, find_tool, need_tool, run_tool
 from txvmbot.qemu._image_kernel import (
@@ -355,8 +356,6 @@ def build_debian_image(
     is kept. ``SOURCE_DATE_EPOCH`` in ``environ`` makes the build as
     reproducible as the tools allow.
     """
-    from txvmbot.qemu.image import load_image
-
     say: Progress = progress or (lambda line: None)
 
     def step(line: str) -> None:
@@ -369,39 +368,17 @@ def build_debian_image(
     _check_root()
     output = os.path.abspath(output)
     if inputs is None:
-        try:
-            kernel = kernel_package(KERNEL_META_PACKAGE)
-        except ImageError as e:
-            step(f"apt does not know {KERNEL_META_PACKAGE} ({e}); running apt-get update once")
-            run_tool(
-                ["apt-get", "update", "-q"],
-                "apt-get update (to find the kernel package)",
-                "run it as root, with access to the Debian mirror",
-            )
-            kernel = kernel_package(KERNEL_META_PACKAGE)
+        kernel = kernel_for_build(KERNEL_META_PACKAGE, step)
         inputs = debian_inputs(release, packages, mirror, kernel)
-    if not force and os.path.isdir(output):
-        try:
-            info = load_image(output)
-        except ImageError as e:
-            step(f"existing image in {output} is not usable ({e}); rebuilding")
-        else:
-            if info.manifest.get("inputs") == inputs:
-                step(f"image in {output} is up to date (use --force to rebuild)")
-                return "reused"
-            step(f"image in {output} was built from other inputs; rebuilding")
-
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
-    try:
-        _build_into(tmp, inputs, cache_dir, step, _epoch(environ))
-        _replace_dir(tmp, output)
-    except BaseException:
-        _remove_tree(tmp)
-        raise
-    step(f"image ready in {output}")
-    return "built"
+    epoch = _epoch(environ)
+    return build_or_reuse(
+        output,
+        inputs,
+        force,
+        step,
+        lambda tmp: _build_into(tmp, inputs, cache_dir, step, epoch),
+        remove=_remove_tree,
+    )
 
 
 def _epoch(environ: Mapping[str, str]) -> int | None:
