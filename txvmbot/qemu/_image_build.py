@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 
 from twisted.logger import Logger
@@ -289,7 +289,6 @@ def _build_into(tmp: str, inputs: dict[str, object], cache_dir: str, step: Progr
     host_public = _dropbear_public(host_key)
     with open(os.path.join(tmp, "host_key.pub"), "w") as f:
         f.write(host_public + "\n")
-    fingerprint = fingerprint_of(host_public)
     with open(host_key, "rb") as f:
         host_key_bytes = f.read()
     os.unlink(host_key)
@@ -337,21 +336,38 @@ def _build_into(tmp: str, inputs: dict[str, object], cache_dir: str, step: Progr
             "modules": [os.path.basename(m) for m in kernel.modules],
         },
         "packages": packages,
+    }
+    write_manifest(tmp, manifest, kernel_file, host_public, DEFAULT_CMDLINE, files, inputs)
+
+
+def write_manifest(
+    tmp: str,
+    manifest: dict[str, object],
+    kernel_file: str,
+    host_public: str,
+    cmdline: str,
+    files: Mapping[str, object],
+    inputs: dict[str, object],
+) -> None:
+    """Write ``manifest.json`` into ``tmp``: what a build says of itself
+    (``manifest``) and what every built image boots from (the files
+    :func:`txvmbot.qemu.image.load_image` reads)."""
+    boot = {
         "kernel_file": kernel_file,
         "initrd": "initrd",
         "disk": "disk.qcow2",
         "ssh_key": "id_ed25519",
         "ssh_user": "root",
         "host_key_public": host_public,
-        "host_key_fingerprint": fingerprint,
-        "cmdline": DEFAULT_CMDLINE,
+        "host_key_fingerprint": fingerprint_of(host_public),
+        "cmdline": cmdline,
         "ready_marker": READY_MARKER,
         "network": {"address": GUEST_ADDR, "gateway": GUEST_GW, "ssh_port": 22},
         "files": files,
         "inputs": inputs,
     }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+        json.dump({**manifest, **boot}, f, indent=2, sort_keys=True)
         f.write("\n")
 
 

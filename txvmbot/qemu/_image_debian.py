@@ -64,8 +64,8 @@ from txvmbot.qemu._image_build import (
     _package_version,
     build_or_reuse,
     file_record,
-    fingerprint_of,
     kernel_for_build,
+    write_manifest,
 )
 from txvmbot.qemu._image_errors import TOOL_PACKAGES, ImageError, find_tool, need_tool, run_tool
 from txvmbot.qemu._image_kernel import (
@@ -489,22 +489,8 @@ def _build_into(
         "masked_units": dict(sorted(MASKED_UNITS.items())),
         "disabled_generators": dict(sorted(DISABLED_GENERATORS.items())),
         "root": {"device": "/dev/vda", "fstype": "ext4", "size_mb": size_mb},
-        "kernel_file": kernel_file,
-        "initrd": "initrd",
-        "disk": "disk.qcow2",
-        "ssh_key": "id_ed25519",
-        "ssh_user": "root",
-        "host_key_public": host_public,
-        "host_key_fingerprint": fingerprint_of(host_public),
-        "cmdline": DEBIAN_CMDLINE,
-        "ready_marker": READY_MARKER,
-        "network": {"address": GUEST_ADDR, "gateway": GUEST_GW, "ssh_port": 22},
-        "files": files,
-        "inputs": inputs,
     }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_manifest(tmp, manifest, kernel_file, host_public, DEBIAN_CMDLINE, files, inputs)
 
 
 def _keygen(path: str, comment: str) -> None:
