@@ -47,6 +47,7 @@ from bench._common import bench_parser, median, reproduce_line, table  # noqa: E
 from tests import checkrun  # noqa: E402
 from tests import daemon as D  # noqa: E402
 from tests.qemu_fixtures import build_test_image  # noqa: E402
+from tests.test_local_e2e import qemu_pids  # noqa: E402
 from txvmbot.qemu.image import ImageInfo  # noqa: E402
 from txvmbot.qemu.model import READY_MARKER  # noqa: E402
 from txvmbot.qemu.vm import free_port, qemu_argv, stop_from_record  # noqa: E402
@@ -174,23 +175,6 @@ def plain_run(side: str, image: ImageInfo, bound: float) -> float | None:
         if qemu:
             kill(qemu)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def qemu_pids(run_dir: str) -> list[int]:
-    """QEMU processes whose command line names a path under ``run_dir``."""
-    run_dir = os.path.abspath(run_dir) + "/"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")[:-1]]
-        except OSError:
-            continue
-        if argv and "qemu-system" in os.path.basename(argv[0]) and any(run_dir in a for a in argv):
-            found.append(int(entry))
-    return found
 
 
 def ready(run_dir: str) -> bool:
