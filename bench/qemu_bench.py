@@ -152,8 +152,8 @@ class Sides:
         ]
 
     def plain(self, record: bool) -> float:
+        from txvmbot.qemu.argv import free_port
         from txvmbot.qemu.model import READY_MARKER
-        from txvmbot.qemu.vm import free_port
 
         vm_dir = tempfile.mkdtemp(prefix="plain-", dir=self.tmp)
         subprocess.run(

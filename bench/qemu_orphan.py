@@ -7,11 +7,11 @@ Sides, each timed --runs times (median and max reported):
   bare           qemu-system-x86_64 started by a Python parent (Popen, from
                  its main thread), as txvmbot started it before: it runs on
   setpriv-KILL   the same through ``setpriv --pdeathsig KILL --`` (what
-                 txvmbot.qemu.vm.parent_death_launcher gives)
+                 txvmbot.qemu.argv.parent_death_launcher gives)
   setpriv-TERM   the same with ``--pdeathsig TERM`` (QEMU quits cleanly)
   python-prctl   a ``python3 -S -c`` wrapper that calls
                  prctl(PR_SET_PDEATHSIG, SIGKILL) through ctypes and execs QEMU
-  txvmbot        a parent that boots the VM with txvmbot.qemu.vm.boot() on
+  txvmbot        a parent that boots the VM with txvmbot.qemu.boot.boot() on
                  its reactor
   daemon         ``twistd -n txvmbot`` with [pools.local], one job running
                  ``sleep 600`` in its VM (ready marker seen): the daemon is
@@ -48,9 +48,10 @@ from tests import checkrun  # noqa: E402
 from tests import daemon as D  # noqa: E402
 from tests.qemu_fixtures import build_test_image  # noqa: E402
 from tests.test_local_e2e import qemu_pids  # noqa: E402
+from txvmbot.qemu.argv import free_port, qemu_argv  # noqa: E402
 from txvmbot.qemu.image import ImageInfo  # noqa: E402
 from txvmbot.qemu.model import READY_MARKER  # noqa: E402
-from txvmbot.qemu.vm import free_port, qemu_argv, stop_from_record  # noqa: E402
+from txvmbot.qemu.recover import stop_from_record  # noqa: E402
 
 _PRCTL = (
     "import ctypes,os,signal,sys\n"
@@ -78,14 +79,14 @@ _TXVMBOT_PARENT = (
     "import sys\n"
     "from twisted.internet import reactor\n"
     "from txvmbot.qemu.image import load_image\n"
-    "from txvmbot.qemu.vm import boot\n"
+    "from txvmbot.qemu.boot import BootSpec, boot\n"
     "def booted(vm):\n"
     "    print(vm.pid, flush=True)\n"
     "def failed(f):\n"
     "    print('boot failed:', f.getErrorMessage(), file=sys.stderr)\n"
     "    reactor.stop()\n"
-    "reactor.callWhenRunning(lambda: boot(reactor, load_image(sys.argv[1]), sys.argv[2],"
-    " accel='tcg', memory_mb=256, cpus=1).addCallbacks(booted, failed))\n"
+    "reactor.callWhenRunning(lambda: boot(reactor, BootSpec(load_image(sys.argv[1]), sys.argv[2],"
+    " accel='tcg', memory_mb=256, cpus=1)).addCallbacks(booted, failed))\n"
     "reactor.callLater(300, reactor.stop)\n"
     "reactor.run()\n"
 )

@@ -383,7 +383,7 @@ class DebianTemplateTests(TestCase):
         self.run_dir = tempfile.mkdtemp(prefix="txvd-")
         self.addCleanup(shutil.rmtree, self.run_dir, True)
         self.addCleanup(reap_run_dir, self.run_dir)
-        from txvmbot.qemu.vm import stop_from_record
+        from txvmbot.qemu.recover import stop_from_record
 
         self.addCleanup(stop_from_record, os.path.join(self.run_dir, "template", ".build"))
         self.addCleanup(stop_from_record, os.path.join(self.run_dir, "button"))
@@ -391,9 +391,9 @@ class DebianTemplateTests(TestCase):
     async def test_template_jobs_and_the_power_button(self) -> None:
         from txvmbot.jobs.smoke import LocalCheck
         from txvmbot.journal import MemoryJournal
+        from txvmbot.qemu.boot import BootSpec, boot
         from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
         from txvmbot.qemu.template import ensure_template
-        from txvmbot.qemu.vm import boot
 
         pool = LocalPool(name="deb", image_dir=self.image.dir, run_dir=self.run_dir,
                          accel="auto", fast_start=True, min_free_mb=64)
@@ -421,9 +421,9 @@ class DebianTemplateTests(TestCase):
         from txvmbot.qemu.disk import create_overlay
 
         await create_overlay(reactor, t.overlay, os.path.join(vm_dir, "disk.qcow2"))
-        vm = await boot(reactor, self.image, vm_dir, accel=t.accel, memory_mb=t.memory_mb,
-                        cpus=t.cpus, machine=t.machine, incoming=t.state,
-                        disk=os.path.join(vm_dir, "disk.qcow2"))
+        vm = await boot(reactor, BootSpec(self.image, vm_dir, accel=t.accel, memory_mb=t.memory_mb,
+                                          cpus=t.cpus, machine=t.machine, incoming=t.state,
+                                          disk=os.path.join(vm_dir, "disk.qcow2")))
         await vm.wait_ready(30)
         started = time.monotonic()
         how = await vm.stop(15.0)

@@ -29,7 +29,7 @@ from tests import daemon as D
 from txvmbot.qemu import kept as K
 from txvmbot.qemu.image import ImageInfo
 from txvmbot.qemu.model import READY_MARKER
-from txvmbot.qemu.vm import stop_from_record
+from txvmbot.qemu.recover import stop_from_record
 
 FINAL = ("passed", "failed", "cancelled", "error")
 STEPS = ("disk-space", "image", "overlay", "boot", "ready", "wait-ssh", "commands")

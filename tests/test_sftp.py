@@ -807,12 +807,15 @@ class VMUploadTests(TestCase):
     image: Any
 
     async def test_upload_to_the_vm(self) -> None:
-        from txvmbot.qemu.vm import boot
+        from txvmbot.qemu.boot import BootSpec, boot
 
         directory = tempfile.mkdtemp(prefix="txvm-")  # short: QMP socket path
         self.addCleanup(shutil.rmtree, directory, True)
         vm = await boot(
-            reactor, self.image, os.path.join(directory, "a"), accel="auto", memory_mb=256, cpus=1
+            reactor,
+            BootSpec(
+                self.image, os.path.join(directory, "a"), accel="auto", memory_mb=256, cpus=1
+            ),
         )
         self.addCleanup(_kill_pid, vm.pid)
         self.addCleanup(vm.kill)

@@ -28,7 +28,7 @@ from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckResult, StepResult
 from txvmbot.qemu import template as T
 from txvmbot.qemu.model import LocalPool, LocalSpec, LocalTimeouts
-from txvmbot.qemu.vm import stop_from_record
+from txvmbot.qemu.recover import stop_from_record
 
 reactor: Any = _reactor
 

@@ -27,6 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from txvmbot.errors import StepTimeout
 from txvmbot.qemu.accel import AccelError, detect_accel, qemu_version
+from txvmbot.qemu.argv import free_port, parent_death_launcher, qemu_argv
+from txvmbot.qemu.boot import BootSpec, boot
 from txvmbot.qemu.disk import (
     DiskFull,
     DiskImageError,
@@ -36,6 +38,7 @@ from txvmbot.qemu.disk import (
 )
 from txvmbot.qemu.model import READY_MARKER
 from txvmbot.qemu.qmp import QMPProtocol
+from txvmbot.qemu.recover import stop_from_record
 from txvmbot.qemu.vm import (
     VM,
     QEMUExited,
@@ -43,11 +46,6 @@ from txvmbot.qemu.vm import (
     VMNotReady,
     VMState,
     VMStateError,
-    boot,
-    free_port,
-    parent_death_launcher,
-    qemu_argv,
-    stop_from_record,
 )
 from txvmbot.ssh import SSHOutcome, load_private_key, run_commands
 
@@ -289,9 +287,9 @@ class ParentDeathTests(TempDirMixin, SynchronousTestCase):
         self.assertIs(parent_death_launcher(), launcher)
 
     def test_without_setpriv_qemu_runs_bare_with_a_warning(self) -> None:
-        import txvmbot.qemu.vm as vm_module
+        import txvmbot.qemu.argv as argv_module
 
-        self.patch(vm_module.shutil, "which", lambda name, path=None: None)
+        self.patch(argv_module.shutil, "which", lambda name, path=None: None)
         events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
@@ -576,7 +574,7 @@ class RealVMTests(TestCase):
         kw.setdefault("accel", "auto")
         kw.setdefault("memory_mb", 256)
         kw.setdefault("cpus", 1)
-        vm = await boot(reactor, self.image, os.path.join(self.dir, name), **kw)
+        vm = await boot(reactor, BootSpec(self.image, os.path.join(self.dir, name), **kw))
         self.addCleanup(_kill_pid, vm.pid)
         self.addCleanup(vm.kill)
         return vm
@@ -636,14 +634,14 @@ class RealVMTests(TestCase):
     async def test_port_taken_is_retried(self) -> None:
         import socket
 
-        import txvmbot.qemu.vm as vm_module
+        import txvmbot.qemu.boot as boot_module
 
         taken = socket.socket()
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = [taken.getsockname()[1], free_port()]
-        self.patch(vm_module, "free_port", lambda: ports.pop(0))
+        self.patch(boot_module, "free_port", lambda: ports.pop(0))
         vm = await self.boot("a")
         self.assertEqual(ports, [])
         self.assertNotEqual(vm.ssh_port, taken.getsockname()[1])
@@ -754,12 +752,14 @@ class DiskTests(TempDirMixin, TestCase):
         failure = self.failureResultOf(
             boot(
                 reactor,
-                FakeImage(),
-                os.path.join(mnt, "vm1"),
-                accel="tcg",
-                memory_mb=256,
-                cpus=1,
-                min_free_mb=256,
+                BootSpec(
+                    FakeImage(),
+                    os.path.join(mnt, "vm1"),
+                    accel="tcg",
+                    memory_mb=256,
+                    cpus=1,
+                    min_free_mb=256,
+                ),
             ),
             DiskFull,
         )

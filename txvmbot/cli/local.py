@@ -132,9 +132,9 @@ def _cmd_revive(
         from twisted.internet.defer import Deferred
         from twisted.internet.task import deferLater
 
+        from txvmbot.qemu.boot import BootSpec, boot
         from txvmbot.qemu.disk import create_overlay
         from txvmbot.qemu.image import load_image
-        from txvmbot.qemu.vm import boot
 
         image = load_image(image_dir)
         state = os.path.join(k.path, K.STATE_FILE)
@@ -142,7 +142,7 @@ def _cmd_revive(
         if os.path.isdir(revive_dir):
             import shutil
 
-            from txvmbot.qemu.vm import stop_from_record
+            from txvmbot.qemu.recover import stop_from_record
 
             stop_from_record(revive_dir)
             shutil.rmtree(revive_dir)
@@ -153,13 +153,15 @@ def _cmd_revive(
         await create_overlay(r, os.path.join(k.path, K.OVERLAY_FILE), disk)
         vm = await boot(
             r,
-            image,
-            revive_dir,
-            accel="auto",
-            memory_mb=memory,
-            cpus=cpus,
-            disk=disk,
-            incoming=state if os.path.exists(state) else None,
+            BootSpec(
+                image,
+                revive_dir,
+                accel="auto",
+                memory_mb=memory,
+                cpus=cpus,
+                disk=disk,
+                incoming=state if os.path.exists(state) else None,
+            ),
         )
         try:
             await vm.wait_ready(120)

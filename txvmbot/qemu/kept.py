@@ -113,7 +113,7 @@ def get_kept(run_dir: str, vm_id: str) -> Kept:
 def release(run_dir: str, vm_id: str) -> Kept:
     """Free a kept VM's evidence (its QEMU, if someone started it again,
     must be stopped first)."""
-    from txvmbot.qemu.vm import stop_from_record
+    from txvmbot.qemu.recover import stop_from_record
 
     k = get_kept(run_dir, vm_id)
     stop_from_record(k.path)

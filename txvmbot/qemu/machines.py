@@ -75,7 +75,7 @@ class LocalUndoer:
     async def _undo(self, entry: JournalEntry) -> bool:
         if entry.kind != VM_KIND:
             raise StepFailed(f"cleanup {entry.kind}", f"unknown resource kind {entry.kind!r}")
-        from txvmbot.qemu.vm import stop_from_record
+        from txvmbot.qemu.recover import stop_from_record
 
         path = entry.name
         vm = self.running.pop(path, None)
@@ -372,7 +372,7 @@ class LocalMachines:
         ctx.saw(v.dir + (" (on the template's overlay)" if self._template else ""))
 
     async def _boot(self, ctx: StepContext, v: _VM) -> None:
-        from txvmbot.qemu.vm import boot
+        from txvmbot.qemu.boot import BootSpec, boot
 
         pool = self.spec.pool
         tmpl = self._template
@@ -381,25 +381,29 @@ class LocalMachines:
         if tmpl is None:
             v.vm = await boot(
                 self.reactor,
-                image,
-                v.dir,
-                accel=pool.accel,
-                memory_mb=pool.memory_mb,
-                cpus=pool.cpus,
-                disk=disk,
+                BootSpec(
+                    image,
+                    v.dir,
+                    accel=pool.accel,
+                    memory_mb=pool.memory_mb,
+                    cpus=pool.cpus,
+                    disk=disk,
+                ),
             )
         else:
             # The saved state only fits the machine it was saved from.
             v.vm = await boot(
                 self.reactor,
-                self._image,
-                v.dir,
-                accel=tmpl.accel,
-                memory_mb=tmpl.memory_mb,
-                cpus=tmpl.cpus,
-                machine=tmpl.machine,
-                disk=disk,
-                incoming=tmpl.state,
+                BootSpec(
+                    self._image,
+                    v.dir,
+                    accel=tmpl.accel,
+                    memory_mb=tmpl.memory_mb,
+                    cpus=tmpl.cpus,
+                    machine=tmpl.machine,
+                    disk=disk,
+                    incoming=tmpl.state,
+                ),
             )
         self.undo.running[v.dir] = v.vm
         ctx.saw(f"pid {v.vm.pid}, ssh on {v.vm.ssh_endpoint}")

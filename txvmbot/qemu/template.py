@@ -277,8 +277,10 @@ async def _build(
     boot_bound: float,
     save_bound: float,
 ) -> dict[str, Any]:
+    from txvmbot.qemu.boot import BootSpec, boot
     from txvmbot.qemu.disk import check_image, create_overlay
-    from txvmbot.qemu.vm import VM, boot, stop_from_record
+    from txvmbot.qemu.recover import stop_from_record
+    from txvmbot.qemu.vm import VM
 
     if not image.disk:
         raise TemplateError(
@@ -299,14 +301,16 @@ async def _build(
         await create_overlay(reactor, image.disk, overlay)
         vm = await boot(
             reactor,
-            image,
-            build,
-            accel=wanted["accel"],
-            memory_mb=pool.memory_mb,
-            cpus=pool.cpus,
-            machine=wanted["machine"],
-            disk=overlay,
-            clock=clock,
+            BootSpec(
+                image,
+                build,
+                accel=wanted["accel"],
+                memory_mb=pool.memory_mb,
+                cpus=pool.cpus,
+                machine=wanted["machine"],
+                disk=overlay,
+            ),
+            clock,
         )
         await vm.wait_ready(boot_bound)
         await vm.save_state(state, bound=save_bound)

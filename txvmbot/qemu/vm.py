@@ -1,14 +1,14 @@
-"""One QEMU process per VM, its QMP session and its directory.
+"""One QEMU process per VM: its state machine, its QMP session and the
+errors of a local VM.
 
-A VM's directory holds everything about it: the qcow2 overlay (``disk.qcow2``
-unless told otherwise), the serial console (``console.log``, written as it
-arrives), the QMP socket (``qmp.sock``), QEMU's pidfile (``qemu.pid``) and
-``vm.json`` (pid, port, argv, start time, image) so that a successor of a
-crashed daemon can find the QEMU and stop it (``stop_from_record``).
-QEMU does not outlive the process that started it, though: it is started
-through ``setpriv --pdeathsig KILL`` (``parent_death_launcher``), so the
-kernel kills it when its parent (a daemon's worker, ``txvmbot check
---local``) dies, even by SIGKILL.
+A VM is started by ``txvmbot.qemu.boot`` from a command line built by
+``txvmbot.qemu.argv``; it writes the files of its directory
+(``txvmbot.qemu.vm_files``), among them ``vm.json`` (pid, port, argv, start
+time, image) so that a successor of a crashed daemon can find the QEMU and
+stop it (``txvmbot.qemu.recover``). QEMU does not outlive the process that
+started it, though: it is started through ``setpriv --pdeathsig KILL``
+(``parent_death_launcher``), so the kernel kills it when its parent (a
+daemon's worker, ``txvmbot check --local``) dies, even by SIGKILL.
 
 The process goes through an explicit state machine::
 
@@ -24,17 +24,11 @@ is ready once QEMU runs it again.
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import os
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Sequence
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -46,10 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txvmbot.errors import StepTimeout, TxvmbotError
-from txvmbot.qemu.accel import detect_accel, find_binary, qemu_version
-from txvmbot.qemu.disk import check_free_disk, create_overlay
 from txvmbot.qemu.model import READY_MARKER
-from txvmbot.qemu.qmp import QMPConnectionLost, QMPProtocol, QMPTimeout, connect_qmp
+from txvmbot.qemu.qmp import QMPConnectionLost, QMPProtocol
+from txvmbot.qemu.vm_files import CONSOLE, QMP_SOCKET, RECORD
 
 __all__ = [
     "QEMUExited",
@@ -58,50 +51,12 @@ __all__ = [
     "VMError",
     "VMNotReady",
     "VMState",
+    "VMStateError",
     "VMStopError",
-    "boot",
-    "free_port",
-    "parent_death_launcher",
-    "qemu_argv",
-    "stop_from_record",
 ]
 
-log = Logger(namespace="txvmbot.qemu.vm")
-
-CONSOLE = "console.log"
-QMP_SOCKET = "qmp.sock"
-PIDFILE = "qemu.pid"
-RECORD = "vm.json"
-DISK = "disk.qcow2"
-
-# sun_path is 108 bytes on Linux, with the terminating NUL.
-_MAX_SOCKET_PATH = 107
 _TAIL_BYTES = 64 * 1024
 _STDERR_BYTES = 16 * 1024
-
-
-class ImageLike(Protocol):
-    """What a VM needs of txvmbot.qemu.image.ImageInfo."""
-
-    @property
-    def dir(self) -> str: ...
-
-    @property
-    def kernel(self) -> str | None: ...
-
-    @property
-    def initrd(self) -> str | None: ...
-
-    @property
-    def disk(self) -> str | None: ...
-
-    @property
-    def cmdline(self) -> str: ...
-
-
-def _ready_marker(image: ImageLike) -> str | None:
-    marker = getattr(image, "ready_marker", READY_MARKER)
-    return str(marker) if marker else None
 
 
 # -- errors -------------------------------------------------------------
@@ -159,20 +114,6 @@ class VMStateError(VMError):
 # -- small helpers ------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` nothing listens on right now (bind, read,
-    release). Another process may take it before QEMU does; ``boot``
-    retries with a new port when QEMU cannot bind its forward."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _opt(value: str) -> str:
-    """Escape a value for a QEMU ``key=value,...`` option (commas double)."""
-    return value.replace(",", ",,")
-
-
 def _tail_text(data: bytes, lines: int = 20, chars: int = 2000) -> str:
     text = data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
     kept = "\n".join(text.rstrip("\n").split("\n")[-lines:])
@@ -196,133 +137,6 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def qemu_argv(
-    *,
-    binary: str,
-    image: ImageLike,
-    vm_dir: str,
-    disk: str | None,
-    accel: str,
-    machine: str,
-    memory_mb: int,
-    cpus: int,
-    ssh_port: int,
-    incoming: str | None = None,
-    append: str | None = None,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    """The full QEMU command line for one VM (no shell is involved)."""
-    vm_dir = os.path.abspath(vm_dir)
-    argv = [
-        binary,
-        "-name",
-        f"txvmbot-{os.path.basename(vm_dir)}",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        # A guest that resets during a smoke test has failed: let QEMU exit
-        # so the failure shows at once instead of at the bound.
-        "-no-reboot",
-        "-machine",
-        f"{machine},accel={accel}",
-        "-m",
-        str(memory_mb),
-        "-smp",
-        str(cpus),
-    ]
-    if accel == "kvm":
-        argv += ["-cpu", "host"]
-    if image.kernel:
-        argv += ["-kernel", image.kernel]
-        if image.initrd:
-            argv += ["-initrd", image.initrd]
-        argv += ["-append", image.cmdline if append is None else append]
-    if disk is not None:
-        # node-name: snapshot-save and blockdev commands need one.
-        argv += [
-            "-drive",
-            f"file={_opt(os.path.abspath(disk))},format=qcow2,if=none,id=vda,node-name=disk0,"
-            "cache=writeback",
-            "-device",
-            "virtio-blk-pci,drive=vda,id=vda-dev",
-        ]
-    seed = getattr(image, "seed", None)
-    if seed:
-        argv += [
-            "-drive",
-            f"file={_opt(os.path.abspath(seed))},format=raw,if=none,id=seed,node-name=seed0,"
-            "readonly=on",
-            "-device",
-            "virtio-blk-pci,drive=seed,id=seed-dev",
-        ]
-    argv += [
-        "-netdev",
-        f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device",
-        "virtio-net-pci,netdev=n0,id=n0-dev",
-        "-device",
-        "virtio-rng-pci,id=rng0",
-        # The serial console is QEMU's stdout, read by the VM and appended to
-        # console.log as it arrives. signal=off: ^C in the stream is data.
-        "-chardev",
-        "stdio,id=console,signal=off",
-        "-serial",
-        "chardev:console",
-        "-qmp",
-        f"unix:{_opt(os.path.join(vm_dir, QMP_SOCKET))},server=on,wait=off",
-        "-pidfile",
-        os.path.join(vm_dir, PIDFILE),
-    ]
-    if incoming is not None:
-        # QEMU 7.2 has no file: migration URI; exec: runs through /bin/sh.
-        argv += ["-incoming", "exec:cat " + shlex.quote(os.path.abspath(incoming))]
-    argv += list(extra_args)
-    return argv
-
-
-@functools.cache
-def parent_death_launcher() -> tuple[str, ...]:
-    """``(setpriv, "--pdeathsig", "KILL", "--")``: the prefix that makes a
-    QEMU die with the process that starts it; () if this host cannot.
-
-    util-linux's setpriv sets PR_SET_PDEATHSIG and execs QEMU, which keeps
-    setpriv's pid and has exactly the recorded command line (what
-    ``stop_from_record`` compares). The kernel then SIGKILLs QEMU when the
-    thread that spawned it ends: the reactor thread of a daemon's worker or
-    of ``txvmbot check --local``. A worker ends when its daemon does (its
-    AMP pipe closes; if its reactor cannot run, the kernel kills it:
-    ``txvmbot.daemon.bootstrap``), so a SIGKILLed daemon's QEMUs end too,
-    without waiting for a daemon to start again (bench/qemu_orphan.py: a few ms after the
-    parent's SIGKILL; without it, QEMU ran on). KILL, not TERM: a job's
-    disk is thrown away anyway, and KILL cannot be held up by a stuck QEMU.
-
-    Probed once per process (``setpriv --pdeathsig KILL -- true``, ~2 ms,
-    synchronously). Without setpriv (util-linux 2.33 or later) QEMU runs
-    bare, with one warning: then only the record stops an orphan, when a
-    daemon starts again.
-    """
-    path = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
-    if path is None:
-        log.warn(
-            "No setpriv (util-linux) on PATH: a VM's QEMU will outlive a killed worker or "
-            "daemon until a daemon starts again; install util-linux to tie it to its parent"
-        )
-        return ()
-    launcher = (os.path.abspath(path), "--pdeathsig", "KILL", "--")
-    try:
-        subprocess.run([*launcher, "true"], capture_output=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warn(
-            "{setpriv} --pdeathsig does not work here ({error}): a VM's QEMU will outlive a "
-            "killed worker or daemon until a daemon starts again",
-            setpriv=path,
-            error=e,
-        )
-        return ()
-    return launcher
 
 
 # -- the VM -------------------------------------------------------------
@@ -871,310 +685,3 @@ def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred(cancel)
     calls.append(clock.callLater(seconds, d.callback, None))
     return d
-
-
-# -- boot -----------------------------------------------------------------
-
-
-def boot(
-    reactor: Any,
-    image: ImageLike,
-    vm_dir: str,
-    *,
-    accel: str,
-    memory_mb: int,
-    cpus: int,
-    incoming: str | None = None,
-    qemu_binary: str = "qemu-system-x86_64",
-    clock: IReactorTime | None = None,
-    machine: str = "q35",
-    disk: str | None = None,
-    append: str | None = None,
-    extra_args: Sequence[str] = (),
-    min_free_mb: float = 0,
-    ssh_port: int | None = None,
-    qmp_bound: float = 15.0,
-    port_attempts: int = 3,
-    incoming_poll: float = 0.02,
-) -> Deferred[VM]:
-    """Start one QEMU for ``image`` in ``vm_dir``; fire with the VM once its
-    QMP session is up (so its ssh forward is bound), in state booting. Then
-    ``wait_ready``.
-
-    ``accel`` is the pool's setting (auto, kvm or tcg; see detect_accel).
-    ``disk`` is the drive; by default ``vm_dir/disk.qcow2``, created as an
-    overlay on ``image.disk`` when missing. ``incoming`` is a file written by
-    ``VM.save_state``: the VM resumes from it instead of booting; its
-    ``disk`` must then hold what the saved VM's disk held (an overlay backed
-    by the saved VM's overlay), and machine, memory and cpus must match.
-    ``append`` replaces the image's kernel command line; ``extra_args`` are
-    appended to QEMU's. ``min_free_mb`` > 0 checks free disk at ``vm_dir``
-    before anything is created (DiskFull). A forward port taken by someone
-    else between free_port and QEMU's bind is retried with a new port up to
-    ``port_attempts`` times.
-
-    Fails with QEMUExited (exit status, stderr) if QEMU ends before QMP is
-    up, QMPTimeout if QMP does not come up within ``qmp_bound`` (QEMU is
-    then killed). Cancelling kills QEMU.
-    """
-    the_clock: IReactorTime = reactor if clock is None else clock
-    return Deferred.fromCoroutine(
-        _boot(
-            reactor,
-            the_clock,
-            image,
-            os.path.abspath(vm_dir),
-            accel,
-            memory_mb,
-            cpus,
-            incoming,
-            qemu_binary,
-            machine,
-            disk,
-            append,
-            tuple(extra_args),
-            min_free_mb,
-            ssh_port,
-            qmp_bound,
-            port_attempts,
-            incoming_poll,
-        )
-    )
-
-
-async def _boot(
-    reactor: Any,
-    clock: IReactorTime,
-    image: ImageLike,
-    vm_dir: str,
-    accel_setting: str,
-    memory_mb: int,
-    cpus: int,
-    incoming: str | None,
-    qemu_binary: str,
-    machine: str,
-    disk: str | None,
-    append: str | None,
-    extra_args: tuple[str, ...],
-    min_free_mb: float,
-    ssh_port: int | None,
-    qmp_bound: float,
-    port_attempts: int,
-    incoming_poll: float,
-) -> VM:
-    qmp_path = os.path.join(vm_dir, QMP_SOCKET)
-    if len(qmp_path.encode()) > _MAX_SOCKET_PATH:
-        raise VMError(
-            f"VM directory {vm_dir} is too long for a unix socket path "
-            f"({len(qmp_path.encode())} > {_MAX_SOCKET_PATH} bytes for {QMP_SOCKET}); "
-            "use a shorter run_dir"
-        )
-    if min_free_mb > 0:
-        check_free_disk(vm_dir, min_free_mb)
-    accel, accel_reason = detect_accel(accel_setting)
-    binary = find_binary(qemu_binary)
-    version = qemu_version(binary)
-    launcher = parent_death_launcher()
-    if incoming is not None and not os.path.isfile(incoming):
-        raise VMError(f"incoming state {incoming} does not exist")
-    os.makedirs(vm_dir, mode=0o700, exist_ok=True)
-    if disk is None:
-        if image.disk:
-            disk = os.path.join(vm_dir, DISK)
-            if not os.path.exists(disk):
-                await create_overlay(reactor, image.disk, disk)
-    else:
-        disk = os.path.abspath(disk)
-        if not os.path.isfile(disk):
-            raise VMError(f"disk {disk} for VM {vm_dir} does not exist")
-
-    attempt = 0
-    while True:
-        attempt += 1
-        port = ssh_port if ssh_port is not None else free_port()
-        for stale in (qmp_path, os.path.join(vm_dir, PIDFILE)):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
-        argv = qemu_argv(
-            binary=binary,
-            image=image,
-            vm_dir=vm_dir,
-            disk=disk,
-            accel=accel,
-            machine=machine,
-            memory_mb=memory_mb,
-            cpus=cpus,
-            ssh_port=port,
-            incoming=incoming,
-            append=append,
-            extra_args=extra_args,
-        )
-        config = VMConfig(
-            vm_dir=vm_dir,
-            image_dir=os.path.abspath(image.dir),
-            disk=disk,
-            accel=accel,
-            accel_reason=accel_reason,
-            machine=machine,
-            memory_mb=memory_mb,
-            cpus=cpus,
-            ssh_port=port,
-            qemu_binary=binary,
-            qemu_version=version,
-            argv=tuple(argv),
-            incoming=os.path.abspath(incoming) if incoming else None,
-            kernel_version=str(getattr(image, "kernel_version", "") or ""),
-            ready_marker=_ready_marker(image),
-            launcher=launcher,
-        )
-        vm = VM(reactor, clock, config)
-        vm._spawn()
-        try:
-            vm.qmp = await connect_qmp(
-                reactor,
-                qmp_path,
-                bound=qmp_bound,
-                clock=clock,
-                still_worth_trying=vm._why_not_connect,
-            )
-        except QMPConnectionLost:
-            if vm.exit_status is None:
-                await vm.wait_exited(2.0)
-            if vm.exit_status is None:
-                vm._signal("KILL")
-                raise
-            error = vm._exited_error("starting")
-            if (
-                ssh_port is None
-                and attempt < port_attempts
-                and "host forwarding rule" in error.stderr_tail
-            ):
-                log.warn(
-                    "QEMU could not bind 127.0.0.1:{port}; retrying with another port",
-                    port=port,
-                )
-                continue
-            raise error from None
-        except QMPTimeout:
-            vm._phase = "kill"
-            vm._signal("KILL")
-            raise
-        except BaseException:
-            vm._phase = "kill"
-            vm._signal("KILL")
-            raise
-        if incoming is None and config.ready_marker is None:
-            vm._became_ready()
-        elif incoming is not None:
-            task = Deferred.fromCoroutine(vm._resume_incoming(incoming_poll))
-            vm._incoming_task = task
-
-            def done(result: object, vm: VM = vm) -> None:
-                vm._incoming_task = None
-                if isinstance(result, Failure) and not result.check(
-                    CancelledError, QMPConnectionLost
-                ):
-                    log.failure("Resuming {vm_dir} from its state", result, vm_dir=vm.vm_dir)
-
-            task.addBoth(done)
-        return vm
-
-
-# -- recovery -------------------------------------------------------------
-
-
-def _proc_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (``Z`` zombie), None if no such pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # "pid (comm) S ..." - comm may hold spaces and parentheses.
-    return stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else None
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
-
-
-def _alive(pid: int) -> bool:
-    state = _proc_state(pid)
-    return state is not None and state not in ("Z", "X")
-
-
-def stop_from_record(
-    vm_dir: str,
-    *,
-    term_bound: float = 2.0,
-    kill_bound: float = 5.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> bool:
-    """Stop the QEMU that ``vm_dir/vm.json`` records, if it still runs.
-
-    For recovery after a crash, synchronously. The pid is killed only if
-    /proc/PID/cmdline is exactly the recorded QEMU command line, that
-    command line runs a ``qemu-system-*`` binary and is this directory's (its
-    pidfile): a pid recycled by another process, or a record of a process
-    that is not QEMU, is never touched. SIGTERM (QEMU closes its disks
-    cleanly), then SIGKILL after ``term_bound`` seconds. Returns True if such a QEMU was
-    running; raises VMStopError if it survives SIGKILL for ``kill_bound``.
-    """
-    vm_dir = os.path.abspath(vm_dir)
-    try:
-        with open(os.path.join(vm_dir, RECORD), encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as e:
-        raise VMError(f"{os.path.join(vm_dir, RECORD)}: unreadable: {e}") from e
-    pid = record.get("pid")
-    argv = record.get("argv")
-    if not isinstance(pid, int) or pid <= 1 or not isinstance(argv, list):
-        log.warn("{path}: no usable pid/argv", path=os.path.join(vm_dir, RECORD))
-        return False
-    if not argv or not os.path.basename(str(argv[0])).startswith("qemu-system"):
-        log.warn(
-            "{path} records {program!r}, not a QEMU; not touching pid {pid}",
-            path=os.path.join(vm_dir, RECORD),
-            program=argv[0] if argv else None,
-            pid=pid,
-        )
-        return False
-    if os.path.join(vm_dir, PIDFILE) not in argv:
-        log.warn(
-            "{path} records a QEMU of another directory; not touching pid {pid}",
-            path=os.path.join(vm_dir, RECORD),
-            pid=pid,
-        )
-        return False
-    if not _alive(pid):
-        return False
-    if _cmdline(pid) != argv:
-        log.warn(
-            "pid {pid} from {vm_dir}/vm.json is not that QEMU any more (recycled); not killed",
-            pid=pid,
-            vm_dir=vm_dir,
-        )
-        return False
-    log.info("Stopping QEMU pid {pid} of {vm_dir} from its record", pid=pid, vm_dir=vm_dir)
-    for sig, bound in ((signal.SIGTERM, term_bound), (signal.SIGKILL, kill_bound)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + bound
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return True
-            sleep(0.02)
-    if _alive(pid):
-        raise VMStopError(f"QEMU pid {pid} of {vm_dir} still there {kill_bound:g}s after SIGKILL")
-    return True
