@@ -40,16 +40,10 @@ from txvmbot.qemu._image_kernel import (
     kernel_package,
     unpack_kernel,
 )
+from txvmbot.qemu._image_manifest import DEFAULT_CMDLINE, FORMAT_VERSION, load_image, sha256_file
 from txvmbot.qemu.model import READY_MARKER
 
 log = Logger()
-
-#: Bump when the layout of the image or the guest changes incompatibly.
-FORMAT_VERSION = 1
-
-#: The kernel command line: serial console, reboot = exit (with -no-reboot),
-#: quiet (printing to the emulated UART is slow under TCG).
-DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
 
 #: QEMU user networking, configured statically in the guest (faster than DHCP).
 GUEST_ADDR = "10.0.2.15/24"
@@ -225,8 +219,6 @@ def build_or_reuse(
     ``inputs`` (unless ``force``): ``"reused"``. Else ``build_into`` a fresh
     directory beside it, then put that at ``output`` (``remove`` cleans up
     after a failed build): ``"built"``."""
-    from txvmbot.qemu.image import load_image
-
     if not force and os.path.isdir(output):
         try:
             info = load_image(output)
@@ -374,14 +366,6 @@ def write_manifest(
 def file_record(path: str) -> dict[str, object]:
     st = os.stat(path)
     return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dropbear_public(key: str) -> str:

@@ -55,7 +55,6 @@ from twisted.logger import Logger
 
 from txvmbot.qemu import _image_cpio as cpio
 from txvmbot.qemu._image_build import (
-    FORMAT_VERSION,
     GUEST_ADDR,
     GUEST_GW,
     GUEST_HOSTNAME,
@@ -76,6 +75,7 @@ from txvmbot.qemu._image_kernel import (
     kernel_package,
     unpack_kernel,
 )
+from txvmbot.qemu._image_manifest import FORMAT_VERSION
 from txvmbot.qemu.model import READY_MARKER
 
 log = Logger()
