@@ -22,7 +22,7 @@ import posixpath
 import stat
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from attrs import frozen
 from twisted.conch.error import ConchError
@@ -57,10 +57,29 @@ from txvmbot.ssh._values import (
     UploadResult,
 )
 
-if TYPE_CHECKING:
-    from txvmbot.ssh._protocol import Session
-
 log = Logger(namespace="txvmbot.ssh")
+
+
+class _Session(Protocol):
+    """What a transfer needs of the ``Session`` (``_protocol``) it runs on;
+    typed here so that this module does not import that one, which imports
+    this one for ``upload`` and the file methods."""
+
+    conn: SSHConnection
+    clock: IReactorTime
+    #: where and as whom: named in every error
+    endpoint: str
+    user: str
+
+    @property
+    def lost(self) -> bool: ...
+
+    def lost_reason(self) -> str: ...
+
+    def settled(self) -> Deferred[None]: ...
+
+    def closing(self, gone: Deferred[None]) -> None: ...
+
 
 #: Bytes per SFTP write: OpenSSH's sftp uses 32 KiB, and its sftp-server
 #: accepts packets up to 256 KiB.
@@ -342,7 +361,7 @@ class _SFTPChannel(SSHChannel):
 
 
 def upload(
-    session: Session, local_path: str, remote_path: str, *, bound: float
+    session: _Session, local_path: str, remote_path: str, *, bound: float
 ) -> Deferred[UploadResult]:
     """Copy ``local_path`` to ``remote_path`` over ``session``; see
     ``Session.upload``."""
@@ -350,20 +369,20 @@ def upload(
 
 
 def write_file(
-    session: Session, path: str, data: bytes, *, bound: float, mode: int
+    session: _Session, path: str, data: bytes, *, bound: float, mode: int
 ) -> Deferred[None]:
     """Write ``data`` to the remote file ``path``; see ``Session.write_file``."""
     return _WriteFile(session, path, bound, data, mode).start()
 
 
 def read_file(
-    session: Session, path: str, *, bound: float, limit: int, remove: bool
+    session: _Session, path: str, *, bound: float, limit: int, remove: bool
 ) -> Deferred[bytes]:
     """Read the remote file ``path``; see ``Session.read_file``."""
     return _ReadFile(session, path, bound, limit, remove).start()
 
 
-def remove_file(session: Session, path: str, *, bound: float) -> Deferred[None]:
+def remove_file(session: _Session, path: str, *, bound: float) -> Deferred[None]:
     """Remove the remote file ``path``; see ``Session.remove_file``."""
     return _RemoveFile(session, path, bound).start()
 
@@ -379,7 +398,7 @@ class _Transfer(Generic[R]):
     (``_error``); the bound, its timeout error (``_timed_out``).
     """
 
-    def __init__(self, session: Session, bound: float) -> None:
+    def __init__(self, session: _Session, bound: float) -> None:
         self._session = session
         self._bound = bound
         self._clock = session.clock
@@ -555,7 +574,7 @@ class _Transfer(Generic[R]):
 class _Upload(_Transfer[UploadResult]):
     """One upload of a local file or tree, with its progress."""
 
-    def __init__(self, session: Session, local_path: str, remote_path: str, bound: float) -> None:
+    def __init__(self, session: _Session, local_path: str, remote_path: str, bound: float) -> None:
         super().__init__(session, bound)
         self._local = local_path
         self._remote = remote_path
@@ -726,7 +745,7 @@ class _FileTransfer(_Transfer[R]):
     #: what it does to the file, in the errors: "write", "read", "remove"
     operation = ""
 
-    def __init__(self, session: Session, path: str, bound: float) -> None:
+    def __init__(self, session: _Session, path: str, bound: float) -> None:
         super().__init__(session, bound)
         self._path = path
         self._remote = path.encode("utf-8")
@@ -764,7 +783,7 @@ class _FileTransfer(_Transfer[R]):
 class _WriteFile(_FileTransfer[None]):
     operation = "write"
 
-    def __init__(self, session: Session, path: str, bound: float, data: bytes, mode: int) -> None:
+    def __init__(self, session: _Session, path: str, bound: float, data: bytes, mode: int) -> None:
         super().__init__(session, path, bound)
         self._data = data
         self._mode = mode
@@ -810,7 +829,9 @@ class _WriteFile(_FileTransfer[None]):
 class _ReadFile(_FileTransfer[bytes]):
     operation = "read"
 
-    def __init__(self, session: Session, path: str, bound: float, limit: int, remove: bool) -> None:
+    def __init__(
+        self, session: _Session, path: str, bound: float, limit: int, remove: bool
+    ) -> None:
         super().__init__(session, path, bound)
         self._limit = limit
         self._remove = remove
