@@ -19,23 +19,24 @@ process group, and a kill is ``kill -9 -PID`` in a second exec channel.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.conch.ssh.channel import SSHChannel
-from twisted.conch.ssh.connection import EXTENDED_DATA_STDERR
+from twisted.conch.ssh.connection import EXTENDED_DATA_STDERR, SSHConnection
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txvmbot.model import CommandResult
-from txvmbot.ssh._protocol import (
+from txvmbot.ssh._channel import (
     CLOSE_GRACE,
     KILL_GRACE,
-    Session,
     _bounded,
     _ChannelError,
     _ExecChannel,
 )
+from txvmbot.ssh._values import SSHCommandFailed
 
 log = Logger(namespace="txvmbot.ssh")
 
@@ -51,6 +52,36 @@ PID_PREFIX = b"txvmbot-pid="
 _MAX_PID_LINE = 64
 
 
+class _Session(Protocol):
+    """What a started command needs of the ``Session`` (``_protocol``) it
+    runs on; typed here so that this module does not import that one, which
+    imports this one to start commands."""
+
+    conn: SSHConnection
+    clock: IReactorTime
+    #: the channels of started commands that are still open
+    processes: list[_ProcessChannel]
+
+    @property
+    def lost(self) -> bool: ...
+
+    def lost_reason(self) -> str: ...
+
+    def settled(self) -> Deferred[None]: ...
+
+    def closing(self, gone: Deferred[None]) -> None: ...
+
+    def execute(
+        self, command: str, timeout: float, max_output: int = ..., *, kill_grace: float = ...
+    ) -> Deferred[CommandResult]: ...
+
+    def command_error(self, command: str, e: _ChannelError) -> SSHCommandFailed: ...
+
+    def command_failed(
+        self, command: str, reason: str, partial: CommandResult
+    ) -> SSHCommandFailed: ...
+
+
 class _ProcessChannel(_ExecChannel):
     """An exec channel whose command keeps its stdin open: stdout goes to
     ``on_stdout`` chunk by chunk, the last ``max_stderr`` bytes of stderr
@@ -59,7 +90,7 @@ class _ProcessChannel(_ExecChannel):
 
     def __init__(
         self,
-        session: Session,
+        session: _Session,
         command: str,
         on_stdout: Callable[[bytes], None],
         max_stderr: int,
@@ -244,7 +275,7 @@ class RemoteProcess:
     ``running`` is False from the moment the command exited.
     """
 
-    def __init__(self, session: Session, channel: _ProcessChannel) -> None:
+    def __init__(self, session: _Session, channel: _ProcessChannel) -> None:
         self._session = session
         self._channel = channel
         self.command = channel.command
@@ -334,7 +365,7 @@ class RemoteProcess:
 
 
 def start(
-    session: Session, command: str, on_stdout: Callable[[bytes], None], *, max_stderr: int
+    session: _Session, command: str, on_stdout: Callable[[bytes], None], *, max_stderr: int
 ) -> Deferred[RemoteProcess]:
     """``Session.start``."""
     settled = session.settled()
@@ -389,7 +420,7 @@ def start(
 
 
 async def _start_later(
-    session: Session,
+    session: _Session,
     settled: Deferred[None],
     command: str,
     on_stdout: Callable[[bytes], None],
