@@ -49,6 +49,39 @@ def test_order_is_longest_first_ties_in_given_order() -> None:
     assert order == ["d", "b", "e", "a", "c"]
 
 
+def test_light_groups_keep_their_listing_order_on_every_machine() -> None:
+    """Recorded times of a suite of small classes (openstackclient's, where
+    ``TestProjectSet`` leaks a property into the fake project that
+    ``TestProjectCreate``, listed before it, checks): however their times
+    fall, every machine meets the light classes in listing order, as a
+    stestr or xdist worker does; only the heavy one (more than 2% of a
+    machine's part) goes first. And every batch is in listing order."""
+    rng = random.Random(7)
+    ids = [f"pkg.mod{m}.Test{c}.test_{t}" for m in range(40) for c in range(10) for t in range(6)]
+    recorded = {t: rng.uniform(0.001, 0.01) for t in ids}
+    heavy = "pkg.mod17.Test3.test_2"
+    recorded[heavy] = 2.0
+    position = {t: i for i, t in enumerate(ids)}
+    for workers in (2, 3):
+        feeder = Feeder(ids, recorded, workers, group=by_class)
+        seen: dict[str, list[str]] = {f"w{i}": [] for i in range(workers)}
+        first = feeder.take("w0")
+        assert first is not None and heavy in first.test_ids  # the heavy class first
+        seen["w0"].extend(first.test_ids)
+        feeder.finished(first, set(first.test_ids))
+        for i in range(1, len(ids)):
+            worker = f"w{i % workers}"
+            batch = feeder.take(worker)
+            if batch is None:
+                break
+            assert list(batch.test_ids) == sorted(batch.test_ids, key=position.__getitem__)
+            seen[worker].extend(batch.test_ids)
+            feeder.finished(batch, set(batch.test_ids))
+        for got in seen.values():
+            light = [position[t] for t in got if not t.startswith("pkg.mod17.Test3.")]
+            assert light == sorted(light)
+
+
 def test_unknown_tests_get_the_median_of_known_ones() -> None:
     expected = expected_durations(["a", "b", "c", "new"], {"a": 1.0, "b": 3.0, "c": 10.0})
     assert expected == {"a": 1.0, "b": 3.0, "c": 10.0, "new": 3.0}

@@ -1,9 +1,15 @@
 """One queue that feeds a suite's tests to free workers (seed 002).
 
 A static split decided up front left workers ending 10+ minutes apart. The
-feeder hands out work only when a worker is free, longest expected first,
-in batches that shrink as the queue empties, so that machines end close
-together.
+feeder hands out work only when a worker is free, in batches that shrink
+as the queue empties, so that machines end close together. Groups too long
+to end a run well (more than :data:`HEAVY_SHARE` of a machine's part of
+the suite) go first, longest first; the others keep the order they were
+listed in. So each machine runs the bulk of the suite in listing order, as
+each worker of stestr, ``trial -j`` and pytest-xdist does: a suite whose
+tests leak state into later ones (a class attribute changed in place)
+sees the order it was written for, also in a runner that stays up batch
+after batch.
 
 Real runners pay a fixed cost per command (the interpreter's start, the
 imports of the test modules a batch touches): the feeder learns each
@@ -59,6 +65,10 @@ RESORT_GROWTH = 1.25
 #: How much of a machine's last measured fixed cost is kept when a new
 #: batch is measured (an exponential moving average).
 COST_MEMORY = 0.5
+#: A group expected to take more than this share of a machine's part of
+#: the suite is heavy: it goes before the others, longest first. Lighter
+#: ones, handed out last, leave machines ending within about this share.
+HEAVY_SHARE = 0.02
 
 
 class FeedError(TxvmbotError):
@@ -170,6 +180,7 @@ class Feeder:
         self._slices = slices_per_worker
         self._position = {tid: i for i, tid in enumerate(self._ids)}
         self._given_back: dict[str, int] = {}
+        self._heavy = self._heavy_from_here()
         self._queue: deque[list[str]] = deque(self._groups(group if batch else _alone))
         self._queued_known = math.fsum(self._recorded.values())
         #: queued tests without a recorded time, by family
@@ -181,9 +192,14 @@ class Feeder:
         self._seq = 0
         self._ended = 0
 
+    def _heavy_from_here(self) -> float:
+        """Seconds above which a group is heavy, from what is known now of
+        the whole suite's tests."""
+        return HEAVY_SHARE * self._seconds(self._ids) / self._workers
+
     def _groups(self, group: GroupKey) -> list[list[str]]:
-        """The tests as groups in listing order within each, the groups
-        longest expected first (ties: the group listed first)."""
+        """The tests as groups in listing order within each, in
+        :meth:`_order`."""
         groups: dict[object, list[str]] = {}
         for index, tid in enumerate(self._ids):
             key = group(tid)
@@ -192,10 +208,17 @@ class Feeder:
         ordered.sort(key=self._order)
         return ordered
 
-    def _order(self, group: list[str]) -> tuple[int, float, int]:
-        """Tests given back first, then longest expected first, then as
-        listed."""
-        return (0 if group[0] in self._given_back else 1, -self._seconds(group), self._position[group[0]])
+    def _order(self, group: list[str]) -> tuple[int, int, float, int]:
+        """Tests given back first, then heavy groups longest expected first,
+        then the others as listed."""
+        seconds = self._seconds(group)
+        heavy = seconds > self._heavy
+        return (
+            0 if group[0] in self._given_back else 1,
+            0 if heavy else 1,
+            -seconds if heavy else 0.0,
+            self._position[group[0]],
+        )
 
     # -- counts ---------------------------------------------------------
 
@@ -322,7 +345,8 @@ class Feeder:
         while self._queue and seconds + (more := self._seconds(self._queue[0])) <= budget:
             ids = ids + self._queue.popleft()
             seconds += more
-        return ids
+        # In listing order, as the machine would meet them in one run.
+        return sorted(ids, key=self._position.__getitem__)
 
     def finished(
         self,
@@ -366,8 +390,9 @@ class Feeder:
         learned = self._learned.get("", (0.0, 0))[1]
         if guessed and self._queue and learned >= RESORT_GROWTH * self._sorted_at:
             # What was learned may make other tests of the same modules
-            # longer than their groups' places say: longest first again
-            # (each time a quarter more is known, so a few times a run).
+            # heavy, or heavier than their places say: sort again (each
+            # time a quarter more is known, so a few times a run).
+            self._heavy = self._heavy_from_here()
             self._queue = deque(sorted(self._queue, key=self._order))
             self._sorted_at = learned
         if took is None or not math.isfinite(took) or len(reported) != len(batch.test_ids):
