@@ -406,3 +406,60 @@ def test_a_long_lived_runner_per_machine(
     check = doc["summary"]["check_id"]
     assert not [n for n in os.listdir("/tmp") if n.startswith(f"txvmbot-{check}") and n.endswith(".tests")]
     assert checkrun.leftovers(moto.url, check) == []
+
+
+@pytest.mark.parametrize("kind", ["unittest", "trial", "pytest"])
+def test_the_runners_list_the_tests_themselves(
+    moto: Moto, sshd: SSHD, key: tuple[str, str], tmp_path: object, kind: str
+) -> None:
+    """--runner with neither --list nor --tests: every machine's runner
+    lists the tests (unittest discovery, the names after --trial, what
+    pytest collects) before the first batch, and all of them run."""
+    base = str(tmp_path)
+    src = os.path.join(base, "remote", "suite")
+    files = {
+        "unittest": ("test_sample.py", SAMPLE, "--discover ."),
+        "trial": ("test_trialsample.py", TRIAL_SAMPLE, "--trial test_trialsample"),
+        "pytest": ("tests/test_sample.py", PYTEST_SAMPLE, "--pytest tests"),
+    }
+    name, sample, args = files[kind]
+    os.makedirs(os.path.dirname(os.path.join(src, name)), exist_ok=True)
+    with open(os.path.join(src, name), "w") as f:
+        f.write(textwrap.dedent(sample))
+    out = os.path.join(base, "r.json")
+    proc = suite_cli(
+        moto, sshd, key, os.path.join(base, "state"),
+        "--name", f"listing-{kind}",
+        "--machines", "2",
+        "--runner", f"cd {shlex.quote(src)} && {shlex.quote(sys.executable)} {{runner_py}} {args}",
+        "--format", "subunit",
+        "--json", out,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # each sample has a failing test
+    with open(out) as f:
+        doc = json.load(f)
+    outcomes = {t["test_id"]: t["outcome"] for t in doc["tests"]}
+    expected = {
+        "unittest": {
+            "test_sample.Arithmetic.test_add": "passed",
+            "test_sample.Arithmetic.test_sub": "passed",
+            "test_sample.Arithmetic.test_wrong": "failed",
+            "test_sample.Noisy.test_mul": "passed",
+            "test_sample.Noisy.test_prints_to_stdout": "passed",
+            "test_sample.Noisy.test_skip": "skipped",
+        },
+        "trial": {
+            "test_trialsample.Deferreds.test_fails": "failed",
+            "test_trialsample.Deferreds.test_fires": "passed",
+            "test_trialsample.Deferreds.test_skipped": "skipped",
+            "test_trialsample.Plain.test_one": "passed",
+            "test_trialsample.Plain.test_two": "passed",
+        },
+    }
+    if kind == "pytest":
+        assert len(outcomes) >= 6 and all(t.startswith("tests/test_sample.py::") for t in outcomes)
+        assert outcomes["tests/test_sample.py::TestMath::test_wrong"] == "failed"
+        assert outcomes["tests/test_sample.py::test_function"] == "passed"
+    else:
+        assert outcomes == expected[kind], proc.stdout
+    assert checkrun.leftovers(moto.url, doc["summary"]["check_id"]) == []

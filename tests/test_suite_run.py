@@ -92,6 +92,11 @@ class Lab:
         self.processes: list[FakeProcess] = []
         self.crash_on = ""
         self.hang_on = ""
+        #: What a runner answers ``#list`` with (after ``list_time`` s): its
+        #: ids, or why it cannot list (``list_error``).
+        self.listing: tuple[str, ...] = ()
+        self.list_error = ""
+        self.list_time = 2.0
         self.test_time: dict[str, float] = {}
         self.answer: Callable[[str, str], Reply | None] = lambda machine, command: None
 
@@ -264,8 +269,30 @@ class FakeProcess:
             if line.startswith("#end "):
                 self._run(tuple(batch), line[len("#end "):])
                 batch = []
+            elif line.startswith("#list "):
+                self._list(line[len("#list ") :])
             else:
                 batch.append(line)
+
+    def _list(self, token: str) -> None:
+        lab = self.session.lab
+        self.batches.append(("#list",))
+        out = io.BytesIO()
+        packets = StreamResultToBytes(out)
+        packets.status(
+            test_id="not-a-listed-id", test_status="inprogress"
+        )  # only exists packets count
+        for tid in lab.listing:
+            packets.status(test_id=tid, test_status="exists")
+        if lab.list_error:
+            packets.status(
+                test_id="txvmbot:list-error:" + token,
+                file_name="error",
+                file_bytes=lab.list_error.encode(),
+                eof=True,
+            )
+        packets.status(test_id="txvmbot:end-of-batch:" + token, test_status="exists")
+        lab.clock.callLater(lab.list_time, self.on_stdout, b"stray text\n" + out.getvalue())
 
     def _run(self, ids: tuple[str, ...], token: str) -> None:
         lab = self.session.lab
@@ -1085,4 +1112,70 @@ def test_a_runner_that_hangs_times_out_its_batch_and_its_machine_is_replaced(rig
     assert all(tests[t].outcome == "passed" for t in ids[1:])
     assert rig.machines.released  # the hung machine went back
     assert all(not p.running for p in rig.lab.processes)  # every runner stopped
+    assert_tidy(rig)
+
+
+def test_with_neither_list_nor_tests_every_runner_lists_the_tests_before_its_first_batch(
+    rig: Rig,
+) -> None:
+    ids = tuple(f"pkg.mod.Case{i // 3}.test_{i}" for i in range(12))
+    rig.lab.listing = ids
+    _, d = rig.start(
+        rig.spec(
+            runner="python3 {runner_py} --discover .",
+            run="",
+            format="subunit",
+            machines=2,
+            tests=(),
+        )
+    )
+
+    result = rig.finish(d, step=0.25)
+
+    assert result.passed, result.error
+    assert sorted(t.test_id for t in result.tests) == sorted(ids)
+    # Each machine's runner was asked once, first: all list at the same time,
+    # so each loads the test modules before its first batch.
+    processes = rig.lab.processes
+    assert len(processes) == 2
+    for p in processes:
+        assert p.batches[0] == ("#list",)
+        assert ("#list",) not in p.batches[1:]
+    assert sum(len(b) for p in processes for b in p.batches[1:]) == len(ids)
+    assert rig.lab.test_runs() == [] and not [r for r in rig.lab.ran if "list" in r.command]
+    steps = {s.name: s for s in result.machines.steps}
+    assert steps["list"].outcome == "passed"
+    assert steps["list"].duration == pytest.approx(
+        2.0, abs=0.3
+    )  # side by side, not one after the other
+    assert_tidy(rig)
+
+
+def test_a_runner_that_cannot_list_fails_the_run_with_its_reason(rig: Rig) -> None:
+    rig.lab.list_error = (
+        "nothing to list: give the runner --discover START (and -t TOP, -p PATTERN) or test names"
+    )
+    _, d = rig.start(
+        rig.spec(runner="python3 {runner_py}", run="", format="subunit", machines=2, tests=())
+    )
+
+    result = rig.finish(d, step=0.25)
+
+    assert not result.passed and result.tests == ()
+    assert (
+        "cannot list its tests: nothing to list: give the runner --discover START" in result.error
+    )
+    assert "worker-1 on m1" in result.error
+    assert_tidy(rig)
+
+
+def test_a_runner_that_lists_no_tests_fails_the_run(rig: Rig) -> None:
+    _, d = rig.start(
+        rig.spec(runner="python3 {runner_py} --discover empty", run="", format="subunit", tests=())
+    )
+
+    result = rig.finish(d, step=0.25)
+
+    assert not result.passed
+    assert "listed no tests on m1" in result.error
     assert_tidy(rig)

@@ -80,6 +80,24 @@ def test_bad_suites_name_what_is_wrong(kw: dict[str, Any], where: str) -> None:
     assert e.value.where == where
 
 
+def test_a_runner_may_list_the_tests_itself() -> None:
+    """With --runner and neither --tests nor --list, the runners list them;
+    a --run suite still needs one of the two, and says how to give them."""
+    s = suite(
+        tests=(),
+        list_command="",
+        run="",
+        runner="python3 {runner_py} --discover .",
+        format="subunit",
+    )
+    assert (s.tests, s.list_command) == ((), "")
+    with pytest.raises(ConfigError) as e:
+        suite(tests=(), list_command="")
+    assert "give the test ids with --tests FILE or --list CMD (or let a --runner list them)" in str(
+        e.value
+    )
+
+
 @pytest.mark.parametrize("target", [CLOUD, LOCAL])
 def test_a_suite_job_round_trips_through_its_json_form(target: Any) -> None:
     s = suite(

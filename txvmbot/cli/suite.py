@@ -31,9 +31,11 @@ _EXAMPLE = """\
 example (a Python unittest suite on 3 local VMs, results for Jenkins):
   txvmbot suite --local --name mylib --machines 3 \\
       --upload ./src:/root/src --setup 'cd /root/src && ./prepare' \\
-      --list 'cd /root/src && python3 -m subunit.run discover --list | subunit-ls --exists' \\
-      --runner 'cd /root/src && python3 {runner_py}' \\
+      --runner 'cd /root/src && python3 {runner_py} --discover .' \\
       --format subunit --junit results.xml --subunit results.subunit
+
+  (one runner a machine; with neither --list nor --tests, the runners list
+  the tests: unittest discovery from '.', every test module loaded once)
 
 example (a pytest suite, read back from the JUnit XML pytest writes):
   txvmbot suite --name mylib --machines 2 --config clouds.toml --cloud ci \\
@@ -74,7 +76,10 @@ def add_suite_flags(p: argparse.ArgumentParser, *, with_bound: bool = True) -> N
     )
     which = s.add_mutually_exclusive_group()
     which.add_argument(
-        "--list", metavar="CMD", help="run once on the first ready machine; prints test ids, one a line"
+        "--list",
+        metavar="CMD",
+        help="run once on the first ready machine; prints test ids, one a line "
+        "(with --runner, give neither --list nor --tests to let the runners list them)",
     )
     which.add_argument("--tests", metavar="FILE", help="test ids, one a line ('-' for stdin)")
     s.add_argument(
@@ -94,7 +99,11 @@ def add_suite_flags(p: argparse.ArgumentParser, *, with_bound: bool = True) -> N
         "subunit); {runner_py} is txvmbot's own, uploaded: 'python3 {runner_py}' runs "
         "unittest ids, 'python3 {runner_py} --trial' trial ids, 'python3 {runner_py} "
         "--pytest ARGS' pytest node ids (collected once with ARGS); it needs "
-        "python-subunit on the machine",
+        "python-subunit on the machine. Without --list and --tests, every machine's "
+        "runner lists the tests before the first batch (loading every test module "
+        "once): '{runner_py} --discover DIR' (unittest discovery, with -t TOP, -p "
+        "PATTERN) or test names ('{runner_py} --trial twisted.test'); with --pytest, "
+        "what it collects",
     )
     s.add_argument(
         "--format",
@@ -199,8 +208,10 @@ def suite_spec_from_args(args: argparse.Namespace, target: Any) -> Any:
     runner = getattr(args, "runner", None)
     if not args.run and not runner:
         raise ConfigError("--run", "required: the command that runs {test} or {tests} (or --runner)")
-    if not args.list and not args.tests:
-        raise ConfigError("--list", "give the test ids with --list CMD or --tests FILE")
+    if not args.list and not args.tests and not runner:
+        raise ConfigError(
+            "--list", "give the test ids with --list CMD or --tests FILE (or let a --runner list them)"
+        )
     return SuiteSpec(
         target=target,
         name=check_str("--name", args.name or "suite"),

@@ -15,7 +15,17 @@ trial's with ``--trial``), runs them, and writes their results to stdout as
 a subunit v2 stream, then a status packet ``exists`` for the test id
 ``txvmbot:end-of-batch:TOKEN``, which tells txvmbot the batch is over (an id
 that cannot be loaded is reported as an error of that id, never skipped).
-End of input: the runner exits 0.
+A line ``#list TOKEN`` asks for the runner's tests instead: one ``exists``
+packet per test id, in order, then the same end packet; a runner that
+cannot list says why in a packet for ``txvmbot:list-error:TOKEN`` (its
+``error`` attachment). Listing loads every test module, so the batches
+after it pay no imports, as ``stestr`` and ``trial -j`` workers load
+everything before their first test. End of input: the runner exits 0.
+
+What it lists: unittest, ``--discover START [-t TOP] [-p PATTERN]`` (as
+``python -m unittest discover``) or test names; with ``--trial``, the test
+names (packages, modules) trial would load; with ``--pytest ARGS``, what
+pytest collects from ARGS.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 END = "#end "
+LIST = "#list "
 MARK = "txvmbot:end-of-batch:"
+LIST_ERROR = "txvmbot:list-error:"
 
 
 def _flushing(stream: IO[bytes]) -> Any:
@@ -56,12 +68,18 @@ def _flat(suite: Any) -> list[Any]:
     return [suite]
 
 
+#: How unittest names a module it could not import (then the module's name).
+_FAILED_IMPORT = "unittest.loader._FailedTest."
+
+
 def _unittest_batch(ids: list[str], result: Any) -> None:
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
     for tid in ids:
+        # A module the listing could not import: import it again, for its error.
+        name = tid[len(_FAILED_IMPORT) :] if tid.startswith(_FAILED_IMPORT) else tid
         try:
-            loaded = _flat(loader.loadTestsFromName(tid))
+            loaded = _flat(loader.loadTestsFromName(name))
         except Exception as e:  # a bad id is that id's error
             loaded = [_Unloadable(tid, e)]
         for test in loaded:
@@ -109,16 +127,71 @@ def _trial_runner(stream: Any) -> Any:
     return run
 
 
-def _batches(stdin: IO[str]) -> Iterator[tuple[list[str], str]]:
-    """(ids, token) for each batch on ``stdin``, until end of input."""
+def _unittest_list(args: Any) -> list[str]:
+    """The ids of the tests ``args`` name; a module that does not import is
+    listed under unittest's id for it, and running that id reports the
+    import's own error."""
+    loader = unittest.TestLoader()
+    if args.discover:
+        suite = loader.discover(args.discover, pattern=args.pattern, top_level_dir=args.top)
+    elif args.names:
+        suite = loader.loadTestsFromNames(args.names)
+    else:
+        raise _CannotList(
+            "nothing to list: give the runner --discover START (and -t TOP, -p PATTERN) or test names"
+        )
+    return [test.id() for test in _flat(suite)]
+
+
+def _trial_list(names: list[str]) -> list[str]:
+    from twisted.trial import runner
+
+    if not names:
+        raise _CannotList(
+            "nothing to list: give the runner, after --trial, the test names trial would load"
+        )
+    return [test.id() for test in _flat(runner.TestLoader().loadByNames(names))]
+
+
+class _CannotList(Exception):
+    pass
+
+
+def _batches(stdin: IO[str]) -> Iterator[tuple[str, list[str], str]]:
+    """(what, ids, token) for each request on ``stdin``, until end of input:
+    ``run`` a batch of ids, or ``list`` the tests."""
     batch: list[str] = []
     for line in stdin:
         line = line.rstrip("\n")
         if line.startswith(END):
-            yield batch, line[len(END) :]
+            yield "run", batch, line[len(END) :]
             batch = []
+        elif line.startswith(LIST):
+            yield "list", [], line[len(LIST) :]
         elif line.strip():
             batch.append(line.strip())
+
+
+def _answer_list(marks: Any, token: str, list_ids: Any) -> None:
+    """Write the ids ``list_ids()`` gives as ``exists`` packets, once each,
+    or why it could not; then the end packet."""
+    try:
+        ids = list_ids()
+    except Exception as e:  # an import error, a bad argument: say so
+        import traceback
+
+        text = e.args[0] if isinstance(e, _CannotList) else traceback.format_exc()
+        marks.status(
+            test_id=LIST_ERROR + token,
+            file_name="error",
+            file_bytes=str(text).encode("utf-8", "replace"),
+            eof=True,
+            mime_type="text/plain;charset=utf8",
+        )
+    else:
+        for tid in dict.fromkeys(ids):
+            marks.status(test_id=tid, test_status="exists")
+    marks.status(test_id=MARK + token, test_status="exists")
 
 
 _PYTEST_STATUS = {"passed": "success", "failed": "fail", "skipped": "skip"}
@@ -139,15 +212,32 @@ def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int
             self.stream = StreamResultToBytes(out)
             self.outcome: dict[str, str] = {}
             self.done = False
+            #: The collectors that failed (a module that does not import):
+            #: listed as tests of their own, each failing with its error.
+            self.collect_errors: dict[str, str] = {}
+
+        def pytest_collectreport(self, report: Any) -> None:
+            if report.failed:
+                self.collect_errors[report.nodeid] = str(report.longrepr)
 
         @pytest.hookimpl(tryfirst=True)
         def pytest_runtestloop(self, session: Any) -> bool:
             items = {item.nodeid: item for item in session.items}
-            for ids, token in _batches(feed_in):
+            for what, ids, token in _batches(feed_in):
+                if what == "list":
+                    _answer_list(marks, token, lambda: [*items, *self.collect_errors])
+                    continue
                 todo = []
                 for tid in ids:
                     if tid in items:
                         todo.append(items[tid])
+                    elif tid in self.collect_errors:
+                        self._status(tid, "inprogress")
+                        self._status(
+                            tid,
+                            "fail",
+                            text=f"{tid}: pytest could not collect it:\n{self.collect_errors[tid]}",
+                        )
                     else:
                         self._status(tid, "inprogress")
                         self._status(tid, "fail", text=f"{tid}: pytest collected no such test")
@@ -198,10 +288,20 @@ def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int
     feed = Feed()
     code = pytest.main(["-p", "no:cacheprovider", "-p", "no:terminal", *args], plugins=[feed])
     if not feed.done:  # collection failed: say so on every batch's ids
-        for ids, token in _batches(feed_in):
+        why = f"pytest did not start (exit status {int(code)})"
+        if feed.collect_errors:
+            why += ": " + "\n".join(f"{k}: {v}" for k, v in feed.collect_errors.items())[-4000:]
+
+        def cannot() -> list[str]:
+            raise _CannotList(why)
+
+        for what, ids, token in _batches(feed_in):
+            if what == "list":
+                _answer_list(marks, token, cannot)
+                continue
             for tid in ids:
                 feed._status(tid, "inprogress")
-                feed._status(tid, "fail", text=f"pytest did not start (exit status {int(code)})")
+                feed._status(tid, "fail", text=why)
             marks.status(test_id=MARK + token, test_status="exists")
     return 0
 
@@ -223,10 +323,14 @@ def main(argv: list[str]) -> int:
         os.dup2(2, 1)
         out = _flushing(protocol)
         return _pytest_main(out, StreamResultToBytes(out), argv[2:], feed_in)
+    args = _arguments(argv[1:])
     out = _flushing(sys.stdout.buffer)
     marks = StreamResultToBytes(out)
-    if "--trial" in argv[1:]:
+    if args.trial:
         run = _trial_runner(out)
+
+        def list_ids() -> list[str]:
+            return _trial_list(args.names)
     else:
         result = ExtendedToStreamDecorator(StreamResultToBytes(out))
         result.startTestRun()
@@ -234,12 +338,38 @@ def main(argv: list[str]) -> int:
         def run(ids: list[str]) -> None:
             _unittest_batch(ids, result)
 
-    for ids, token in _batches(sys.stdin):
+        def list_ids() -> list[str]:
+            return _unittest_list(args)
+
+    for what, ids, token in _batches(sys.stdin):
+        if what == "list":
+            _answer_list(marks, token, list_ids)
+            continue
         if ids:
             run(ids)
         sys.stdout.flush()
         marks.status(test_id=MARK + token, test_status="exists")
     return 0
+
+
+def _arguments(argv: list[str]) -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="runner.py", description="txvmbot's test runner: ids on stdin (see its source)"
+    )
+    p.add_argument("--trial", action="store_true", help="run the tests with trial (Twisted)")
+    p.add_argument(
+        "--discover", metavar="START", help="(unittest) list the tests discovery finds under START"
+    )
+    p.add_argument(
+        "-t", "--top-level-directory", dest="top", metavar="TOP", help="(unittest) discovery's top"
+    )
+    p.add_argument(
+        "-p", "--pattern", default="test*.py", help="(unittest) discovery's file pattern"
+    )
+    p.add_argument("names", nargs="*", help="what to list: test names (packages, modules, classes)")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

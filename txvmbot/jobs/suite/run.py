@@ -196,7 +196,8 @@ class SuiteRun:
         await self.sequence.step("setup", self._setup_bound(), self._setup_all)
         tests = spec.tests
         if not tests:
-            tests = await self.sequence.step("list", spec.test_timeout, self._list)
+            listing = self._list if spec.list_command else self._runners_list
+            tests = await self.sequence.step("list", spec.test_timeout, listing)
         self._tests = tuple(tests)
         self._feeder = Feeder(
             tests, self.durations, len(self._slots), batch=spec.batched, group=spec.group_key()
@@ -329,6 +330,53 @@ class SuiteRun:
             raise StepFailed("list", f"{self.spec.list_command!r} printed no test ids")
         ctx.saw(f"{len(seen)} test(s) on {slot.machine.name}")
         return tuple(seen)
+
+    async def _runners_list(self, ctx: StepContext) -> tuple[str, ...]:
+        """Every machine's runner lists the tests at once, so each has
+        loaded every test module before its first batch, as stestr's and
+        ``trial -j``'s workers have (and no listing command starts an
+        interpreter of its own); the first machine's list is the run's. A
+        runner that died listing is started again, and goes on without."""
+        bound = self.spec.test_timeout
+        slots = [s for s in self._slots if s.runner is not None]
+        answers = await DeferredList(
+            [s.runner.list(bound) for s in slots if s.runner is not None], consumeErrors=True
+        )
+        chosen: tuple[_Slot, tuple[str, ...]] | None = None
+        failed: tuple[_Slot, BaseException] | None = None
+        for slot, (ok, value) in zip(slots, answers, strict=True):
+            if ok:
+                if chosen is None:
+                    chosen = (slot, value)
+                elif value != chosen[1]:
+                    self.log.warn(
+                        "Suite {check_id}: {worker}'s runner listed {n} test(s), {first}'s {m}; using {first}'s",
+                        check_id=self.check_id, worker=slot.worker, n=len(value),
+                        first=chosen[0].worker, m=len(chosen[1]),
+                    )  # fmt: skip
+                continue
+            assert isinstance(value, Failure)
+            failed = failed or (slot, value.value)
+            if isinstance(value.value, RunnerExited):
+                try:
+                    await self._start_runner(slot)
+                except CancelledError:
+                    raise
+                except Exception as e:  # its first batch finds it gone
+                    self.log.warn(
+                        "Suite {check_id}: {worker}'s runner ended while listing and did not start again: {e}",
+                        check_id=self.check_id, worker=slot.worker, e=e,
+                    )  # fmt: skip
+        if chosen is None:
+            assert failed is not None
+            raise StepFailed("list", f"{failed[0].worker} on {failed[0].machine.name}: {failed[1]}")
+        slot, ids = chosen
+        if not ids:
+            raise StepFailed(
+                "list", f"the runner {self.spec.runner!r} listed no tests on {slot.machine.name}"
+            )
+        ctx.saw(f"{len(ids)} test(s) listed by the runner on {slot.machine.name}")
+        return ids
 
     # -- feeding ----------------------------------------------------------
 

@@ -7,16 +7,21 @@ holds one such runner (a :class:`~txvmbot.ssh.RemoteProcess`), writes each
 batch's ids to its stdin, one a line, then ``#end TOKEN``, and collects its
 stdout until the runner's end-of-batch packet for that token (a subunit v2
 status ``exists`` for ``txvmbot:end-of-batch:TOKEN``; the token is random,
-so no test's output can end a batch early). The protocol is the one
-:mod:`txvmbot.jobs.suite.remote_runner` speaks; any runner that speaks it
-will do.
+so no test's output can end a batch early). ``#list TOKEN`` asks the
+runner for its test ids instead (:meth:`RunnerFeed.list`). The protocol is
+the one :mod:`txvmbot.jobs.suite.remote_runner` speaks; any runner that
+speaks it will do.
 """
 
 from __future__ import annotations
 
+import datetime
+import io
 import secrets
 from typing import Any
 
+from subunit.v2 import ByteStreamToStreamResult
+from testtools import StreamResult
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -25,12 +30,26 @@ from twisted.python.failure import Failure
 from txvmbot.errors import TxvmbotError
 from txvmbot.model import CommandResult
 
-__all__ = ["END", "MARK", "RunnerExited", "RunnerFeed", "runner_script"]
+__all__ = [
+    "END",
+    "LIST",
+    "MARK",
+    "CannotList",
+    "RunnerExited",
+    "RunnerFeed",
+    "listed",
+    "runner_script",
+]
 
 #: The line that ends a batch on the runner's stdin (then the token).
 END = "#end "
+#: The line that asks the runner for its test ids (then the token).
+LIST = "#list "
 #: The test id of the runner's end-of-batch packet (then the token).
 MARK = "txvmbot:end-of-batch:"
+#: The test id of the packet that says why the runner cannot list (then the
+#: token); its ``error`` attachment is the reason.
+LIST_ERROR = "txvmbot:list-error:"
 #: What follows the test id in that packet: its CRC32.
 _CRC = 4
 
@@ -57,6 +76,48 @@ class RunnerExited(TxvmbotError):
         )
         self.command = command
         self.partial = partial
+
+
+class CannotList(TxvmbotError):
+    """The runner answered ``#list`` with why it cannot list its tests."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        super().__init__(f"the runner {command!r} cannot list its tests: {reason}")
+        self.command = command
+        self.reason = reason
+
+
+def listed(stream: bytes) -> tuple[tuple[str, ...], str | None]:
+    """The test ids in a runner's answer to ``#list`` (its ``exists``
+    packets, in order, once each), and its reason if it could not list.
+    Bytes that are not subunit are ignored."""
+    ids: dict[str, None] = {}
+    errors: list[str] = []
+
+    class Listing(StreamResult):
+        def status(
+            self,
+            test_id: str | None = None,
+            test_status: str | None = None,
+            test_tags: set[str] | None = None,
+            runnable: bool = True,
+            file_name: str | None = None,
+            file_bytes: bytes | memoryview | None = None,
+            eof: bool = False,
+            mime_type: str | None = None,
+            route_code: str | None = None,
+            timestamp: datetime.datetime | None = None,
+        ) -> None:
+            if test_id is None or test_id.startswith(MARK):
+                return
+            if test_id.startswith(LIST_ERROR):
+                if file_bytes:
+                    errors.append(bytes(file_bytes).decode("utf-8", "replace"))
+            elif test_status == "exists":
+                ids.setdefault(test_id, None)
+
+    ByteStreamToStreamResult(io.BytesIO(stream), non_subunit_name="stdout").run(Listing())
+    return tuple(ids), ("".join(errors).strip() or "no reason given") if errors else None
 
 
 class RunnerFeed:
@@ -90,10 +151,30 @@ class RunnerFeed:
         of a CommandResult (exit status 0: the runner is still up). Fails
         with SSHCommandTimeout after ``bound`` seconds, RunnerExited if the
         runner ends first, SSHCommandFailed if the connection is lost."""
+        token = secrets.token_hex(8)
+        return self._ask("".join(f"{t}\n" for t in ids) + f"{END}{token}\n", token, bound)
+
+    def list(self, bound: float) -> Deferred[tuple[str, ...]]:
+        """Ask the runner for its test ids (``#list``); fires with them, in
+        its order. Fails with CannotList if the runner says why it cannot,
+        and as :meth:`batch` does otherwise."""
+        token = secrets.token_hex(8)
+        d = self._ask(f"{LIST}{token}\n", token, bound)
+
+        def ids(result: CommandResult) -> tuple[str, ...]:
+            found, error = listed(result.stdout)
+            if error is not None:
+                raise CannotList(self.command, error)
+            return found
+
+        return d.addCallback(ids)
+
+    def _ask(self, request: str, token: str, bound: float) -> Deferred[CommandResult]:
+        """Write ``request``; fire with what the runner writes up to the end
+        packet for ``token``."""
         from txvmbot import ssh
 
-        assert self._waiting is None, "one batch at a time"
-        token = secrets.token_hex(8)
+        assert self._waiting is None, "one request at a time"
         self._mark = (MARK + token).encode("ascii")
         self._buffer = bytearray()
         d: Deferred[CommandResult] = Deferred(lambda _: self._cancel())
@@ -102,9 +183,8 @@ class RunnerFeed:
             return d
         self._waiting = d
         self._timer = self.clock.callLater(bound, self._time_up, bound)
-        listing = "".join(f"{t}\n" for t in ids) + f"{END}{token}\n"
         try:
-            self.process.write(listing.encode("utf-8"))
+            self.process.write(request.encode("utf-8"))
         except ssh.SSHCommandFailed as e:
             self._fire(Failure(e))
         return d

@@ -58,8 +58,9 @@ class SuiteSpec:
     each test is its own command and its exit status is its result; with
     ``subunit`` the command's stdout is a subunit v2 stream; with ``junit``
     the command writes JUnit XML to the path ``{junit}`` stands for (a fresh
-    one for every command). The ids come from ``tests`` or from
-    ``list_command``, run once on the first ready machine. Batches keep
+    one for every command). The ids come from ``tests``, from
+    ``list_command``, run once on the first ready machine, or (with
+    ``runner`` and neither) from the runners themselves. Batches keep
     groups of tests together: by class unless ``group_regex`` (stestr's
     meaning) says otherwise, or not at all without ``group``. Instead of
     ``run``, ``runner`` is a long-lived command started once per machine
@@ -98,8 +99,15 @@ class SuiteSpec:
             grouping(self.group_regex)  # raises ConfigError for a bad regex
         if not 1 <= self.machines <= 100:
             raise ConfigError("--machines", f"must be from 1 to 100, got {self.machines}")
-        if bool(self.tests) == bool(self.list_command):
-            raise ConfigError("--tests", "give the test ids either with --tests FILE or --list CMD")
+        if self.tests and self.list_command:
+            raise ConfigError(
+                "--tests", "give the test ids either with --tests FILE or --list CMD, not both"
+            )
+        if not self.tests and not self.list_command and not self.runner:
+            raise ConfigError(
+                "--tests",
+                "give the test ids with --tests FILE or --list CMD (or let a --runner list them)",
+            )
         if len(set(self.tests)) != len(self.tests):
             raise ConfigError("--tests", "a test id is listed twice")
         for what, value in (("--test-timeout", self.test_timeout), ("--bound", self.bound)):
