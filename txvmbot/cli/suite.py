@@ -28,8 +28,10 @@ from txvmbot.errors import ConfigError
 CANCEL_REASON = "SIGINT/SIGTERM received"
 
 _EXAMPLE = """\
-example (a Python unittest suite on 3 local VMs, results for Jenkins):
-  txvmbot suite --local --name mylib --machines 3 \\
+example (a Python unittest suite on 3 local Debian VMs, results for Jenkins;
+the image built by 'txvmbot image build --distro debian --name mylib
+--package python3-subunit'):
+  txvmbot suite --local --image mylib --name mylib --machines 3 \\
       --upload ./src:/root/src --setup 'cd /root/src && ./prepare' \\
       --runner 'cd /root/src && python3 {runner_py} --discover .' \\
       --format subunit --junit results.xml --subunit results.subunit

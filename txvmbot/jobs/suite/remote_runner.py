@@ -150,7 +150,8 @@ def _trial_list(names: list[str]) -> list[str]:
         raise _CannotList(
             "nothing to list: give the runner, after --trial, the test names trial would load"
         )
-    return [test.id() for test in _flat(runner.TestLoader().loadByNames(names))]
+    # As ``trial NAMES`` loads them: packages recursively.
+    return [test.id() for test in _flat(runner.TestLoader().loadByNames(names, recurse=True))]
 
 
 class _CannotList(Exception):
