@@ -81,12 +81,6 @@ def test_the_daemon_settings_do_not_import_the_cli() -> None:
     assert not [m for m in imports(settings) if m.startswith("txvmbot.cli")]
 
 
-#: Circles known and not yet broken (each a set of modules that import each
-#: other); remove one once it is gone. cli/_images.py imports _print_info
-#: back from cli/image.py, inside a function.
-KNOWN_CYCLES = {frozenset({"txvmbot.cli._images", "txvmbot.cli.image"})}
-
-
 def imported_modules(path: str, known: set[str]) -> set[str]:
     """The modules of ``known`` that ``path`` imports: ``from a import b``
     is module ``a.b`` if that is a module, else ``a``; ``if TYPE_CHECKING:``
@@ -145,10 +139,7 @@ def import_cycles() -> set[frozenset[str]]:
 
 
 def test_no_modules_import_each_other_in_a_circle() -> None:
-    cycles = import_cycles()
-    assert sorted(sorted(c) for c in cycles - KNOWN_CYCLES) == []
-    # A known circle that is gone: take it off the list, so it stays gone.
-    assert sorted(sorted(c) for c in KNOWN_CYCLES - cycles) == []
+    assert sorted(sorted(c) for c in import_cycles()) == []
 
 
 def test_the_cycle_check_sees_type_checking_imports(tmp_path: Path) -> None:

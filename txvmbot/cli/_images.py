@@ -221,9 +221,35 @@ def info_rows(info: Any) -> list[tuple[str, str]]:
 
 
 def print_info(info: Any, out: IO[str]) -> None:
-    from txvmbot.cli.image import _print_info
-
-    _print_info(info, out)
+    """``image show``: the image, its files and what it holds."""
+    m = info.manifest
+    rows = [
+        ("image", info.dir),
+        *info_rows(info),
+        ("kernel", f"{info.kernel} ({info.kernel_version})" if info.kernel
+         else "none: the disk's own boot loader"),
+        ("initrd", info.initrd),
+        ("disk", info.disk),
+        ("ssh key", f"{info.ssh_key} (user {info.ssh_user})"),
+        ("host key", info.host_key_fingerprint),
+        ("cmdline", info.cmdline),
+        ("ready marker", info.ready_marker),
+    ]
+    pkgs = m.get("packages") or {}
+    if (m.get("kernel") or {}).get("package"):
+        pkgs = {m["kernel"]["package"]: m["kernel"]["version"], **pkgs}
+    if pkgs and m.get("requested_packages"):
+        # A Debian guest: hundreds of packages, listed in manifest.json.
+        rows.append(("packages", f"{len(pkgs)} installed, from "
+                     + ", ".join(str(p) for p in m["requested_packages"])))
+    elif pkgs:
+        rows.append(("packages", ", ".join(f"{k} {v}" for k, v in pkgs.items())))
+    if m.get("built_at"):
+        built = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m["built_at"]))
+        rows.append(("built", f"{built} on {m.get('builder', {}).get('host_kernel', '?')}"))
+    for k, v in rows:
+        if v is not None and v != "":
+            print(f"  {k + ':':<13} {v}", file=out)
 
 
 def info_json(info: Any, verified: str) -> dict[str, Any]:

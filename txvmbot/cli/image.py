@@ -183,7 +183,7 @@ def _cmd_build(
         print(f"txvmbot image build: error: {e}", file=streams.stderr)
         return 1
     progress(f"{result}: kernel {info.kernel_version} ({os.path.basename(info.kernel or '')})")
-    _print_info(info, out)
+    _images.print_info(info, out)
     return 0
 
 
@@ -199,36 +199,5 @@ def _cmd_show(
         print(f"txvmbot image show: error: {e}", file=streams.stderr)
         return 1
     streams.write_json(_images.info_json(info, "sha256" if args.verify else "size"))
-    _print_info(info, streams.human)
+    _images.print_info(info, streams.human)
     return 0
-
-
-def _print_info(info: Any, out: Any) -> None:
-    m = info.manifest
-    rows = [
-        ("image", info.dir),
-        *_images.info_rows(info),
-        ("kernel", f"{info.kernel} ({info.kernel_version})" if info.kernel
-         else "none: the disk's own boot loader"),
-        ("initrd", info.initrd),
-        ("disk", info.disk),
-        ("ssh key", f"{info.ssh_key} (user {info.ssh_user})"),
-        ("host key", info.host_key_fingerprint),
-        ("cmdline", info.cmdline),
-        ("ready marker", info.ready_marker),
-    ]
-    pkgs = m.get("packages") or {}
-    if (m.get("kernel") or {}).get("package"):
-        pkgs = {m["kernel"]["package"]: m["kernel"]["version"], **pkgs}
-    if pkgs and m.get("requested_packages"):
-        # A Debian guest: hundreds of packages, listed in manifest.json.
-        rows.append(("packages", f"{len(pkgs)} installed, from "
-                     + ", ".join(str(p) for p in m["requested_packages"])))
-    elif pkgs:
-        rows.append(("packages", ", ".join(f"{k} {v}" for k, v in pkgs.items())))
-    if m.get("built_at"):
-        built = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m["built_at"]))
-        rows.append(("built", f"{built} on {m.get('builder', {}).get('host_kernel', '?')}"))
-    for k, v in rows:
-        if v is not None and v != "":
-            print(f"  {k + ':':<13} {v}", file=out)

@@ -17,7 +17,7 @@ This bootstrap never asks the plugin system anything. It
    (PR_SET_PDEATHSIG; the daemon passes its pid in ``$TXVMBOT_WORKER_PARENT``),
    so that a worker whose reactor cannot run (blocked, stopped) does not
    outlive a SIGKILLed daemon, nor does the QEMU it started, which dies
-   with the worker (``txvmbot.qemu.vm.parent_death_launcher``). A worker
+   with the worker (``txvmbot.qemu.argv.parent_death_launcher``). A worker
    that runs ends anyway when the daemon's end of its pipe closes;
 1. installs the platform's default reactor explicitly
    (``twisted.internet.default.install()``: epoll on Linux), before anything
