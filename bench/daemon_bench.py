@@ -252,7 +252,7 @@ def start_daemon(tmp: str, workers: int) -> tuple[subprocess.Popen[bytes], D.Dae
 def spec_dict(url: str, image: str, backend: str, *, key: str | None = None) -> dict[str, Any]:
     """A job as `txvmbot submit` sends it: --no-ssh, quick polls; with
     ``key``, ssh to the closed port with a 600 s wait (it hangs)."""
-    from txvmbot import codec
+    from txvmbot.daemon import codec
     from txvmbot.daemon.jobs import JobSpec
     from txvmbot.model import CheckSpec, Cloud, Timeouts
 

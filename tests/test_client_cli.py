@@ -19,9 +19,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeScheduler
-from txvmbot import codec
 from txvmbot.cli import _Streams, build_parser, run, spec_from_args
 from txvmbot.cli.client import connection_for, execute
+from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.server import AMPServerFactory
 from txvmbot.errors import ConfigError

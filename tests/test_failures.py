@@ -29,9 +29,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeScheduler
-from txvmbot import __version__, codec
+from txvmbot import __version__
 from txvmbot.cli import _Streams, build_parser, run
 from txvmbot.cli.client import connection_for, execute
+from txvmbot.daemon import codec
 from txvmbot.daemon.client import DaemonClient, _ClientAMP
 from txvmbot.daemon.failures import (
     FACTS,

@@ -33,7 +33,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from tests.faultproxy import fault_proxy
 from tests.servers import Moto
 from tests.test_pool import PoolTestBase, sleep
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job, JobSpec, check_id_for
 from txvmbot.daemon.metrics import DaemonMetrics, step_label
 from txvmbot.daemon.pool import AmpoulePool, _JobRun, _ParentAMP, _Worker

@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from tests import checkrun
 from tests.servers import Moto
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.interfaces import IWorkerPool
 from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.daemon.pool import (

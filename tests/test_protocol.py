@@ -12,7 +12,8 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeScheduler
-from txvmbot import __version__, codec
+from txvmbot import __version__
+from txvmbot.daemon import codec
 from txvmbot.daemon.client import DaemonClient, JobSummary, _ClientAMP
 from txvmbot.daemon.jobs import JobEvent
 from txvmbot.daemon.protocol import (

@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.settings import check_listen
 from txvmbot.ec2.resources import terminate_and_wait
 from txvmbot.errors import CloudError, ConfigError

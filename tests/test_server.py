@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeScheduler
 from tests.test_protocol import SPEC
-from txvmbot import __version__, codec
+from txvmbot import __version__
+from txvmbot.daemon import codec
 from txvmbot.daemon.client import DaemonClient, _ClientAMP
 from txvmbot.daemon.jobs import JobEvent
 from txvmbot.daemon.protocol import (

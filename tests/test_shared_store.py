@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 
-from txvmbot.codec import dumps, event_to_dict
+from txvmbot.daemon.codec import dumps, event_to_dict
 from txvmbot.daemon.jobs import Job, JobEvent, JobSpec
 from txvmbot.daemon.shared import store
 from txvmbot.daemon.shared.db import DatabaseError

@@ -16,7 +16,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from txvmbot.codec import dumps, job_to_dict
+from txvmbot.daemon.codec import dumps, job_to_dict
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.store import (

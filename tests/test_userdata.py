@@ -233,7 +233,7 @@ def _cloud_job(user_data: bytes | None) -> object:
 
 @given(st.binary(min_size=1, max_size=MAX_BYTES))
 def test_cloud_job_round_trips_its_user_data(data: bytes) -> None:
-    from txvmbot import codec
+    from txvmbot.daemon import codec
 
     doc = codec.spec_to_dict(_cloud_job(data))  # type: ignore[arg-type]
     assert set(doc) >= {"user_data_base64"} and "user_data" not in doc
@@ -242,7 +242,7 @@ def test_cloud_job_round_trips_its_user_data(data: bytes) -> None:
 
 
 def test_local_job_round_trips_and_a_pool_job_takes_it() -> None:
-    from txvmbot import codec
+    from txvmbot.daemon import codec
     from txvmbot.daemon.jobs import JobSpec
     from txvmbot.qemu.model import LocalPool, LocalSpec
 
@@ -257,7 +257,7 @@ def test_local_job_round_trips_and_a_pool_job_takes_it() -> None:
 
 
 def test_jobs_stored_before_user_data_still_load() -> None:
-    from txvmbot import codec
+    from txvmbot.daemon import codec
 
     stored = {"id": "j1", "state": "passed", "submitted": 1.0, "attempts": 1,
               "spec": {"backend": "b", "bound": 3600.0, "endpoint": "http://127.0.0.1:5000",
@@ -276,7 +276,7 @@ def test_jobs_stored_before_user_data_still_load() -> None:
      ("eHh4" * 5462, "16386 bytes is over the user data limit")],
 )
 def test_bad_user_data_in_a_job_names_the_key(value: object, message: str) -> None:
-    from txvmbot import codec
+    from txvmbot.daemon import codec
 
     for doc in ({"endpoint": "http://127.0.0.1:5000", "region": "r", "image": "ami-1"},
                 {"pool": "local"}):

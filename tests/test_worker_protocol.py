@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.pool import _JobRun, _ParentAMP, _Worker, describe_exit
 from txvmbot.daemon.worker import RemoteJournal, Worker, encode_result
 from txvmbot.daemon.worker_protocol import (

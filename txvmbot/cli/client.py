@@ -326,8 +326,8 @@ async def execute(
 def _job_spec_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """The job ``submit`` sends: the CheckSpec exactly as ``check`` builds
     it, then the job's own keys; no credentials."""
-    from txvmbot import codec
     from txvmbot.cli.check import spec_from_args
+    from txvmbot.daemon import codec
     from txvmbot.daemon.jobs import JobSpec
 
     if args.pool is not None:
@@ -375,8 +375,8 @@ def _local_job_dict(args: argparse.Namespace) -> dict[str, Any]:
     supplies the pool's image and settings."""
     import base64
 
-    from txvmbot import codec
     from txvmbot.cli.check import _CLOUD_ONLY, _CLOUD_ONLY_TIMEOUTS, user_data_from_args
+    from txvmbot.daemon import codec
 
     for name in _CLOUD_ONLY:
         if getattr(args, name, None) not in (None, False):
@@ -441,8 +441,8 @@ async def _copy_suite_results(
 def _suite_job_dict(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """``submit --suite``: the machines' job, as a smoke job's would be,
     plus its ``suite`` table."""
-    from txvmbot import codec
     from txvmbot.cli.suite import suite_spec_from_args
+    from txvmbot.daemon import codec
 
     commands, args.commands = args.commands, None
     if commands is not None:
@@ -531,7 +531,7 @@ def _print_final(streams: _Streams, job: Job) -> None:
 
 def _print_json(streams: _Streams, value: Any) -> None:
     """With --json: ``value`` (a Job, or a JSON-able value) as JSON."""
-    from txvmbot import codec
+    from txvmbot.daemon import codec
     from txvmbot.daemon.jobs import Job
 
     streams.write_json(codec.job_to_dict(value) if isinstance(value, Job) else value)

@@ -31,7 +31,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from txvmbot import __version__, codec
+from txvmbot import __version__
+from txvmbot.daemon import codec
 from txvmbot.daemon.failures import DEFAULT_BY, FailureReport, report_from_dict
 from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
 from txvmbot.daemon.protocol import (
@@ -200,7 +201,7 @@ class DaemonClient:
 
     def submit(self, spec: Mapping[str, Any] | JobSpec) -> Deferred[Job]:
         """Queue a job; ``spec`` is a :class:`JobSpec` or the dict of
-        :func:`txvmbot.codec.spec_to_dict` (no credentials)."""
+        :func:`txvmbot.daemon.codec.spec_to_dict` (no credentials)."""
         doc = codec.spec_to_dict(spec) if isinstance(spec, JobSpec) else dict(spec)
         return self._call(Submit, spec=doc).addCallback(lambda r: _job(r["job"]))
 

@@ -40,7 +40,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.interfaces import IWorkerPool
 from txvmbot.daemon.jobs import Job, check_id_for
 from txvmbot.daemon.worker_protocol import (

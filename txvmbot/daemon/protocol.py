@@ -5,7 +5,7 @@ version; then it may :class:`Submit`, :class:`Get`, :class:`List`,
 :class:`Watch`, :class:`Cancel`, :class:`Drain`, :class:`Resume` and ask for
 :class:`Status` and :class:`Failures` (finished jobs grouped by their
 environment facts). Jobs, events and statuses travel as JSON documents (the
-shapes of :mod:`txvmbot.codec`); a watch makes the daemon call the client
+shapes of :mod:`txvmbot.daemon.codec`); a watch makes the daemon call the client
 back with :class:`JobEventCmd` for each event of the job, in order, and with
 :class:`WatchEnded` once the job is final.
 
@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import attrs
 from twisted.protocols import amp
 
-from txvmbot.codec import MAX_SPEC_BYTES, dumps
+from txvmbot.daemon.codec import MAX_SPEC_BYTES, dumps
 from txvmbot.daemon.failures import DEFAULT_LIMIT as DEFAULT_REPORT_LIMIT
 from txvmbot.daemon.failures import FACTS, FailureReport, check_by, report_to_dict
 from txvmbot.daemon.failures import MAX_LIMIT as MAX_REPORT_LIMIT
@@ -386,7 +386,7 @@ class Hello(amp.Command):
 
 
 class Submit(amp.Command):
-    """Queue a job: ``spec`` is :func:`txvmbot.codec.spec_to_dict`'s shape."""
+    """Queue a job: ``spec`` is :func:`txvmbot.daemon.codec.spec_to_dict`'s shape."""
 
     commandName = b"Submit"
     arguments = [(b"spec", JSONArgument(MAX_SPEC))]
@@ -395,7 +395,7 @@ class Submit(amp.Command):
 
 
 class Get(amp.Command):
-    """One job (:func:`txvmbot.codec.job_to_dict`; long outputs may be cut
+    """One job (:func:`txvmbot.daemon.codec.job_to_dict`; long outputs may be cut
     to fit one AMP value, then ``truncated`` is true)."""
 
     commandName = b"Get"
@@ -442,7 +442,7 @@ class Unwatch(amp.Command):
 
 class JobEventCmd(amp.Command):
     """Daemon to client: one event of a watched job
-    (:func:`txvmbot.codec.event_to_dict`)."""
+    (:func:`txvmbot.daemon.codec.event_to_dict`)."""
 
     commandName = b"JobEvent"
     arguments = [(b"event", JSONArgument())]

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from txvmbot import __version__, codec
+from txvmbot import __version__
+from txvmbot.daemon import codec
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, Job, JobEvent
 from txvmbot.daemon.protocol import (

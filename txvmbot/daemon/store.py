@@ -17,7 +17,7 @@ else from any writer.
 
 A job is stored as the columns the daemon filters and sorts on (state,
 backend, priority, submitted, ...) plus the whole job as JSON
-(:func:`txvmbot.codec.job_to_dict`), so new fields need no migration until
+(:func:`txvmbot.daemon.codec.job_to_dict`), so new fields need no migration until
 someone wants to filter on them.
 """
 
@@ -35,7 +35,14 @@ from zope.interface import implementer
 
 from txvmbot._sqlite import FileKind, Migration
 from txvmbot._sqlite_errors import is_lock_timeout
-from txvmbot.codec import dumps, event_from_dict, event_to_dict, job_from_dict, job_to_dict, loads
+from txvmbot.daemon.codec import (
+    dumps,
+    event_from_dict,
+    event_to_dict,
+    job_from_dict,
+    job_to_dict,
+    loads,
+)
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
 from txvmbot.errors import ConfigError, TxvmbotError

@@ -33,7 +33,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.worker_protocol import (
     MAX_API_CALL_KINDS,
     MAX_API_CALL_NAME,

@@ -33,7 +33,7 @@ from attrs import frozen
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from txvmbot.codec import MAX_SPEC_BYTES
+from txvmbot.daemon.codec import MAX_SPEC_BYTES
 from txvmbot.errors import TxvmbotError
 
 __all__ = [

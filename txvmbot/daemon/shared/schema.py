@@ -29,7 +29,7 @@ _V1 = (
     "CREATE TABLE txvmbot_schema (version integer NOT NULL)",
     "INSERT INTO txvmbot_schema (version) VALUES (0)",
     # A job: the columns claims, listings and takeover filter on, plus the
-    # whole job as JSON (txvmbot.codec.job_to_dict), as in the SQLite store.
+    # whole job as JSON (txvmbot.daemon.codec.job_to_dict), as in the SQLite store.
     # ``owner`` is the daemon (its lease) that holds the job: NULL while it
     # waits in the shared queue. ``host`` is where it last ran; a local
     # (QEMU) job's machines exist on that host alone.

@@ -22,7 +22,14 @@ from typing import Any
 
 import attrs
 
-from txvmbot.codec import dumps, event_from_dict, event_to_dict, job_from_dict, job_to_dict, loads
+from txvmbot.daemon.codec import (
+    dumps,
+    event_from_dict,
+    event_to_dict,
+    job_from_dict,
+    job_to_dict,
+    loads,
+)
 from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
 from txvmbot.qemu.model import LocalSpec
 
