@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from txvmbot.daemon.settings import DaemonSettings, load, parse_daemon_table
+from txvmbot.daemon.settings import DaemonSettings, check_listen, load, parse_daemon_table
 from txvmbot.errors import ConfigError
 
 PATH = "/etc/txvmbot/config.toml"
@@ -97,6 +97,18 @@ def test_bad_web_listeners_name_the_key(table: dict[str, object], says: str) -> 
         parse(**table)
     assert e.value.where.startswith("daemon.web")
     assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "given, wanted",
+    [
+        ("unix:/run/t.sock", "unix:/run/t.sock:mode=600"),
+        ("unix:/run/t.sock:mode=666", "unix:/run/t.sock:mode=600"),
+        ("unix:path=/run/t.sock:lockfile=1", "unix:path=/run/t.sock:lockfile=1:mode=600"),
+    ],
+)
+def test_unix_listeners_are_owner_only(given: str, wanted: str) -> None:
+    assert check_listen(given, has_tls=False) == wanted
 
 
 # --- the shared PostgreSQL store (issue 9) ------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -206,3 +206,37 @@ class AttachAddressTests(SynchronousTestCase):
             self.journalled(journal),
             [(R.ADDRESS, "eipalloc-1", None), (R.ASSOCIATION, "eipassoc-1", "eipalloc-1")],
         )
+
+
+class _Cloud:
+    """Answers like EC2: InstanceIds with an unknown id fails the whole call;
+    a filter does not."""
+
+    def __init__(self) -> None:
+        self.states = {"i-live": "shutting-down"}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def call(self, operation: str, params: dict[str, Any]) -> Deferred[Any]:
+        self.calls.append((operation, params))
+        if operation == "TerminateInstances":
+            if "i-gone" in params["InstanceIds"]:
+                raise CloudError(operation, "InvalidInstanceID.NotFound", "i-gone", 400)
+            return succeed({})
+        if "InstanceIds" in params:
+            raise CloudError(operation, "InvalidInstanceID.NotFound", "i-gone", 400)
+        (f,) = params["Filters"]
+        found = [{"InstanceId": i, "State": {"Name": s}} for i, s in self.states.items()
+                 if i in f["Values"]]
+        self.states = {i: "terminated" for i in self.states}  # terminated by the next poll
+        return succeed({"Reservations": [{"Instances": found}]})
+
+
+def test_terminate_waits_for_the_live_instance_even_beside_an_unknown_one() -> None:
+    cloud = _Cloud()
+    clock = Clock()
+    d = ensureDeferred(R.terminate_and_wait(cloud, clock, ["i-gone", "i-live"], 1.0, 4.0))  # type: ignore[arg-type]
+    assert not d.called, "returned while i-live was still shutting down"
+    clock.advance(1.0)
+    assert d.called and d.result is None
+    polls = [p for op, p in cloud.calls if op == "DescribeInstances"]
+    assert len(polls) == 2 and all("Filters" in p for p in polls)
