@@ -1,11 +1,13 @@
-"""The runners list the tests (``txvmbot suite --runner`` with neither
-``--list`` nor ``--tests``): txvmbot's own runner, run here as a real
-process on real unittest, trial and pytest suites, answering ``#list``; and
-:func:`listed`, which reads that answer."""
+"""txvmbot's own runner (``{runner_py}``), run here as a real process on
+real unittest, trial and pytest suites: it lists the tests
+(``txvmbot suite --runner`` with neither ``--list`` nor ``--tests``),
+answering ``#list``, read back by :func:`listed`; and what it writes
+reaches txvmbot when each test starts, so a test that kills it is named."""
 
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,6 +54,11 @@ class TestC:
 """
 
 
+#: The runner's environment on a machine: its stdout buffered (as over
+#: ssh), whatever this process was started with.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 def answer(cwd: Path, args: list[str], stdin: str) -> bytes:
     """txvmbot's runner started with ``args`` in ``cwd``, fed ``stdin``: its
     stdout (the protocol)."""
@@ -64,6 +71,7 @@ def answer(cwd: Path, args: list[str], stdin: str) -> bytes:
         capture_output=True,
         timeout=120,
         check=True,
+        env=ENV,
     )
     return done.stdout
 
@@ -167,6 +175,49 @@ def test_pytest_lists_what_it_collected_and_a_module_it_could_not(tmp_path: Path
     assert bad.outcome == "failed"
     assert "pytest could not collect it" in bad.message + bad.output.decode()
     assert "no_such_module_here" in bad.message + bad.output.decode()
+
+
+def test_a_test_that_kills_the_runner_was_announced_before_it_died(tmp_path: Path) -> None:
+    """The runner writes at each test's start, not after every packet: the
+    results before the killer, and the killer's start, are out when the
+    process dies without a flush (os._exit, as a segfault would)."""
+    (tmp_path / "test_dies.py").write_text(
+        textwrap.dedent(
+            """
+            import os, unittest
+
+            class Dies(unittest.TestCase):
+                def test_a(self):
+                    pass
+
+                def test_b(self):
+                    self.assertEqual(1, 2)
+
+                def test_c_kills(self):
+                    os._exit(3)
+
+                def test_d(self):
+                    pass
+            """
+        )
+    )
+    ids = [f"test_dies.Dies.test_{n}" for n in ("a", "b", "c_kills", "d")]
+    script = tmp_path / "runner.py"
+    script.write_bytes(runner_script())
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        input=("\n".join(ids) + "\n#end B\n").encode(),
+        capture_output=True,
+        timeout=60,
+        env=ENV,
+    )
+
+    assert done.returncode == 3
+    read = read_subunit(done.stdout, "w", ids)
+    assert {r.test_id: r.outcome for r in read.results} == {ids[0]: "passed", ids[1]: "failed"}
+    assert read.running == ids[2]
+    assert read.missing == (ids[3],)
 
 
 def test_a_bad_runner_argument_stops_it_with_its_usage(tmp_path: Path) -> None:

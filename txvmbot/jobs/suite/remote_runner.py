@@ -43,9 +43,17 @@ MARK = "txvmbot:end-of-batch:"
 LIST_ERROR = "txvmbot:list-error:"
 
 
+#: The status bits of a subunit v2 packet's flags that say "inprogress".
+_INPROGRESS = 0x2
+
+
 def _flushing(stream: IO[bytes]) -> Any:
-    """A binary stream that is flushed after every write: results reach
-    txvmbot as each test ends, not when a buffer fills."""
+    """A binary stream that reaches txvmbot when a test starts (its
+    ``inprogress`` packet carries the previous test's results along) and at
+    the end of each batch (:func:`_end`), not after every packet: fewer
+    writes leave the machine's cores to the tests (each write wakes sshd
+    and txvmbot). A test that kills its runner has always been announced,
+    so its failure is still put on it."""
 
     class Flushing:
         def read(self, size: int = -1) -> bytes:
@@ -53,13 +61,25 @@ def _flushing(stream: IO[bytes]) -> Any:
 
         def write(self, data: bytes) -> int:
             n = stream.write(data)
-            stream.flush()
+            # Packets come whole: signature 0xB3, then two bytes of flags
+            # whose low three bits are the test status.
+            if len(data) > 2 and data[0] == 0xB3 and data[2] & 0x07 == _INPROGRESS:
+                stream.flush()
             return n
 
         def flush(self) -> None:
+            pass  # subunit flushes after every packet; see push()
+
+        def push(self) -> None:
             stream.flush()
 
     return Flushing()
+
+
+def _end(marks: Any, token: str) -> None:
+    """The end packet of a request, and everything before it, to txvmbot."""
+    marks.status(test_id=MARK + token, test_status="exists")
+    marks.output_stream.push()
 
 
 def _flat(suite: Any) -> list[Any]:
@@ -192,7 +212,7 @@ def _answer_list(marks: Any, token: str, list_ids: Any) -> None:
     else:
         for tid in dict.fromkeys(ids):
             marks.status(test_id=tid, test_status="exists")
-    marks.status(test_id=MARK + token, test_status="exists")
+    _end(marks, token)
 
 
 _PYTEST_STATUS = {"passed": "success", "failed": "fail", "skipped": "skip"}
@@ -245,7 +265,7 @@ def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int
                 for i, item in enumerate(todo):
                     after = todo[i + 1] if i + 1 < len(todo) else None
                     item.config.hook.pytest_runtest_protocol(item=item, nextitem=after)
-                marks.status(test_id=MARK + token, test_status="exists")
+                _end(marks, token)
             self.done = True
             return True
 
@@ -303,7 +323,7 @@ def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int
             for tid in ids:
                 feed._status(tid, "inprogress")
                 feed._status(tid, "fail", text=why)
-            marks.status(test_id=MARK + token, test_status="exists")
+            _end(marks, token)
     return 0
 
 
@@ -349,7 +369,7 @@ def main(argv: list[str]) -> int:
         if ids:
             run(ids)
         sys.stdout.flush()
-        marks.status(test_id=MARK + token, test_status="exists")
+        _end(marks, token)
     return 0
 
 
