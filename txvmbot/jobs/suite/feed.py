@@ -24,8 +24,10 @@ Batch sizes follow guided self-scheduling (factoring): a batch is the
 remaining expected work divided by ``workers * slices``, where ``slices``
 is 2 (at most ``slices_per_worker``) when every queued test has a
 recorded duration and grows to
-``slices_per_worker`` as the share of guessed durations grows (a guess is
-wrong more often, so smaller batches hedge). Two floors keep the fixed cost
+``slices_per_worker`` (16) as the share of guessed durations grows (a
+guess is wrong more often, so smaller batches hedge: a test far slower
+than guessed holds up only the rest of its own batch, while the other
+machines go on with the queue). Two floors keep the fixed cost
 small: while a machine's share of the remaining work allows, a batch is big
 enough that the cost is at most :data:`COST_SHARE` of it; and near the end
 it shrinks no further than :data:`FLOOR_COSTS` times that cost. (tests/test_suite_feed.py
@@ -145,7 +147,7 @@ class Feeder:
         durations: Mapping[str, float],
         workers: int,
         batch: bool = True,
-        slices_per_worker: int = 4,
+        slices_per_worker: int = 16,
         group: GroupKey = _alone,
     ) -> None:
         """``test_ids``: the suite's tests, each once; their order breaks
