@@ -161,7 +161,7 @@ class BenchDaemon:
 
     def start(self, env: dict[str, str]) -> float:
         """Start it; wait (bounded) until it listens; seconds it took."""
-        from tests import daemon as D
+        from tests import real_daemon as D
 
         t0 = time.perf_counter()
         prof = [] if self.profile is None else [
@@ -180,7 +180,7 @@ class BenchDaemon:
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM by pid (SIGKILL after ``timeout``); then any worker left
         is killed by its pid."""
-        from tests import daemon as D
+        from tests import real_daemon as D
 
         if self.proc is not None:
             D.stop(self.proc, timeout=timeout)
@@ -191,7 +191,7 @@ class BenchDaemon:
         assert self.proc is not None
         pids = self.worker_pids or []
         if self.proc.poll() is None:
-            from tests import daemon as D
+            from tests import real_daemon as D
 
             pids = sorted(set(pids) | set(D.worker_pids(self.proc.pid)))
             os.kill(self.proc.pid, signal.SIGKILL)

@@ -77,7 +77,7 @@ from bench._common import (  # noqa: E402
     table,
 )
 from tests import checkrun  # noqa: E402
-from tests import daemon as D  # noqa: E402
+from tests import real_daemon as D  # noqa: E402
 from tests.servers import moto_server  # noqa: E402
 
 TARGET_RATE = 2000.0  # submits/s, accepted and stored

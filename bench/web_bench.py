@@ -259,7 +259,7 @@ def start_daemon(
     ``profile``, under cProfile, pstats saved there); (process, daemon,
     seconds until the web page answered)."""
     from bench._common import bench_env
-    from tests import daemon as D
+    from tests import real_daemon as D
 
     data = os.path.join(tmp, "data")
     os.makedirs(data)
@@ -367,7 +367,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv[1:])
     from bench._common import ReactorThread, pick_image, set_test_credentials
     from tests import checkrun
-    from tests import daemon as D
+    from tests import real_daemon as D
     from tests.servers import free_port, moto_server
 
     set_test_credentials()

@@ -17,7 +17,7 @@ import attrs
 import psycopg
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from tests import checkrun, damage
-from tests import daemon as D
+from tests import real_daemon as D
 
 
 def start_and_wait(data_dir: str, *args: str) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 from tests.servers import Moto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

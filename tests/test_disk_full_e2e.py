@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 from tests.servers import Moto
 from tests.test_daemon_e2e import fresh_moto, image, job_args
 

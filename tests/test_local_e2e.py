@@ -3,7 +3,7 @@ commands (``python -m txvmbot check --local``, ``twistd -n txvmbot`` and its
 client commands), on the session's test image.
 
 At most two VMs run at once (two cores). Every process a test starts is
-stopped by its pid: the daemon through tests/daemon.py, stray QEMU through
+stopped by its pid: the daemon through tests/real_daemon.py, stray QEMU through
 ``stop_from_record`` on the VM directories left in a run dir. The guests
 reach nothing; their sshd is reached only through a forward on 127.0.0.1.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 from txvmbot.qemu import kept as K
 from txvmbot.qemu.image import ImageInfo
 from txvmbot.qemu.model import READY_MARKER

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 from tests.pgserver import PostgresServer
 from tests.servers import Moto, moto_server
 from tests.shared_cluster import Member, cluster, query, submit_script, wait_until_final

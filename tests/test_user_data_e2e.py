@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 from tests.servers import Moto
 
 FAST = ["--no-ssh", "--timeout-poll-interval", "0.2", "--timeout-poll-max-interval", "0.5"]

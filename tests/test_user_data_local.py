@@ -23,7 +23,7 @@ from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
 from tests import checkrun
-from tests import daemon as D
+from tests import real_daemon as D
 from txvmbot.jobs.smoke import LocalCheck
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckResult

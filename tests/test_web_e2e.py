@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests import daemon as D
+from tests import real_daemon as D
 from tests.servers import free_port, wait_for_port
 from tests.test_local_e2e import qemu_pids, short_dir, vm_dirs  # noqa: F401
 from tests.test_tls import make_pki
