@@ -11,6 +11,7 @@ from tests.debian_fixtures import debian_image  # noqa: F401
 from tests.pgserver import PostgresServer, choose_base_dir, running_server
 from tests.qemu_fixtures import qemu_image  # noqa: F401
 from tests.servers import Moto, moto_server
+from tests.starts_servers import ServerUse
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,13 @@ def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
             # A test that restarted or stopped the server, or left a
             # connection that FORCE could not end, must not fail teardown.
             pass
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``integration`` every test that starts a real server or process
+    (tests/starts_servers.py says how it knows), so that
+    ``pytest -m "not integration"`` runs only the unit tests."""
+    use = ServerUse()
+    for item in items:
+        if use.starts(item):
+            item.add_marker(pytest.mark.integration)
