@@ -62,7 +62,7 @@ from bench._common import (  # noqa: E402
 from bench.daemon_bench import proc_status_kb, pss_kb, spec_dict  # noqa: E402
 from bench.web_bench import start_daemon  # noqa: E402
 from tests import checkrun  # noqa: E402
-from tests import daemon as D  # noqa: E402
+from tests import real_daemon as D  # noqa: E402
 from tests.servers import free_port, moto_server  # noqa: E402
 
 TARGET_SLOPE = 0.2  # MB of daemon RSS per 1,000 jobs, after --skip jobs
@@ -430,7 +430,7 @@ def run(
 ) -> None:
     from twisted.internet.defer import ensureDeferred
 
-    from txvmbot import codec
+    from txvmbot.daemon import codec
 
     spec = spec_dict(moto.url, image, BACKEND)
     spec["timeouts"] = {"poll_interval": args.poll, "poll_max_interval": max(args.poll, 0.5)}

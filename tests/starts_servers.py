@@ -40,7 +40,7 @@ STARTERS = frozenset({
 })
 
 #: Modules whose every use starts one.
-STARTER_MODULES = frozenset({"tests.real_daemon", "tests.daemon", "tests.shared_cluster", "selenium"})
+STARTER_MODULES = frozenset({"tests.real_daemon", "tests.shared_cluster", "selenium"})
 
 #: Consecutive strings of an argv that runs the CLI.
 CLI_ARGV = (("-m", "txvmbot"), ("bin", "txvmbot"))

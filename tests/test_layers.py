@@ -20,10 +20,6 @@ LAYERS = {
     "txvmbot.ssh": 1,
     "txvmbot.jobs": 2,
     "txvmbot.daemon": 3,
-    # Only the old name of txvmbot.daemon.codec, kept until its last two
-    # importers (tests/test_suite_spec.py, bench/soak.py) use the new one;
-    # then this line and txvmbot/codec.py go.
-    "txvmbot.codec": 3,
     "txvmbot.tap": 3,
     "txvmbot.cli": 4,
     # The checks behind ``txvmbot doctor`` look at every layer's install

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests import daemon as D
+from tests import real_daemon as D
 from tests.test_local_e2e import qemu_pids, short_dir, vm_dirs  # noqa: F401
 from tests.test_suite_cloud_e2e import subunit_stats
 from tests.test_suite_local_e2e import RUN

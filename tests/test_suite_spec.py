@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import checkrun
-from txvmbot import codec
+from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import JobSpec
 from txvmbot.errors import ConfigError
 from txvmbot.jobs.suite.spec import SuiteSpec, Upload, command_for
