@@ -18,6 +18,8 @@ from txvmbot.errors import ConfigError, TxvmbotError
 from txvmbot.jobs.suite import durations
 from txvmbot.jobs.suite.feed import Batch, Closed, Feeder, FeedError, expected_durations
 from txvmbot.jobs.suite.groups import by_class, family_of, grouping
+from txvmbot.jobs.suite.ledger import between_tests
+from txvmbot.jobs.suite.results import TestResult
 from txvmbot.jobs.suite.spread import (
     Spread,
     Timeline,
@@ -158,6 +160,33 @@ def test_a_fixed_cost_per_command_keeps_batches_big() -> None:
     assert feeder.empty
 
 
+def test_time_between_tests_is_no_part_of_a_commands_fixed_cost() -> None:
+    """A long-lived runner costs 0.05 s a batch, and 2 ms between tests
+    (its loader, writing results): that grows with the batch, so it is not
+    counted as the batch's fixed cost (which would make every batch 20
+    times too big)."""
+    ids = [f"t{i:03d}" for i in range(400)]
+    feeder = Feeder(ids, dict.fromkeys(ids, 0.01), workers=2)
+    batch = feeder.take("w0")
+    assert batch is not None
+    n = len(batch.test_ids)
+    gaps = (n - 1) * 0.002
+    feeder.finished(
+        batch, set(batch.test_ids), took=0.05 + n * 0.01 + gaps, times=dict.fromkeys(batch.test_ids, 0.01), between=gaps
+    )
+    assert feeder.fixed_cost("w0") == pytest.approx(0.05)
+
+
+def test_between_tests_sums_the_gaps_inside_a_batch() -> None:
+    def result(test_id: str, started: float, duration: float) -> TestResult:
+        return TestResult(test_id=test_id, outcome="passed", duration=duration, worker="w", started=started)
+
+    # Out of order as they may be recorded; the second and third overlap.
+    results = [result("c", 103.0, 1.0), result("a", 100.0, 1.0), result("b", 101.5, 2.0)]
+    assert between_tests(results) == pytest.approx(0.5)
+    assert between_tests([]) == 0.0
+
+
 def test_the_cost_is_measured_only_from_batches_that_ended_whole() -> None:
     feeder = Feeder(["a", "b"], {"a": 1.0, "b": 1.0}, workers=1, slices_per_worker=1)
     batch = feeder.take("w0")
@@ -183,28 +212,55 @@ def test_times_of_this_run_replace_the_guess() -> None:
     assert feeder.remaining_seconds == pytest.approx(0.01 * feeder.remaining)
 
 
-def test_a_slow_module_learned_from_its_first_tests_goes_first() -> None:
-    """Nothing recorded; tests of ``pkg.slow`` take 3 s, the rest 0.01 s.
-    Once a batch has run some of them, the other tests of that module are
-    expected to take 3 s each (more than the run's mean), and are handed
-    out before the others although they were listed last."""
+def test_a_slow_module_listed_last_is_probed_first_and_then_goes_first() -> None:
+    """Nothing recorded; the tests of ``pkg.slow``, listed last, take 3 s,
+    the rest 0.01 s. The first class of every module goes before the bulk
+    (a probe), so the slow module is known early; once its first class has
+    run, its other classes are expected at 3 s a test and go next, before
+    the fast modules' rest, although they were listed last."""
+
     def case(module: str) -> list[str]:
         return [f"pkg.{module}.test_{j}" for j in range(10)]
 
-    ids = case("slow.Case0") + [t for i in range(8) for t in case(f"fast{i}.Case")]
-    ids += case("slow.Case1") + case("slow.Case2")
+    ids = [t for i in range(8) for c in ("A", "B") for t in case(f"fast{i}.Case{c}")]
+    ids += case("slow.Case0") + case("slow.Case1") + case("slow.Case2")
     seconds = {t: 3.0 if t.startswith("pkg.slow") else 0.01 for t in ids}
     feeder = Feeder(ids, {}, workers=2, slices_per_worker=2, group=by_class)
-    first = feeder.take("w0")
-    assert first is not None
-    assert {t.rsplit(".", 1)[0] for t in first.test_ids} == {"pkg.slow.Case0", "pkg.fast0.Case"}
-    times = {t: seconds[t] for t in first.test_ids}
-    feeder.finished(first, set(first.test_ids), took=sum(times.values()) + 0.1, times=times)
+    handed: list[str] = []
+    while "pkg.slow.Case0.test_0" not in handed:
+        batch = feeder.take("w0")
+        assert batch is not None
+        handed.extend(batch.test_ids)
+        times = {t: seconds[t] for t in batch.test_ids}
+        feeder.finished(batch, set(batch.test_ids), took=sum(times.values()) + 0.01, times=times)
+    # Only probes so far: the first class of each module, none of the rest.
+    assert {t.rsplit(".", 1)[0] for t in handed} <= {f"pkg.fast{i}.CaseA" for i in range(8)} | {"pkg.slow.Case0"}
     assert feeder.expected("pkg.slow.Case2.test_0") == pytest.approx(3.0)
-    assert feeder.expected("pkg.fast0.Case.test_0") == pytest.approx(0.01)
-    assert feeder.expected("pkg.fast5.Case.test_0") == pytest.approx(1.505)  # the run's mean
     following = feeder.take("w1")
     assert following is not None and following.test_ids[0] == "pkg.slow.Case1.test_0"
+
+
+def test_a_cheap_command_gets_unrecorded_tests_in_batches_cut_by_count() -> None:
+    """Nothing recorded and the first tests fast: their mean would make the
+    whole unknown rest one or two huge batches. While a command is cheap,
+    a batch holds at most the unrecorded tests left / (machines x 4)."""
+    ids = [f"pkg.mod{i // 100}.Case{i // 10}.test_{i}" for i in range(1000)]
+    feeder = Feeder(ids, {}, workers=2, group=by_class)
+    first = feeder.take("w0")
+    assert first is not None
+    feeder.finished(first, set(first.test_ids), took=0.05, times=dict.fromkeys(first.test_ids, 0.0001))
+    second = feeder.take("w0")
+    assert second is not None
+    left = 1000 - len(first.test_ids)
+    assert len(second.test_ids) <= -(-left // 8)
+    # A costly command (a fresh interpreter a batch) is held to the cost
+    # floors instead: one big batch.
+    costly = Feeder(ids, {}, workers=2, group=by_class)
+    first = costly.take("w0")
+    assert first is not None
+    costly.finished(first, set(first.test_ids), took=2.0, times=dict.fromkeys(first.test_ids, 0.0001))
+    second = costly.take("w0")
+    assert second is not None and len(second.test_ids) > 2 * -(-left // 8)
 
 
 def test_families_are_modules() -> None:
@@ -782,6 +838,10 @@ def test_summarize_figures() -> None:
     )
     # One test longer than the per-worker share sets the bound.
     assert summarize(timelines, [9.0, 1.0]).lower_bound == 9.0
+    # The time runners spend between tests is work the machines share; a
+    # command's fixed cost every machine pays.
+    costly = summarize(timelines, [3.0, 3.0, 4.0, 5.0], fixed_cost=0.5, between=1.0)
+    assert (costly.lower_bound, costly.between) == (8.0 + 0.5, 1.0)
     with pytest.raises(ConfigError):
         summarize([], [1.0])
 

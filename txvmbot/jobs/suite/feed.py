@@ -34,6 +34,15 @@ it shrinks no further than :data:`FLOOR_COSTS` times that cost. (tests/test_suit
 simulates a 2,409-test suite of small, heavy-tailed tests with a fixed cost
 per command to show what this wins.)
 
+With nothing recorded (a first run), the first class of every module goes
+before the bulk (a probe): a module of slow tests listed last would
+otherwise be met last and end the run late; once its speed is known, its
+other groups are heavy and go first. And while a command is cheap (a
+long-lived runner), unrecorded tests are also cut by count, at most the
+ones left / (machines x :data:`COUNT_SLICES`) a batch: the first tests of a
+run may all be fast ones, and a guess from them would hand out the whole
+unknown rest in a few big batches.
+
 Pure and deterministic: no reactor, no I/O. The caller runs the batches and
 reports back with :meth:`Feeder.finished` or :meth:`Feeder.timed_out`.
 """
@@ -67,6 +76,13 @@ RESORT_GROWTH = 1.25
 #: How much of a machine's last measured fixed cost is kept when a new
 #: batch is measured (an exponential moving average).
 COST_MEMORY = 0.5
+#: A command that costs at most this many seconds (a long-lived runner's
+#: batch) is cheap: batches of tests without a recorded time are then also
+#: cut by count (see ``Feeder._guessed_cap``).
+CHEAP_COST = 0.25
+#: ... and then into at most this many batches a machine by count, of the
+#: tests without a recorded time that are left.
+COUNT_SLICES = 4
 #: A group expected to take more than this share of a machine's part of
 #: the suite is heavy: it goes before the others, longest first. Lighter
 #: ones, handed out last, leave machines ending within about this share.
@@ -183,6 +199,7 @@ class Feeder:
         self._position = {tid: i for i, tid in enumerate(self._ids)}
         self._given_back: dict[str, int] = {}
         self._heavy = self._heavy_from_here()
+        self._probes = self._first_of_unknown_modules()
         self._queue: deque[list[str]] = deque(self._groups(group if batch else _alone))
         self._queued_known = math.fsum(self._recorded.values())
         #: queued tests without a recorded time, by family
@@ -199,6 +216,17 @@ class Feeder:
         the whole suite's tests."""
         return HEAVY_SHARE * self._seconds(self._ids) / self._workers
 
+    def _first_of_unknown_modules(self) -> set[str]:
+        """The first listed test of each module (family) none of whose
+        tests has a recorded time."""
+        known = {family_of(tid) for tid in self._recorded}
+        firsts: dict[str, str] = {}
+        for tid in self._ids:
+            family = self._family.get(tid, "")
+            if family and family not in known:
+                firsts.setdefault(family, tid)
+        return set(firsts.values())
+
     def _groups(self, group: GroupKey) -> list[list[str]]:
         """The tests as groups in listing order within each, in
         :meth:`_order`."""
@@ -210,16 +238,21 @@ class Feeder:
         ordered.sort(key=self._order)
         return ordered
 
-    def _order(self, group: list[str]) -> tuple[int, int, float, int]:
-        """Tests given back first, then heavy groups longest expected first,
-        then the others as listed."""
+    def _order(self, group: list[str]) -> tuple[int, int, int, float, int]:
+        """Tests given back first; then, while a module's speed is unknown,
+        its first group (a probe: a module of slow tests listed last would
+        otherwise be met last, and end the run late); then heavy groups
+        longest expected first; then the others as listed."""
         seconds = self._seconds(group)
         heavy = seconds > self._heavy
+        head = group[0]
+        probe = head in self._probes and self._family.get(head, "") not in self._learned
         return (
-            0 if group[0] in self._given_back else 1,
+            0 if head in self._given_back else 1,
+            0 if probe else 1,
             0 if heavy else 1,
             -seconds if heavy else 0.0,
-            self._position[group[0]],
+            self._position[head],
         )
 
     # -- counts ---------------------------------------------------------
@@ -303,7 +336,7 @@ class Feeder:
         if not self._batch:
             ids = [self._queue.popleft()[0]]
         else:
-            ids = self._fill(self._budget(worker))
+            ids = self._fill(self._budget(worker), self._guessed_cap(worker))
         for tid in ids:
             if tid in self._recorded:
                 self._queued_known -= self._recorded[tid]
@@ -328,11 +361,25 @@ class Feeder:
             FLOOR_COSTS * cost,
         )
 
-    def _fill(self, budget: float) -> list[str]:
-        """Whole groups, longest first, while they fit ``budget`` (the first
-        always goes). A first group bigger than a machine's share of what is
-        left is split: its first tests up to ``budget`` go, the rest stays
-        at the front."""
+    def _guessed_cap(self, worker: str) -> float:
+        """How many tests without a recorded time a batch of ``worker`` may
+        hold: while commands are cheap, a share of those left by count
+        (guided self-scheduling as first written, robust to a guess that
+        is wrong for all of them alike: the first tests of a run may all be
+        fast ones), so that a suite's unknown bulk is never handed out in a
+        few big batches. A costly command (a fresh interpreter and its
+        imports) is held to the cost floors instead."""
+        if self.fixed_cost(worker) > CHEAP_COST:
+            return math.inf
+        guessed = sum(self._queued_guessed.values())
+        return max(1.0, math.ceil(guessed / (self._workers * COUNT_SLICES)))
+
+    def _fill(self, budget: float, cap: float = math.inf) -> list[str]:
+        """Whole groups, longest first, while they fit ``budget`` and hold no
+        more than ``cap`` tests without a recorded time (the first always
+        goes). A first group bigger than a machine's share of what is left
+        is split: its first tests up to ``budget`` go, the rest stays at the
+        front."""
         first = self._queue[0]
         seconds = self._seconds(first)
         if len(first) > 1 and seconds > max(budget, self.remaining_seconds / self._workers):
@@ -344,11 +391,20 @@ class Feeder:
             self._queue[0] = first[cut:]
             return first[:cut]
         ids = self._queue.popleft()
-        while self._queue and seconds + (more := self._seconds(self._queue[0])) <= budget:
+        guessed = self._guessed_in(ids)
+        while (
+            self._queue
+            and seconds + (more := self._seconds(self._queue[0])) <= budget
+            and guessed + (extra := self._guessed_in(self._queue[0])) <= cap
+        ):
             ids = ids + self._queue.popleft()
             seconds += more
+            guessed += extra
         # In listing order, as the machine would meet them in one run.
         return sorted(ids, key=self._position.__getitem__)
+
+    def _guessed_in(self, ids: Sequence[str]) -> int:
+        return sum(1 for tid in ids if tid not in self._recorded)
 
     def finished(
         self,
@@ -357,15 +413,18 @@ class Feeder:
         *,
         took: float | None = None,
         times: Mapping[str, float] | None = None,
+        between: float = 0.0,
     ) -> Closed:
         """Close ``batch``: ``done`` are its tests that ended. The others
         (the machine died, the run was cut off) go back to the front of the
         queue the first time, and are given up the second time.
 
         ``took``: the command's wall time; ``times``: the seconds each test
-        reported. Both teach the feeder: the worker's fixed cost per command
-        (when every test of the batch ended) and how long tests without a
-        recorded time take."""
+        reported; ``between``: the seconds the runner spent between its
+        tests (they grow with the batch: no part of the fixed cost). They
+        teach the feeder the worker's fixed cost per command (when every
+        test of the batch ended) and how long tests without a recorded time
+        take."""
         self._close(batch, done)
         requeued: list[str] = []
         gave_up: list[str] = []
@@ -379,10 +438,12 @@ class Feeder:
         ended = [tid for tid in batch.test_ids if tid in done]
         self._ended += len(ended) + len(gave_up)
         if times is not None:
-            self._learn(batch, done, took, times)
+            self._learn(batch, done, took, times, between)
         return Closed(done=tuple(ended), requeued=tuple(requeued), gave_up=tuple(gave_up))
 
-    def _learn(self, batch: Batch, done: Set[str], took: float | None, times: Mapping[str, float]) -> None:
+    def _learn(
+        self, batch: Batch, done: Set[str], took: float | None, times: Mapping[str, float], between: float
+    ) -> None:
         reported = {tid: max(0.0, float(t)) for tid, t in times.items() if tid in done and math.isfinite(t)}
         guessed = [(self._family[tid], t) for tid, t in reported.items() if tid not in self._recorded]
         for family, seconds in guessed:
@@ -399,7 +460,7 @@ class Feeder:
             self._sorted_at = learned
         if took is None or not math.isfinite(took) or len(reported) != len(batch.test_ids):
             return
-        cost = max(0.0, took - math.fsum(reported.values()))
+        cost = max(0.0, took - math.fsum(reported.values()) - max(0.0, between))
         before = self._costs.get(batch.worker)
         self._costs[batch.worker] = cost if before is None else COST_MEMORY * before + (1 - COST_MEMORY) * cost
 

@@ -7,6 +7,7 @@ this module only keeps the books."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import attrs
@@ -26,6 +27,17 @@ _OUTPUT_TAIL = 64 * 1024
 
 def _tail(data: bytes) -> bytes:
     return data if len(data) <= _OUTPUT_TAIL else b"[...]\n" + data[-_OUTPUT_TAIL:]
+
+
+def between_tests(results: Sequence[R.TestResult]) -> float:
+    """Seconds between one test's end and the next one's start, summed over
+    a batch: what the runner spends per test outside the tests (its
+    loader, writing the results), which grows with the batch and is no
+    part of a command's fixed cost."""
+    ordered = sorted(results, key=lambda r: r.started)
+    return sum(
+        max(0.0, b.started - (a.started + a.duration)) for a, b in pairwise(ordered)
+    )
 
 
 class Ledger:
@@ -52,6 +64,9 @@ class Ledger:
         self.check_id = check_id
         self.results = results
         self.attempts = attempts
+        #: Seconds the runners spent between the tests of a batch, summed
+        #: over the batches whose commands ended.
+        self.between = 0.0
 
     def handed(self, batch: Batch) -> None:
         for t in batch.test_ids:
@@ -102,8 +117,11 @@ class Ledger:
         """Close a batch whose command ended: every test of it is over, and
         what they reported teaches the feeder."""
         ids = set(batch.test_ids)
-        times = {r.test_id: r.duration for r in results if r.test_id in ids}
-        self.feeder.finished(batch, ids, took=took, times=times)
+        ours = [r for r in results if r.test_id in ids]
+        times = {r.test_id: r.duration for r in ours}
+        between = between_tests(ours)
+        self.between += between
+        self.feeder.finished(batch, ids, took=took, times=times, between=between)
 
     def _not_run(
         self,

@@ -36,6 +36,7 @@ def summary_dict(result: SuiteResult) -> dict[str, Any]:
             end_spread_share=round(s.end_spread_share, 4),
             lower_bound=round(s.lower_bound, 3),
             fixed_cost=round(s.fixed_cost, 3),
+            between_tests=round(s.between, 3),
             makespan_over_lower_bound=round(s.ratio, 4),
         )
     return doc
@@ -61,7 +62,7 @@ def format_summary(result: SuiteResult) -> str:
     if s is not None:
         lines.append(
             f"makespan {s.makespan:.2f}s (lower bound {s.lower_bound:.2f}s with "
-            f"{s.fixed_cost:.2f}s a command, x{s.ratio:.3f}); "
+            f"{s.fixed_cost:.2f}s a command and {s.between:.2f}s between tests, x{s.ratio:.3f}); "
             f"end spread {s.end_spread:.2f}s = {100 * s.end_spread_share:.1f}% of the makespan"
         )
         for m in result.times:

@@ -636,6 +636,7 @@ class SuiteRun:
             [Timeline(t.worker, self._t0, t.end, t.busy) for t in times],
             [t.duration for t in tests if t.outcome != "infra"],
             fixed_cost=statistics.median(costs.values()) if costs else 0.0,
+            between=self._ledger.between if self._ledger is not None else 0.0,
         )
 
     # -- evidence ---------------------------------------------------------

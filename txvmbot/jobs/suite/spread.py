@@ -30,8 +30,10 @@ class Spread:
     ``end_spread``: the last worker's end minus the first worker's end, the
     time machines sat done while another still ran. ``fixed_cost``: the
     measured seconds a command costs besides its tests (the runner's start,
-    its imports), which every machine pays at least once. ``lower_bound``:
-    no schedule can beat ``max(total_test_time / workers, longest_test) +
+    its imports), which every machine pays at least once. ``between``: the
+    seconds the runners spent between tests (loading them, writing their
+    results), in all. ``lower_bound``: no schedule can beat
+    ``max((total_test_time + between) / workers, longest_test) +
     fixed_cost``; ``ratio`` is ``makespan / lower_bound`` (1.0 is perfect).
     """
 
@@ -45,13 +47,18 @@ class Spread:
     lower_bound: float
     ratio: float
     fixed_cost: float = 0.0
+    between: float = 0.0
 
 
 def summarize(
-    timelines: Sequence[Timeline], test_durations: Iterable[float], fixed_cost: float = 0.0
+    timelines: Sequence[Timeline],
+    test_durations: Iterable[float],
+    fixed_cost: float = 0.0,
+    between: float = 0.0,
 ) -> Spread:
     """The figures of a run from its workers' timelines, the seconds each of
-    its tests took and the fixed cost of one command."""
+    its tests took, the fixed cost of one command and the seconds spent
+    between tests."""
     if not timelines:
         raise ConfigError("timelines", "need at least one worker's timeline")
     durations = list(test_durations)
@@ -60,7 +67,7 @@ def summarize(
     end_spread = max(ends) - min(ends)
     total = sum(durations)
     longest = max(durations, default=0.0)
-    lower = max(total / len(timelines), longest) + fixed_cost
+    lower = max((total + between) / len(timelines), longest) + fixed_cost
     return Spread(
         workers=len(timelines),
         makespan=makespan,
@@ -72,6 +79,7 @@ def summarize(
         lower_bound=lower,
         ratio=makespan / lower if lower > 0 else 1.0,
         fixed_cost=fixed_cost,
+        between=between,
     )
 
 
