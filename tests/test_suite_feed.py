@@ -127,6 +127,9 @@ def test_guessed_durations_make_smaller_batches() -> None:
     feeder = Feeder(ids, {}, workers=4)
     batch = feeder.take("w0")
     # Nothing recorded: the work is cut in workers * slices_per_worker.
+    assert batch is not None and len(batch.test_ids) == 25  # 400 s / (4 x 4)
+    # A long-lived runner's batches cost little: cut finer.
+    batch = Feeder(ids, {}, workers=4, runner=True).take("w0")
     assert batch is not None and len(batch.test_ids) == 6  # 400 s / (4 x 16)
 
 
@@ -225,7 +228,7 @@ def test_a_slow_module_listed_last_is_probed_first_and_then_goes_first() -> None
     ids = [t for i in range(8) for c in ("A", "B") for t in case(f"fast{i}.Case{c}")]
     ids += case("slow.Case0") + case("slow.Case1") + case("slow.Case2")
     seconds = {t: 3.0 if t.startswith("pkg.slow") else 0.01 for t in ids}
-    feeder = Feeder(ids, {}, workers=2, slices_per_worker=2, group=by_class)
+    feeder = Feeder(ids, {}, workers=2, slices_per_worker=2, group=by_class, runner=True)
     handed: list[str] = []
     while "pkg.slow.Case0.test_0" not in handed:
         batch = feeder.take("w0")
@@ -242,10 +245,11 @@ def test_a_slow_module_listed_last_is_probed_first_and_then_goes_first() -> None
 
 def test_a_cheap_command_gets_unrecorded_tests_in_batches_cut_by_count() -> None:
     """Nothing recorded and the first tests fast: their mean would make the
-    whole unknown rest one or two huge batches. While a command is cheap,
-    a batch holds at most the unrecorded tests left / (machines x 4)."""
+    whole unknown rest one or two huge batches. While a runner's batches
+    are cheap, a batch holds at most the unrecorded tests left / (machines
+    x 4)."""
     ids = [f"pkg.mod{i // 100}.Case{i // 10}.test_{i}" for i in range(1000)]
-    feeder = Feeder(ids, {}, workers=2, group=by_class)
+    feeder = Feeder(ids, {}, workers=2, group=by_class, runner=True)
     first = feeder.take("w0")
     assert first is not None
     feeder.finished(first, set(first.test_ids), took=0.05, times=dict.fromkeys(first.test_ids, 0.0001))
@@ -255,7 +259,7 @@ def test_a_cheap_command_gets_unrecorded_tests_in_batches_cut_by_count() -> None
     assert len(second.test_ids) <= -(-left // 8)
     # A costly command (a fresh interpreter a batch) is held to the cost
     # floors instead: one big batch.
-    costly = Feeder(ids, {}, workers=2, group=by_class)
+    costly = Feeder(ids, {}, workers=2, group=by_class, runner=True)
     first = costly.take("w0")
     assert first is not None
     costly.finished(first, set(first.test_ids), took=2.0, times=dict.fromkeys(first.test_ids, 0.0001))

@@ -24,24 +24,28 @@ Batch sizes follow guided self-scheduling (factoring): a batch is the
 remaining expected work divided by ``workers * slices``, where ``slices``
 is 2 (at most ``slices_per_worker``) when every queued test has a
 recorded duration and grows to
-``slices_per_worker`` (16) as the share of guessed durations grows (a
-guess is wrong more often, so smaller batches hedge: a test far slower
-than guessed holds up only the rest of its own batch, while the other
-machines go on with the queue). Two floors keep the fixed cost
+``slices_per_worker`` (4; 16 for a long-lived runner, whose batches cost
+little) as the share of guessed durations grows (a guess is wrong more
+often, so smaller batches hedge: a test far slower than guessed holds up
+only the rest of its own batch, while the other machines go on with the
+queue). Two floors keep the fixed cost
 small: while a machine's share of the remaining work allows, a batch is big
 enough that the cost is at most :data:`COST_SHARE` of it; and near the end
 it shrinks no further than :data:`FLOOR_COSTS` times that cost. (tests/test_suite_feed.py
 simulates a 2,409-test suite of small, heavy-tailed tests with a fixed cost
 per command to show what this wins.)
 
-With nothing recorded (a first run), the first class of every module goes
-before the bulk (a probe): a module of slow tests listed last would
-otherwise be met last and end the run late; once its speed is known, its
-other groups are heavy and go first. And while a command is cheap (a
-long-lived runner), unrecorded tests are also cut by count, at most the
-ones left / (machines x :data:`COUNT_SLICES`) a batch: the first tests of a
-run may all be fast ones, and a guess from them would hand out the whole
-unknown rest in a few big batches.
+For a long-lived runner (``runner``), whose batches cost little, two more
+hedges for a first run. The first class of every module with no recorded
+time goes before the bulk (a probe): a module of slow tests listed last
+would otherwise be met last and end the run late; once its speed is known,
+its other groups are heavy and go first. And while the measured cost stays
+cheap, unrecorded tests are also cut by count, at most the ones left /
+(machines x :data:`COUNT_SLICES`) a batch: the first tests of a run may all
+be fast ones, and a guess from them would hand out the whole unknown rest
+in a few big batches. A fresh process a batch keeps neither: its first
+batches must be big enough to pay for its start, and probes (often a
+module's simplest class) would make the run's first guess too low.
 
 Pure and deterministic: no reactor, no I/O. The caller runs the batches and
 reports back with :meth:`Feeder.finished` or :meth:`Feeder.timed_out`.
@@ -76,6 +80,8 @@ RESORT_GROWTH = 1.25
 #: How much of a machine's last measured fixed cost is kept when a new
 #: batch is measured (an exponential moving average).
 COST_MEMORY = 0.5
+#: Slices per worker while durations are guessed, for a long-lived runner.
+RUNNER_SLICES = 16
 #: A command that costs at most this many seconds (a long-lived runner's
 #: batch) is cheap: batches of tests without a recorded time are then also
 #: cut by count (see ``Feeder._guessed_cap``).
@@ -163,8 +169,9 @@ class Feeder:
         durations: Mapping[str, float],
         workers: int,
         batch: bool = True,
-        slices_per_worker: int = 16,
+        slices_per_worker: int | None = None,
         group: GroupKey = _alone,
+        runner: bool = False,
     ) -> None:
         """``test_ids``: the suite's tests, each once; their order breaks
         ties and is the order within a group. ``durations``: recorded
@@ -174,7 +181,12 @@ class Feeder:
         hands out one test at a time (the runner's exit status is the only
         result; groups do not apply). ``slices_per_worker``: how finely the
         remaining work is cut while durations are guessed (see the module's
-        docstring). ``group``: the key that keeps tests together."""
+        docstring; 4, or 16 with ``runner``). ``group``: the key that keeps
+        tests together. ``runner``: the batches go to a long-lived runner
+        (cheap batches: probes and cuts by count, see the module's
+        docstring)."""
+        if slices_per_worker is None:
+            slices_per_worker = RUNNER_SLICES if runner else 4
         if workers < 1:
             raise ConfigError("workers", f"need at least 1 worker, got {workers}")
         if slices_per_worker < 1:
@@ -199,7 +211,8 @@ class Feeder:
         self._position = {tid: i for i, tid in enumerate(self._ids)}
         self._given_back: dict[str, int] = {}
         self._heavy = self._heavy_from_here()
-        self._probes = self._first_of_unknown_modules()
+        self._runner = runner
+        self._probes = self._first_of_unknown_modules() if runner else set()
         self._queue: deque[list[str]] = deque(self._groups(group if batch else _alone))
         self._queued_known = math.fsum(self._recorded.values())
         #: queued tests without a recorded time, by family
@@ -369,7 +382,7 @@ class Feeder:
         fast ones), so that a suite's unknown bulk is never handed out in a
         few big batches. A costly command (a fresh interpreter and its
         imports) is held to the cost floors instead."""
-        if self.fixed_cost(worker) > CHEAP_COST:
+        if not self._runner or self.fixed_cost(worker) > CHEAP_COST:
             return math.inf
         guessed = sum(self._queued_guessed.values())
         return max(1.0, math.ceil(guessed / (self._workers * COUNT_SLICES)))

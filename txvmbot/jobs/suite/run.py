@@ -200,7 +200,12 @@ class SuiteRun:
             tests = await self.sequence.step("list", spec.test_timeout, listing)
         self._tests = tuple(tests)
         self._feeder = Feeder(
-            tests, self.durations, len(self._slots), batch=spec.batched, group=spec.group_key()
+            tests,
+            self.durations,
+            len(self._slots),
+            batch=spec.batched,
+            group=spec.group_key(),
+            runner=bool(spec.runner),
         )
         self._ledger = Ledger(
             spec, self._feeder, self._wall, self.check_id, self._results, self._attempts
