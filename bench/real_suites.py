@@ -45,12 +45,14 @@ subprocess, cloud backend against a moto server the bench starts on
 that sshd (so the N "machines" are N ssh sessions to this host, as in
 bench/suite_spread.py; nothing is uploaded but txvmbot's own runner: the
 suite is already there). Its wall time is the whole command: instances on
-moto, ssh, listing the tests (--list, on the first machine), every batch,
-cleanup. It runs in each of --modes: ``runner``, one long-lived runner per
-machine fed batch after batch on its stdin (``--runner 'python {runner_py}
-[--trial|--pytest ARGS]'``, subunit), and ``run``, a fresh command per batch
-(``--run`` with the batch's ids in ``{tests_file}``: trial and subunit.run
-through subunit, pytest through ``--format junit``). In each mode the suite
+moto, ssh, listing the tests, every batch, cleanup. It runs in each of
+--modes: ``runner``, one long-lived runner per machine fed batch after
+batch on its stdin (``--runner 'python {runner_py} --trial PACKAGES |
+--pytest ARGS | --discover DIR -t ./'``, subunit), whose runners list the
+tests themselves (no --list: every runner loads its test modules while it
+lists), and ``run``, a fresh command per batch (``--run`` with the batch's
+ids in ``{tests_file}``: trial and subunit.run through subunit, pytest
+through ``--format junit``), with --list on the first machine. In each mode the suite
 runs twice with one fresh --state-dir: first with no recorded durations,
 then with those the first recorded (<state>/suites/NAME.durations.json).
 Each suite's flags, native and txvmbot's, are in one place below ("the
@@ -214,7 +216,8 @@ def _trial_txvmbot(env: E.Env) -> dict[str, Txvmbot]:
             ("--run", "xargs -d '\\n' -a {tests_file} python -m twisted.trial --reporter=subunit | subunit-1to2"),
             "subunit",
         ),
-        "runner": Txvmbot(listing, ("--runner", "python {runner_py} --trial"), "subunit"),
+        # the runners list the tests themselves (no --list)
+        "runner": Txvmbot("", ("--runner", f"python {{runner_py}} --trial {TRIAL_PACKAGES}"), "subunit"),
     }
 
 
@@ -237,7 +240,7 @@ def _pytest_txvmbot(env: E.Env) -> dict[str, Txvmbot]:
             "junit",
         ),
         # one pytest session a machine: collects once, runs what it is sent
-        "runner": Txvmbot(listing, ("--runner", "python {runner_py} --pytest -p no:cacheprovider tests"), "subunit"),
+        "runner": Txvmbot("", ("--runner", "python {runner_py} --pytest -p no:cacheprovider tests"), "subunit"),
     }
 
 
@@ -264,7 +267,7 @@ def _unittest_txvmbot(env: E.Env) -> dict[str, Txvmbot]:
         # Named ids load only their modules; --load-list would discover (and
         # import) the whole tree in every batch (~3 s here).
         "run": Txvmbot(listing, ("--run", "xargs -d '\\n' -a {tests_file} python -m subunit.run"), "subunit", group),
-        "runner": Txvmbot(listing, ("--runner", "python {runner_py}"), "subunit", group),
+        "runner": Txvmbot("", ("--runner", f"python {{runner_py}} --discover {OSC_TESTS} -t ./"), "subunit", group),
     }
 
 
@@ -402,7 +405,7 @@ class Bench:
             "--state-dir", state,
             "--name", name,
             "--machines", str(self.args.machines),
-            "--list", prefix + flags.list,
+            *(["--list", prefix + flags.list] if flags.list else []),
             flags.command[0], prefix + flags.command[1],
             "--format", flags.format,
             *flags.flags,
