@@ -216,11 +216,12 @@ def test_times_of_this_run_replace_the_guess() -> None:
 
 
 def test_a_slow_module_listed_last_is_probed_first_and_then_goes_first() -> None:
-    """Nothing recorded; the tests of ``pkg.slow``, listed last, take 3 s,
-    the rest 0.01 s. The first class of every module goes before the bulk
-    (a probe), so the slow module is known early; once its first class has
-    run, its other classes are expected at 3 s a test and go next, before
-    the fast modules' rest, although they were listed last."""
+    """Nothing recorded, a runner; the tests of ``pkg.slow``, listed last,
+    take 3 s, the rest 0.01 s. The first test of every class goes before
+    the bulk (a probe, in a batch marked to run alone), so the slow classes
+    are known early; once probed, the rest of each is expected at 3 s a
+    test and goes next, before the fast classes' rest, although listed
+    last. Without a runner there are no probes."""
 
     def case(module: str) -> list[str]:
         return [f"pkg.{module}.test_{j}" for j in range(10)]
@@ -230,17 +231,20 @@ def test_a_slow_module_listed_last_is_probed_first_and_then_goes_first() -> None
     seconds = {t: 3.0 if t.startswith("pkg.slow") else 0.01 for t in ids}
     feeder = Feeder(ids, {}, workers=2, slices_per_worker=2, group=by_class, runner=True)
     handed: list[str] = []
-    while "pkg.slow.Case0.test_0" not in handed:
+    while not all(f"pkg.slow.Case{c}.test_0" in handed for c in range(3)):
         batch = feeder.take("w0")
-        assert batch is not None
+        assert batch is not None and batch.alone
+        assert all(t.endswith(".test_0") for t in batch.test_ids)  # probes only
         handed.extend(batch.test_ids)
         times = {t: seconds[t] for t in batch.test_ids}
         feeder.finished(batch, set(batch.test_ids), took=sum(times.values()) + 0.01, times=times)
-    # Only probes so far: the first class of each module, none of the rest.
-    assert {t.rsplit(".", 1)[0] for t in handed} <= {f"pkg.fast{i}.CaseA" for i in range(8)} | {"pkg.slow.Case0"}
-    assert feeder.expected("pkg.slow.Case2.test_0") == pytest.approx(3.0)
+    assert feeder.expected("pkg.slow.Case2.test_5") == pytest.approx(3.0)
+    assert feeder.expected("pkg.fast3.CaseB.test_5") == pytest.approx(0.01)
     following = feeder.take("w1")
-    assert following is not None and following.test_ids[0] == "pkg.slow.Case1.test_0"
+    assert following is not None and not following.alone
+    assert following.test_ids[0].startswith("pkg.slow.Case")
+    plain = Feeder(ids, {}, workers=2, slices_per_worker=2, group=by_class).take("w0")
+    assert plain is not None and not plain.alone and plain.test_ids[:2] == tuple(ids[:2])
 
 
 def test_a_cheap_command_gets_unrecorded_tests_in_batches_cut_by_count() -> None:

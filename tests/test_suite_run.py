@@ -259,6 +259,8 @@ class FakeProcess:
         self.running = True
         self.pending = ""
         self.batches: list[tuple[str, ...]] = []
+        self.alone: list[tuple[str, ...]] = []  # the batches sent with #alone
+        self._alone = False
 
     def write(self, data: bytes) -> None:
         assert self.running
@@ -267,8 +269,13 @@ class FakeProcess:
         batch: list[str] = []
         for line in lines:
             if line.startswith("#end "):
+                if self._alone:
+                    self.alone.append(tuple(batch))
+                    self._alone = False
                 self._run(tuple(batch), line[len("#end "):])
                 batch = []
+            elif line == "#alone":
+                self._alone = True
             elif line.startswith("#list "):
                 self._list(line[len("#list ") :])
             else:
@@ -1095,6 +1102,8 @@ def test_a_test_that_kills_its_runner_fails_and_the_rest_run_on_a_fresh_runner(r
     assert all(tests[t].outcome == "passed" for t in ids if t != ids[1])
     assert len(rig.lab.processes) == 2  # a fresh runner on the same machine
     assert rig.machines.released == []
+    # #alone is for txvmbot's own runner ({runner_py}) only.
+    assert all(p.alone == [] for p in rig.lab.processes)
     assert_tidy(rig)
 
 
@@ -1143,6 +1152,9 @@ def test_with_neither_list_nor_tests_every_runner_lists_the_tests_before_its_fir
         assert ("#list",) not in p.batches[1:]
     assert sum(len(b) for p in processes for b in p.batches[1:]) == len(ids)
     assert rig.lab.test_runs() == [] and not [r for r in rig.lab.ran if "list" in r.command]
+    # The probes (the first test of each class) ran alone, before the rest.
+    alone = [t for p in processes for b in p.alone for t in b]
+    assert sorted(alone) == sorted(t for t in ids if int(t.rsplit("_", 1)[1]) % 3 == 0)
     steps = {s.name: s for s in result.machines.steps}
     assert steps["list"].outcome == "passed"
     assert steps["list"].duration == pytest.approx(

@@ -220,6 +220,79 @@ def test_a_test_that_kills_the_runner_was_announced_before_it_died(tmp_path: Pat
     assert read.missing == (ids[3],)
 
 
+LEAKY = {
+    "unittest": (
+        "test_leaky.py",
+        """
+        import unittest
+
+        SHARED = {"clean": True}
+
+        class Leaky(unittest.TestCase):
+            def test_dirties(self):
+                SHARED["clean"] = False
+
+            def test_sees_clean(self):
+                self.assertTrue(SHARED["clean"])
+        """,
+        [],
+        "test_leaky.Leaky.test_",
+    ),
+    "trial": (
+        "test_leaky.py",
+        """
+        from twisted.trial import unittest
+
+        SHARED = {"clean": True}
+
+        class Leaky(unittest.SynchronousTestCase):
+            def test_dirties(self):
+                SHARED["clean"] = False
+
+            def test_sees_clean(self):
+                self.assertTrue(SHARED["clean"])
+        """,
+        ["--trial"],
+        "test_leaky.Leaky.test_",
+    ),
+    "pytest": (
+        "tests/test_leaky.py",
+        """
+        SHARED = {"clean": True}
+
+        def test_dirties():
+            SHARED["clean"] = False
+
+        def test_sees_clean():
+            assert SHARED["clean"]
+        """,
+        ["--pytest", "tests"],
+        "tests/test_leaky.py::test_",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LEAKY))
+def test_a_batch_run_alone_leaves_nothing_behind_for_the_next(tmp_path: Path, kind: str) -> None:
+    """``#alone``: the batch runs in a forked child; what its tests change
+    in memory does not reach the runner's later batches (txvmbot's probes
+    run ahead of listing order so); its results come out all the same."""
+    name, source, args, prefix = LEAKY[kind]
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text(textwrap.dedent(source))
+    dirties, clean = prefix + "dirties", prefix + "sees_clean"
+
+    out = answer(tmp_path, args, f"#alone\n{dirties}\n#end A\n{clean}\n#end B\n{dirties}\n#end C\n{clean}\n#end D\n")
+
+    outcomes = []
+    for token, test in (("A", dirties), ("B", clean), ("C", dirties), ("D", clean)):
+        answer_of, out = split(out, token)
+        read = read_subunit(answer_of, "w", [test])
+        outcomes.append([r.outcome for r in read.results])
+    # Alone, the change stayed in the child; in the runner itself, it stays.
+    assert outcomes == [["passed"], ["passed"], ["passed"], ["failed"]]
+
+
 def test_a_bad_runner_argument_stops_it_with_its_usage(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as e:
         answer(tmp_path, ["--no-such-flag"], "")

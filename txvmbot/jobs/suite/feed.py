@@ -36,16 +36,22 @@ simulates a 2,409-test suite of small, heavy-tailed tests with a fixed cost
 per command to show what this wins.)
 
 For a long-lived runner (``runner``), whose batches cost little, two more
-hedges for a first run. The first class of every module with no recorded
-time goes before the bulk (a probe): a module of slow tests listed last
-would otherwise be met last and end the run late; once its speed is known,
-its other groups are heavy and go first. And while the measured cost stays
-cheap, unrecorded tests are also cut by count, at most the ones left /
-(machines x :data:`COUNT_SLICES`) a batch: the first tests of a run may all
-be fast ones, and a guess from them would hand out the whole unknown rest
-in a few big batches. A fresh process a batch keeps neither: its first
-batches must be big enough to pay for its start, and probes (often a
-module's simplest class) would make the run's first guess too low.
+hedges for a first run. The first test of every class of a module with no
+recorded time goes before the bulk (a probe), and an unrecorded test's
+time is guessed from its class first, then its module: a class of slow
+tests (Twisted's ``test_sslverify``, dateutil's ``test_tzpath_data``) would
+otherwise be met with no idea of it and end the run late; once probed, the
+rest of it is heavy and goes first. A batch that holds probes is marked
+``alone``: txvmbot's own runner runs it in a forked child, so that a test
+run ahead of its listing order changes nothing the rest of the suite meets
+(openstackclient's ``TestProjectSet`` changes a fake that
+``TestProjectCreate``, listed before it, checks). And while the measured
+cost stays cheap, unrecorded tests are also cut by count, at most the
+ones left / (machines x :data:`COUNT_SLICES`) a batch: the first tests of
+a run may all be fast ones, and a guess from them would hand out the whole
+unknown rest in a few big batches. A fresh process a batch keeps neither:
+its first batches must be big enough to pay for its start, and probes
+(often a class's simplest test) would make the run's first guess too low.
 
 Pure and deterministic: no reactor, no I/O. The caller runs the batches and
 reports back with :meth:`Feeder.finished` or :meth:`Feeder.timed_out`.
@@ -109,6 +115,9 @@ class Batch:
     test_ids: tuple[str, ...]
     expected: float
     seq: int
+    #: Holds a probe, a test run ahead of its listing order: a runner that
+    #: can should run it where it changes nothing for later tests.
+    alone: bool = False
 
 
 @frozen
@@ -153,6 +162,25 @@ def expected_durations(test_ids: Sequence[str], durations: Mapping[str, float]) 
 
 def _alone(test_id: str) -> str | None:
     return None
+
+
+#: Joins a module and a group within it in a guessing key.
+_SEP = "\x00"
+
+
+def _kin(test_id: str, group: GroupKey) -> str:
+    """The key an unrecorded test's time is guessed by: its module, and its
+    group within the module if it has one."""
+    module = family_of(test_id)
+    key = group(test_id)
+    return f"{module}{_SEP}{key}" if module and key else module
+
+
+def _wider(key: str) -> tuple[str, ...]:
+    """The keys to guess by, narrowest first: the group, its module, the run."""
+    if _SEP in key:
+        return (key, key.partition(_SEP)[0], "")
+    return (key, "") if key else ("",)
 
 
 class Feeder:
@@ -204,7 +232,11 @@ class Feeder:
         self._learned: dict[str, tuple[float, int]] = {}
         #: how many had been learned when the queue was last sorted
         self._sorted_at = 0
-        self._family = {tid: family_of(tid) for tid in self._ids if tid not in self._recorded}
+        #: what an unrecorded test's time is guessed from: its module; for
+        #: a runner, its group (class) within its module, then its module
+        self._family = {
+            tid: _kin(tid, group if runner and batch else _alone) for tid in self._ids if tid not in self._recorded
+        }
         self._workers = workers
         self._batch = batch
         self._slices = slices_per_worker
@@ -230,13 +262,14 @@ class Feeder:
         return HEAVY_SHARE * self._seconds(self._ids) / self._workers
 
     def _first_of_unknown_modules(self) -> set[str]:
-        """The first listed test of each module (family) none of whose
-        tests has a recorded time."""
+        """The first listed test of each group (class) of a module none of
+        whose tests has a recorded time: the probes, each a group of its own
+        (the rest of its class follows it, in order)."""
         known = {family_of(tid) for tid in self._recorded}
         firsts: dict[str, str] = {}
         for tid in self._ids:
             family = self._family.get(tid, "")
-            if family and family not in known:
+            if family and family_of(tid) not in known:
                 firsts.setdefault(family, tid)
         return set(firsts.values())
 
@@ -245,17 +278,17 @@ class Feeder:
         :meth:`_order`."""
         groups: dict[object, list[str]] = {}
         for index, tid in enumerate(self._ids):
-            key = group(tid)
+            # A probe is one test, alone: many of them make a small batch.
+            key = None if tid in self._probes else group(tid)
             groups.setdefault(index if key is None else ("group", key), []).append(tid)
         ordered = list(groups.values())
         ordered.sort(key=self._order)
         return ordered
 
     def _order(self, group: list[str]) -> tuple[int, int, int, float, int]:
-        """Tests given back first; then, while a module's speed is unknown,
-        its first group (a probe: a module of slow tests listed last would
-        otherwise be met last, and end the run late); then heavy groups
-        longest expected first; then the others as listed."""
+        """Tests given back first; then, while a class's speed is unknown,
+        its probe (see the module's docstring); then heavy groups longest
+        expected first; then the others as listed."""
         seconds = self._seconds(group)
         heavy = seconds > self._heavy
         head = group[0]
@@ -302,7 +335,7 @@ class Feeder:
 
     def _guess_for(self, family: str) -> float:
         """Expected seconds of a test of ``family`` without a recorded time."""
-        for key in (family, ""):
+        for key in _wider(family):
             if key in self._learned:
                 seconds, count = self._learned[key]
                 return seconds / count
@@ -355,7 +388,13 @@ class Feeder:
                 self._queued_known -= self._recorded[tid]
             else:
                 self._queued_guessed[self._family[tid]] -= 1
-        batch = Batch(worker=worker, test_ids=tuple(ids), expected=self._seconds(ids), seq=self._seq)
+        batch = Batch(
+            worker=worker,
+            test_ids=tuple(ids),
+            expected=self._seconds(ids),
+            seq=self._seq,
+            alone=any(tid in self._probes for tid in ids),
+        )
         self._seq += 1
         self._out[batch.seq] = batch
         return batch
@@ -460,7 +499,7 @@ class Feeder:
         reported = {tid: max(0.0, float(t)) for tid, t in times.items() if tid in done and math.isfinite(t)}
         guessed = [(self._family[tid], t) for tid, t in reported.items() if tid not in self._recorded]
         for family, seconds in guessed:
-            for key in (family, ""):
+            for key in _wider(family):
                 total, count = self._learned.get(key, (0.0, 0))
                 self._learned[key] = (total + seconds, count + 1)
         learned = self._learned.get("", (0.0, 0))[1]

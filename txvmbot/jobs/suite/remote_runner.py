@@ -18,7 +18,9 @@ that cannot be loaded is reported as an error of that id, never skipped).
 A line ``#list TOKEN`` asks for the runner's tests instead: one ``exists``
 packet per test id, in order, then the same end packet; a runner that
 cannot list says why in a packet for ``txvmbot:list-error:TOKEN`` (its
-``error`` attachment). Listing loads every test module, so the batches
+``error`` attachment). A line ``#alone`` among a batch's ids runs that
+batch in a child process (a fork): what its tests change in memory stays
+there (txvmbot runs its probes, tests ahead of their listing order, so). Listing loads every test module, so the batches
 after it pay no imports, as ``stestr`` and ``trial -j`` workers load
 everything before their first test. End of input: the runner exits 0.
 
@@ -39,6 +41,7 @@ from typing import IO, Any
 
 END = "#end "
 LIST = "#list "
+ALONE = "#alone"
 MARK = "txvmbot:end-of-batch:"
 LIST_ERROR = "txvmbot:list-error:"
 
@@ -180,17 +183,50 @@ class _CannotList(Exception):
 
 def _batches(stdin: IO[str]) -> Iterator[tuple[str, list[str], str]]:
     """(what, ids, token) for each request on ``stdin``, until end of input:
-    ``run`` a batch of ids, or ``list`` the tests."""
+    ``run`` a batch of ids, ``alone`` a batch to run in a child process,
+    or ``list`` the tests."""
     batch: list[str] = []
+    alone = False
     for line in stdin:
         line = line.rstrip("\n")
         if line.startswith(END):
-            yield "run", batch, line[len(END) :]
+            yield "alone" if alone else "run", batch, line[len(END) :]
             batch = []
+            alone = False
         elif line.startswith(LIST):
             yield "list", [], line[len(LIST) :]
+        elif line.strip() == ALONE:
+            alone = True
         elif line.strip():
             batch.append(line.strip())
+
+
+def _in_child(out: Any, run: Any, *args: Any) -> None:
+    """``run(*args)`` in a child process (a fork, which shares what this process
+    has loaded): whatever its tests change in memory stays in the child,
+    so tests run ahead of their listing order (txvmbot's probes) cannot
+    change what later tests meet here. The child's results go out before
+    it ends; a child that dies leaves the test it ran without an end."""
+    sys.stdout.flush()
+    out.push()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            run(*args)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                out.push()
+            finally:
+                os._exit(code)
+    os.waitpid(pid, 0)
 
 
 def _answer_list(marks: Any, token: str, list_ids: Any) -> None:
@@ -248,26 +284,33 @@ def _pytest_main(out: Any, marks: Any, args: list[str], feed_in: IO[str]) -> int
                 if what == "list":
                     _answer_list(marks, token, lambda: [*items, *self.collect_errors])
                     continue
-                todo = []
-                for tid in ids:
-                    if tid in items:
-                        todo.append(items[tid])
-                    elif tid in self.collect_errors:
-                        self._status(tid, "inprogress")
-                        self._status(
-                            tid,
-                            "fail",
-                            text=f"{tid}: pytest could not collect it:\n{self.collect_errors[tid]}",
-                        )
-                    else:
-                        self._status(tid, "inprogress")
-                        self._status(tid, "fail", text=f"{tid}: pytest collected no such test")
-                for i, item in enumerate(todo):
-                    after = todo[i + 1] if i + 1 < len(todo) else None
-                    item.config.hook.pytest_runtest_protocol(item=item, nextitem=after)
+                if what == "alone":
+                    _in_child(out, self._run, items, ids)
+                else:
+                    self._run(items, ids)
                 _end(marks, token)
             self.done = True
             return True
+
+        def _run(self, items: dict[str, Any], ids: list[str]) -> None:
+            """Run the batch's ids in this session, in order."""
+            todo = []
+            for tid in ids:
+                if tid in items:
+                    todo.append(items[tid])
+                elif tid in self.collect_errors:
+                    self._status(tid, "inprogress")
+                    self._status(
+                        tid,
+                        "fail",
+                        text=f"{tid}: pytest could not collect it:\n{self.collect_errors[tid]}",
+                    )
+                else:
+                    self._status(tid, "inprogress")
+                    self._status(tid, "fail", text=f"{tid}: pytest collected no such test")
+            for i, item in enumerate(todo):
+                after = todo[i + 1] if i + 1 < len(todo) else None
+                item.config.hook.pytest_runtest_protocol(item=item, nextitem=after)
 
         def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
             # Before its fixtures: a test's time includes its set-up.
@@ -366,7 +409,9 @@ def main(argv: list[str]) -> int:
         if what == "list":
             _answer_list(marks, token, list_ids)
             continue
-        if ids:
+        if ids and what == "alone":
+            _in_child(out, run, ids)
+        elif ids:
             run(ids)
         sys.stdout.flush()
         _end(marks, token)

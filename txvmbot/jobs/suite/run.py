@@ -462,7 +462,9 @@ class SuiteRun:
         try:
             try:
                 if slot.runner is not None:
-                    outcome = await slot.runner.batch(ids, spec.test_timeout * len(ids))
+                    # Only txvmbot's own runner knows to run a batch alone.
+                    alone = batch.alone and RUNNER_PY in spec.runner
+                    outcome = await slot.runner.batch(ids, spec.test_timeout * len(ids), alone=alone)
                     report = None
                 else:
                     if files.tests_file:

@@ -31,6 +31,7 @@ from txvmbot.errors import TxvmbotError
 from txvmbot.model import CommandResult
 
 __all__ = [
+    "ALONE",
     "END",
     "LIST",
     "MARK",
@@ -45,6 +46,9 @@ __all__ = [
 END = "#end "
 #: The line that asks the runner for its test ids (then the token).
 LIST = "#list "
+#: A line among a batch's ids: run the batch in a child process of the
+#: runner, so that nothing its tests change reaches later batches.
+ALONE = "#alone"
 #: The test id of the runner's end-of-batch packet (then the token).
 MARK = "txvmbot:end-of-batch:"
 #: The test id of the packet that says why the runner cannot list (then the
@@ -146,13 +150,16 @@ class RunnerFeed:
     def running(self) -> bool:
         return self.process is not None and self._ended is None
 
-    def batch(self, ids: tuple[str, ...], bound: float) -> Deferred[CommandResult]:
-        """Run ``ids``; fires with the batch's subunit bytes as ``stdout``
-        of a CommandResult (exit status 0: the runner is still up). Fails
-        with SSHCommandTimeout after ``bound`` seconds, RunnerExited if the
-        runner ends first, SSHCommandFailed if the connection is lost."""
+    def batch(self, ids: tuple[str, ...], bound: float, *, alone: bool = False) -> Deferred[CommandResult]:
+        """Run ``ids`` (``alone``: in a child process of the runner, a
+        request only txvmbot's own runner knows); fires with the batch's
+        subunit bytes as ``stdout`` of a CommandResult (exit status 0: the
+        runner is still up). Fails with SSHCommandTimeout after ``bound``
+        seconds, RunnerExited if the runner ends first, SSHCommandFailed if
+        the connection is lost."""
         token = secrets.token_hex(8)
-        return self._ask("".join(f"{t}\n" for t in ids) + f"{END}{token}\n", token, bound)
+        head = f"{ALONE}\n" if alone else ""
+        return self._ask(head + "".join(f"{t}\n" for t in ids) + f"{END}{token}\n", token, bound)
 
     def list(self, bound: float) -> Deferred[tuple[str, ...]]:
         """Ask the runner for its test ids (``#list``); fires with them, in
