@@ -24,8 +24,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests import checkrun  # noqa: E402
-from tests.servers import Moto  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support.servers import Moto  # noqa: E402
 
 REGION = checkrun.REGION
 

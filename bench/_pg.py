@@ -1,4 +1,4 @@
-"""Helpers of the scale-out benchmark: a real PostgreSQL (tests.pgserver) in
+"""Helpers of the scale-out benchmark: a real PostgreSQL (tests.support.pgserver) in
 a temp dir on a unix socket, real daemons (``twistd -n txvmbot``) on the
 SQLite store or on one shared database, CPU seconds of process trees, and
 a submit client that runs in a process of its own.
@@ -44,9 +44,9 @@ DSN_ENV = "TXVMBOT_BENCH_DSN"
 
 @contextmanager
 def pg_server() -> Iterator[Any]:
-    """A PostgreSQL server (tests.pgserver.PostgresServer: unix socket only,
+    """A PostgreSQL server (tests.support.pgserver.PostgresServer: unix socket only,
     fsync=off) in a new temp dir; stopped by its pid, the dir removed."""
-    from tests.pgserver import running_server
+    from tests.support.pgserver import running_server
 
     with running_server(tempfile.mkdtemp(prefix="txpgb", dir="/tmp"), True) as server:
         yield server
@@ -161,7 +161,7 @@ class BenchDaemon:
 
     def start(self, env: dict[str, str]) -> float:
         """Start it; wait (bounded) until it listens; seconds it took."""
-        from tests import real_daemon as D
+        from tests.support import real_daemon as D
 
         t0 = time.perf_counter()
         prof = [] if self.profile is None else [
@@ -180,7 +180,7 @@ class BenchDaemon:
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM by pid (SIGKILL after ``timeout``); then any worker left
         is killed by its pid."""
-        from tests import real_daemon as D
+        from tests.support import real_daemon as D
 
         if self.proc is not None:
             D.stop(self.proc, timeout=timeout)
@@ -191,7 +191,7 @@ class BenchDaemon:
         assert self.proc is not None
         pids = self.worker_pids or []
         if self.proc.poll() is None:
-            from tests import real_daemon as D
+            from tests.support import real_daemon as D
 
             pids = sorted(set(pids) | set(D.worker_pids(self.proc.pid)))
             os.kill(self.proc.pid, signal.SIGKILL)

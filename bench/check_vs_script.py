@@ -44,8 +44,8 @@ from bench._common import (
     set_test_credentials,
     table,
 )
-from tests import checkrun  # noqa: E402
-from tests.servers import moto_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support.servers import moto_server  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "euca_style_check.sh")
 TARGET = 3.0

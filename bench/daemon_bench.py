@@ -76,9 +76,9 @@ from bench._common import (  # noqa: E402
     set_test_credentials,
     table,
 )
-from tests import checkrun  # noqa: E402
-from tests import real_daemon as D  # noqa: E402
-from tests.servers import moto_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support import real_daemon as D  # noqa: E402
+from tests.support.servers import moto_server  # noqa: E402
 
 TARGET_RATE = 2000.0  # submits/s, accepted and stored
 TARGET_P99_MS = 20.0  # queued -> running on an idle worker, 10,000 queued

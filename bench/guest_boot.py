@@ -81,8 +81,8 @@ def load() -> str:
 def build(guest: str, out: str, timed: bool) -> tuple[Any, float]:
     """The guest's image (built into ``out`` when ``timed``, with warm
     caches) and the build's seconds (nan when not timed)."""
-    from tests.debian_fixtures import CACHE, PACKAGES, RELEASE, build_debian_test_image
-    from tests.qemu_fixtures import build_test_image
+    from tests.support.debian_fixtures import CACHE, PACKAGES, RELEASE, build_debian_test_image
+    from tests.support.qemu_fixtures import build_test_image
     from txvmbot.qemu.image import build_debian_image, build_image, load_image
 
     # Warm the caches (and the tests' images) first, untimed.

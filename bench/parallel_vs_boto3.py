@@ -66,8 +66,8 @@ from bench._common import (
     set_test_credentials,
     table,
 )
-from tests import checkrun  # noqa: E402
-from tests.servers import moto_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support.servers import moto_server  # noqa: E402
 
 TARGET = 0.90
 

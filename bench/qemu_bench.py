@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import ReactorThread, bench_parser, median, reproduce_line, table  # noqa: E402
-from tests import checkrun  # noqa: E402
+from tests.support import checkrun  # noqa: E402
 
 TARGET_RATIO = 1.10
 TARGET_FAST = 1.5
@@ -314,7 +314,7 @@ def load_bench_image(image_dir: str | None) -> Any:
 
     if image_dir:
         return load_image(image_dir)
-    from tests.qemu_fixtures import build_test_image
+    from tests.support.qemu_fixtures import build_test_image
 
     return build_test_image()
 

@@ -105,9 +105,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import _suites_env as E  # noqa: E402
 from bench._common import REGION, pick_image, reproduce_line, table  # noqa: E402
-from tests import checkrun  # noqa: E402
-from tests.servers import Moto, moto_server  # noqa: E402
-from tests.sshd import SSHD, sshd_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support.servers import Moto, moto_server  # noqa: E402
+from tests.support.sshd import SSHD, sshd_server  # noqa: E402
 
 WALL_GOAL = 1.10
 SECOND_GOAL = 1.05

@@ -3,7 +3,7 @@
 on SQLite and one on PostgreSQL, in one run.
 
 Started here, on loopback or unix sockets only, and stopped by their pids:
-moto (127.0.0.1), a PostgreSQL server (tests.pgserver: a temp dir, a unix
+moto (127.0.0.1), a PostgreSQL server (tests.support.pgserver: a temp dir, a unix
 socket, fsync=off as the tests run it) and, per configuration, the real
 daemons (``twistd -n txvmbot``, --workers each). The configurations:
 
@@ -84,8 +84,8 @@ from bench.daemon_bench import (  # noqa: E402
     stored_counts,
     system_busy,
 )
-from tests import checkrun  # noqa: E402
-from tests.servers import moto_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support.servers import moto_server  # noqa: E402
 
 GOAL_RATIO = 1.6  # two PostgreSQL daemons / one, submits/s
 GOAL_P99_MS = 50.0  # queued -> running, 10,000 queued

@@ -61,9 +61,9 @@ from bench._common import (  # noqa: E402
 )
 from bench.daemon_bench import proc_status_kb, pss_kb, spec_dict  # noqa: E402
 from bench.web_bench import start_daemon  # noqa: E402
-from tests import checkrun  # noqa: E402
-from tests import real_daemon as D  # noqa: E402
-from tests.servers import free_port, moto_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support import real_daemon as D  # noqa: E402
+from tests.support.servers import free_port, moto_server  # noqa: E402
 
 TARGET_SLOPE = 0.2  # MB of daemon RSS per 1,000 jobs, after --skip jobs
 FDS_SLACK = 2  # fds may differ by this much from their first measure

@@ -61,9 +61,9 @@ from bench._common import (  # noqa: E402
     set_test_credentials,
     table,
 )
-from tests import checkrun  # noqa: E402
-from tests.servers import moto_server  # noqa: E402
-from tests.sshd import sshd_server  # noqa: E402
+from tests.support import checkrun  # noqa: E402
+from tests.support.servers import moto_server  # noqa: E402
+from tests.support.sshd import sshd_server  # noqa: E402
 
 SPREAD_GOAL = 0.05
 RATIO_GOAL = 1.05

@@ -243,7 +243,7 @@ class Pages:
         return self.stats
 
     def close(self) -> None:
-        from tests.servers import stop
+        from tests.support.servers import stop
 
         stop(self.proc, timeout=10)
 
@@ -259,7 +259,7 @@ def start_daemon(
     ``profile``, under cProfile, pstats saved there); (process, daemon,
     seconds until the web page answered)."""
     from bench._common import bench_env
-    from tests import real_daemon as D
+    from tests.support import real_daemon as D
 
     data = os.path.join(tmp, "data")
     os.makedirs(data)
@@ -282,7 +282,7 @@ def start_daemon(
     d = D.Daemon(pid=proc.pid, data_dir=data, log_path=log_path, env=env)
     try:
         D.wait_for_socket(d.socket, proc, log_path, timeout=60 + 3 * workers)
-        from tests.servers import wait_for_port
+        from tests.support.servers import wait_for_port
 
         wait_for_port(web_port, proc, timeout=30)
     except BaseException:
@@ -366,9 +366,9 @@ def main(argv: list[str]) -> int:
         return page_client(int(port), int(pages), mode, float(bound))
     args = parse_args(argv[1:])
     from bench._common import ReactorThread, pick_image, set_test_credentials
-    from tests import checkrun
-    from tests import real_daemon as D
-    from tests.servers import free_port, moto_server
+    from tests.support import checkrun
+    from tests.support import real_daemon as D
+    from tests.support.servers import free_port, moto_server
 
     set_test_credentials()
     tmp = tempfile.mkdtemp(prefix="txvmbot-web-bench-")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import pathlib
 from collections.abc import Iterator
 
 import pytest
 
-from tests.debian_fixtures import debian_image  # noqa: F401
-from tests.pgserver import PostgresServer, choose_base_dir, running_server
-from tests.qemu_fixtures import qemu_image  # noqa: F401
-from tests.servers import Moto, moto_server
-from tests.starts_servers import ServerUse
+from tests.support.debian_fixtures import debian_image  # noqa: F401
+from tests.support.pgserver import PostgresServer, choose_base_dir, running_server
+from tests.support.qemu_fixtures import qemu_image  # noqa: F401
+from tests.support.servers import Moto, moto_server
+from tests.support.starts_servers import ServerUse
+
+_HERE = pathlib.Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +50,28 @@ def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``integration`` every test that starts a real server or process
-    (tests/starts_servers.py says how it knows), so that
-    ``pytest -m "not integration"`` runs only the unit tests."""
+    """Mark every test by its folder: ``unit`` under tests/unit/,
+    ``integration`` under tests/integration/ (they start real servers or
+    processes), so that ``pytest -m unit`` (``bin/test --unit``) runs the
+    unit tests alone. A test under tests/unit/ that starts a server
+    (tests/support/starts_servers.py says how it knows) stops the run: it
+    belongs in tests/integration/."""
     use = ServerUse()
+    misplaced = []
     for item in items:
-        if use.starts(item):
-            item.add_marker(pytest.mark.integration)
+        kind = _kind(item)
+        if kind is None:
+            continue
+        item.add_marker(getattr(pytest.mark, kind))
+        if kind == "unit" and use.starts(item):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError(
+            "these tests start a real server or process, so they belong in tests/integration/: "
+            + ", ".join(misplaced)
+        )
+
+
+def _kind(item: pytest.Item) -> str | None:
+    parts = item.path.relative_to(_HERE).parts if item.path.is_relative_to(_HERE) else ()
+    return parts[0] if parts and parts[0] in ("unit", "integration") else None

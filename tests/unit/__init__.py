@@ -1,0 +1,1 @@
+"""Unit tests: Twisted doubles (Clock, MemoryReactor, StringTransport, iosim), real SQLite files, no servers."""
