@@ -298,7 +298,7 @@ class ClientProc:
 async def _client_loop(reactor: Any, args: dict[str, Any]) -> None:
     from twisted.internet.defer import ensureDeferred, gatherResults
 
-    from txvmbot.daemon.client import connect
+    from txvmbot.daemon.api.client import connect
 
     clients = [await connect(reactor, args["connect"], timeout=30)
                for _ in range(args["connections"])]

@@ -9,7 +9,7 @@ on a unix socket in a temp data dir), both stopped by their pid:
                       --seq-jobs submits one at a time (one round trip each,
                       for context; then cancelled), then --jobs submits over
                       --connections AMP connections with --window submits in
-                      flight on each, from txvmbot.daemon.client in this
+                      flight on each, from txvmbot.daemon.api.client in this
                       process. Rate = jobs answered / wall time from the
                       first send to the last answer. Then checked: every
                       answer is a distinct queued job, the daemon's status
@@ -278,7 +278,7 @@ def spec_dict(url: str, image: str, backend: str, *, key: str | None = None) -> 
 
 
 async def connect_all(reactor: Any, where: str, n: int) -> list[Any]:
-    from txvmbot.daemon.client import connect
+    from txvmbot.daemon.api.client import connect
 
     return [await connect(reactor, where, timeout=30) for _ in range(n)]
 

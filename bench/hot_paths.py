@@ -34,7 +34,7 @@ def store_side(jobs: int, batch: int) -> float:
     """Seconds per submit, writing ``jobs`` submits ``batch`` to a commit
     (1: SQLiteJobStore.add) into a new store file."""
     from txvmbot.daemon.jobs import Job, JobEvent
-    from txvmbot.daemon.store import SQLiteJobStore
+    from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
     from txvmbot.testing import make_job_spec
 
     spec = make_job_spec("bench")

@@ -19,7 +19,7 @@ Sides, each timed --runs times (median and max reported):
                  kernel then kills the worker's QEMU
   daemon-stuck   the same with the worker SIGSTOPped first (a worker whose
                  reactor cannot run never reads that EOF): the kernel kills
-                 the worker when the daemon dies (txvmbot.daemon.bootstrap),
+                 the worker when the daemon dies (txvmbot.daemon.workers.bootstrap),
                  then its QEMU; timed until both are gone
 
 Each run is timed from the parent's (the daemon's) SIGKILL to QEMU's /proc

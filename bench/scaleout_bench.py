@@ -16,7 +16,7 @@ For each, with a fresh store and moto reset:
   submit throughput   backend bench-A is drained (nothing of it runs).
                       --jobs submits, split round-robin over the daemons,
                       each daemon driven by a client process of its own
-                      (python -m bench._pg: txvmbot.daemon.client over
+                      (python -m bench._pg: txvmbot.daemon.api.client over
                       --connections connections, --window submits in flight
                       on each), all started together. Rate = all answers /
                       wall time from the first send to the last answer (one
@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
 def _connect(rt: ReactorThread, where: str) -> Any:
     from twisted.internet.defer import ensureDeferred
 
-    from txvmbot.daemon.client import connect
+    from txvmbot.daemon.api.client import connect
 
     async def go() -> Any:
         return await connect(rt.reactor, where, timeout=30)

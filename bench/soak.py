@@ -225,7 +225,7 @@ async def wave(reactor: Any, where: str, spec: dict[str, Any], n: int, inflight:
     counted."""
     from twisted.internet.defer import DeferredSemaphore, gatherResults
 
-    from txvmbot.daemon.client import connect
+    from txvmbot.daemon.api.client import connect
 
     client = await connect(reactor, where, timeout=30)
     sem = DeferredSemaphore(inflight)
@@ -255,7 +255,7 @@ async def wave(reactor: Any, where: str, spec: dict[str, Any], n: int, inflight:
 async def reports(reactor: Any, where: str) -> None:
     """What an operator reads now and then over AMP: status, the newest
     jobs, the failure report."""
-    from txvmbot.daemon.client import connect
+    from txvmbot.daemon.api.client import connect
 
     client = await connect(reactor, where, timeout=30)
     try:

@@ -34,7 +34,7 @@ BATCH = 1000
 def build_store(path: str, jobs: int, events: int) -> None:
     from txvmbot.daemon.codec import dumps, event_to_dict
     from txvmbot.daemon.jobs import Job, JobEvent
-    from txvmbot.daemon.store import SQLiteJobStore
+    from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
     from txvmbot.testing import make_job_spec
 
     spec = make_job_spec("bench")

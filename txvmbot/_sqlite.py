@@ -2,7 +2,7 @@
 SQLite file of one kind, making sure it is that kind, and migrating its
 schema.
 
-Private: :mod:`txvmbot.journal` and :mod:`txvmbot.daemon.store` are the API.
+Private: :mod:`txvmbot.journal` and :mod:`txvmbot.daemon.stores.sqlite.store` are the API.
 Each describes its file once as a :class:`FileKind`; what differs between
 them (the schema, the durability trade-off, how writes are done) stays
 there.

@@ -2,8 +2,8 @@
 process, a fault of the host (a full disk, an I/O error, a read-only file
 system) that may pass, or anything else (a bug, a damaged file).
 
-Private to :mod:`txvmbot.journal`, :mod:`txvmbot.daemon.store` and
-:mod:`txvmbot.daemon.held`. Reads the primary result code that Python 3.11
+Private to :mod:`txvmbot.journal`, :mod:`txvmbot.daemon.stores.sqlite.store` and
+:mod:`txvmbot.daemon.stores.sqlite.held`. Reads the primary result code that Python 3.11
 puts on every :class:`sqlite3.Error` (``sqlite_errorname``), never the
 message text.
 """

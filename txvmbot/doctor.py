@@ -1,7 +1,7 @@
 """``txvmbot doctor``: checks of the installation an operator can act on.
 
 It checks the daemon's SQLite files as every daemon start does
-(:mod:`txvmbot.daemon.datafiles`), so an operator can look without
+(:mod:`txvmbot.daemon.stores.sqlite.datafiles`), so an operator can look without
 stopping a running daemon.
 
 Seed 001 is why the first check exists: a missing or stale Twisted plugin
@@ -97,8 +97,8 @@ def check_twistd_plugin() -> Iterable[Finding]:
 
 def check_data_files(data_dir: str, shared: bool = False) -> Iterable[Finding]:
     """The check each daemon start runs on its SQLite files
-    (:mod:`txvmbot.daemon.datafiles`), on the files in ``data_dir``."""
-    from txvmbot.daemon.datafiles import DamagedFile, DataFileError, sqlite_files
+    (:mod:`txvmbot.daemon.stores.sqlite.datafiles`), on the files in ``data_dir``."""
+    from txvmbot.daemon.stores.sqlite.datafiles import DamagedFile, DataFileError, sqlite_files
 
     files = sqlite_files(shared)
     if not files:

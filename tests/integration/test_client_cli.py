@@ -20,8 +20,8 @@ from tests.support import paths
 from tests.support.fakes import FakeScheduler
 from txvmbot.cli import _Streams, build_parser
 from txvmbot.cli.client import connection_for, execute
+from txvmbot.daemon.api.server import AMPServerFactory
 from txvmbot.daemon.jobs import Job
-from txvmbot.daemon.server import AMPServerFactory
 
 reactor: Any = _reactor
 ROOT = paths.ROOT

@@ -163,7 +163,7 @@ def test_two_hundred_jobs_on_four_workers_never_leave_a_worker_idle(
         script = (
             "from twisted.internet import task\n"
             "from twisted.internet.defer import ensureDeferred, gatherResults\n"
-            "from txvmbot.daemon.client import connect\n"
+            "from txvmbot.daemon.api.client import connect\n"
             f"doc = {{'endpoint': {moto.url!r}, 'region': 'us-east-1', 'image': {image!r},\n"
             "       'ssh': False, 'timeouts': {'poll_interval': 0.2, 'poll_max_interval': 0.5}}\n"
             "async def main(reactor):\n"

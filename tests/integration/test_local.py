@@ -497,7 +497,7 @@ def test_killed_daemon_takes_a_stuck_worker_and_its_qemu_with_it(
         print(f"\nstopped worker and QEMU gone {took * 1000:.0f} ms after the daemon's SIGKILL")
     finally:
         for pid in workers:
-            kill_if(pid, "txvmbot.daemon.worker")
+            kill_if(pid, "txvmbot.daemon.workers.worker")
         for pid in qemus:
             kill_if(pid, "qemu-system")
 
@@ -573,7 +573,7 @@ def test_daemon_killed_while_vms_run_then_restarted(
         wait_until("workers gone", lambda: not any(pid_alive(p) for p in workers), 15)
     finally:
         for pid in workers:
-            kill_if(pid, "txvmbot.daemon.worker")
+            kill_if(pid, "txvmbot.daemon.workers.worker")
         for pid in qemus:
             kill_if(pid, "qemu-system")
 

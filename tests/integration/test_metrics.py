@@ -1,4 +1,4 @@
-"""The daemon's Prometheus metrics (txvmbot.daemon.metrics) and the hooks
+"""The daemon's Prometheus metrics (txvmbot.daemon.web.metrics) and the hooks
 that feed them: a real Scheduler on a Clock with the FakeWorkerPool, the
 page rendered by twisted.web and parsed back with prometheus_client's
 parser; the EC2 client's per-attempt observer against moto (directly and
@@ -29,15 +29,15 @@ from tests.integration.test_pool import PoolTestBase, sleep
 from tests.support.faultproxy import fault_proxy
 from tests.support.servers import Moto
 from txvmbot.daemon.jobs import Job, JobSpec, check_id_for
-from txvmbot.daemon.metrics import DaemonMetrics
-from txvmbot.daemon.scheduler import Scheduler
-from txvmbot.daemon.store import SQLiteJobStore
-from txvmbot.daemon.upkeep import make_cleaner
-from txvmbot.daemon.worker import ApiCallCounter
-from txvmbot.daemon.worker_protocol import (
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.scheduling.upkeep import make_cleaner
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
+from txvmbot.daemon.web.metrics import DaemonMetrics
+from txvmbot.daemon.workers.protocol import (
     decode_api_calls,
     encode_api_calls,
 )
+from txvmbot.daemon.workers.worker import ApiCallCounter
 from txvmbot.ec2 import make_client
 from txvmbot.errors import CloudError, WorkerDied
 from txvmbot.journal import MemoryJournal

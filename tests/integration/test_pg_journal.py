@@ -12,9 +12,9 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from txvmbot.daemon.shared.db import Database, DatabaseError, DatabaseUnavailable
-from txvmbot.daemon.shared.journal import PostgresJournal
-from txvmbot.daemon.shared.schema import migrate
+from txvmbot.daemon.stores.postgres.db import Database, DatabaseError, DatabaseUnavailable
+from txvmbot.daemon.stores.postgres.journal import PostgresJournal
+from txvmbot.daemon.stores.postgres.schema import migrate
 from txvmbot.engine import Cleanup, StepRunner
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal

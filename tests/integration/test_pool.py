@@ -29,7 +29,7 @@ from tests.support.servers import Moto
 from txvmbot.daemon import codec
 from txvmbot.daemon.interfaces import IWorkerPool
 from txvmbot.daemon.jobs import Job, check_id_for
-from txvmbot.daemon.pool import (
+from txvmbot.daemon.workers.pool import (
     AmpoulePool,
     PoolFull,
     PoolNotRunning,

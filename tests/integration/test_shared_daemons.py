@@ -322,7 +322,7 @@ def test_local_jobs_of_a_lost_host_fail_and_their_vms_die_with_its_daemon(
                 wait("A's workers gone", lambda: not any(pid_alive(p) for p in workers), 15)
             finally:
                 for pid in workers:
-                    kill_if(pid, "txvmbot.daemon.worker")
+                    kill_if(pid, "txvmbot.daemon.workers.worker")
             states = wait_until_final(pg_dsn, [hang], LEASE + 30)
             assert states == {hang: "failed"}, states
             shown = b.d.client_json("show", hang)

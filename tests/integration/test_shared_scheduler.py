@@ -16,16 +16,16 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from txvmbot.daemon.cluster.listener import Listener
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.scheduler import Scheduler
-from txvmbot.daemon.shared import store
-from txvmbot.daemon.shared.db import Database
-from txvmbot.daemon.shared.listener import Listener
-from txvmbot.daemon.shared.scheduler import SharedScheduler
-from txvmbot.daemon.shared.schema import migrate
-from txvmbot.daemon.shared.store import CHANNELS
-from txvmbot.daemon.shared.writer import JobWriter
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.scheduling.shared import SharedScheduler
+from txvmbot.daemon.stores.postgres import store
+from txvmbot.daemon.stores.postgres.db import Database
+from txvmbot.daemon.stores.postgres.schema import migrate
+from txvmbot.daemon.stores.postgres.store import CHANNELS
+from txvmbot.daemon.stores.postgres.writer import JobWriter
 from txvmbot.errors import ConfigError, UnknownJob
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
 

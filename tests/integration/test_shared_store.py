@@ -1,9 +1,9 @@
-"""The shared store's SQL (txvmbot.daemon.shared.store and schema) against a
+"""The shared store's SQL (txvmbot.daemon.stores.postgres.store and schema) against a
 real PostgreSQL server (fixture ``pg_dsn``: a fresh database per test).
 
 Each store function takes a connection; the tests call them directly on a
 plain psycopg connection (autocommit), one ``conn.transaction()`` each, as
-:meth:`txvmbot.daemon.shared.db.Database.run` would.
+:meth:`txvmbot.daemon.stores.postgres.db.Database.run` would.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 
 from txvmbot.daemon.codec import dumps, event_to_dict
 from txvmbot.daemon.jobs import Job, JobEvent, JobSpec
-from txvmbot.daemon.shared import store
-from txvmbot.daemon.shared.db import DatabaseError
-from txvmbot.daemon.shared.schema import SCHEMA_VERSION, migrate
+from txvmbot.daemon.stores.postgres import store
+from txvmbot.daemon.stores.postgres.db import DatabaseError
+from txvmbot.daemon.stores.postgres.schema import SCHEMA_VERSION, migrate
 from txvmbot.errors import TxvmbotError
 from txvmbot.qemu.model import LocalPool, LocalSpec
 from txvmbot.testing import make_job_spec

@@ -9,7 +9,7 @@ import os
 import random
 
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.store import SQLiteJobStore
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.journal import SQLiteJournal
 from txvmbot.testing import make_job_spec
 

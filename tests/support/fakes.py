@@ -9,7 +9,6 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from txvmbot.daemon.failures import FailureReport, group_failures
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -19,6 +18,7 @@ from txvmbot.daemon.jobs import (
     JobEvent,
     JobSpec,
 )
+from txvmbot.daemon.scheduling.failures import FailureReport, group_failures
 from txvmbot.errors import TxvmbotError, UnknownJob
 from txvmbot.model import CheckResult, Facts, StepResult
 

@@ -117,7 +117,7 @@ def submit_script(connects: Sequence[str], doc: Mapping[str, Any] | Sequence[Map
         "import json, sys\n"
         "from twisted.internet import task\n"
         "from twisted.internet.defer import ensureDeferred, gatherResults\n"
-        "from txvmbot.daemon.client import connect\n"
+        "from txvmbot.daemon.api.client import connect\n"
         "args = json.loads(sys.argv[1])\n"
         "async def main(reactor):\n"
         "    clients = [await connect(reactor, c) for c in args['connects']]\n"

@@ -15,13 +15,13 @@ from contextlib import contextmanager
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from txvmbot.daemon.bootstrap import PARENT_ENV
+from txvmbot.daemon.workers.bootstrap import PARENT_ENV
 
 #: The child: ties itself to the pid in $TXVMBOT_WORKER_PARENT (if set), says
 #: so, then waits.
 CHILD = (
     "import os, sys, time\n"
-    "from txvmbot.daemon.bootstrap import PARENT_ENV, die_with_parent\n"
+    "from txvmbot.daemon.workers.bootstrap import PARENT_ENV, die_with_parent\n"
     "die_with_parent(os.environ.get(PARENT_ENV))\n"
     "print('tied', flush=True)\n"
     "time.sleep(60)\n"

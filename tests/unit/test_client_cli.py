@@ -20,8 +20,8 @@ from tests.support.fakes import FakeScheduler
 from txvmbot.cli import _Streams, build_parser, run, spec_from_args
 from txvmbot.cli.client import connection_for, execute
 from txvmbot.daemon import codec
+from txvmbot.daemon.api.server import AMPServerFactory
 from txvmbot.daemon.jobs import Job
-from txvmbot.daemon.server import AMPServerFactory
 from txvmbot.errors import ConfigError
 
 reactor: Any = _reactor

@@ -16,13 +16,13 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from txvmbot.daemon.cluster.membership import LEFTOVER_EVERY, TAKEOVERS_PER_BEAT, Cluster
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.scheduler import Scheduler
-from txvmbot.daemon.shared.cluster import LEFTOVER_EVERY, TAKEOVERS_PER_BEAT, Cluster
-from txvmbot.daemon.shared.db import DatabaseError, DatabaseUnavailable
-from txvmbot.daemon.shared.store import Claimed, TakenOver
-from txvmbot.daemon.shared.writer import JobWriter
-from txvmbot.daemon.store import SQLiteJobStore
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.stores.postgres.db import DatabaseError, DatabaseUnavailable
+from txvmbot.daemon.stores.postgres.store import Claimed, TakenOver
+from txvmbot.daemon.stores.postgres.writer import JobWriter
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.errors import TxvmbotError
 from txvmbot.journal import MemoryJournal
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec

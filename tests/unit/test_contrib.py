@@ -73,7 +73,7 @@ def test_unit_runs_as_its_own_user_with_a_state_directory() -> None:
 
 
 def test_unit_restarts_on_failure_and_stops_after_the_daemon_cleans_up() -> None:
-    from txvmbot.daemon.pool import AmpoulePool
+    from txvmbot.daemon.workers.pool import AmpoulePool
 
     service = unit()["Service"]
     assert service["Restart"] == "on-failure"

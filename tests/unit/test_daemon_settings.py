@@ -152,7 +152,7 @@ def test_bad_store_settings_name_the_key_and_never_the_password(
 
 
 def test_the_database_is_described_without_its_password() -> None:
-    from txvmbot.daemon.shared.db import describe_dsn
+    from txvmbot.daemon.stores.postgres.db import describe_dsn
 
     text = describe_dsn(DSN)
     assert text == "postgresql database jobs as txvmbot on db.example:5432"

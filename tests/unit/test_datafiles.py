@@ -1,4 +1,4 @@
-"""The damage check of the daemon's SQLite files (txvmbot.daemon.datafiles
+"""The damage check of the daemon's SQLite files (txvmbot.daemon.stores.sqlite.datafiles
 and txvmbot._sqlite.quick_check) on real files damaged as a host damages
 them, and the one line a failed start prints (txvmbot.tap)."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import damage
 from txvmbot._sqlite import quick_check
-from txvmbot.daemon.datafiles import (
+from txvmbot.daemon.stores.sqlite.datafiles import (
     JOB_STORE,
     JOURNAL,
     DamagedFile,
@@ -21,7 +21,7 @@ from txvmbot.daemon.datafiles import (
     move_aside,
     sqlite_files,
 )
-from txvmbot.daemon.store import SQLiteJobStore
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.errors import ConfigError
 from txvmbot.journal import SQLiteJournal
 from txvmbot.tap import cannot_start_line

@@ -33,8 +33,19 @@ from txvmbot import __version__
 from txvmbot.cli import _Streams, build_parser, run
 from txvmbot.cli.client import connection_for, execute
 from txvmbot.daemon import codec
-from txvmbot.daemon.client import DaemonClient, _ClientAMP
-from txvmbot.daemon.failures import (
+from txvmbot.daemon.api.client import DaemonClient, _ClientAMP
+from txvmbot.daemon.api.protocol import (
+    API_VERSION,
+    BadRequest,
+    EpochArgument,
+    FactNamesArgument,
+    IncompatibleVersion,
+    fit_report,
+)
+from txvmbot.daemon.api.server import AMPServerFactory, DaemonAMP
+from txvmbot.daemon.interfaces import IScheduler
+from txvmbot.daemon.jobs import FINAL_STATES, Job
+from txvmbot.daemon.scheduling.failures import (
     FACTS,
     MAX_EXAMPLES,
     PAGE,
@@ -47,19 +58,8 @@ from txvmbot.daemon.failures import (
     report_from_dict,
     report_to_dict,
 )
-from txvmbot.daemon.interfaces import IScheduler
-from txvmbot.daemon.jobs import FINAL_STATES, Job
-from txvmbot.daemon.protocol import (
-    API_VERSION,
-    BadRequest,
-    EpochArgument,
-    FactNamesArgument,
-    IncompatibleVersion,
-    fit_report,
-)
-from txvmbot.daemon.scheduler import Scheduler
-from txvmbot.daemon.server import AMPServerFactory, DaemonAMP
-from txvmbot.daemon.store import SQLiteJobStore
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.errors import ConfigError
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckResult, Facts, StepResult

@@ -11,7 +11,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_scheduler import Harness
-from txvmbot.daemon.metrics import DaemonMetrics
+from txvmbot.daemon.web.metrics import DaemonMetrics
 
 
 class NothingKeptPerFinishedJobTests(SynchronousTestCase):

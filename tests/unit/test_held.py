@@ -1,4 +1,4 @@
-"""Tests for txvmbot.daemon.held: writes held through a full disk.
+"""Tests for txvmbot.daemon.stores.sqlite.held: writes held through a full disk.
 
 The disk fills for real, as far as SQLite can tell: ``PRAGMA
 max_page_count`` at the file's size makes SQLite answer SQLITE_FULL
@@ -23,7 +23,9 @@ from zope.interface.verify import verifyObject
 
 from tests.unit.test_metrics import scrape, value
 from txvmbot._sqlite_errors import host_fault, is_lock_timeout
-from txvmbot.daemon.held import (
+from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.stores.sqlite.held import (
     BACKOFF,
     DataDir,
     HeldJournal,
@@ -31,10 +33,8 @@ from txvmbot.daemon.held import (
     SubmitsRefused,
     WriteQueue,
 )
-from txvmbot.daemon.interfaces import IJobStore
-from txvmbot.daemon.metrics import DaemonMetrics
-from txvmbot.daemon.scheduler import Scheduler
-from txvmbot.daemon.store import SQLiteJobStore, StoreError
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore, StoreError
+from txvmbot.daemon.web.metrics import DaemonMetrics
 from txvmbot.daemon.web.pages import overview
 from txvmbot.interfaces import IJournal
 from txvmbot.journal import SQLiteJournal

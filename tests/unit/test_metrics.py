@@ -1,4 +1,4 @@
-"""The daemon's Prometheus metrics (txvmbot.daemon.metrics) and the hooks
+"""The daemon's Prometheus metrics (txvmbot.daemon.web.metrics) and the hooks
 that feed them: a real Scheduler on a Clock with the FakeWorkerPool, the
 page rendered by twisted.web and parsed back with prometheus_client's
 parser; the EC2 client's per-attempt observer against moto (directly and
@@ -27,12 +27,11 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job
-from txvmbot.daemon.metrics import DaemonMetrics, step_label
-from txvmbot.daemon.pool import AmpoulePool, _JobRun, _ParentAMP, _Worker
-from txvmbot.daemon.scheduler import Scheduler
-from txvmbot.daemon.store import SQLiteJobStore
-from txvmbot.daemon.worker import ApiCallCounter, Worker, encode_result
-from txvmbot.daemon.worker_protocol import (
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
+from txvmbot.daemon.web.metrics import DaemonMetrics, step_label
+from txvmbot.daemon.workers.pool import AmpoulePool, _JobRun, _ParentAMP, _Worker
+from txvmbot.daemon.workers.protocol import (
     MAX_API_CALL_KINDS,
     MAX_API_CALLS_BYTES,
     MAX_RESULT_BYTES,
@@ -44,6 +43,7 @@ from txvmbot.daemon.worker_protocol import (
     decode_api_calls,
     encode_api_calls,
 )
+from txvmbot.daemon.workers.worker import ApiCallCounter, Worker, encode_result
 from txvmbot.ec2.retry import call_with_retries, outcome_code
 from txvmbot.errors import CloudError, TransportError, WorkerDied
 from txvmbot.journal import MemoryJournal

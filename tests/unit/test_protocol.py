@@ -14,9 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.fakes import FakeScheduler
 from txvmbot import __version__
 from txvmbot.daemon import codec
-from txvmbot.daemon.client import DaemonClient, JobSummary, _ClientAMP
-from txvmbot.daemon.jobs import JobEvent
-from txvmbot.daemon.protocol import (
+from txvmbot.daemon.api.client import DaemonClient, JobSummary, _ClientAMP
+from txvmbot.daemon.api.protocol import (
     API_VERSION,
     BackendArgument,
     BadRequest,
@@ -29,7 +28,8 @@ from txvmbot.daemon.protocol import (
     UnknownJobError,
     fit_document,
 )
-from txvmbot.daemon.server import AMPServerFactory, DaemonAMP
+from txvmbot.daemon.api.server import AMPServerFactory, DaemonAMP
+from txvmbot.daemon.jobs import JobEvent
 from txvmbot.errors import UnknownJob
 
 SPEC = {"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "ami-1"}

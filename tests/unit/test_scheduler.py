@@ -1,4 +1,4 @@
-"""Tests for txvmbot.daemon.scheduler, driven by the FakeWorkerPool."""
+"""Tests for txvmbot.daemon.scheduling.scheduler, driven by the FakeWorkerPool."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from zope.interface.verify import verifyObject
 
 from txvmbot.daemon.interfaces import IScheduler, IWorkerPool
 from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
-from txvmbot.daemon.scheduler import Scheduler, is_infrastructure_failure
-from txvmbot.daemon.store import SQLiteJobStore, StoreError
+from txvmbot.daemon.scheduling.scheduler import Scheduler, is_infrastructure_failure
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore, StoreError
 from txvmbot.errors import ConfigError, UnknownJob
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import StepEvent

@@ -18,17 +18,17 @@ from tests.support.fakes import FakeScheduler
 from tests.unit.test_protocol import SPEC
 from txvmbot import __version__
 from txvmbot.daemon import codec
-from txvmbot.daemon.client import DaemonClient, _ClientAMP
-from txvmbot.daemon.jobs import JobEvent
-from txvmbot.daemon.protocol import (
+from txvmbot.daemon.api.client import DaemonClient, _ClientAMP
+from txvmbot.daemon.api.protocol import (
     API_VERSION,
     InternalError,
     NotAllowed,
     UnknownJobError,
     Watch,
 )
-from txvmbot.daemon.server import MAX_WATCHES, AMPServerFactory
-from txvmbot.daemon.store import StoreError
+from txvmbot.daemon.api.server import MAX_WATCHES, AMPServerFactory
+from txvmbot.daemon.jobs import JobEvent
+from txvmbot.daemon.stores.sqlite.store import StoreError
 from txvmbot.errors import DaemonUnavailable
 
 

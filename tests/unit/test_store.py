@@ -1,4 +1,4 @@
-"""Tests for txvmbot.daemon.store: the daemon's SQLite job store."""
+"""Tests for txvmbot.daemon.stores.sqlite.store: the daemon's SQLite job store."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.support import paths
 from txvmbot.daemon.codec import dumps, job_to_dict
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.store import (
+from txvmbot.daemon.stores.sqlite.store import (
     APPLICATION_ID,
     MIGRATIONS,
     PRUNE_BATCH,
@@ -552,7 +552,7 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         being killed with no chance to close the file."""
         code = f"""
             import time
-            from txvmbot.daemon.store import SQLiteJobStore
+            from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
             from txvmbot.daemon.jobs import Job, JobEvent
             from txvmbot.testing import make_job_spec
             s = SQLiteJobStore({self.path!r})

@@ -27,11 +27,11 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.fakes import FakeScheduler
-from txvmbot.daemon.client import ClientTLS, _ClientAMP, connect
-from txvmbot.daemon.protocol import API_VERSION, Hello
-from txvmbot.daemon.server import AMPServerFactory
+from txvmbot.daemon.api.client import ClientTLS, _ClientAMP, connect
+from txvmbot.daemon.api.protocol import API_VERSION, Hello
+from txvmbot.daemon.api.server import AMPServerFactory
+from txvmbot.daemon.api.tls import check_listen, listen_endpoint, tls_server_endpoint
 from txvmbot.daemon.settings import TLSFiles
-from txvmbot.daemon.tls import check_listen, listen_endpoint, tls_server_endpoint
 from txvmbot.errors import ConfigError, DaemonUnavailable
 
 reactor: Any = _reactor

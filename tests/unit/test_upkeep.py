@@ -1,4 +1,4 @@
-"""Tests for the daemon's retention (txvmbot.daemon.upkeep.Pruner): it
+"""Tests for the daemon's retention (txvmbot.daemon.scheduling.upkeep.Pruner): it
 prunes the real store and journal at start-up and every interval, a batch
 per reactor turn, logs what went, survives errors and stops cleanly."""
 
@@ -11,8 +11,8 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.store import SQLiteJobStore, StoreError
-from txvmbot.daemon.upkeep import PRUNE_INTERVAL, Pruner
+from txvmbot.daemon.scheduling.upkeep import PRUNE_INTERVAL, Pruner
+from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore, StoreError
 from txvmbot.journal import MemoryJournal
 from txvmbot.testing import make_job_spec
 

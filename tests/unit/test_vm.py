@@ -373,7 +373,7 @@ class StateMachineTests(TempDirMixin, SynchronousTestCase):
 
     def test_illegal_transition(self) -> None:
         end(self.vm, self.r, Failure(ProcessDone(0)))
-        self.assertRaises(VMStateError, self.vm._move, VMState.READY)
+        self.assertRaises(VMStateError, self.vm._became_ready)  # gone -> ready
         self.failureResultOf(self.vm.save_state("/tmp/x"), VMStateError)
 
 

@@ -14,8 +14,8 @@ from treq.testing import StubTreq
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.unit.test_scheduler import Harness
-from txvmbot.daemon.failures import FailureExample, FailureGroup, FailureReport
 from txvmbot.daemon.jobs import JobEvent
+from txvmbot.daemon.scheduling.failures import FailureExample, FailureGroup, FailureReport
 from txvmbot.daemon.web import WebUI
 from txvmbot.daemon.web.pages import step_rows
 

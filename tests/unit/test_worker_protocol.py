@@ -18,9 +18,8 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from txvmbot.daemon import codec
-from txvmbot.daemon.pool import _JobRun, _ParentAMP, _Worker, describe_exit
-from txvmbot.daemon.worker import RemoteJournal, Worker, encode_result
-from txvmbot.daemon.worker_protocol import (
+from txvmbot.daemon.workers.pool import _JobRun, _ParentAMP, _Worker, describe_exit
+from txvmbot.daemon.workers.protocol import (
     MAX_EVENT_BYTES,
     ArgumentTooLarge,
     Blob,
@@ -36,6 +35,7 @@ from txvmbot.daemon.worker_protocol import (
     WorkerProtocolError,
     _Command,
 )
+from txvmbot.daemon.workers.worker import RemoteJournal, Worker, encode_result
 from txvmbot.engine import Cleanup, StepRunner, track
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckResult, CommandResult, Facts, JournalEntry, StepEvent
@@ -423,8 +423,8 @@ class ValueTests(SynchronousTestCase):
         """The daemon imports these before its reactor is chosen."""
         code = (
             "import sys\n"
-            "import txvmbot.daemon.pool, txvmbot.daemon.worker, txvmbot.daemon.bootstrap\n"
-            "import txvmbot.daemon.worker_protocol\n"
+            "import txvmbot.daemon.workers.pool, txvmbot.daemon.workers.worker, txvmbot.daemon.workers.bootstrap\n"
+            "import txvmbot.daemon.workers.protocol\n"
             "bad = [m for m in sys.modules if m == 'twisted.internet.reactor'"
             " or m.startswith('ampoule')]\n"
             "assert not bad, bad\n"
@@ -435,7 +435,7 @@ class ValueTests(SynchronousTestCase):
         from ampoule.child import AMPChild
         from twisted.python import reflect
 
-        from txvmbot.daemon import worker
+        from txvmbot.daemon.workers import worker
 
         cls = worker.WorkerChild
         self.assertTrue(issubclass(cls, AMPChild) and issubclass(cls, Worker))

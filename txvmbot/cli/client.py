@@ -31,9 +31,9 @@ from txvmbot.config import ClientTLSSettings, check_float, check_int, check_str,
 from txvmbot.errors import ConfigError
 
 if TYPE_CHECKING:
-    from txvmbot.daemon.client import ClientTLS, DaemonClient, JobList, JobSummary
-    from txvmbot.daemon.failures import FailureReport
+    from txvmbot.daemon.api.client import ClientTLS, DaemonClient, JobList, JobSummary
     from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent
+    from txvmbot.daemon.scheduling.failures import FailureReport
 
 __all__ = ["EXIT_UNREACHABLE", "add_parsers", "connection_for", "execute"]
 
@@ -188,7 +188,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def _add_failures(simple: Any) -> None:
-    from txvmbot.daemon.failures import DEFAULT_LIMIT, FACTS, MAX_LIMIT
+    from txvmbot.daemon.scheduling.failures import DEFAULT_LIMIT, FACTS, MAX_LIMIT
 
     p = simple(
         "failures",
@@ -253,7 +253,7 @@ def connection_for(
 def _client_tls(tls: ClientTLSSettings | None) -> ClientTLS | None:
     if tls is None:
         return None
-    from txvmbot.daemon.client import ClientTLS
+    from txvmbot.daemon.api.client import ClientTLS
 
     return ClientTLS(ca=tls.ca, cert=tls.cert, key=tls.key, server_name=tls.server_name)
 
@@ -293,8 +293,8 @@ async def execute(
 ) -> int:
     """Connect, run the command ``args`` names, print; the exit status.
     Every error is reported on ``streams.stderr``."""
-    from txvmbot.daemon.client import connect
-    from txvmbot.daemon.protocol import APIError, BadRequest
+    from txvmbot.daemon.api.client import connect
+    from txvmbot.daemon.api.protocol import APIError, BadRequest
     from txvmbot.errors import DaemonUnavailable, UnknownJob
 
     err = streams.stderr
@@ -680,7 +680,7 @@ async def _resume(
 async def _status(
     client: DaemonClient, args: argparse.Namespace, streams: _Streams, reactor: Any, _: Any
 ) -> int:
-    from txvmbot.daemon.protocol import status_to_dict
+    from txvmbot.daemon.api.protocol import status_to_dict
 
     s: DaemonStatus = await client.status()
     _print_json(streams, status_to_dict(s))
@@ -723,7 +723,7 @@ class _Failures:
     ) -> tuple[tuple[str, ...], float]:
         """The facts to group by and the age in seconds, checked before
         connecting."""
-        from txvmbot.daemon.failures import MAX_LIMIT, check_by, parse_age
+        from txvmbot.daemon.scheduling.failures import MAX_LIMIT, check_by, parse_age
 
         by = check_by([n.strip() for n in args.by.split(",") if n.strip()], "--by")
         age = parse_age(args.since, "--since")
@@ -739,7 +739,7 @@ class _Failures:
         reactor: Any,
         prepared: tuple[tuple[str, ...], float],
     ) -> int:
-        from txvmbot.daemon.failures import report_to_dict
+        from txvmbot.daemon.scheduling.failures import report_to_dict
 
         by, age = prepared
         since = max(0.0, reactor.seconds() - age)

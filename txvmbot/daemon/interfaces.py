@@ -15,7 +15,7 @@ from zope.interface import Attribute, Interface
 class IJobStore(Interface):
     """Durable jobs and their events, in SQLite, written by the daemon
     process alone. (With a shared PostgreSQL store the scheduler writes
-    through a txvmbot.daemon.shared.writer.JobWriter, ``update`` and
+    through a txvmbot.daemon.stores.postgres.writer.JobWriter, ``update`` and
     ``add_event`` only, and clients read through SharedScheduler.)"""
 
     def add(job: Any, event: Any = None) -> None:
@@ -126,7 +126,7 @@ class IScheduler(Interface):
         """A DaemonStatus."""
 
     def failures(by: Any, since: float, limit: int = 10000) -> Any:
-        """A txvmbot.daemon.failures.FailureReport (or a Deferred firing
+        """A txvmbot.daemon.scheduling.failures.FailureReport (or a Deferred firing
         with one): of the newest ``limit`` finished jobs, those that
         finished at or after ``since`` (epoch seconds), grouped by the
         facts named in ``by``. Raises ConfigError for an unknown name."""

@@ -1,5 +1,5 @@
 """The daemon as a Twisted service: store, journal, worker pool, scheduler,
-retention (:class:`~txvmbot.daemon.upkeep.Pruner`) and AMP listeners, started
+retention (:class:`~txvmbot.daemon.scheduling.upkeep.Pruner`) and AMP listeners, started
 in that order and stopped in reverse.
 
 One daemon owns a data dir (an exclusive lock on ``daemon.lock``): the
@@ -138,12 +138,12 @@ class DaemonService(service.MultiService):
             raise _StartInterrupted("the daemon was told to stop while starting")
 
     async def _start(self) -> None:
-        from txvmbot.daemon.datafiles import sqlite_files
-        from txvmbot.daemon.metrics import DaemonMetrics
-        from txvmbot.daemon.pool import AmpoulePool
-        from txvmbot.daemon.scheduler import Scheduler
-        from txvmbot.daemon.server import AMPServerFactory
-        from txvmbot.daemon.upkeep import Pruner, make_cleaner, make_health_check
+        from txvmbot.daemon.api.server import AMPServerFactory
+        from txvmbot.daemon.scheduling.scheduler import Scheduler
+        from txvmbot.daemon.scheduling.upkeep import Pruner, make_cleaner, make_health_check
+        from txvmbot.daemon.stores.sqlite.datafiles import sqlite_files
+        from txvmbot.daemon.web.metrics import DaemonMetrics
+        from txvmbot.daemon.workers.pool import AmpoulePool
 
         s = self.settings
         _prepare_data_dir(s.data_dir)
@@ -198,7 +198,7 @@ class DaemonService(service.MultiService):
         )
         self.scheduler = local
         if s.shared:
-            from txvmbot.daemon.shared.scheduler import SharedScheduler
+            from txvmbot.daemon.scheduling.shared import SharedScheduler
 
             # Metrics count the jobs this daemon runs; clients see all.
             self._detach_metrics = m.attach(local, seed=False)
@@ -241,9 +241,9 @@ class DaemonService(service.MultiService):
 
     def _open_local(self) -> None:
         """The job store and journal in SQLite files in the data dir, whose
-        writes are held through a full disk (txvmbot.daemon.held)."""
-        from txvmbot.daemon.held import DataDir, HeldJournal, HeldStore, WriteQueue
-        from txvmbot.daemon.store import SQLiteJobStore
+        writes are held through a full disk (txvmbot.daemon.stores.sqlite.held)."""
+        from txvmbot.daemon.stores.sqlite.held import DataDir, HeldJournal, HeldStore, WriteQueue
+        from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
         from txvmbot.journal import SQLiteJournal
 
         s = self.settings
@@ -260,14 +260,14 @@ class DaemonService(service.MultiService):
     async def _open_shared(self) -> None:
         """The shared PostgreSQL store: database, schema, journal, the
         write-behind of this daemon's jobs, its lease, and LISTEN."""
-        from txvmbot.daemon.shared.cluster import Cluster
-        from txvmbot.daemon.shared.db import Database, DatabaseError
-        from txvmbot.daemon.shared.journal import PostgresJournal
-        from txvmbot.daemon.shared.listener import Listener
-        from txvmbot.daemon.shared.reads import SharedReads
-        from txvmbot.daemon.shared.schema import migrate
-        from txvmbot.daemon.shared.store import CHANNELS
-        from txvmbot.daemon.shared.writer import JobWriter
+        from txvmbot.daemon.cluster.listener import Listener
+        from txvmbot.daemon.cluster.membership import Cluster
+        from txvmbot.daemon.stores.postgres.db import Database, DatabaseError
+        from txvmbot.daemon.stores.postgres.journal import PostgresJournal
+        from txvmbot.daemon.stores.postgres.reads import SharedReads
+        from txvmbot.daemon.stores.postgres.schema import migrate
+        from txvmbot.daemon.stores.postgres.store import CHANNELS
+        from txvmbot.daemon.stores.postgres.writer import JobWriter
 
         s = self.settings
         assert s.store_dsn is not None
@@ -357,7 +357,7 @@ class DaemonService(service.MultiService):
             path = path[len("path=") :] if path.startswith("path=") else path
             _remove_stale_socket(path)
             return serverFromString(self.reactor, description)
-        from txvmbot.daemon.tls import tls_server_endpoint
+        from txvmbot.daemon.api.tls import tls_server_endpoint
 
         assert self.settings.tls is not None  # checked when the settings were parsed
         return tls_server_endpoint(self.reactor, description, self.settings.tls)

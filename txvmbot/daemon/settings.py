@@ -322,7 +322,7 @@ def parse_daemon_table(
 def _store_dsn(table: Mapping[str, Any], src: str, environ: Mapping[str, str]) -> str | None:
     """The shared store's DSN from ``store`` or ``store_dsn_env``; errors
     never quote it (it may hold a password)."""
-    from txvmbot.daemon.shared.db import check_dsn
+    from txvmbot.daemon.stores.postgres.db import check_dsn
 
     if "store" in table and "store_dsn_env" in table:
         raise ConfigError("daemon.store", f"give store or store_dsn_env, not both{src}")

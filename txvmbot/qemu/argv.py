@@ -154,7 +154,7 @@ def parent_death_launcher() -> tuple[str, ...]:
     thread that spawned it ends: the reactor thread of a daemon's worker or
     of ``txvmbot check --local``. A worker ends when its daemon does (its
     AMP pipe closes; if its reactor cannot run, the kernel kills it:
-    ``txvmbot.daemon.bootstrap``), so a SIGKILLed daemon's QEMUs end too,
+    ``txvmbot.daemon.workers.bootstrap``), so a SIGKILLed daemon's QEMUs end too,
     without waiting for a daemon to start again (bench/qemu_orphan.py: a few ms after the
     parent's SIGKILL; without it, QEMU ran on). KILL, not TERM: a job's
     disk is thrown away anyway, and KILL cannot be held up by a stuck QEMU.

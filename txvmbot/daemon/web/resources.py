@@ -11,7 +11,7 @@ if something it shows changed. Twenty open pages cost the daemon twenty
 small writes a flush, not twenty writes an event.
 
 The scheduler may answer at once (SQLite) or with Deferreds (a shared
-PostgreSQL store, txvmbot.daemon.shared.scheduler): every read here goes
+PostgreSQL store, txvmbot.daemon.scheduling.shared): every read here goes
 through :func:`_then`, and a page whose answer is a Deferred is written
 when it fires (:func:`_answer`). With a shared store the hub also follows
 the store's event notifications (``scheduler.notice``), so a page on one

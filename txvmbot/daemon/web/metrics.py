@@ -44,7 +44,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from txvmbot.daemon.jobs import FINAL_STATES, DaemonStatus, Job, JobEvent
-from txvmbot.daemon.worker_protocol import ApiCalls
+from txvmbot.daemon.workers.protocol import ApiCalls
 
 __all__ = ["DaemonMetrics", "MetricsPage", "step_label"]
 

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from txvmbot.daemon.shared.db import Database
+from txvmbot.daemon.stores.postgres.db import Database
 
 __all__ = ["Listener"]
 

@@ -4,7 +4,7 @@ stack.
 
 It behaves as :class:`txvmbot.journal.SQLiteJournal` does (same sequence
 numbers, orders, pruning rules and errors), except that every method returns
-a Deferred: the work runs in the :class:`~txvmbot.daemon.shared.db.Database`'s
+a Deferred: the work runs in the :class:`~txvmbot.daemon.stores.postgres.db.Database`'s
 threads, one transaction per call. Each entry also records the host of the
 daemon that wrote it, because a local (QEMU) machine lives on that host
 alone: :meth:`PostgresJournal.host_checks` tells a restarted daemon which
@@ -27,7 +27,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from txvmbot.daemon.shared.db import Database, DatabaseError, DatabaseUnavailable
+from txvmbot.daemon.stores.postgres.db import Database, DatabaseError, DatabaseUnavailable
 from txvmbot.interfaces import IJournal
 from txvmbot.journal import (
     PRUNE_BATCH,

@@ -9,12 +9,12 @@
 
 Every method returns a Deferred. Errors: :class:`~txvmbot.errors.DaemonUnavailable`
 when the daemon cannot be reached or the connection is lost (it says where
-and why), :class:`~txvmbot.daemon.protocol.IncompatibleVersion` when client
+and why), :class:`~txvmbot.daemon.api.protocol.IncompatibleVersion` when client
 and daemon share no API version, and the API's own errors
-(:class:`~txvmbot.daemon.protocol.BadRequest`,
-:class:`~txvmbot.daemon.protocol.UnknownJobError` — also an
-:class:`~txvmbot.errors.UnknownJob` —, :class:`~txvmbot.daemon.protocol.NotAllowed`,
-:class:`~txvmbot.daemon.protocol.InternalError`).
+(:class:`~txvmbot.daemon.api.protocol.BadRequest`,
+:class:`~txvmbot.daemon.api.protocol.UnknownJobError` — also an
+:class:`~txvmbot.errors.UnknownJob` —, :class:`~txvmbot.daemon.api.protocol.NotAllowed`,
+:class:`~txvmbot.daemon.api.protocol.InternalError`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ from twisted.python.failure import Failure
 
 from txvmbot import __version__
 from txvmbot.daemon import codec
-from txvmbot.daemon.failures import DEFAULT_BY, FailureReport, report_from_dict
-from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
-from txvmbot.daemon.protocol import (
+from txvmbot.daemon.api.protocol import (
     API_VERSION,
     DEFAULT_FAILURES_LIMIT,
     APIError,
@@ -57,11 +55,13 @@ from txvmbot.daemon.protocol import (
     backend_from_dict,
     status_from_dict,
 )
+from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
+from txvmbot.daemon.scheduling.failures import DEFAULT_BY, FailureReport, report_from_dict
 from txvmbot.errors import ConfigError, DaemonUnavailable
 
 __all__ = ["ClientTLS", "DaemonClient", "JobList", "JobSummary", "connect"]
 
-_log = Logger(namespace="txvmbot.daemon.client")
+_log = Logger(namespace="txvmbot.daemon.api.client")
 _EVENT_FIELDS = frozenset(a.name for a in attrs.fields(JobEvent))
 
 
@@ -287,7 +287,7 @@ class DaemonClient:
     ) -> Deferred[FailureReport]:
         """The finished jobs that ended at or after ``since`` (epoch
         seconds), among the newest ``limit``, grouped by the facts named in
-        ``by`` (keys of :data:`txvmbot.daemon.failures.FACTS`)."""
+        ``by`` (keys of :data:`txvmbot.daemon.scheduling.failures.FACTS`)."""
 
         def parse(r: dict[str, Any]) -> FailureReport:
             try:
@@ -328,7 +328,7 @@ def _chain(d: Deferred[None]) -> Deferred[None]:
 
 
 def _tls_host(endpoint: str) -> str:
-    from txvmbot.daemon.tls import _fields
+    from txvmbot.daemon.api.tls import _fields
 
     kind, args, kwargs = _fields(endpoint)
     host = kwargs.get("host", args[0] if args else "")
@@ -386,7 +386,7 @@ def connect(
             f"unix:path=/path/txvmbot.sock: {e}",
         ) from None
     if tls is not None:
-        from txvmbot.daemon.tls import client_tls_options
+        from txvmbot.daemon.api.tls import client_tls_options
 
         host = tls.server_name or _tls_host(endpoint)
         ep = wrapClientTLS(client_tls_options(host, tls.ca, tls.cert, tls.key), ep)

@@ -34,10 +34,10 @@ import attrs
 from twisted.protocols import amp
 
 from txvmbot.daemon.codec import MAX_SPEC_BYTES, dumps
-from txvmbot.daemon.failures import DEFAULT_LIMIT as DEFAULT_REPORT_LIMIT
-from txvmbot.daemon.failures import FACTS, FailureReport, check_by, report_to_dict
-from txvmbot.daemon.failures import MAX_LIMIT as MAX_REPORT_LIMIT
 from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job
+from txvmbot.daemon.scheduling.failures import DEFAULT_LIMIT as DEFAULT_REPORT_LIMIT
+from txvmbot.daemon.scheduling.failures import FACTS, FailureReport, check_by, report_to_dict
+from txvmbot.daemon.scheduling.failures import MAX_LIMIT as MAX_REPORT_LIMIT
 from txvmbot.errors import ConfigError, DaemonUnavailable, TxvmbotError, UnknownJob
 from txvmbot.model import CheckSpec
 
@@ -320,7 +320,7 @@ class EpochArgument(_Checked):
 
 class FactNamesArgument(_Checked):
     """Fact names to group failures by: 1 to as many as there are facts,
-    each a key of :data:`txvmbot.daemon.failures.FACTS`, none twice."""
+    each a key of :data:`txvmbot.daemon.scheduling.failures.FACTS`, none twice."""
 
     what = "a list of fact names (" + ", ".join(FACTS) + ")"
 
@@ -497,7 +497,7 @@ class Status(amp.Command):
 
 class Failures(amp.Command):
     """Finished jobs grouped by environment facts
-    (:func:`txvmbot.daemon.failures.report_to_dict`): those that finished at
+    (:func:`txvmbot.daemon.scheduling.failures.report_to_dict`): those that finished at
     or after ``since`` among the newest ``limit`` finished jobs, grouped
     by the facts named in ``by``. Groups with the fewest failures are left
     out (``omitted``) when the report would not fit one AMP value."""

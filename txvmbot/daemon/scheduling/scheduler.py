@@ -55,8 +55,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot.daemon.failures import FailureReport, scan_failures
-from txvmbot.daemon.held import Storage
 from txvmbot.daemon.interfaces import IJobStore, IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -68,6 +66,8 @@ from txvmbot.daemon.jobs import (
     JobSpec,
     JobState,
 )
+from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
+from txvmbot.daemon.stores.sqlite.held import Storage
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
 from txvmbot.model import CheckResult, StepEvent
 
@@ -242,9 +242,9 @@ class Scheduler:
     :param on_free: with a shared store, called with the number of workers
         that no local job will take, whenever the scheduler has dispatched:
         the cluster claims that many jobs from the shared queue and hands
-        them over with :meth:`adopt` (txvmbot.daemon.shared.cluster).
+        them over with :meth:`adopt` (txvmbot.daemon.cluster.membership).
     :param storage: the data dir's free space and held writes, for
-        :meth:`status` (txvmbot.daemon.held.DataDir.storage).
+        :meth:`status` (txvmbot.daemon.stores.sqlite.held.DataDir.storage).
     :param on_requeue: with a shared store, a job queued again after an
         infrastructure failure is not kept here: it is forgotten and
         handed to ``on_requeue``, which gives it back to the shared queue
@@ -1054,7 +1054,7 @@ class Scheduler:
         self, by: Sequence[str], since: float, limit: int = 10_000
     ) -> Deferred[FailureReport]:
         """The newest ``limit`` finished jobs grouped by the facts named in
-        ``by`` (:func:`txvmbot.daemon.failures.scan_failures`, which says
+        ``by`` (:func:`txvmbot.daemon.scheduling.failures.scan_failures`, which says
         which jobs it reads). Raises ConfigError for an unknown name."""
         return scan_failures(self._clock, self._store.list, self._store.get, by, since, limit)
 

@@ -2,8 +2,8 @@
 connection, answering with an :class:`~txvmbot.daemon.interfaces.IScheduler`.
 
 Nothing a client sends can hurt the daemon or other clients: a bad argument
-is a :class:`~txvmbot.daemon.protocol.BadRequest`, an error of the scheduler
-a typed AMP error, and a bug an :class:`~txvmbot.daemon.protocol.InternalError`
+is a :class:`~txvmbot.daemon.api.protocol.BadRequest`, an error of the scheduler
+a typed AMP error, and a bug an :class:`~txvmbot.daemon.api.protocol.InternalError`
 (logged with its traceback) — the connection stays up in every case. Only a
 box AMP itself cannot parse (a broken frame) drops that one connection.
 """
@@ -22,9 +22,7 @@ from twisted.python.failure import Failure
 
 from txvmbot import __version__
 from txvmbot.daemon import codec
-from txvmbot.daemon.interfaces import IScheduler
-from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, Job, JobEvent
-from txvmbot.daemon.protocol import (
+from txvmbot.daemon.api.protocol import (
     API_VERSION,
     MIN_API_VERSION,
     APIError,
@@ -52,6 +50,8 @@ from txvmbot.daemon.protocol import (
     job_summary,
     status_to_dict,
 )
+from txvmbot.daemon.interfaces import IScheduler
+from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, Job, JobEvent
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob
 
 __all__ = ["AMPServerFactory", "DaemonAMP"]
@@ -59,7 +59,7 @@ __all__ = ["AMPServerFactory", "DaemonAMP"]
 #: How many jobs one connection may watch at once.
 MAX_WATCHES = 100
 
-_log = Logger(namespace="txvmbot.daemon.server")
+_log = Logger(namespace="txvmbot.daemon.api.server")
 
 
 def _job_doc(job: Job) -> Fitted:

@@ -22,8 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.shared import store
-from txvmbot.daemon.shared.db import Database, DatabaseUnavailable
+from txvmbot.daemon.stores.postgres import store
+from txvmbot.daemon.stores.postgres.db import Database, DatabaseUnavailable
 
 __all__ = ["JobWriter"]
 

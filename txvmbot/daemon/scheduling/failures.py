@@ -4,7 +4,7 @@ on one host kernel, and nobody had looked).
 
 Pure: jobs in, a frozen :class:`FailureReport` out. The daemon feeds it its
 newest finished jobs a page at a time (:meth:`Scheduler.failures
-<txvmbot.daemon.scheduler.Scheduler.failures>`); ``txvmbot failures``
+<txvmbot.daemon.scheduling.scheduler.Scheduler.failures>`); ``txvmbot failures``
 prints the report as a table.
 
 What counts: jobs in a final state that finished at or after ``since``.

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon import codec
-from txvmbot.daemon.worker_protocol import (
+from txvmbot.daemon.workers.protocol import (
     MAX_API_CALL_KINDS,
     MAX_API_CALL_NAME,
     MAX_PENDING_BYTES,

@@ -13,12 +13,12 @@ host fail with "host lost" (their VMs live on that host; its daemon stops
 them when it comes back: :meth:`Cluster.start`).
 
 Without the database a daemon keeps its running jobs going (their writes
-wait in the :class:`~txvmbot.daemon.shared.writer.JobWriter`), claims
+wait in the :class:`~txvmbot.daemon.stores.postgres.writer.JobWriter`), claims
 nothing, and tries again each heartbeat. If its own lease runs out before a
 renewal gets through (a timer on its own clock, from the sending of the
 last renewal that succeeded, so never later than the database's expiry,
 and ``grace`` before the others act), it lets go of its jobs
-(:meth:`~txvmbot.daemon.scheduler.Scheduler.abandon`) so none runs twice,
+(:meth:`~txvmbot.daemon.scheduling.scheduler.Scheduler.abandon`) so none runs twice,
 and registers a new lease once the database answers.
 """
 
@@ -37,8 +37,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txvmbot.daemon.jobs import Job
-from txvmbot.daemon.shared import store
-from txvmbot.daemon.shared.db import Database, DatabaseUnavailable
+from txvmbot.daemon.stores.postgres import store
+from txvmbot.daemon.stores.postgres.db import Database, DatabaseUnavailable
 
 __all__ = ["Cluster"]
 
@@ -62,7 +62,7 @@ class Cluster:
     :param lease: seconds a lease lasts without a renewal.
 
     :meth:`start` is given the local
-    :class:`~txvmbot.daemon.scheduler.Scheduler` (built with
+    :class:`~txvmbot.daemon.scheduling.scheduler.Scheduler` (built with
     ``on_free=cluster.want_claim``), the cleaner (for what this host's lost
     local jobs left) and the journal. ``on_events`` and ``on_listening``
     are called with event notifications (a job id) and when LISTEN is

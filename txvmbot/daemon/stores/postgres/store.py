@@ -1,6 +1,6 @@
 """The jobs, events, claims, leases and backends of the shared database:
 each operation is one function of a connection, run in one transaction by
-:meth:`txvmbot.daemon.shared.db.Database.run` (in a database thread, never
+:meth:`txvmbot.daemon.stores.postgres.db.Database.run` (in a database thread, never
 on the reactor).
 
 Every write of a job by the daemon running it is fenced by ``owner``: a
@@ -132,7 +132,7 @@ def list_jobs(
     limit: int,
     before: str | None,
 ) -> list[Job]:
-    """As :meth:`txvmbot.daemon.store.SQLiteJobStore.list`."""
+    """As :meth:`txvmbot.daemon.stores.sqlite.store.SQLiteJobStore.list`."""
     where: list[str] = []
     args: list[object] = []
     if states is not None:
@@ -541,7 +541,7 @@ def take_over(
 
 
 def prune(conn: Any, finished_before: float, limit: int) -> int:
-    """As :meth:`txvmbot.daemon.store.SQLiteJobStore.prune`."""
+    """As :meth:`txvmbot.daemon.stores.sqlite.store.SQLiteJobStore.prune`."""
     ids = [
         r[0]
         for r in conn.execute(

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 __all__ = ["BOOTSTRAP", "main"]
 
 #: The ``python -c`` program of a worker process.
-BOOTSTRAP = "import sys\nfrom txvmbot.daemon.bootstrap import main\nmain(sys.argv)\n"
+BOOTSTRAP = "import sys\nfrom txvmbot.daemon.workers.bootstrap import main\nmain(sys.argv)\n"
 
 #: The environment variable that sets the worker's log level (default info).
 LOG_LEVEL_ENV = "TXVMBOT_WORKER_LOG_LEVEL"

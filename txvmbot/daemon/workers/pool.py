@@ -43,7 +43,7 @@ from zope.interface import implementer
 from txvmbot.daemon import codec
 from txvmbot.daemon.interfaces import IWorkerPool
 from txvmbot.daemon.jobs import Job, check_id_for
-from txvmbot.daemon.worker_protocol import (
+from txvmbot.daemon.workers.protocol import (
     MAX_EVENT_BYTES,
     MAX_RESULT_BYTES,
     ApiCalls,
@@ -363,7 +363,7 @@ class AmpoulePool:
         The scheduler's own per-job bound, which cancels and so cleans up,
         should be the shorter.
     :param bootstrap: the workers' ``python -c`` program; txvmbot's
-        (:data:`txvmbot.daemon.bootstrap.BOOTSTRAP`) by default. Tests
+        (:data:`txvmbot.daemon.workers.bootstrap.BOOTSTRAP`) by default. Tests
         pass ampoule's to show what it does.
     :param stop_timeout: how long stop() waits for a worker to exit (and
         for running jobs to clean up after their cancel) before killing it.
@@ -372,7 +372,7 @@ class AmpoulePool:
         running a job, starting or idle); not for a worker that exits when
         told to (stop, recycling).
     :param on_api_calls: called with a job's id and the EC2 API calls its
-        worker counted (:class:`~txvmbot.daemon.worker_protocol.ApiCalls`),
+        worker counted (:class:`~txvmbot.daemon.workers.protocol.ApiCalls`),
         when the worker sent any with the result.
     """
 
@@ -442,7 +442,7 @@ class AmpoulePool:
             raise PoolError(f"the pool was already started (it is {self._state})")
         self._state = "starting"
         Starter, Connector = _ampoule()
-        from txvmbot.daemon import bootstrap
+        from txvmbot.daemon.workers import bootstrap
 
         self._connector_class = Connector
         self._starter = Starter(
@@ -572,10 +572,10 @@ class AmpoulePool:
 
     def _child_env(self) -> dict[str, str]:
         import txvmbot
-        from txvmbot.daemon.bootstrap import PARENT_ENV
+        from txvmbot.daemon.workers.bootstrap import PARENT_ENV
 
         env = dict(self.env)
-        # The workers die with this process (see txvmbot.daemon.bootstrap).
+        # The workers die with this process (see txvmbot.daemon.workers.bootstrap).
         env[PARENT_ENV] = str(os.getpid())
         ours = os.path.dirname(os.path.dirname(os.path.abspath(txvmbot.__file__)))
         paths = [ours] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ours]
@@ -583,7 +583,7 @@ class AmpoulePool:
         return env
 
     def _spawn(self) -> _Worker:
-        from txvmbot.daemon import worker as worker_module
+        from txvmbot.daemon.workers import worker as worker_module
 
         self._counter += 1
         parent = _ParentAMP()

@@ -4,9 +4,9 @@
 ``status`` on any daemon see every job.
 
 Reads and submits go to the database (each call a Deferred); the jobs this
-daemon holds run in its local :class:`~txvmbot.daemon.scheduler.Scheduler`,
+daemon holds run in its local :class:`~txvmbot.daemon.scheduling.scheduler.Scheduler`,
 whose writes reach the database through the
-:class:`~txvmbot.daemon.shared.writer.JobWriter`. A watch reads stored
+:class:`~txvmbot.daemon.stores.postgres.writer.JobWriter`. A watch reads stored
 events and follows ``txvmbot_events`` notifications, whichever daemon runs
 the job; a cancel of a job another daemon holds is asked of it through
 ``txvmbot_cancel``.
@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot.daemon.failures import FailureReport, scan_failures
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -33,10 +32,11 @@ from txvmbot.daemon.jobs import (
     JobEvent,
     JobSpec,
 )
-from txvmbot.daemon.scheduler import API_VERSION, Scheduler, new_job_id, new_jobs
-from txvmbot.daemon.shared import store
-from txvmbot.daemon.shared.db import Database
-from txvmbot.daemon.shared.writer import JobWriter
+from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
+from txvmbot.daemon.scheduling.scheduler import API_VERSION, Scheduler, new_job_id, new_jobs
+from txvmbot.daemon.stores.postgres import store
+from txvmbot.daemon.stores.postgres.db import Database
+from txvmbot.daemon.stores.postgres.writer import JobWriter
 from txvmbot.errors import TxvmbotError, UnknownJob
 
 __all__ = ["SharedScheduler"]

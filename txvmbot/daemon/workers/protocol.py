@@ -67,7 +67,7 @@ __all__ = [
 #: The largest step event (JSON) a worker may send.
 MAX_EVENT_BYTES = 64 * 1024
 #: The largest check result (JSON) a worker may send. Command output is cut
-#: by the worker to fit (see txvmbot.daemon.worker).
+#: by the worker to fit (see txvmbot.daemon.workers.worker).
 MAX_RESULT_BYTES = 32 * 1024 * 1024
 #: The largest answer to JournalPending (JSON list of entries).
 MAX_PENDING_BYTES = 4 * 1024 * 1024

@@ -8,8 +8,8 @@ from collections.abc import Collection
 from twisted.internet.defer import Deferred
 
 from txvmbot.daemon.jobs import Job
-from txvmbot.daemon.shared import store
-from txvmbot.daemon.shared.db import Database
+from txvmbot.daemon.stores.postgres import store
+from txvmbot.daemon.stores.postgres.db import Database
 
 __all__ = ["SharedReads"]
 

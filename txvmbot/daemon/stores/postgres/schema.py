@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from txvmbot.daemon.shared.db import DatabaseError
+from txvmbot.daemon.stores.postgres.db import DatabaseError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 

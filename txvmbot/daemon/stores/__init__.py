@@ -1,0 +1,1 @@
+"""Where the daemon keeps jobs, events and the journal: SQLite (the embedded default) and PostgreSQL (several daemons on one database)."""
