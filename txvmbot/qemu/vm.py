@@ -1,5 +1,5 @@
-"""One QEMU process per VM: its state machine, its QMP session and the
-errors of a local VM.
+"""One QEMU process per VM: its lifecycle, its QMP session and the errors of
+a local VM.
 
 A VM is started by ``txvmbot.qemu.boot`` from a command line built by
 ``txvmbot.qemu.argv``; it writes the files of its directory
@@ -10,11 +10,17 @@ started it, though: it is started through ``setpriv --pdeathsig KILL``
 (``parent_death_launcher``), so the kernel kills it when its parent (a
 daemon's worker, ``txvmbot check --local``) dies, even by SIGKILL.
 
-The process goes through an explicit state machine::
+The process goes through a state machine (automat), every transition
+written down once in the table of ``_build_lifecycle``::
 
-    booting --> ready --> stopping --> gone
-       |          |                \\-> kept   (gone, directory kept as evidence)
-       \\----------+--> stopping / gone / kept (QEMU may exit at any time)
+    booting --> ready --> stopping ----------> gone
+       |          |          |
+       |          \\--> stopping to keep ----> kept   (the directory kept as evidence)
+       \\--> gone            (QEMU may exit in any state but gone and kept)
+
+``stop(keep=True)`` goes to stopping to keep, from booting, ready or
+stopping; ``VM.state`` shows both stopping states as ``stopping``. An input
+a state has no row for is refused with VMStateError.
 
 The guest prints READY_MARKER on the serial console once sshd listens; a VM
 started from a saved state (``incoming``) was ready when it was saved, so it
@@ -28,9 +34,12 @@ import json
 import os
 import shlex
 import time
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, Protocol
 
 from attrs import frozen
+from automat import NoTransition, TypeMachine, TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -139,10 +148,12 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-# -- the VM -------------------------------------------------------------
+# -- the lifecycle --------------------------------------------------------
 
 
 class VMState(enum.Enum):
+    """What ``VM.state`` shows of the lifecycle."""
+
     BOOTING = "booting"
     READY = "ready"
     STOPPING = "stopping"
@@ -150,13 +161,126 @@ class VMState(enum.Enum):
     KEPT = "kept"
 
 
-_TRANSITIONS: dict[VMState, frozenset[VMState]] = {
-    VMState.BOOTING: frozenset({VMState.READY, VMState.STOPPING, VMState.GONE, VMState.KEPT}),
-    VMState.READY: frozenset({VMState.STOPPING, VMState.GONE, VMState.KEPT}),
-    VMState.STOPPING: frozenset({VMState.GONE, VMState.KEPT}),
-    VMState.GONE: frozenset(),
-    VMState.KEPT: frozenset(),
+class _Lifecycle(Protocol):
+    """The inputs of the lifecycle: what can happen to a VM. Only ``VM``
+    calls them, never from inside an output (automat refuses to re-enter a
+    machine for an input with a result, and postpones one without): an
+    output fires no caller's Deferred; the VM does that once the input is
+    over."""
+
+    def became_ready(self) -> None:
+        """The guest printed its ready marker, or its saved state runs."""
+
+    def wait_ready(self, bound: float) -> Deferred[None]:
+        """Someone waits (up to ``bound`` seconds) for the guest to be ready."""
+
+    def stop(self) -> str | None:
+        """End QEMU. None: go on and end it; else how it ended already."""
+
+    def stop_to_keep(self) -> str | None:
+        """End QEMU and keep its directory as evidence; as ``stop``."""
+
+    def save_state(self) -> None:
+        """``VM.save_state`` begins: only a ready guest can be saved."""
+
+    def saved(self) -> None:
+        """The guest's state is saved; QEMU is told to quit."""
+
+    def exited(self, reason: Failure) -> None:
+        """The QEMU process ended (on its own or because we ended it)."""
+
+
+def _build_lifecycle() -> tuple[TypeMachine[_Lifecycle, VM], tuple[tuple[str, str, str], ...]]:
+    """The lifecycle, every transition once: the state an input is legal in,
+    the state it leads to and its output, a method of ``VM`` (``None``: no
+    output; the input returns None). An input without a row in a state is
+    illegal there (see ``_ILLEGAL``). Returns the machine and the table's
+    ``(state, input, next state)`` names."""
+    builder = TypeMachineBuilder(_Lifecycle, VM)
+    booting = builder.state("booting")  # the first state is the initial one
+    ready = builder.state("ready")
+    stopping = builder.state("stopping")
+    stopping_to_keep = builder.state("stopping to keep")
+    gone = builder.state("gone")
+    kept = builder.state("kept")
+    shows = {
+        booting: VMState.BOOTING,
+        ready: VMState.READY,
+        stopping: VMState.STOPPING,
+        stopping_to_keep: VMState.STOPPING,
+        gone: VMState.GONE,
+        kept: VMState.KEPT,
+    }
+    L = _Lifecycle
+    table: list[tuple[Any, Callable[..., Any], Any, Callable[..., Any] | None]]
+    # fmt: off
+    table = [
+        # in state        upon              goes to           output
+        (booting,          L.became_ready,  ready,            VM._announce_ready),
+        (booting,          L.wait_ready,    booting,          VM._wait_for_marker),
+        (booting,          L.stop,          stopping,         None),
+        (booting,          L.stop_to_keep,  stopping_to_keep, None),
+        (booting,          L.exited,        gone,             VM._record_exit),
+
+        (ready,            L.wait_ready,    ready,            VM._ready_already),
+        (ready,            L.save_state,    ready,            None),
+        (ready,            L.saved,         stopping,         None),
+        (ready,            L.stop,          stopping,         None),
+        (ready,            L.stop_to_keep,  stopping_to_keep, None),
+        (ready,            L.exited,        gone,             VM._record_exit),
+
+        (stopping,         L.stop,          stopping,         None),
+        (stopping,         L.stop_to_keep,  stopping_to_keep, None),
+        (stopping,         L.exited,        gone,             VM._record_exit),
+
+        (stopping_to_keep, L.stop,          stopping_to_keep, None),
+        (stopping_to_keep, L.stop_to_keep,  stopping_to_keep, None),
+        (stopping_to_keep, L.exited,        kept,             VM._record_exit),
+
+        (gone,             L.wait_ready,    gone,             VM._exited_already),
+        (gone,             L.stop,          gone,             VM._how_it_ended),
+        (gone,             L.stop_to_keep,  gone,             VM._how_it_ended),
+
+        (kept,             L.wait_ready,    kept,             VM._exited_already),
+        (kept,             L.stop,          kept,             VM._how_it_ended),
+        (kept,             L.stop_to_keep,  kept,             VM._how_it_ended),
+    ]
+    # fmt: on
+    for old, upon, new, output in table:
+        old.upon(upon).to(new)(_output(old.name, new.name, shows[new], output))
+    names = tuple((old.name, upon.__name__, new.name) for old, upon, new, _ in table)
+    return builder.build(), names
+
+
+#: What an input refused in a state raises (VMStateError), by input; ``state``
+#: is what ``VM.state`` shows.
+_ILLEGAL = {
+    "became_ready": "VM {vm_dir}: cannot go from {state} to ready",
+    "wait_ready": "VM {vm_dir} is {state}, not booting",
+    "save_state": "save_state: VM {vm_dir} is {state}, not ready",
+    "saved": "VM {vm_dir}: cannot go from {state} to stopping",
+    "exited": "VM {vm_dir}: cannot go from {state} to {state}",
 }
+
+
+def _output(
+    old: str, new: str, shows: VMState, then: Callable[..., Any] | None
+) -> Callable[..., Any]:
+    """The output of one row: log the move and show the new state in
+    ``VM.state`` (automat keeps its own to itself), then run the row's VM
+    method."""
+
+    def output(life: _Lifecycle, vm: VM, *args: Any) -> Any:
+        if new != old:
+            vm.log.info("VM {vm_dir}: {old} -> {new}", vm_dir=vm.vm_dir, old=old, new=new)
+            vm.state = shows
+        return None if then is None else then(vm, *args)
+
+    output.__name__ = then.__name__ if then is not None else "nothing"
+    return output
+
+
+# -- the VM -------------------------------------------------------------
 
 
 @frozen
@@ -209,7 +333,9 @@ class VM:
         self._reactor = reactor
         self._clock = clock
         self.config = config
+        #: where the VM is in its lifecycle (set by the lifecycle's outputs).
         self.state = VMState.BOOTING
+        self._life: _Lifecycle = _LifecycleMachine(self)
         #: how the process ended: "powerdown", "quit", "kill" (by us),
         #: "exited" (on its own), or None while it runs.
         self.ended_how: str | None = None
@@ -225,7 +351,6 @@ class VM:
         self._started = 0.0
         self._started_wall = 0.0
         self._phase: str | None = None
-        self._keep = False
         self._console: IO[bytes] | None = None
         self._console_tail = bytearray()
         self._scan = b""
@@ -303,15 +428,72 @@ class VM:
             facts["guest_kernel_version"] = c.kernel_version
         return facts
 
-    # -- state machine ---------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------
 
-    def _move(self, to: VMState) -> None:
-        if to not in _TRANSITIONS[self.state]:
-            raise VMStateError(f"VM {self.vm_dir}: cannot go from {self.state.value} to {to.value}")
+    @contextmanager
+    def _legal(self) -> Iterator[None]:
+        """Around an input of the lifecycle: one that the current state has
+        no row for raises VMStateError."""
+        try:
+            yield
+        except NoTransition as e:
+            message = _ILLEGAL.get(e.symbol, "VM {vm_dir}: {input} refused while {state}")
+            raise VMStateError(
+                message.format(vm_dir=self.vm_dir, state=self.state.value, input=e.symbol)
+            ) from None
+
+    # The lifecycle's outputs (see _build_lifecycle). They change this VM
+    # only: a Deferred a caller waits on is fired after the input is over.
+
+    def _announce_ready(self) -> None:
+        self.ready_after = self._clock.seconds() - self._started
         self.log.info(
-            "VM {vm_dir}: {old} -> {new}", vm_dir=self.vm_dir, old=self.state.value, new=to.value
+            "VM {vm_dir} ready after {seconds:.2f}s", vm_dir=self.vm_dir, seconds=self.ready_after
         )
-        self.state = to
+
+    def _wait_for_marker(self, bound: float) -> Deferred[None]:
+        def timed_out() -> None:
+            self._ready_waiters = [(w, t) for w, t in self._ready_waiters if w is not d]
+            d.errback(
+                VMNotReady(
+                    self.vm_dir, bound, self.console_tail(), self.config.ready_marker or "ready"
+                )
+            )
+
+        def cancel(_: Deferred[None]) -> None:
+            if timer.active():
+                timer.cancel()
+            self._ready_waiters = [(w, t) for w, t in self._ready_waiters if w is not d]
+
+        d: Deferred[None] = Deferred(cancel)
+        timer = self._clock.callLater(bound, timed_out)
+        self._ready_waiters.append((d, timer))
+        return d
+
+    def _ready_already(self, bound: float) -> Deferred[None]:
+        return succeed(None)
+
+    def _exited_already(self, bound: float) -> Deferred[None]:
+        return _fail(self._exited_error("waiting for the ready marker"))
+
+    def _how_it_ended(self) -> str:
+        return self.ended_how or "exited"
+
+    def _record_exit(self, reason: Failure) -> None:
+        self.exit_status, self.exit_code, self.exit_signal = _status_text(reason)
+        self.ended_how = self._phase or "exited"
+        self._transport = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+        self.log.info(
+            "QEMU {pid} for {vm_dir} ended ({how}): {status}",
+            pid=self._pid,
+            vm_dir=self.vm_dir,
+            how=self.ended_how,
+            status=self.exit_status,
+        )
+        self._write_record()
 
     # -- process --------------------------------------------------------
 
@@ -377,11 +559,9 @@ class VM:
         )
 
     def _became_ready(self) -> None:
-        self.ready_after = self._clock.seconds() - self._started
-        self._move(VMState.READY)
-        self.log.info(
-            "VM {vm_dir} ready after {seconds:.2f}s", vm_dir=self.vm_dir, seconds=self.ready_after
-        )
+        """The guest is ready: booting -> ready, then wake who waits."""
+        with self._legal():
+            self._life.became_ready()
         waiters, self._ready_waiters = self._ready_waiters, []
         for d, timer in waiters:
             if timer.active():
@@ -389,25 +569,13 @@ class VM:
             d.callback(None)
 
     def _process_ended(self, reason: Failure) -> None:
-        self.exit_status, self.exit_code, self.exit_signal = _status_text(reason)
-        self.ended_how = self._phase or "exited"
-        self._transport = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
+        """QEMU ended: -> gone (or kept), then end what still waits on it."""
+        with self._legal():
+            self._life.exited(reason)
         if self.qmp is not None:
             self.qmp.close()
         if self._incoming_task is not None:
             self._incoming_task.cancel()
-        self._move(VMState.KEPT if self._keep else VMState.GONE)
-        self.log.info(
-            "QEMU {pid} for {vm_dir} ended ({how}): {status}",
-            pid=self._pid,
-            vm_dir=self.vm_dir,
-            how=self.ended_how,
-            status=self.exit_status,
-        )
-        self._write_record()
         waiters, self._ready_waiters = self._ready_waiters, []
         for d, timer in waiters:
             if timer.active():
@@ -480,31 +648,12 @@ class VM:
         incoming state running again). Fails with VMNotReady at ``bound``
         (with the console tail; the VM is left running for the caller to
         stop or keep), or QEMUExited if QEMU ends first. Cancelling stops
-        waiting only."""
-        if self.state is VMState.READY:
-            return succeed(None)
-        if self.exit_status is not None:
-            return _fail(self._exited_error("waiting for the ready marker"))
-        if self.state is not VMState.BOOTING:
-            return _fail(VMStateError(f"VM {self.vm_dir} is {self.state.value}, not booting"))
-
-        def timed_out() -> None:
-            self._ready_waiters = [(w, t) for w, t in self._ready_waiters if w is not d]
-            d.errback(
-                VMNotReady(
-                    self.vm_dir, bound, self.console_tail(), self.config.ready_marker or "ready"
-                )
-            )
-
-        def cancel(_: Deferred[None]) -> None:
-            if timer.active():
-                timer.cancel()
-            self._ready_waiters = [(w, t) for w, t in self._ready_waiters if w is not d]
-
-        d: Deferred[None] = Deferred(cancel)
-        timer = self._clock.callLater(bound, timed_out)
-        self._ready_waiters.append((d, timer))
-        return d
+        waiting only. Fails with VMStateError if the VM is stopping."""
+        try:
+            with self._legal():
+                return self._life.wait_ready(bound)
+        except VMStateError as e:
+            return _fail(e)
 
     def stop(
         self,
@@ -563,12 +712,9 @@ class VM:
     async def _stop(
         self, bound_powerdown: float | None, quit_bound: float, kill_bound: float, keep: bool
     ) -> str:
-        if keep:
-            self._keep = True
-        if self.exit_status is not None:
-            return self.ended_how or "exited"
-        if self.state in (VMState.BOOTING, VMState.READY):
-            self._move(VMState.STOPPING)
+        ended = self._life.stop_to_keep() if keep else self._life.stop()
+        if ended is not None:
+            return ended
         if bound_powerdown is not None and self.qmp is not None:
             self._phase = "powerdown"
             try:
@@ -599,8 +745,8 @@ class VM:
         )
 
     async def _save_state(self, path: str, bound: float, quit_bound: float, poll: float) -> str:
-        if self.state is not VMState.READY:
-            raise VMStateError(f"save_state: VM {self.vm_dir} is {self.state.value}, not ready")
+        with self._legal():
+            self._life.save_state()
         path = os.path.abspath(path)
         partial = path + ".partial"
         start = self._clock.seconds()
@@ -644,14 +790,15 @@ class VM:
             except FileNotFoundError:
                 pass
             raise
-        self._move(VMState.STOPPING)
+        with self._legal():
+            self._life.saved()
         self._phase = "quit"
         try:
             await self._qmp_call("quit", None, quit_bound)
         except (TxvmbotError, DeferredTimeout):
             pass
         if not await self.wait_exited(quit_bound):
-            await self._stop(None, 0.0, quit_bound, self._keep)
+            await self._stop(None, 0.0, quit_bound, False)
         return path
 
     async def _resume_incoming(self, poll: float) -> None:
@@ -667,6 +814,11 @@ class VM:
                 await self._qmp_call("cont", None, 10.0)
                 continue
             await _sleep(self._clock, poll)
+
+
+_LifecycleMachine, LIFECYCLE = _build_lifecycle()
+"""The machine of a VM's lifecycle, and its table as ``(state, input, next
+state)`` names."""
 
 
 def _fail(e: BaseException) -> Deferred[Any]:
