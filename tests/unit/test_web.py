@@ -86,7 +86,7 @@ def test_overview_shows_workers_backends_and_running_jobs(web: Web) -> None:
     assert code == 200
     assert "<!doctype html>" in body and 'data-live="/events"' in body
     assert "j0" in body and "cloud-a" in body
-    assert "draining" in body and 'name=csrf value="csrf-token-for-tests"' in body
+    assert "draining" in body and 'name="csrf" value="csrf-token-for-tests"' in body
     assert 'href="/static/app.css"' in body and "cdn" not in body.lower()
     code, fragment = web.get("/?fragment=1")
     assert code == 200 and "<html" not in fragment and "j0" in fragment

@@ -1,9 +1,12 @@
 """The failures page: recent failures grouped by any environment fact, with
 counts and pass rates per group, so "all failures are on host kernel
-3.8.0-8" is one click (seeds 000 and 003)."""
+3.8.0-8" is one click (seeds 000 and 003). Rendered from
+``twisted.web.template`` tags, so every fact, reason and job id is escaped
+by the flattener."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -11,9 +14,16 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.template import Flattenable, Tag, tags
 
-from txvmbot.daemon.failures import FACTS, FailureReport, check_by, parse_age
-from txvmbot.daemon.web.pages import _job_link, e
+from txvmbot.daemon.scheduling.failures import (
+    FACTS,
+    FailureExample,
+    FailureReport,
+    check_by,
+    parse_age,
+)
+from txvmbot.daemon.web.pages import job_link, render
 from txvmbot.errors import ConfigError
 
 DEFAULT_BY = "host_kernel"
@@ -29,10 +39,11 @@ def render_failures(ui: Any, request: Request) -> bytes | int:
         age = parse_age(since_text, "since")
     except ConfigError as err:
         request.setResponseCode(http.BAD_REQUEST)
-        return ui.html(request, "failures", f"<h1>Failures</h1><p class=failed>{e(err)}</p>{_chooser('', since_text)}")
+        why = render((tags.h1("Failures"), tags.p(str(err), class_="failed"), _chooser(since_text)))
+        return ui.html(request, "failures", why)
     if ui.failures is None:
         request.setResponseCode(http.SERVICE_UNAVAILABLE)
-        return ui.html(request, "failures", "<h1>Failures</h1><p>not available</p>")
+        return ui.html(request, "failures", render((tags.h1("Failures"), tags.p("not available"))))
     gone: list[object] = []
     request.notifyFinish().addBoth(gone.append)
 
@@ -45,7 +56,7 @@ def render_failures(ui: Any, request: Request) -> bytes | int:
         ui.log.failure("The failures page", f)
         if not gone:
             request.setResponseCode(http.INTERNAL_SERVER_ERROR)
-            why = f"<h1>Failures</h1><p class=failed>{e(f.getErrorMessage())}</p>"
+            why = render((tags.h1("Failures"), tags.p(f.getErrorMessage(), class_="failed")))
             request.write(ui.html(request, "failures", why))
             request.finish()
 
@@ -76,41 +87,55 @@ def shared_report(ui: Any, by: tuple[str, ...], age: float) -> Deferred[FailureR
     return maybeDeferred(ui.failures, by, ui.wall() - age).addCallback(keep)
 
 
-def _chooser(by_text: str, since_text: str) -> str:
-    links = " ".join(
-        f'<a href="/failures?{urlencode({"by": name, "since": since_text})}">{e(name)}</a>'
-        for name in FACTS
-    )
-    return f"<p>group by: {links}</p>"
+def _chooser(since_text: str) -> Tag:
+    links: list[Flattenable] = []
+    for name in FACTS:
+        href = f"/failures?{urlencode({'by': name, 'since': since_text})}"
+        links += [" ", tags.a(name, href=href)]
+    return tags.p("group by:", links)
 
 
 def failures_body(report: FailureReport, by_text: str, since_text: str) -> str:
-    head = (
-        f"<h1>Failures by {e(', '.join(report.by))} in the last {e(since_text)}</h1>"
-        f"{_chooser(by_text, since_text)}"
-        f"<p>{report.failed} failed of {report.total} finished jobs"
-        + (f"; {report.cancelled} cancelled (not counted)" if report.cancelled else "")
-        + ("" if report.complete else "; older jobs were not read (limit reached)")
-        + (f"; {report.omitted} groups with the fewest failures left out" if report.omitted else "")
-        + "</p>"
-    )
-    cols = "".join(f"<th>{e(name)}</th>" for name in report.by)
-    rows = []
-    for g in report.groups:
-        key = "".join(f"<td>{e(v)}</td>" for v in g.key)
-        examples = "<br>".join(
-            f"{_job_link(x.job_id)} {e(x.reason)}" for x in g.examples
+    """The page's HTML (what :meth:`WebUI.html` places in a page)."""
+    return render(_failures_tree(report, since_text))
+
+
+def _failures_tree(report: FailureReport, since_text: str) -> list[Tag]:
+    notes = [
+        f"{report.failed} failed of {report.total} finished jobs",
+        f"; {report.cancelled} cancelled (not counted)" if report.cancelled else "",
+        "" if report.complete else "; older jobs were not read (limit reached)",
+        f"; {report.omitted} groups with the fewest failures left out" if report.omitted else "",
+    ]
+    rows = [
+        tags.tr(
+            [tags.td(v) for v in g.key],
+            tags.td(f"{g.failed}/{g.total}", class_="num"),
+            tags.td(f"{100 * g.pass_rate:.0f}%", class_="num"),
+            tags.td(_examples(g.examples)),
         )
-        rows.append(
-            f"<tr>{key}<td class=num>{g.failed}/{g.total}</td>"
-            f"<td class=num>{100 * g.pass_rate:.0f}%</td><td>{examples}</td></tr>"
-        )
-    table = (
-        f"<div class=scroll><table id=groups><tr>{cols}<th>failed/total</th><th>pass rate</th>"
-        f"<th>examples</th></tr>{''.join(rows) or '<tr><td colspan=9 class=muted>no finished job</td></tr>'}"
-        "</table></div>"
+        for g in report.groups
+    ] or [tags.tr(tags.td("no finished job", colspan="9", class_="muted"))]
+    head = tags.tr(
+        [tags.th(name) for name in report.by],
+        tags.th("failed/total"),
+        tags.th("pass rate"),
+        tags.th("examples"),
     )
-    return head + table
+    return [
+        tags.h1(f"Failures by {', '.join(report.by)} in the last {since_text}"),
+        _chooser(since_text),
+        tags.p("".join(notes)),
+        tags.div(class_="scroll")(tags.table(head, rows, id="groups")),
+    ]
+
+
+def _examples(examples: Sequence[FailureExample]) -> list[Flattenable]:
+    """Each example job, a link and its reason, one a line."""
+    out: list[Flattenable] = []
+    for x in examples:
+        out += [tags.br(), job_link(x.job_id), " ", x.reason]
+    return out[1:]
 
 
 __all__ = ["failures_body", "render_failures"]

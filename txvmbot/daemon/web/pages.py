@@ -1,24 +1,45 @@
 """The status page's HTML, from frozen values to text: nothing here does
-I/O. Every value that came from a job, a cloud or a guest is escaped."""
+I/O. Pages are ``twisted.web.template`` trees (``tags``), flattened at once
+(:func:`render`): every value that came from a job, a cloud or a guest is
+the text or an attribute of a tag, so the flattener escapes it.
+
+A page's body is kept flattened (the overview is rendered once for twenty
+live pages), and the flattener takes no markup as it is: :func:`page` and
+:func:`live` flatten their own tags and place such a body inside."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from html import escape
 from typing import Any
 from urllib.parse import quote
 
 import attrs
+from twisted.python.failure import Failure
+from twisted.web.template import Flattenable, Tag, flatten, tags
 
 from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent
 
 #: What the page shows of each console log, from its end.
 CONSOLE_TAIL = 4000
 
+#: The flattener writes no doctype; it comes before the <html> tree.
+DOCTYPE = b"<!doctype html>"
 
-def e(value: object) -> str:
-    return escape(str(value), quote=True)
+
+def render(root: Flattenable) -> str:
+    """``root`` flattened to HTML, at once: the trees here hold no
+    Deferred, so :func:`flatten` has written everything when it returns."""
+    out: list[bytes] = []
+    failed: list[Failure] = []
+    done = flatten(None, root, out.append)
+    done.addErrback(failed.append)
+    if failed:
+        failed[0].raiseException()
+    if not done.called:
+        done.cancel()
+        raise ValueError("a page's tree holds a Deferred: it must be flattened at once")
+    return b"".join(out).decode("utf-8")
 
 
 def when(t: float | None) -> str:
@@ -31,41 +52,80 @@ def took(start: float | None, end: float | None, now: float) -> str:
     return f"{(end if end is not None else now) - start:.1f}s"
 
 
+def _document(title: str, main: Flattenable) -> Tag:
+    return tags.html(lang="en")(
+        tags.head(
+            tags.meta(charset="utf-8"),
+            tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
+            tags.title(title, " - txvmbot"),
+            tags.link(rel="stylesheet", href="/static/app.css"),
+        ),
+        tags.body(
+            tags.header(
+                tags.a("txvmbot", href="/"),
+                tags.nav(
+                    tags.a("overview", href="/"),
+                    tags.a("failures", href="/failures"),
+                    tags.a("metrics", href="/metrics"),
+                ),
+                tags.span("connecting", id="live", class_="muted"),
+            ),
+            Tag("main")(main),  # not in twisted's list of tags
+            tags.script(src="/static/app.js"),
+        ),
+    )
+
+
 def page(title: str, body: str, csrf: str = "") -> bytes:
-    """A whole page around ``body``."""
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        '<meta name=viewport content="width=device-width, initial-scale=1">'
-        f"<title>{e(title)} - txvmbot</title>"
-        '<link rel=stylesheet href="/static/app.css"></head><body>'
-        '<header><a href="/">txvmbot</a><nav><a href="/">overview</a>'
-        '<a href="/failures">failures</a><a href="/metrics">metrics</a></nav>'
-        '<span id=live class=muted>connecting</span></header>'
-        f"<main>{body}</main>"
-        '<script src="/static/app.js"></script></body></html>'
-    ).encode()
+    """A whole page around ``body``, HTML that :func:`render` made."""
+    shell = render(_document(title, ()))
+    # Text and attributes are escaped, so "<main></main>" is that tag.
+    before, hole, after = shell.rpartition("<main></main>")
+    assert hole, shell
+    return DOCTYPE + f"{before}<main>{body}</main>{after}".encode()
 
 
 def live(source: str, fragment: str, inner: str) -> str:
     """A part of the page that follows ``source`` (server-sent events) and
-    fetches ``fragment`` for its fresh HTML."""
-    return f'<div data-live="{e(source)}" data-fragment="{e(fragment)}">{inner}</div>'
+    fetches ``fragment`` for its fresh HTML; ``inner`` is HTML that
+    :func:`render` made, and what ``fragment`` answers."""
+    empty = render(tags.div(**{"data-live": source, "data-fragment": fragment}))
+    return empty.removesuffix("</div>") + inner + "</div>"
 
 
-def _form(action: str, label: str, csrf: str) -> str:
-    return (
-        f'<form class=inline method=post action="{e(action)}">'
-        f'<input type=hidden name=csrf value="{e(csrf)}">'
-        f"<button>{e(label)}</button></form>"
+# The rows of the overview's tables (up to 200 running jobs) are made with
+# Tag(name, attributes, children): a third of the cost of tags.name(...).
+
+
+def _td(child: Flattenable, class_: str = "") -> Tag:
+    return Tag("td", attributes={"class": class_} if class_ else {}, children=[child])
+
+
+def _form(action: str, label: str, csrf: str) -> Tag:
+    return Tag(
+        "form",
+        attributes={"class": "inline", "method": "post", "action": action},
+        children=[
+            Tag("input", attributes={"type": "hidden", "name": "csrf", "value": csrf}),
+            Tag("button", children=[label]),
+        ],
     )
 
 
-def _job_link(job_id: str) -> str:
-    return f'<a href="/jobs/{quote(job_id)}">{e(job_id)}</a>'
+def job_link(job_id: str) -> Tag:
+    return Tag("a", attributes={"href": f"/jobs/{quote(job_id)}"}, children=[job_id])
 
 
-def _state(state: str) -> str:
-    return f'<span class="{e(state)}">{e(state)}</span>'
+def _state(state: str) -> Tag:
+    return Tag("span", attributes={"class": state}, children=[state])
+
+
+def _head_row(*names: str) -> Tag:
+    return tags.tr([tags.th(name) for name in names])
+
+
+def _table(head: Tag, rows: Flattenable, **attributes: str) -> Tag:
+    return tags.div(class_="scroll")(tags.table(head, rows, **attributes))
 
 
 # --- overview -------------------------------------------------------------------
@@ -76,58 +136,79 @@ def overview(
 ) -> str:
     """Workers, queue depth, each backend (cap, running, queued, drained or
     quarantined and why), running jobs by backend, the newest jobs."""
-    cards = "".join(
-        f'<div class=card>{label}<b id="{key}">{value}</b></div>'
-        for key, label, value in (
-            ("workers", "workers busy", f"{status.busy_workers}/{status.workers}"),
-            ("queue", "queued", status.queue_depth),
-            ("running", "running", status.running),
-            *_disk_card(status),
-        )
+    return render(_overview_tree(status, running, recent, now, csrf))
+
+
+def _overview_tree(
+    status: DaemonStatus, running: Sequence[Job], recent: Sequence[Job], now: float, csrf: str
+) -> list[Tag]:
+    cards = tags.div(class_="cards")(
+        [
+            tags.div(class_="card")(label, tags.b(value, id=key))
+            for key, label, value in (
+                ("workers", "workers busy", f"{status.busy_workers}/{status.workers}"),
+                ("queue", "queued", str(status.queue_depth)),
+                ("running", "running", str(status.running)),
+                *_disk_card(status),
+            )
+        ]
     )
-    alerts = "".join(
-        f'<p class=error id="{key}">{e(label)}: {e(text)}</p>'
+    alerts = [
+        tags.p(f"{label}: {text}", class_="error", id=key)
         for key, label, text in (
             ("held", "Writes held", status.writes_held),
             ("refusing", "New jobs refused", status.refusing),
         )
         if text
-    )
-    rows = "".join(_backend_row(b, csrf) for b in status.backends) or (
-        "<tr><td colspan=6 class=muted>no backend has had a job yet</td></tr>"
-    )
-    backends = (
-        "<h2>Backends</h2><div class=scroll><table><tr><th>backend</th><th>state</th>"
-        "<th>running / cap</th><th>queued</th><th>why</th><th></th></tr>"
-        f"{rows}</table></div>"
-    )
+    ]
+    backend_rows = [_backend_row(b, csrf) for b in status.backends] or [
+        tags.tr(tags.td("no backend has had a job yet", colspan="6", class_="muted"))
+    ]
+    backends = [
+        tags.h2("Backends"),
+        _table(_head_row("backend", "state", "running / cap", "queued", "why", ""), backend_rows),
+    ]
     by_backend: dict[str, list[Job]] = {}
     for job in running:
         by_backend.setdefault(job.spec.backend, []).append(job)
-    groups = []
+    groups: list[Tag] = []
     for backend in sorted(by_backend):
-        items = "".join(
-            f"<tr><td>{_job_link(j.id)}</td><td>{_state(j.state)}</td><td>{e(j.spec.target)}</td>"
-            f"<td class=num>{took(j.started, None, now)}</td><td>{_form(f'/jobs/{quote(j.id)}/cancel', 'cancel', csrf)}</td></tr>"
+        items = [
+            Tag("tr", children=[
+                _td(job_link(j.id)),
+                _td(_state(j.state)),
+                _td(j.spec.target),
+                _td(took(j.started, None, now), "num"),
+                _td(_form(f"/jobs/{quote(j.id)}/cancel", "cancel", csrf)),
+            ])
             for j in by_backend[backend]
-        )
-        groups.append(
-            f"<h3>{e(backend)}</h3><div class=scroll><table><tr><th>job</th><th>state</th>"
-            f"<th>target</th><th>for</th><th></th></tr>{items}</table></div>"
-        )
-    running_html = "<h2>Running</h2>" + ("".join(groups) or "<p class=muted>nothing runs</p>")
-    recent_rows = "".join(
-        f"<tr><td>{_job_link(j.id)}</td><td>{_state(j.state)}</td><td>{e(j.spec.backend)}</td>"
-        f"<td>{e(when(j.submitted))}</td><td class=num>{took(j.started, j.finished, now)}</td>"
-        f"<td>{e(_cut(j.reason, 120))}</td></tr>"
+        ]
+        groups += [
+            tags.h3(backend),
+            _table(_head_row("job", "state", "target", "for", ""), items),
+        ]
+    recent_rows = [
+        Tag("tr", children=[
+            _td(job_link(j.id)),
+            _td(_state(j.state)),
+            _td(j.spec.backend),
+            _td(when(j.submitted)),
+            _td(took(j.started, j.finished, now), "num"),
+            _td(_cut(j.reason, 120)),
+        ])
         for j in recent
-    )
-    recent_html = (
-        "<h2>Newest jobs</h2><div class=scroll><table><tr><th>job</th><th>state</th>"
-        f"<th>backend</th><th>submitted (UTC)</th><th>took</th><th>reason</th></tr>{recent_rows}"
-        "</table></div>"
-    )
-    return f"<div class=cards>{cards}</div>{alerts}{backends}{running_html}{recent_html}"
+    ]
+    return [
+        cards,
+        *alerts,
+        *backends,
+        tags.h2("Running"),
+        *(groups or [tags.p("nothing runs", class_="muted")]),
+        tags.h2("Newest jobs"),
+        _table(
+            _head_row("job", "state", "backend", "submitted (UTC)", "took", "reason"), recent_rows
+        ),
+    ]
 
 
 def _disk_card(status: DaemonStatus) -> tuple[tuple[str, str, str], ...]:
@@ -138,14 +219,16 @@ def _disk_card(status: DaemonStatus) -> tuple[tuple[str, str, str], ...]:
     return (("free", f"free in {status.data_dir}", free),)
 
 
-def _backend_row(b: BackendStatus, csrf: str) -> str:
+def _backend_row(b: BackendStatus, csrf: str) -> Tag:
     action = "resume" if b.state != "active" else "drain"
-    button = _form(f"/backends/{quote(b.name, safe='')}/{action}", action, csrf)
-    return (
-        f"<tr><td>{e(b.name)}</td><td>{_state(b.state)}</td>"
-        f"<td class=num>{b.instances}/{b.capacity}</td><td class=num>{b.queued}</td>"
-        f"<td>{e(b.reason)}</td><td>{button}</td></tr>"
-    )
+    return Tag("tr", children=[
+        _td(b.name),
+        _td(_state(b.state)),
+        _td(f"{b.instances}/{b.capacity}", "num"),
+        _td(str(b.queued), "num"),
+        _td(b.reason),
+        _td(_form(f"/backends/{quote(b.name, safe='')}/{action}", action, csrf)),
+    ])
 
 
 def _cut(text: str, n: int) -> str:
@@ -189,16 +272,18 @@ def step_rows(events: Iterable[JobEvent]) -> list[StepRow]:
     return rows
 
 
-def steps_table(rows: Sequence[StepRow], now: float) -> str:
-    body = "".join(
-        f"<tr><td>{e(r.name)}</td><td>{_state(r.state)}</td>"
-        f"<td class=num>{took(r.started, r.ended, now)}</td><td>{e(_cut(r.detail, 300))}</td></tr>"
+def steps_table(rows: Sequence[StepRow], now: float) -> Tag:
+    """The steps, one run a row, with how long each took (so far)."""
+    body = [
+        Tag("tr", children=[
+            _td(r.name),
+            _td(_state(r.state)),
+            _td(took(r.started, r.ended, now), "num"),
+            _td(_cut(r.detail, 300)),
+        ])
         for r in rows
-    ) or "<tr><td colspan=4 class=muted>no step yet</td></tr>"
-    return (
-        "<div class=scroll><table id=steps><tr><th>step</th><th>state</th><th>seconds</th>"
-        f"<th>detail</th></tr>{body}</table></div>"
-    )
+    ] or [tags.tr(tags.td("no step yet", colspan="4", class_="muted"))]
+    return _table(_head_row("step", "state", "seconds", "detail"), body, id="steps")
 
 
 def job_page(
@@ -212,35 +297,49 @@ def job_page(
 ) -> str:
     """The step table as it runs, durations, facts, the console tail, a
     suite's test results, links to the kept evidence."""
-    head = (
-        f"<h1>job {e(job.id)}: {_state(job.state)}</h1>"
-        f"<p>{e(job.spec.target)} on backend {e(job.spec.backend)}; submitted "
-        f"{e(when(job.submitted))} UTC, took {took(job.started, job.finished, now)}, "
-        f"attempt {job.attempts}/{job.spec.max_attempts}"
-        + ("" if job.final else " " + _form(f"/jobs/{quote(job.id)}/cancel", "cancel", csrf))
-        + "</p>"
-        + (f"<p>{e(job.reason)}</p>" if job.reason else "")
-    )
-    parts = [head, "<h2>Steps</h2>", steps_table(step_rows(events), now)]
+    return render(_job_tree(job, events, now, csrf, suite=suite, files=files))
+
+
+def _job_tree(
+    job: Job,
+    events: Sequence[JobEvent],
+    now: float,
+    csrf: str,
+    *,
+    suite: Mapping[str, Any] | None = None,
+    files: Sequence[str] = (),
+) -> list[Tag]:
+    spec = job.spec
+    parts = [
+        tags.h1("job ", job.id, ": ", _state(job.state)),
+        tags.p(
+            f"{spec.target} on backend {spec.backend}; submitted {when(job.submitted)} UTC, "
+            f"took {took(job.started, job.finished, now)}, "
+            f"attempt {job.attempts}/{spec.max_attempts}",
+            () if job.final else (" ", _form(f"/jobs/{quote(job.id)}/cancel", "cancel", csrf)),
+        ),
+    ]
+    if job.reason:
+        parts.append(tags.p(job.reason))
+    parts += [tags.h2("Steps"), steps_table(step_rows(events), now)]
     result = job.result
     if suite is not None:
-        parts.append(suite_section(suite))
+        parts += suite_section(suite)
     if result is not None:
         facts = result.facts.as_dict()
-        rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in sorted(facts.items()) if v)
-        parts.append(f"<h2>Facts</h2><div class=scroll><table>{rows}</table></div>")
+        rows = [tags.tr(tags.th(k), tags.td(v)) for k, v in sorted(facts.items()) if v]
+        parts += [tags.h2("Facts"), tags.div(class_="scroll")(tags.table(rows))]
         for name, text in result.console:
-            tail = text[-CONSOLE_TAIL:]
-            parts.append(f"<h2>Console of {e(name)}</h2><pre>{e(tail)}</pre>")
+            parts += [tags.h2("Console of ", name), tags.pre(text[-CONSOLE_TAIL:])]
     if files:
-        links = "".join(
-            f'<li><a href="/jobs/{quote(job.id)}/files/{quote(f)}">{e(f)}</a></li>' for f in files
-        )
-        parts.append(f"<h2>Evidence</h2><ul>{links}</ul>")
-    return "".join(parts)
+        links = [
+            tags.li(tags.a(f, href=f"/jobs/{quote(job.id)}/files/{quote(f)}")) for f in files
+        ]
+        parts += [tags.h2("Evidence"), tags.ul(links)]
+    return parts
 
 
-def suite_section(doc: Mapping[str, Any]) -> str:
+def suite_section(doc: Mapping[str, Any]) -> list[Tag]:
     """A suite's results (its results.json): counts, then every test that
     did not pass with its output, then the passed ones."""
     counts = doc.get("counts") or {}
@@ -248,29 +347,26 @@ def suite_section(doc: Mapping[str, Any]) -> str:
     tests = [t for t in doc.get("tests") or [] if isinstance(t, Mapping)]
     bad = [t for t in tests if t.get("outcome") not in ("passed", "skipped")]
     good = [t for t in tests if t.get("outcome") in ("passed", "skipped")]
-    line = ", ".join(f"{e(v)} {e(k)}" for k, v in counts.items())
-    spread = ""
+    line = ", ".join(f"{v} {k}" for k, v in counts.items())
     if "makespan" in summary:
-        spread = (
-            f"; makespan {e(summary['makespan'])}s, end spread {e(summary.get('end_spread'))}s"
+        line += f"; makespan {summary['makespan']}s, end spread {summary.get('end_spread')}s"
+
+    def row(t: Mapping[str, Any], why: Flattenable) -> Tag:
+        return tags.tr(
+            tags.td(str(t.get("test_id"))),
+            tags.td(_state(str(t.get("outcome")))),
+            tags.td(str(t.get("worker"))),
+            tags.td(f"{float(t.get('duration') or 0):.2f}", class_="num"),
+            tags.td(why),
         )
-    rows = "".join(
-        f"<tr><td>{e(t.get('test_id'))}</td><td>{_state(str(t.get('outcome')))}</td>"
-        f"<td>{e(t.get('worker'))}</td><td class=num>{float(t.get('duration') or 0):.2f}</td>"
-        f"<td>{e(t.get('message'))}<pre>{e(str(t.get('output') or '')[-3000:])}</pre></td></tr>"
+
+    rows = [
+        row(t, (str(t.get("message")), tags.pre(str(t.get("output") or "")[-3000:])))
         for t in bad
-    )
-    ok_rows = "".join(
-        f"<tr><td>{e(t.get('test_id'))}</td><td>{_state(str(t.get('outcome')))}</td>"
-        f"<td>{e(t.get('worker'))}</td><td class=num>{float(t.get('duration') or 0):.2f}</td><td></td></tr>"
-        for t in good
-    )
-    return (
-        f"<h2>Tests</h2><p>{line}{spread}</p><div class=scroll><table id=tests><tr><th>test</th>"
-        f"<th>outcome</th><th>machine</th><th>seconds</th><th>why</th></tr>{rows}{ok_rows}"
-        "</table></div>"
-    )
+    ] + [row(t, ()) for t in good]
+    head = _head_row("test", "outcome", "machine", "seconds", "why")
+    return [tags.h2("Tests"), tags.p(line), _table(head, rows, id="tests")]
 
 
 def not_found(what: str) -> bytes:
-    return page("not found", f"<h1>Not found</h1><p>{e(what)}</p>")
+    return DOCTYPE + render(_document("not found", (tags.h1("Not found"), tags.p(what)))).encode()
