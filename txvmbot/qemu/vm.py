@@ -215,7 +215,7 @@ def _build_lifecycle() -> tuple[TypeMachine[_Lifecycle, VM], tuple[tuple[str, st
     table: list[tuple[Any, Callable[..., Any], Any, Callable[..., Any] | None]]
     # fmt: off
     table = [
-        # in state        upon              goes to           output
+        # in state         upon             goes to           output (VM method)
         (booting,          L.became_ready,  ready,            VM._announce_ready),
         (booting,          L.wait_ready,    booting,          VM._wait_for_marker),
         (booting,          L.stop,          stopping,         None),
