@@ -35,8 +35,8 @@ class DrivenScheduler(FakeScheduler):
         self.outcome = outcome
         self.drive = False
 
-    def submit(self, spec: Any) -> Job:
-        job = super().submit(spec)
+    def submit_now(self, spec: Any) -> Job:
+        job = super().submit_now(spec)
         if self.drive:
             steps = [
                 (0.01, lambda: self.set_state(job.id, "running", started=self.now())),

@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.integration.test_pool import PoolTestBase, sleep
+from tests.support.deferreds import result_of
 from tests.support.faultproxy import fault_proxy
 from tests.support.servers import Moto
 from txvmbot.daemon.jobs import Job, JobSpec, check_id_for
@@ -119,7 +120,7 @@ class Harness:
         self.detach = self.metrics.attach(self.s)
 
     def submit(self, backend: str = "b", **kw: Any) -> Job:
-        return self.s.submit(make_job_spec(backend, **kw))
+        return result_of(self.s.submit(make_job_spec(backend, **kw)))
 
     def scrape(self) -> Samples:
         return scrape(self.metrics)

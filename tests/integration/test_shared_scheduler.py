@@ -67,7 +67,7 @@ class SharedSchedulerTests(TestCase):
         ids = itertools.count()
         self.local = Scheduler(
             reactor,
-            self.writer,  # type: ignore[arg-type]  # the part of IJobStore it writes
+            self.writer,  # type: ignore[arg-type]  # IJobWriter: the engine writes only
             self.pool,
             object(),
             cleaner=RecordingCleaner(),
@@ -222,7 +222,7 @@ class SharedSchedulerTests(TestCase):
         # A job this daemon runs is listed as it is here now.
         (c,) = await self.claim(ME)
         self.local.adopt(c.job, c.last_seq, c.cancel)
-        here = self.local.get(c.job.id)
+        here = await self.local.get(c.job.id)
         self.assertEqual(here.state, "running")
         listed = {j.id: j for j in await self.shared.list(states={"queued", "running"})}
         self.assertEqual(listed[c.job.id], here)
@@ -521,7 +521,7 @@ class SharedSchedulerTests(TestCase):
         status = await self.shared.drain("b")
         self.assertEqual((status.name, status.state, status.queued), ("b", "draining", 2))
         self.assertEqual(await self.db.run(store.backends), {"b": True})
-        self.assertEqual(self.local.status().backends[0].state, "draining")
+        self.assertEqual(self.local.status_now().backends[0].state, "draining")
         # No daemon claims from it; a job held here waits.
         self.assertEqual(await self.claim(OTHER), [])
         await self.sql("UPDATE backends SET draining = false")

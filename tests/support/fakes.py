@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from txvmbot.daemon.interfaces import IScheduler
@@ -55,7 +55,9 @@ class FakeScheduler:
 
     ``cancel_later`` makes :meth:`cancel` return a Deferred the test fires
     (with :meth:`finish_cancel`), as a running job's cleanup would.
-    ``boom`` makes every method raise that exception (a bug in the scheduler).
+    ``boom`` makes every method fail with that exception (a bug in the
+    scheduler). Every answer is a Deferred, as IScheduler says; the
+    ``*_now`` methods answer at once, for the tests' own use.
     """
 
     def __init__(self, now: Callable[[], float] = lambda: 1000.0) -> None:
@@ -113,15 +115,23 @@ class FakeScheduler:
     def watcher_count(self, job_id: str) -> int:
         return len(self.listeners.get(job_id, []))
 
+    def _answer(self, call: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
+        try:
+            self._check()
+            return succeed(call(*args, **kw))
+        except Exception:
+            return fail()
+
     # --- IScheduler ----------------------------------------------------------------
 
-    def submit_many(self, specs: list[JobSpec]) -> list[Job]:
-        self._check()
+    def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[Sequence[Job | TxvmbotError]]:
         self.batches.append(len(specs))
-        return [self.submit(spec) for spec in specs]
+        return self._answer(lambda: [self.submit_now(spec) for spec in specs])
 
-    def submit(self, spec: JobSpec) -> Job:
-        self._check()
+    def submit(self, spec: JobSpec) -> Deferred[Job]:
+        return self._answer(self.submit_now, spec)
+
+    def submit_now(self, spec: JobSpec) -> Job:
         self._n += 1
         job = Job(id=f"job-{self._n}", spec=spec, state="queued", submitted=self.now())
         self.jobs[job.id] = job
@@ -129,8 +139,10 @@ class FakeScheduler:
         self._emit(job.id, "state", "queued")
         return job
 
-    def get(self, job_id: str) -> Job:
-        self._check()
+    def get(self, job_id: str) -> Deferred[Job]:
+        return self._answer(self.get_now, job_id)
+
+    def get_now(self, job_id: str) -> Job:
         try:
             return self.jobs[job_id]
         except KeyError:
@@ -139,14 +151,19 @@ class FakeScheduler:
     def list(
         self, states: Any = None, backend: str | None = None, limit: int = 100,
         before: str | None = None,
+    ) -> Deferred[Sequence[Job]]:
+        return self._answer(self.list_now, states, backend, limit, before)
+
+    def list_now(
+        self, states: Any = None, backend: str | None = None, limit: int = 100,
+        before: str | None = None,
     ) -> list[Job]:
-        self._check()
         # Newest first: by submitted time, then by submission (job-N's N).
         jobs = sorted(
             self.jobs.values(), key=lambda j: (j.submitted, int(j.id.split("-")[1])), reverse=True
         )
         if before is not None:
-            jobs = jobs[jobs.index(self.get(before)) + 1 :]
+            jobs = jobs[jobs.index(self.get_now(before)) + 1 :]
         jobs = [
             j
             for j in jobs
@@ -157,9 +174,13 @@ class FakeScheduler:
 
     def watch(
         self, job_id: str, after_seq: int, listener: Callable[[JobEvent], Any]
+    ) -> Deferred[Callable[[], None]]:
+        return self._answer(self._watch, job_id, after_seq, listener)
+
+    def _watch(
+        self, job_id: str, after_seq: int, listener: Callable[[JobEvent], Any]
     ) -> Callable[[], None]:
-        self._check()
-        job = self.get(job_id)
+        job = self.get_now(job_id)
         for ev in self.events[job_id]:
             if ev.seq > after_seq:
                 listener(ev)
@@ -175,8 +196,11 @@ class FakeScheduler:
         return stop
 
     def cancel(self, job_id: str) -> Deferred[Job]:
-        self._check()
-        job = self.get(job_id)
+        try:
+            self._check()
+            job = self.get_now(job_id)
+        except Exception:
+            return fail()
         if job.final:
             return succeed(job)
         if self.cancel_later:
@@ -192,19 +216,21 @@ class FakeScheduler:
             raise BackendUnknown(f"no backend named {name!r}")
         return self.backends.get(name) or BackendStatus(name, 4, 0, 0, "active")
 
-    def drain(self, backend: str) -> BackendStatus:
-        self._check()
-        b = attrs.evolve(self._backend(backend), state="draining")
+    def drain(self, backend: str) -> Deferred[BackendStatus]:
+        return self._answer(self._set_backend, backend, "draining")
+
+    def resume(self, backend: str) -> Deferred[BackendStatus]:
+        return self._answer(self._set_backend, backend, "active")
+
+    def _set_backend(self, backend: str, state: str) -> BackendStatus:
+        b = attrs.evolve(self._backend(backend), state=state)
         self.backends[backend] = b
         return b
 
-    def resume(self, backend: str) -> None:
-        self._check()
-        # Returns nothing, like a scheduler may: the server looks the status up.
-        self.backends[backend] = attrs.evolve(self._backend(backend), state="active")
+    def status(self) -> Deferred[DaemonStatus]:
+        return self._answer(self.status_now)
 
-    def status(self) -> DaemonStatus:
-        self._check()
+    def status_now(self) -> DaemonStatus:
         return DaemonStatus(
             api_version=1,
             workers=2,
@@ -214,8 +240,12 @@ class FakeScheduler:
             backends=tuple(self.backends.values()),
         )
 
-    def failures(self, by: Sequence[str], since: float, limit: int = 10_000) -> FailureReport:
-        self._check()
+    def failures(
+        self, by: Sequence[str], since: float, limit: int = 10_000
+    ) -> Deferred[FailureReport]:
+        return self._answer(self._failures, by, since, limit)
+
+    def _failures(self, by: Sequence[str], since: float, limit: int) -> FailureReport:
         self.failure_calls.append((tuple(by), since, limit))
-        final = self.list(states=FINAL_STATES, limit=limit + 1)
+        final = self.list_now(states=FINAL_STATES, limit=limit + 1)
         return group_failures(final[:limit], by, since, complete=len(final) <= limit)

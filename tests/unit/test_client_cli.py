@@ -36,8 +36,8 @@ class DrivenScheduler(FakeScheduler):
         self.outcome = outcome
         self.drive = False
 
-    def submit(self, spec: Any) -> Job:
-        job = super().submit(spec)
+    def submit_now(self, spec: Any) -> Job:
+        job = super().submit_now(spec)
         if self.drive:
             steps = [
                 (0.01, lambda: self.set_state(job.id, "running", started=self.now())),
@@ -147,8 +147,8 @@ class ClientCommandTests(TestCase):
         spec = codec.spec_from_dict(
             {"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "a"}
         )
-        self.sched.submit(spec)
-        self.sched.submit(spec)
+        self.sched.submit_now(spec)
+        self.sched.submit_now(spec)
         self.sched.finish("job-1", passed=False)
         code, out, err = await self.cli("watch", "job-1")
         self.assertEqual((code, err), (1, ""))
@@ -188,7 +188,7 @@ class ClientCommandTests(TestCase):
         jobs share one submitted time, so only the cursor orders them."""
         spec = codec.spec_from_dict({"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "a"})
         for _ in range(7):
-            self.sched.submit(spec)
+            self.sched.submit_now(spec)
         newest_first = [f"job-{n}" for n in range(7, 0, -1)]
         code, out, _ = await self.cli("jobs", "--limit", "3", "--json", "-")
         self.assertEqual([j["id"] for j in json.loads(out)], newest_first[:3])
@@ -207,7 +207,7 @@ class ClientCommandTests(TestCase):
         self.assertIn("'before'", err)
 
     async def test_cancel_drain_resume_status(self) -> None:
-        self.sched.submit(
+        self.sched.submit_now(
             codec.spec_from_dict({"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "a"})
         )
         code, out, _ = await self.cli("cancel", "job-1")

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon.cluster.membership import LEFTOVER_EVERY, TAKEOVERS_PER_BEAT, Cluster
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.scheduling.scheduler import Scheduler
@@ -978,11 +979,11 @@ class AbandonHarness:
 
     def submit(self, n: int = 1) -> None:
         for _ in range(n):
-            self.s.submit(make_job_spec("b", max_attempts=3))
+            result_of(self.s.submit(make_job_spec("b", max_attempts=3)))
 
     def state(self, job_id: str) -> str:
         """The job's state in the store."""
-        job = self.store.get(job_id)
+        job = self.store.sync.get(job_id)
         assert job is not None, job_id
         return job.state
 
@@ -1006,7 +1007,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
         self.assertTrue(h.s.holds("j1"))
         # Its worker still cleans up: it stays busy until it answers.
         self.assertEqual(list(h.pool.running), ["j0"])
-        self.assertEqual(h.s.status().queue_depth, 1)
+        self.assertEqual(h.s.status_now().queue_depth, 1)
         run = h.pool.get("j0")
         run.step("cleanup instance i-1")  # late step events: ignored
         self.assertEqual(h.writes_since(mark), [])
@@ -1022,7 +1023,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
         h.pool.finish("j1")
         self.assertEqual(h.state("j1"), "passed")
         self.assertEqual(h.clock.getDelayedCalls(), [])
-        self.assertEqual(h.s.status().backends[0].running, 0)
+        self.assertEqual(h.s.status_now().backends[0].running, 0)
 
     def test_worker_dying_under_a_job_let_go_is_not_cleaned_up_here(self) -> None:
         h = AbandonHarness(size=1)
@@ -1033,7 +1034,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
         self.assertEqual(h.cleaner.jobs, [])  # its new holder cleans up
         self.assertEqual(list(h.pool.running), ["j1"])
         self.assertNotIn("j0", [w[1] for w in h.writes_since(mark)])
-        self.assertEqual(h.s.status().backends[0].consecutive_failures, 0)
+        self.assertEqual(h.s.status_now().backends[0].consecutive_failures, 0)
 
     def test_job_being_cleaned_up_let_go_writes_nothing_when_cleaned(self) -> None:
         cleaner = RecordingCleaner(manual=True)
@@ -1045,7 +1046,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
             submitted=T0,
             attempts=1,
         )
-        h.store.add_many([(j, JobEvent(job_id="x1", seq=1, at=T0, kind="state", state="queued"))])
+        h.store.sync.add_many([(j, JobEvent(job_id="x1", seq=1, at=T0, kind="state", state="queued"))])
         d = h.s.adopt_interrupted(j, 1, "daemon h2 lost")
         self.assertEqual(h.state("x1"), "cleaning")
         self.assertEqual([c.id for c in cleaner.jobs], ["x1"])
@@ -1058,7 +1059,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
         self.assertEqual(h.writes_since(mark), [])
         self.assertEqual(h.state("x1"), "cleaning")
         # Not queued again here, though it has attempts left.
-        self.assertEqual((h.pool.runs, h.s.status().queue_depth), ([], 0))
+        self.assertEqual((h.pool.runs, h.s.status_now().queue_depth), ([], 0))
 
     def test_abandon_with_ids_lets_go_of_only_those(self) -> None:
         h = AbandonHarness(size=2)
@@ -1066,7 +1067,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
         h.s.abandon("another daemon took it over", ["j0", "j2", "nope"])
         self.assertEqual(h.pool.cancels, [("j0", "another daemon took it over")])
         self.assertEqual([h.s.holds(f"j{i}") for i in range(4)], [False, True, False, True])
-        self.assertEqual(h.s.status().queue_depth, 1)
+        self.assertEqual(h.s.status_now().queue_depth, 1)
         mark = len(h.store.writes)
         h.pool.finish("j1")
         self.assertEqual(h.state("j1"), "passed")
@@ -1085,7 +1086,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
         self.assertIn("j0", str(err.value))
         self.assertIn("this daemon lost its lease", str(err.value))
         self.assertEqual([h.s.holds("j0"), h.s.holds("j1")], [False, False])
-        status = h.s.status()
+        status = h.s.status_now()
         self.assertEqual((status.queue_depth, status.running), (0, 0))
         mark = len(h.store.writes)
         h.pool.get("j0").finish_cancelled()
@@ -1107,7 +1108,7 @@ class GiveBackTests(SynchronousTestCase):
         self.assertEqual(h.state("j0"), "queued")  # written before it was handed over
         self.assertFalse(h.s.holds("j0"))
         self.assertEqual(h.pool.running, {})  # not started again here
-        self.assertEqual(h.s.status().queue_depth, 0)
+        self.assertEqual(h.s.status_now().queue_depth, 0)
 
     def test_give_back_waits_for_the_write_then_releases_under_its_owner(self) -> None:
         h = ClusterHarness()
@@ -1143,7 +1144,7 @@ class HeldBackTests(SynchronousTestCase):
     def test_draining_or_quarantined_backends_are_held_back_from_claims(self) -> None:
         h = AbandonHarness()
         self.assertEqual(h.s.held_back(), frozenset())
-        h.s.drain("b")
+        result_of(h.s.drain("b"))
         self.assertEqual(h.s.held_back(), frozenset({"b"}))
         h.s.set_draining("b", False)
         self.assertEqual(h.s.held_back(), frozenset())

@@ -37,8 +37,8 @@ class NothingKeptPerFinishedJobTests(SynchronousTestCase):
             h.pool.get(ids[3]).finish_cancelled()
             h.s.cancel(ids[5])  # queued or just started
             h.pool.finish_all()
-            self.assertTrue(all(h.s.get(j).final for j in ids), [h.state(j) for j in ids])
-        self.assertEqual(h.s.status().running, 0)
+            self.assertTrue(all(h.store.sync.get(j).final for j in ids), [h.state(j) for j in ids])
+        self.assertEqual(h.s.status_now().running, 0)
         self.assertEqual(
             (h.s._active, h.s._queued, h.s._in_pool, h.s._abandoned), ({}, {}, set(), set())
         )

@@ -21,6 +21,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.support.deferreds import result_of
 from tests.unit.test_metrics import scrape, value
 from txvmbot._sqlite_errors import host_fault, is_lock_timeout
 from txvmbot.daemon.interfaces import IJobStore
@@ -131,7 +132,7 @@ class Files:
         case.addCleanup(self.journal.close)
 
     def store_conn(self) -> sqlite3.Connection:
-        return self.raw._db
+        return self.raw.sync._db
 
     def journal_conn(self) -> sqlite3.Connection:
         return self.raw_journal._db
@@ -159,7 +160,7 @@ class HeldStoreTests(SynchronousTestCase):
 
     def stored_state(self, job_id: str) -> str:
         """The job's state in the file, past the held writes."""
-        job = self.f.raw.get(job_id)
+        job = self.f.raw.sync.get(job_id)
         assert job is not None
         return job.state
 
@@ -172,8 +173,8 @@ class HeldStoreTests(SynchronousTestCase):
         (one passes, one fails), clients see the final states at once, new
         submits are refused with the reason, and once there is room the
         held writes reach the file in order and submits are taken again."""
-        a = self.s.submit(make_job_spec("b"))
-        b = self.s.submit(make_job_spec("b"))
+        a = result_of(self.s.submit(make_job_spec("b")))
+        b = result_of(self.s.submit(make_job_spec("b")))
         self.pool.step(a.id, "ssh")
         fill(self.f.store_conn())
         with capturedLogs() as events:
@@ -182,13 +183,13 @@ class HeldStoreTests(SynchronousTestCase):
             self.pool.finish(a.id)
             self.pool.finish(b.id, passed=False, error="step 'ssh' failed: exit 1")
             self.f.clock.advance(BACKOFF[0])  # still full: held on
-        self.assertEqual(self.s.get(a.id).state, "passed")
-        self.assertEqual(self.s.get(b.id).state, "failed")
+        self.assertEqual(result_of(self.s.get(a.id)).state, "passed")
+        self.assertEqual(result_of(self.s.get(b.id)).state, "failed")
         # What the scheduler holds, clients read, from the held writes.
-        self.assertEqual([e.state for e in self.f.store.events(a.id)][-1], "passed")
-        self.assertEqual(self.f.store.last_event_seq(a.id), self.f.store.events(a.id)[-1].seq)
+        self.assertEqual([e.state for e in self.f.store.sync.events(a.id)][-1], "passed")
+        self.assertEqual(self.f.store.sync.last_event_seq(a.id), self.f.store.sync.events(a.id)[-1].seq)
         self.assertEqual(
-            {j.id for j in self.s.list(states={"passed", "failed"})}, {a.id, b.id}
+            {j.id for j in result_of(self.s.list(states={"passed", "failed"}))}, {a.id, b.id}
         )
         # ... while the file still says running.
         self.assertEqual(self.stored_state(a.id), "running")
@@ -198,10 +199,10 @@ class HeldStoreTests(SynchronousTestCase):
         self.assertIn(self.f.raw.path, errors[0])
         self.assertNotIn("only writer", errors[0])
 
-        status = self.s.status()
+        status = self.s.status_now()
         self.assertIn("database or disk is full", status.writes_held)
         self.assertIn(f"cannot write to its data dir {self.f.dir}", status.refusing)
-        refused = self.assertRaises(SubmitsRefused, self.s.submit, make_job_spec("b"))
+        refused = self.failureResultOf(self.s.submit(make_job_spec("b")), SubmitsRefused).value
         self.assertIn("new jobs are refused", str(refused))
         self.assertIn("held writes go through", str(refused))
 
@@ -211,11 +212,11 @@ class HeldStoreTests(SynchronousTestCase):
         self.assertIn("takes writes again", " ".join(formatEvent(e) for e in events))
         self.assertEqual(self.stored_state(a.id), "passed")
         self.assertEqual(self.stored_state(b.id), "failed")
-        seqs = [e.seq for e in self.f.raw.events(a.id)]
+        seqs = [e.seq for e in self.f.raw.sync.events(a.id)]
         self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
-        self.assertEqual(self.f.raw.unfinished(), [])
-        self.assertEqual((self.s.status().writes_held, self.s.status().refusing), ("", ""))
-        c = self.s.submit(make_job_spec("b"))
+        self.assertEqual(self.f.raw.sync.unfinished(), [])
+        self.assertEqual((self.s.status_now().writes_held, self.s.status_now().refusing), ("", ""))
+        c = result_of(self.s.submit(make_job_spec("b")))
         self.assertEqual(self.stored_state(c.id), "running")
 
     def test_free_space_and_held_writes_on_metrics_and_web_page(self) -> None:
@@ -225,31 +226,31 @@ class HeldStoreTests(SynchronousTestCase):
         m = scrape(metrics)
         self.assertEqual(value(m, "txvmbot_data_dir_free_bytes"), 300 * MB)
         self.assertEqual(value(m, "txvmbot_writes_held"), 0)
-        html = overview(self.s.status(), [], [], T0, "csrf")
+        html = overview(self.s.status_now(), [], [], T0, "csrf")
         self.assertIn("300 MB", html)
         self.assertNotIn("New jobs refused", html)
-        a = self.s.submit(make_job_spec("b"))
+        a = result_of(self.s.submit(make_job_spec("b")))
         fill(self.f.store_conn())
         self.pool.finish(a.id, passed=False, error=BIG)
         self.assertEqual(value(scrape(metrics), "txvmbot_writes_held"), 1)
-        html = overview(self.s.status(), [], [], T0, "csrf")
+        html = overview(self.s.status_now(), [], [], T0, "csrf")
         self.assertIn("Writes held", html)
         self.assertIn("New jobs refused", html)
         make_room(self.f.store_conn())
         self.f.wait_out_backoff()
 
     def test_retries_back_off(self) -> None:
-        a = self.s.submit(make_job_spec("b"))
+        a = result_of(self.s.submit(make_job_spec("b")))
         fill(self.f.store_conn())
         self.pool.finish(a.id, passed=False, error=BIG)
         tries = []
-        real = self.f.raw.update
+        real = self.f.raw.sync.update
 
         def counting(job: Any) -> None:
             tries.append(self.f.clock.seconds())
             real(job)
 
-        self.f.raw.update = counting  # type: ignore[method-assign]
+        self.f.raw.sync.update = counting  # type: ignore[method-assign]
         for _ in range(int((sum(BACKOFF) + 3 * BACKOFF[-1]) / 0.5)):
             self.f.clock.advance(0.5)
         gaps = [b - a for a, b in itertools.pairwise([T0, *tries])]
@@ -258,56 +259,56 @@ class HeldStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.f.clock.getDelayedCalls()), 1)  # one retry pending, not one a write
 
     def test_a_write_that_is_no_fault_of_the_host_raises_at_once(self) -> None:
-        a = self.s.submit(make_job_spec("b"))
-        ghost = attrs.evolve(self.s.get(a.id), id="nope")
+        a = result_of(self.s.submit(make_job_spec("b")))
+        ghost = attrs.evolve(result_of(self.s.get(a.id)), id="nope")
         self.assertRaises(StoreError, self.f.store.update, ghost)
         self.assertEqual(self.f.data.held(), "")
 
     def test_submits_refused_while_the_data_dir_is_low_then_taken(self) -> None:
         self.f.statvfs.free = int(0.9 * MB)
-        refused = self.assertRaises(SubmitsRefused, self.s.submit, make_job_spec("b"))
+        refused = self.failureResultOf(self.s.submit(make_job_spec("b")), SubmitsRefused).value
         self.assertIn(f"the data dir {self.f.dir} has 0.9 MB free", str(refused))
         self.assertIn("daemon.min_free_mb", str(refused))
-        self.assertEqual(self.f.raw.list(), [])
-        st = self.s.status()
+        self.assertEqual(self.f.raw.sync.list(), [])
+        st = self.s.status_now()
         self.assertEqual((st.data_dir, st.data_dir_free), (self.f.dir, int(0.9 * MB) // 4096 * 4096))
         self.assertIn("0.9 MB free", st.refusing)
         self.f.statvfs.free = 400 * MB
-        job = self.s.submit(make_job_spec("b"))
+        job = result_of(self.s.submit(make_job_spec("b")))
         self.assertEqual(self.stored_state(job.id), "running")
-        self.assertEqual(self.s.status().refusing, "")
+        self.assertEqual(self.s.status_now().refusing, "")
 
     def test_free_space_unknown_refuses_nothing(self) -> None:
         self.f.statvfs.free = -1
         self.assertEqual(self.f.data.storage().free, -1)
-        self.s.submit(make_job_spec("b"))
+        result_of(self.s.submit(make_job_spec("b")))
 
     def test_held_writes_lost_at_close_are_logged(self) -> None:
-        a = self.s.submit(make_job_spec("b"))
+        a = result_of(self.s.submit(make_job_spec("b")))
         fill(self.f.store_conn())
         self.pool.finish(a.id, passed=False, error=BIG)
         self.assertNotEqual(self.f.data.held(), "")
         with capturedLogs() as events:
-            self.f.store.close()
+            self.f.store.sync.close()
         text = " ".join(formatEvent(e) for e in events)
         self.assertIn("held writes to the job store", text)
         self.assertIn("lost at stop", text)
         self.assertEqual(self.f.clock.getDelayedCalls(), [])
         again = SQLiteJobStore(self.f.raw.path)
-        self.addCleanup(again.close)
-        self.assertEqual([j.id for j in again.unfinished()], [a.id])  # recovered at next start
+        self.addCleanup(again.sync.close)
+        self.assertEqual([j.id for j in again.sync.unfinished()], [a.id])  # recovered at next start
 
     def test_prune_waits_for_held_writes(self) -> None:
-        a = self.s.submit(make_job_spec("b"))
+        a = result_of(self.s.submit(make_job_spec("b")))
         self.pool.finish(a.id)
-        b = self.s.submit(make_job_spec("b"))
+        b = result_of(self.s.submit(make_job_spec("b")))
         fill(self.f.store_conn())
         self.pool.finish(b.id, passed=False, error=BIG)
         self.assertNotEqual(self.f.data.held(), "")
-        self.assertEqual(self.f.store.prune(T0 + 10), 0)
+        self.assertEqual(self.f.store.sync.prune(T0 + 10), 0)
         make_room(self.f.store_conn())
         self.f.wait_out_backoff()
-        self.assertEqual(self.f.store.prune(T0 + 10), 2)
+        self.assertEqual(self.f.store.sync.prune(T0 + 10), 2)
 
 
 class HeldJournalTests(SynchronousTestCase):

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.scheduling.scheduler import Scheduler
@@ -125,7 +126,7 @@ class Harness:
         self.detach = self.metrics.attach(self.s)
 
     def submit(self, backend: str = "b", **kw: Any) -> Job:
-        return self.s.submit(make_job_spec(backend, **kw))
+        return result_of(self.s.submit(make_job_spec(backend, **kw)))
 
     def scrape(self) -> Samples:
         return scrape(self.metrics)
@@ -247,9 +248,9 @@ class SchedulerMetricsTests(SynchronousTestCase):
         store = SQLiteJobStore.memory(clock=clock.seconds)
         pool = FakeWorkerPool(1)
         s = Scheduler(clock, store, pool, MemoryJournal(clock.seconds), cleaner=RecordingCleaner())
-        first = s.submit(make_job_spec("b"))
-        s.submit(make_job_spec("b"))
-        s.submit(make_job_spec("e"))
+        first = result_of(s.submit(make_job_spec("b")))
+        result_of(s.submit(make_job_spec("b")))
+        result_of(s.submit(make_job_spec("e")))
         metrics = DaemonMetrics()
         metrics.attach(s)
         m = scrape(metrics)
@@ -646,8 +647,8 @@ def test_backends_past_the_label_limit_add_up_in_one_series() -> None:
     m.attach(h.s)
     for backend in ("a", "b", "c", "d"):
         h.submit(backend)
-    h.s.drain("c")
-    h.s.drain("d")
+    result_of(h.s.drain("c"))
+    result_of(h.s.drain("d"))
     text = generate_latest(m.registry).decode()
     seen: list[tuple[str, tuple[tuple[str, str], ...]]] = []
     values: dict[tuple[str, str], float] = {}

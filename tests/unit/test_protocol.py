@@ -182,7 +182,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(again.spec, job.spec)
 
     def test_get(self) -> None:
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         self.sched.finish("job-1", passed=False)
         job = self.result(self.client.get("job-1"))
         self.assertEqual(job, self.sched.jobs["job-1"])
@@ -193,7 +193,7 @@ class RoundTripTests(SynchronousTestCase):
     def test_big_results_are_cut_to_fit(self) -> None:
         import attrs
 
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         job = self.sched.finish("job-1", passed=False)
         assert job.result is not None
         big = attrs.evolve(job.result, console=(("i-1", "x" * 200_000 + "kernel panic"),))
@@ -203,7 +203,7 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_list(self) -> None:
         for i in range(5):
-            self.sched.submit(codec.spec_from_dict({**SPEC, "backend": f"b{i % 2}"}))
+            self.sched.submit_now(codec.spec_from_dict({**SPEC, "backend": f"b{i % 2}"}))
         self.sched.finish("job-1")
         page = self.result(self.client.list())
         self.assertEqual([j.id for j in page.jobs], ["job-5", "job-4", "job-3", "job-2", "job-1"])
@@ -216,13 +216,13 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_list_fits_in_one_value(self) -> None:
         for _ in range(1000):
-            self.sched.submit(codec.spec_from_dict(SPEC))
+            self.sched.submit_now(codec.spec_from_dict(SPEC))
         page = self.result(self.client.list(limit=1000))
         self.assertTrue(page.more)
         self.assertGreater(len(page.jobs), 100)
 
     def test_watch(self) -> None:
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         seen: list[JobEvent] = []
         d = self.client.watch("job-1", seen.append)
         self.pump.flush()
@@ -249,7 +249,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(self.server._watches, {})
 
     def test_cancel(self) -> None:
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         self.sched.cancel_later = True
         d = self.client.cancel("job-1")
         self.pump.flush()
@@ -267,7 +267,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertIn("no backend named 'nowhere'", str(e))
 
     def test_status(self) -> None:
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         self.sched.drain("prod")
         s = self.result(self.client.status())
         self.assertEqual((s.api_version, s.workers, s.queue_depth), (1, 2, 1))

@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon.interfaces import IScheduler, IWorkerPool
 from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
 from txvmbot.daemon.scheduling.scheduler import Scheduler, is_infrastructure_failure
@@ -61,16 +62,16 @@ class Harness:
         )
 
     def submit(self, backend: str = "b", **kw: Any) -> Job:
-        return self.s.submit(make_job_spec(backend, **kw))
+        return result_of(self.s.submit(make_job_spec(backend, **kw)))
 
     def state(self, job_id: str) -> str:
-        return self.s.get(job_id).state
+        return result_of(self.s.get(job_id)).state
 
     def running(self) -> list[str]:
         return list(self.pool.running)
 
     def events(self, job_id: str) -> list[tuple[str, str, str]]:
-        return [(e.kind, e.state, e.step) for e in self.store.events(job_id)]
+        return [(e.kind, e.state, e.step) for e in self.store.sync.events(job_id)]
 
 
 class CountingStore(SQLiteJobStore):
@@ -80,9 +81,9 @@ class CountingStore(SQLiteJobStore):
         super().__init__(path, **kw)
         self.batches: list[int] = []
 
-    def add_many(self, submits: Sequence[tuple[Job, JobEvent]]) -> None:
+    def add_many(self, submits: Sequence[tuple[Job, JobEvent]]) -> Deferred[None]:
         self.batches.append(len(submits))
-        super().add_many(submits)
+        return super().add_many(submits)
 
 
 class UpdateFailsStore(SQLiteJobStore):
@@ -106,23 +107,23 @@ class BasicsTests(SynchronousTestCase):
         run = h.pool.get("j0")
         self.assertEqual((run.job.state, run.job.attempts, run.job.started), ("running", 1, T0))
         self.assertIs(run.journal, h.journal)
-        self.assertEqual(h.store.get("j0"), run.job)
+        self.assertEqual(h.store.sync.get("j0"), run.job)
         self.assertEqual(h.events("j0"), [("state", "queued", ""), ("state", "running", "")])
         h.clock.advance(5)
         h.pool.finish("j0")
-        job = h.s.get("j0")
+        job = result_of(h.s.get("j0"))
         self.assertEqual((job.state, job.finished), ("passed", T0 + 5))
         assert job.result is not None
         self.assertEqual(job.result.check_id, "j0-1")
-        self.assertEqual(h.store.get("j0"), job)
-        self.assertEqual([e.seq for e in h.store.events("j0")], [1, 2, 3])
+        self.assertEqual(h.store.sync.get("j0"), job)
+        self.assertEqual([e.seq for e in h.store.sync.events("j0")], [1, 2, 3])
 
     def test_submit_many_stores_once_and_refuses_one_alone(self) -> None:
         store = CountingStore.memory()
         h = Harness(size=1, caps={"b": 2}, store=store)
-        out = h.s.submit_many(
+        out = result_of(h.s.submit_many(
             [make_job_spec("b"), make_job_spec("b", parallel=3), make_job_spec("b", priority=5)]
-        )
+        ))
         self.assertEqual(store.batches, [2])
         self.assertEqual([r.id for r in out if isinstance(r, Job)], ["j0", "j1"])
         err = out[1]
@@ -133,7 +134,7 @@ class BasicsTests(SynchronousTestCase):
         # higher priority, though it came later in the batch.
         self.assertEqual(h.running(), ["j1"])
         self.assertEqual(h.events("j0"), [("state", "queued", "")])
-        self.assertEqual(h.s.status().queue_depth, 1)
+        self.assertEqual(h.s.status_now().queue_depth, 1)
 
     def test_submit_many_answers_once_stored_whatever_starting_does(self) -> None:
         """Stored and queued is what a submit promises: the store failing
@@ -142,9 +143,9 @@ class BasicsTests(SynchronousTestCase):
         store = UpdateFailsStore.memory()
         h = Harness(store=store)
         with capturedLogs() as events:
-            out = h.s.submit_many([make_job_spec("b"), make_job_spec("b")])
+            out = result_of(h.s.submit_many([make_job_spec("b"), make_job_spec("b")]))
         self.assertEqual([j.id for j in out if isinstance(j, Job)], ["j0", "j1"])
-        self.assertEqual([j.id for j in store.unfinished()], ["j0", "j1"])
+        self.assertEqual([j.id for j in store.sync.unfinished()], ["j0", "j1"])
         failures = [e for e in events if e.get("log_failure") is not None]
         self.assertEqual(len(failures), 1)
         self.assertTrue(failures[0]["log_failure"].check(StoreError))
@@ -152,15 +153,15 @@ class BasicsTests(SynchronousTestCase):
 
     def test_submit_many_queues_nothing_when_the_store_fails(self) -> None:
         h = Harness()
-        h.store.close()
-        self.assertRaises(StoreError, h.s.submit_many, [make_job_spec("b"), make_job_spec("b")])
-        self.assertEqual((h.running(), h.s.status().queue_depth), ([], 0))
+        h.store.sync.close()
+        self.failureResultOf(h.s.submit_many([make_job_spec("b"), make_job_spec("b")]), StoreError)
+        self.assertEqual((h.running(), h.s.status_now().queue_depth), ([], 0))
 
     def test_failed_check(self) -> None:
         h = Harness()
         h.submit()
         h.pool.finish("j0", passed=False, error="step 'ssh' failed: exit 1")
-        job = h.s.get("j0")
+        job = result_of(h.s.get("j0"))
         self.assertEqual((job.state, job.reason), ("failed", "step 'ssh' failed: exit 1"))
 
     def test_get_and_list(self) -> None:
@@ -169,20 +170,20 @@ class BasicsTests(SynchronousTestCase):
             h.submit()
             h.clock.advance(1)
         h.submit("other")
-        self.assertRaises(UnknownJob, h.s.get, "nope")
-        self.assertEqual([j.id for j in h.s.list()], ["j3", "j2", "j1", "j0"])
-        self.assertEqual([j.id for j in h.s.list(states={"queued"}, backend="b")], ["j2", "j1"])
-        self.assertEqual([j.id for j in h.s.list(limit=1)], ["j3"])
-        self.assertEqual([j.id for j in h.s.list(before="j2")], ["j1", "j0"])
-        self.assertEqual([j.id for j in h.s.list(before="j2", limit=1)], ["j1"])
-        self.assertEqual(h.s.list(before="j0"), [])
-        self.assertRaises(UnknownJob, h.s.list, before="nope")
+        self.failureResultOf(h.s.get("nope"), UnknownJob)
+        self.assertEqual([j.id for j in result_of(h.s.list())], ["j3", "j2", "j1", "j0"])
+        self.assertEqual([j.id for j in result_of(h.s.list(states={"queued"}, backend="b"))], ["j2", "j1"])
+        self.assertEqual([j.id for j in result_of(h.s.list(limit=1))], ["j3"])
+        self.assertEqual([j.id for j in result_of(h.s.list(before="j2"))], ["j1", "j0"])
+        self.assertEqual([j.id for j in result_of(h.s.list(before="j2", limit=1))], ["j1"])
+        self.assertEqual(result_of(h.s.list(before="j0")), [])
+        self.failureResultOf(h.s.list(before="nope"), UnknownJob)
 
     def test_step_events_and_cleaning(self) -> None:
         h = Harness()
         h.submit()
         seen: list[JobEvent] = []
-        h.s.watch("j0", 0, seen.append)
+        result_of(h.s.watch("j0", 0, seen.append))
         h.pool.step("j0", "create keypair", "running")
         h.pool.step("j0", "create keypair", "passed", "kp-1")
         self.assertEqual(h.state("j0"), "running")
@@ -203,7 +204,7 @@ class BasicsTests(SynchronousTestCase):
                 (8, "state", "passed", ""),
             ],
         )
-        self.assertEqual(seen, h.store.events("j0"))
+        self.assertEqual(seen, h.store.sync.events("j0"))
         self.assertEqual(seen[3].detail, "kp-1")
 
     def test_late_step_event_ignored(self) -> None:
@@ -212,7 +213,7 @@ class BasicsTests(SynchronousTestCase):
         run = h.pool.get("j0")
         run.finish()
         run.on_event(make_step("late"))
-        self.assertEqual(len(h.store.events("j0")), 3)
+        self.assertEqual(len(h.store.sync.events("j0")), 3)
 
     def test_state_changes_logged_at_info(self) -> None:
         h = Harness()
@@ -277,7 +278,7 @@ class OrderTests(SynchronousTestCase):
         for _ in range(3):
             h.submit("b")
         self.assertEqual(h.running(), ["j0", "j3", "j4"])
-        st = {b.name: b for b in h.s.status().backends}
+        st = {b.name: b for b in h.s.status_now().backends}
         self.assertEqual(st["a"], BackendStatus("a", 1, 1, 2, "active", instances=1))
         self.assertEqual(st["b"], BackendStatus("b", 2, 2, 1, "active", instances=2))
         # A job for an uncapped backend takes the idle worker.
@@ -296,7 +297,7 @@ class OrderTests(SynchronousTestCase):
         h.submit("a", parallel=2)
         h.submit("a", parallel=1)
         self.assertEqual(h.running(), ["j0"])
-        (st,) = h.s.status().backends
+        (st,) = h.s.status_now().backends
         self.assertEqual((st.running, st.instances, st.queued), (1, 3, 2))
         h.pool.finish("j0")
         self.assertEqual(h.running(), ["j1", "j2"])
@@ -307,7 +308,7 @@ class OrderTests(SynchronousTestCase):
             h.submit("a", parallel=3)
         self.assertEqual(e.exception.where, "job.parallel")
         self.assertIn("at most 2 instances", str(e.exception))
-        self.assertEqual(h.s.list(), [])
+        self.assertEqual(result_of(h.s.list()), [])
 
     def test_default_cap(self) -> None:
         h = Harness(size=8, default_cap=3)
@@ -330,11 +331,11 @@ class OrderTests(SynchronousTestCase):
             unfinished -= 1
             finished += 1
             self.assertEqual(h.pool.busy, min(4, unfinished))
-            status = h.s.status()
+            status = h.s.status_now()
             self.assertEqual(status.busy_workers, min(4, unfinished))
             self.assertEqual(status.queue_depth, max(0, unfinished - 4))
         self.assertEqual(finished, 200)
-        self.assertEqual(h.s.list(states={"queued", "running", "cleaning"}), [])
+        self.assertEqual(result_of(h.s.list(states={"queued", "running", "cleaning"})), [])
 
     def test_pool_that_answers_at_once(self) -> None:
         """A pool whose Deferred fires inside run() does not recurse into
@@ -350,12 +351,12 @@ class OrderTests(SynchronousTestCase):
             return d
 
         h.pool.run = run  # type: ignore[method-assign]
-        h.s.drain("b")
+        result_of(h.s.drain("b"))
         for _ in range(50):
             h.submit()
         h.s.resume("b")
         self.assertEqual(order, [f"j{i}" for i in range(50)])
-        self.assertEqual({j.state for j in h.s.list(limit=100)}, {"passed"})
+        self.assertEqual({j.state for j in result_of(h.s.list(limit=100))}, {"passed"})
 
 
 class CancelTests(SynchronousTestCase):
@@ -367,12 +368,12 @@ class CancelTests(SynchronousTestCase):
         d = h.s.cancel("j1")
         job = self.successResultOf(d)
         self.assertEqual((job.state, job.reason), ("cancelled", "cancelled by request"))
-        self.assertEqual(h.store.get("j1"), job)
+        self.assertEqual(h.store.sync.get("j1"), job)
         h.pool.finish("j0")
         self.assertEqual(h.running(), ["j2"])
         h.pool.finish("j2")
         self.assertEqual([r.job.id for r in h.pool.runs], ["j0", "j2"])
-        self.assertEqual(h.s.status().queue_depth, 0)
+        self.assertEqual(h.s.status_now().queue_depth, 0)
 
     def test_cancel_running_waits_for_the_pool(self) -> None:
         h = Harness()
@@ -428,7 +429,7 @@ class CancelTests(SynchronousTestCase):
         h.clock.advance(100)
         self.assertEqual(len(h.pool.cancels), 1)
         h.pool.get("j0").finish_cancelled()
-        job = h.s.get("j0")
+        job = result_of(h.s.get("j0"))
         self.assertEqual((job.state, job.reason), ("cancelled", "passed its bound of 30s"))
         self.assertEqual(h.running(), ["j1"])
         h.pool.finish("j1")
@@ -464,9 +465,9 @@ class InfrastructureTests(SynchronousTestCase):
             [s for k, s, _ in h.events("j0")],
             ["queued", "running", "cleaning", "queued", "running"],
         )
-        self.assertEqual(h.store.events("j0")[3].detail, msg)
+        self.assertEqual(h.store.sync.events("j0")[3].detail, msg)
         h.pool.die("j0", "exit status 1", "Traceback: boom")
-        job = h.s.get("j0")
+        job = result_of(h.s.get("j0"))
         self.assertEqual((job.state, job.reason, job.attempts), ("error", msg, 2))
         self.assertEqual(len(h.cleaner.jobs), 2)
         self.assertEqual(h.running(), ["j1"])
@@ -479,7 +480,7 @@ class InfrastructureTests(SynchronousTestCase):
         h.pool.die("j0")
         self.assertEqual(h.state("j0"), "cleaning")
         self.assertEqual(h.running(), ["j1"])
-        status = h.s.status()
+        status = h.s.status_now()
         self.assertEqual((status.running, status.queue_depth, status.busy_workers), (2, 0, 1))
         h.pool.finish("j1")
         self.assertEqual(h.running(), [])
@@ -519,10 +520,10 @@ class InfrastructureTests(SynchronousTestCase):
         h = Harness()
         h.submit(max_attempts=1)
         h.pool.get("j0").fail(ConnectionError("amp connection lost"))
-        job = h.s.get("j0")
+        job = result_of(h.s.get("j0"))
         self.assertEqual((job.state, job.reason), ("error", "ConnectionError: amp connection lost"))
         self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
-        self.assertEqual(h.s.status().backends[0].consecutive_failures, 1)
+        self.assertEqual(h.s.status_now().backends[0].consecutive_failures, 1)
 
     def test_pool_run_raises(self) -> None:
         h = Harness()
@@ -532,7 +533,7 @@ class InfrastructureTests(SynchronousTestCase):
 
         h.pool.run = broken  # type: ignore[method-assign]
         h.submit(max_attempts=2)
-        job = h.s.get("j0")
+        job = result_of(h.s.get("j0"))
         self.assertEqual((job.state, job.attempts), ("error", 2))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
@@ -582,7 +583,7 @@ class BackendTests(SynchronousTestCase):
         return h, hc
 
     def backend(self, h: Harness, name: str) -> BackendStatus:
-        return {b.name: b for b in h.s.status().backends}[name]
+        return {b.name: b for b in h.s.status_now().backends}[name]
 
     def test_quarantine_and_health_check(self) -> None:
         h, hc = self.quarantined()
@@ -634,7 +635,7 @@ class BackendTests(SynchronousTestCase):
         h.pool.finish("j3", passed=False, error="gave up after 6 attempts")
         st = self.backend(h, "a")
         self.assertEqual(st.state, "quarantined")
-        self.assertEqual(h.s.get("j3").state, "failed")
+        self.assertEqual(result_of(h.s.get("j3")).state, "failed")
         # Without a health check only the operator lifts it.
         h.clock.advance(3600)
         self.assertEqual(self.backend(h, "a").state, "quarantined")
@@ -664,7 +665,7 @@ class BackendTests(SynchronousTestCase):
         h = Harness(size=4)
         h.submit("a")
         h.submit("a")
-        st = h.s.drain("a")
+        st = result_of(h.s.drain("a"))
         self.assertEqual((st.state, st.running), ("draining", 2))
         h.submit("a")
         h.submit("b")
@@ -672,7 +673,7 @@ class BackendTests(SynchronousTestCase):
         # Running jobs finish normally.
         h.pool.finish("j0")
         h.pool.finish("j1")
-        self.assertEqual(h.s.get("j1").state, "passed")
+        self.assertEqual(result_of(h.s.get("j1")).state, "passed")
         self.assertEqual(h.running(), ["j3"])
         self.assertEqual(self.backend(h, "a"), BackendStatus("a", 4, 0, 1, "draining"))
         st = self.successResultOf(h.s.resume("a"))
@@ -681,14 +682,14 @@ class BackendTests(SynchronousTestCase):
 
     def test_drain_unknown_backend_first(self) -> None:
         h = Harness()
-        h.s.drain("later")
+        result_of(h.s.drain("later"))
         h.submit("later")
         self.assertEqual(h.running(), [])
         self.assertEqual(self.backend(h, "later").state, "draining")
 
     def test_drain_while_quarantined(self) -> None:
         h, hc = self.quarantined()
-        h.s.drain("a")
+        result_of(h.s.drain("a"))
         self.assertEqual(self.backend(h, "a").state, "quarantined")
         h.clock.advance(60)
         hc.answer(True)
@@ -701,7 +702,7 @@ class BackendTests(SynchronousTestCase):
         h.submit("b", priority=1)
         h.submit("b")
         self.assertEqual(
-            h.s.status(),
+            h.s.status_now(),
             DaemonStatus(
                 api_version=1,
                 workers=3,
@@ -727,7 +728,7 @@ class WatchTests(SynchronousTestCase):
         h.submit()
         h.pool.step("j0", "create keypair", "running")
         seen: list[JobEvent] = []
-        stop = h.s.watch("j0", 1, seen.append)
+        stop = result_of(h.s.watch("j0", 1, seen.append))
         self.assertEqual([e.seq for e in seen], [2, 3])
         h.pool.step("j0", "create keypair", "passed")
         self.assertEqual([e.seq for e in seen], [2, 3, 4])
@@ -740,12 +741,12 @@ class WatchTests(SynchronousTestCase):
         h = Harness()
         h.submit()
         seen: list[JobEvent] = []
-        h.s.watch("j0", 0, seen.append)
+        result_of(h.s.watch("j0", 0, seen.append))
         h.pool.finish("j0")
         self.assertEqual(seen[-1].state, "passed")
         self.assertTrue(seen[-1].state in FINAL_STATES)
         later: list[JobEvent] = []
-        stop = h.s.watch("j0", 0, later.append)
+        stop = result_of(h.s.watch("j0", 0, later.append))
         self.assertEqual(later, seen)
         stop()
 
@@ -786,11 +787,11 @@ class WatchTests(SynchronousTestCase):
         h.submit()
         a: list[JobEvent] = []
         b: list[JobEvent] = []
-        h.s.watch("j0", 0, a.append)
-        h.s.watch("j0", 2, b.append)
+        result_of(h.s.watch("j0", 0, a.append))
+        result_of(h.s.watch("j0", 2, b.append))
         h.pool.finish("j0")
         self.assertEqual(a[2:], b)
-        self.assertRaises(UnknownJob, h.s.watch, "nope", 0, a.append)
+        self.failureResultOf(h.s.watch("nope", 0, a.append), UnknownJob)
 
     def test_listener_that_raises_is_dropped(self) -> None:
         h = Harness()
@@ -802,8 +803,8 @@ class WatchTests(SynchronousTestCase):
             raise ValueError("client gone")
 
         good: list[JobEvent] = []
-        h.s.watch("j0", 2, bad)
-        h.s.watch("j0", 2, good.append)
+        result_of(h.s.watch("j0", 2, bad))
+        result_of(h.s.watch("j0", 2, good.append))
         h.pool.step("j0", "x")
         h.pool.step("j0", "y")
         self.assertEqual(calls, [3])
@@ -820,7 +821,7 @@ class WatchTests(SynchronousTestCase):
             seen.append(event.seq)
             stops[0]()
 
-        stops.append(h.s.watch("j0", 2, once))
+        stops.append(result_of(h.s.watch("j0", 2, once)))
         h.pool.step("j0", "x")
         h.pool.step("j0", "y")
         self.assertEqual(seen, [3])
@@ -843,9 +844,9 @@ class RecoveryTests(SynchronousTestCase):
             [first.state(j) for j in ("j0", "j1", "j2", "j3")],
             ["running", "cleaning", "queued", "queued"],
         )
-        events_before = {j: len(first.store.events(j)) for j in ("j0", "j1")}
+        events_before = {j: len(first.store.sync.events(j)) for j in ("j0", "j1")}
         # The daemon dies: nothing is closed, stopped or told.
-        first.store.close()
+        first.store.sync.close()
 
         cleaner = RecordingCleaner(manual=True)
         second = Harness(size=2, store=SQLiteJobStore(self.path), cleaner=cleaner, ids="k")
@@ -860,12 +861,12 @@ class RecoveryTests(SynchronousTestCase):
         self.assertNoResult(d)
         cleaner.release_all()
         self.assertIsNone(self.successResultOf(d))
-        j0, j1 = second.s.get("j0"), second.s.get("j1")
+        j0, j1 = result_of(second.s.get("j0")), result_of(second.s.get("j1"))
         self.assertEqual((j0.state, j0.reason), ("queued", "daemon restarted"))
         self.assertEqual((j1.state, j1.reason), ("error", "daemon restarted"))
         # Events carry on from where the dead daemon stopped.
         self.assertEqual(
-            [(e.seq, e.state, e.detail) for e in second.store.events("j1", events_before["j1"])],
+            [(e.seq, e.state, e.detail) for e in second.store.sync.events("j1", events_before["j1"])],
             [
                 (events_before["j1"] + 1, "cleaning", "daemon restarted"),
                 (events_before["j1"] + 2, "error", "daemon restarted"),
@@ -875,7 +876,7 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(second.running(), ["j2", "j0"])
         self.assertEqual(second.pool.get("j0").job.attempts, 2)
         second.pool.finish_all()
-        states = {j.id: j.state for j in second.s.list()}
+        states = {j.id: j.state for j in result_of(second.s.list())}
         self.assertEqual(states, {"j0": "passed", "j1": "error", "j2": "passed", "j3": "passed"})
         # New ids do not collide with the recovered ones.
         self.assertEqual(second.submit().id, "k0")
@@ -899,7 +900,7 @@ class RecoveryTests(SynchronousTestCase):
             h.pool.finish("j1", passed=True)
             h.pool.finish("j2", passed=False, error="step 'ssh' failed: exit 1")
         self.assertEqual(
-            [h.store.get(f"j{i}").state for i in range(4)],  # type: ignore[union-attr]
+            [h.store.sync.get(f"j{i}").state for i in range(4)],  # type: ignore[union-attr]
             ["running", "passed", "failed", "queued"],
         )
         self.assertEqual(h.running(), [])
@@ -959,12 +960,12 @@ class PropertyTests(SynchronousTestCase):
             self.assertLessEqual(n, CAPS.get(name, 4))
         queued_by_backend: dict[str, int] = {}
         for job_id in submitted:
-            job = h.s.get(job_id)
+            job = result_of(h.s.get(job_id))
             if job.state == "queued":
                 queued_by_backend[job.spec.backend] = queued_by_backend.get(job.spec.backend, 0) + 1
             if job.state in ("running", "cleaning"):
                 self.assertIn(job_id, pool.running)
-        active = {b.name for b in h.s.status().backends if b.state == "active"}
+        active = {b.name for b in h.s.status_now().backends if b.state == "active"}
         runnable = [
             name
             for name, q in queued_by_backend.items()
@@ -988,7 +989,7 @@ class PropertyTests(SynchronousTestCase):
             for op, a, b in sequence:
                 running = list(h.pool.running)
                 if op == "submit":
-                    submitted.append(h.s.submit(make_job_spec(a, priority=b, bound=150)).id)
+                    submitted.append(result_of(h.s.submit(make_job_spec(a, priority=b, bound=150))).id)
                 elif op == "finish" and running:
                     h.pool.finish(running[a % len(running)], passed=b)
                 elif op == "kill" and running:
@@ -1006,18 +1007,18 @@ class PropertyTests(SynchronousTestCase):
             for _ in range(20):
                 h.pool.finish_all()
                 self.check_invariants(h, submitted)
-                if all(h.s.get(j).final for j in submitted):
+                if all(result_of(h.s.get(j)).final for j in submitted):
                     break
                 h.clock.advance(50)
         for job_id in submitted:
-            job = h.s.get(job_id)
+            job = result_of(h.s.get(job_id))
             self.assertIn(job.state, FINAL_STATES, job)
-            self.assertEqual(h.store.get(job_id), job)
-            events = h.store.events(job_id)
+            self.assertEqual(h.store.sync.get(job_id), job)
+            events = h.store.sync.events(job_id)
             self.assertEqual([e.seq for e in events], list(range(1, len(events) + 1)))
             self.assertEqual(events[-1].state, job.state)
-        self.assertEqual(h.s.status().queue_depth, 0)
-        self.assertEqual(h.s.status().running, 0)
+        self.assertEqual(h.s.status_now().queue_depth, 0)
+        self.assertEqual(h.s.status_now().running, 0)
 
 
 def _raise(exc: BaseException) -> Deferred[tuple[str, ...]]:

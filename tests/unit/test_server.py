@@ -68,7 +68,7 @@ class Conn:
 class ServerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.sched = FakeScheduler()
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         self.factory = AMPServerFactory(self.sched)
         self.a = Conn(self.factory)
         self.b = Conn(self.factory)
@@ -257,7 +257,7 @@ class ServerTests(SynchronousTestCase):
 class WatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.sched = FakeScheduler()
-        self.sched.submit(codec.spec_from_dict(SPEC))
+        self.sched.submit_now(codec.spec_from_dict(SPEC))
         self.factory = AMPServerFactory(self.sched)
         self.a = Conn(self.factory)
 
@@ -348,10 +348,10 @@ class WatchTests(SynchronousTestCase):
 
     def test_watch_limit(self) -> None:
         for _ in range(MAX_WATCHES):
-            job = self.sched.submit(codec.spec_from_dict(SPEC))
+            job = self.sched.submit_now(codec.spec_from_dict(SPEC))
             self.a.client.watch(job.id, lambda e: None).addErrback(lambda _: None)
         self.a.pump.flush()
-        extra = self.sched.submit(codec.spec_from_dict(SPEC))
+        extra = self.sched.submit_now(codec.spec_from_dict(SPEC))
         self.assertRaises(NotAllowed, self.a.result, self.a.client.watch(extra.id, lambda e: None))
 
     def test_a_broken_listener_does_not_stop_the_stream(self) -> None:

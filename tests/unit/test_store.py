@@ -1,4 +1,6 @@
-"""Tests for txvmbot.daemon.stores.sqlite.store: the daemon's SQLite job store."""
+"""Tests for txvmbot.daemon.stores.sqlite.store: the daemon's SQLite job store
+(its SQL through :class:`SQLiteJobs`, which answers at once; its seam,
+:class:`SQLiteJobStore`, which answers with Deferreds)."""
 
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from zope.interface.verify import verifyObject
 
 from tests.support import paths
 from txvmbot.daemon.codec import dumps, job_to_dict
-from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.interfaces import IJobStore, IJobWriter
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.stores.sqlite.store import (
     APPLICATION_ID,
     MIGRATIONS,
     PRUNE_BATCH,
     SCHEMA_VERSION,
+    SQLiteJobs,
     SQLiteJobStore,
     StoreError,
     migrate,
@@ -75,14 +78,45 @@ else:
     _Base = object
 
 
+class SeamTests(SynchronousTestCase):
+    """SQLiteJobStore answers IJobStore with Deferreds that have fired;
+    the scheduler's own writes (IJobWriter) at once."""
+
+    def test_provides_interfaces(self) -> None:
+        s = SQLiteJobStore.memory(clock=FakeTime())
+        self.assertTrue(verifyObject(IJobStore, s))
+        self.assertTrue(verifyObject(IJobWriter, s))
+
+    def test_answers_with_deferreds(self) -> None:
+        s = SQLiteJobStore.memory(clock=FakeTime())
+        a = job("a", 1.0)
+        self.assertIsNone(self.successResultOf(s.add_many([(a, event("a", 1))])))
+        self.assertEqual(self.successResultOf(s.get("a")), a)
+        self.assertIsNone(self.successResultOf(s.get("nope")))
+        self.assertEqual(self.successResultOf(s.list()), [a])
+        self.assertEqual(self.successResultOf(s.unfinished()), [a])
+        self.assertEqual(self.successResultOf(s.events("a")), [event("a", 1)])
+        self.assertEqual(self.successResultOf(s.last_event_seq("a")), 1)
+        s.update(attrs.evolve(a, state="passed", finished=5.0))
+        s.add_event(event("a", 2, state="passed"))
+        self.assertEqual(self.successResultOf(s.prune(10.0)), 1)
+        self.assertIsNone(self.successResultOf(s.close()))
+
+    def test_errors_fail_the_deferred(self) -> None:
+        s = SQLiteJobStore.memory(clock=FakeTime())
+        self.successResultOf(s.add(job("a", 1.0)))
+        self.failureResultOf(s.add(job("a", 1.0)), StoreError)
+        self.assertRaises(StoreError, s.update, job("nope", 1.0))
+
+
 class StoreBehaviour(_Base):
     """What every store does, in a file or in memory."""
 
-    def make(self) -> SQLiteJobStore:
+    def make(self) -> SQLiteJobs:
         raise NotImplementedError
 
     def test_provides_interface(self) -> None:
-        self.assertTrue(verifyObject(IJobStore, self.make()))
+        self.assertTrue(verifyObject(IJobWriter, self.make()))
 
     def test_round_trip(self) -> None:
         s = self.make()
@@ -308,8 +342,8 @@ class StoreBehaviour(_Base):
 
 
 class MemoryStoreTests(StoreBehaviour, SynchronousTestCase):
-    def make(self) -> SQLiteJobStore:
-        s = SQLiteJobStore.memory(clock=FakeTime())
+    def make(self) -> SQLiteJobs:
+        s = SQLiteJobs.memory(clock=FakeTime())
         self.addCleanup(s.close)
         return s
 
@@ -323,8 +357,8 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         self.addCleanup(_rmtree, self.dir)
         self.path = os.path.join(self.dir, "jobs.sqlite")
 
-    def make(self, path: str | None = None, **kw: object) -> SQLiteJobStore:
-        s = SQLiteJobStore(path or self.path, clock=FakeTime(), **kw)  # type: ignore[arg-type]
+    def make(self, path: str | None = None, **kw: object) -> SQLiteJobs:
+        s = SQLiteJobs(path or self.path, clock=FakeTime(), **kw)  # type: ignore[arg-type]
         self.addCleanup(s.close)
         return s
 
@@ -357,7 +391,7 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         self.assertEqual(s._db.execute("PRAGMA synchronous").fetchone()[0], 1)
         full = self.make(synchronous="FULL")
         self.assertEqual(full._db.execute("PRAGMA synchronous").fetchone()[0], 2)
-        self.assertRaises(ValueError, SQLiteJobStore, self.path, synchronous="OFF")
+        self.assertRaises(ValueError, SQLiteJobs, self.path, synchronous="OFF")
 
     def test_schema_and_indexes(self) -> None:
         self.make()
@@ -452,7 +486,7 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         )
         # Idempotent at v3.
         self.assertEqual(migrate(conn, self.path, (*MIGRATIONS, v2_to_v3)), 3)
-        err = self.assertRaises(StoreError, SQLiteJobStore, self.path)
+        err = self.assertRaises(StoreError, SQLiteJobs, self.path)
         self.assertIn("schema version 3", str(err))
 
     def test_prune_on_a_file_survives_reopen(self) -> None:
@@ -507,7 +541,7 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
     def test_newer_schema_refused(self) -> None:
         self.make().close()
         self.raw().execute("UPDATE schema_version SET version = 7")
-        err = self.assertRaises(StoreError, SQLiteJobStore, self.path)
+        err = self.assertRaises(StoreError, SQLiteJobs, self.path)
         self.assertIn(self.path, str(err))
         self.assertIn("schema version 7", str(err))
         self.assertIn("upgrade txvmbot", str(err))
@@ -515,14 +549,14 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
     def test_not_a_database(self) -> None:
         with open(self.path, "wb") as f:
             f.write(b"this is not sqlite at all\n" * 200)
-        err = self.assertRaises(StoreError, SQLiteJobStore, self.path)
+        err = self.assertRaises(StoreError, SQLiteJobs, self.path)
         self.assertIn(self.path, str(err))
         self.assertIsInstance(err, TxvmbotError)
 
     def test_other_database_refused_and_untouched(self) -> None:
         conn = self.raw()
         conn.execute("CREATE TABLE instances (id TEXT)")
-        err = self.assertRaises(StoreError, SQLiteJobStore, self.path)
+        err = self.assertRaises(StoreError, SQLiteJobs, self.path)
         self.assertIn(self.path, str(err))
         self.assertIn("not a txvmbot job store", str(err))
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "delete")
@@ -531,12 +565,12 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         from txvmbot.journal import SQLiteJournal
 
         SQLiteJournal(self.path).close()
-        err = self.assertRaises(StoreError, SQLiteJobStore, self.path)
+        err = self.assertRaises(StoreError, SQLiteJobs, self.path)
         self.assertIn("not a txvmbot job store", str(err))
 
     def test_cannot_open(self) -> None:
         path = os.path.join(self.dir, "no", "such", "dir", "jobs.sqlite")
-        err = self.assertRaises(StoreError, SQLiteJobStore, path)
+        err = self.assertRaises(StoreError, SQLiteJobs, path)
         self.assertIn(path, str(err))
 
     def test_unreadable_job(self) -> None:
@@ -552,10 +586,10 @@ class FileStoreTests(StoreBehaviour, SynchronousTestCase):
         being killed with no chance to close the file."""
         code = f"""
             import time
-            from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
+            from txvmbot.daemon.stores.sqlite.store import SQLiteJobs
             from txvmbot.daemon.jobs import Job, JobEvent
             from txvmbot.testing import make_job_spec
-            s = SQLiteJobStore({self.path!r})
+            s = SQLiteJobs({self.path!r})
             spec = make_job_spec("b")
             for i in range(500):
                 s.add(Job(id=f"j{{i}}", spec=spec, state="queued", submitted=1000.0 + i))

@@ -56,7 +56,7 @@ class PrunerTests(SynchronousTestCase):
             j = final_job(
                 f"{prefix}{i}", finished, ("passed", "failed", "cancelled", "error")[i % 4]
             )
-            self.store.add(j, event(j.id, 1))
+            self.store.sync.add(j, event(j.id, 1))
             for seq in range(2, events + 1):
                 self.store.add_event(event(j.id, seq))
 
@@ -78,7 +78,7 @@ class PrunerTests(SynchronousTestCase):
             call.func(*call.args, **call.kw)
 
     def ids(self) -> set[str]:
-        return {j.id for j in self.store.list(limit=1000)}
+        return {j.id for j in self.store.sync.list(limit=1000)}
 
     def lines(self, level: LogLevel | None = None) -> list[str]:
         return [formatEvent(e) for e in self.logged if level is None or e.get("log_level") == level]
@@ -86,7 +86,7 @@ class PrunerTests(SynchronousTestCase):
     def test_prunes_at_start_a_batch_a_turn_and_logs_once(self) -> None:
         self.add_jobs("old", 5, NOW - 31 * DAY)
         self.add_jobs("new", 2, NOW - 29 * DAY)
-        self.store.add(Job(id="queued", spec=make_job_spec("b"), state="queued", submitted=1.0))
+        self.store.sync.add(Job(id="queued", spec=make_job_spec("b"), state="queued", submitted=1.0))
         self.add_done_entries("old-check", 3, NOW - 40 * DAY)
         self.add_done_entries("new-check", 2, NOW - DAY)
         pending = self.journal.intend("stuck", "k", "n", "e", "r")
@@ -104,8 +104,8 @@ class PrunerTests(SynchronousTestCase):
 
         self.assertEqual(self.ids(), {"new0", "new1", "queued"})
         for i in range(5):
-            self.assertEqual(self.store.events(f"old{i}"), [])
-        self.assertEqual(self.store.last_event_seq("new0"), 3)
+            self.assertEqual(self.store.sync.events(f"old{i}"), [])
+        self.assertEqual(self.store.sync.last_event_seq("new0"), 3)
         self.assertEqual(sorted({e.check_id for e in self.journal.entries}), ["new-check", "stuck"])
         self.assertEqual(self.journal.pending(), [pending])
         self.assertEqual(
@@ -200,7 +200,7 @@ class PrunerTests(SynchronousTestCase):
                 "older than 30 days"
             ],
         )
-        self.store.close()  # what the daemon does next; nothing touches it after
+        self.store.sync.close()  # what the daemon does next; nothing touches it after
 
     def test_stop_when_idle(self) -> None:
         pruner = self.pruner()

@@ -133,9 +133,9 @@ def test_actions_need_the_csrf_token(web: Web) -> None:
 def test_drain_and_resume_a_backend(web: Web) -> None:
     web.h.submit("b")
     assert web.post("/backends/b/drain", {"csrf": TOKEN})[0] == 303
-    assert web.h.s.status().backends[0].state == "draining"
+    assert web.h.s.status_now().backends[0].state == "draining"
     assert web.post("/backends/b/resume", {"csrf": TOKEN})[0] == 303
-    assert web.h.s.status().backends[0].state == "active"
+    assert web.h.s.status_now().backends[0].state == "active"
     assert web.get("/backends/b/drain")[0] == 405
 
 
@@ -162,7 +162,7 @@ def test_evidence_files_and_suite_results_are_shown(web: Web, tmp_path: Any) -> 
         f.write("not for the page")
     web.h.submit()
     web.h.pool.finish("j0", passed=False, error="1 of 2 test(s) did not pass")
-    job = web.h.s.get("j0")
+    job = web.h.store.sync.get("j0")
     stored = attrs.evolve(job, result=attrs.evolve(job.result, evidence_dir=evidence))
     web.h.store.update(stored)
     _, body = web.get("/jobs/j0")

@@ -3,60 +3,85 @@
     AMP server -> IScheduler -> IWorkerPool -> worker process (Check)
                       |                            |
                   IJobStore  <---- events, journal (acked) ----+
+                  IJobWriter
+
+A seam answers one way: every method of IJobStore and IScheduler returns a
+Deferred, also where the answer is known at once (the SQLite store answers
+with ``succeed()``), so a caller never asks whether it got one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
+    from txvmbot.daemon.scheduling.failures import FailureReport
+    from txvmbot.errors import TxvmbotError
+
+
+class IJobWriter(Interface):
+    """Where the scheduler's engine writes what happens to the jobs it runs,
+    in order, without waiting: a job's new value and its new events. The
+    provider holds or queues a write it cannot make now (a full disk, a
+    database out of reach) and reports trouble itself; the engine goes on.
+    The SQLite stores provide it beside IJobStore; with a shared PostgreSQL
+    store it is a txvmbot.daemon.stores.postgres.writer.JobWriter."""
+
+    def update(job: Job) -> None:
+        """Replace the stored job with this newer value of it."""
+
+    def add_event(event: JobEvent) -> None:
+        """Append a JobEvent."""
 
 
 class IJobStore(Interface):
     """Durable jobs and their events, in SQLite, written by the daemon
-    process alone. (With a shared PostgreSQL store the scheduler writes
-    through a txvmbot.daemon.stores.postgres.writer.JobWriter, ``update`` and
-    ``add_event`` only, and clients read through SharedScheduler.)"""
+    process alone. Every method returns a Deferred. (With a shared
+    PostgreSQL store the scheduler writes through a JobWriter and clients
+    read through SharedScheduler.)"""
 
-    def add(job: Any, event: Any = None) -> None:
-        """Store a new job (a txvmbot.daemon.jobs.Job in state queued), and its
-        first JobEvent if given, in one transaction."""
+    def add(job: Job, event: JobEvent | None = None) -> Deferred[None]:
+        """Store a new job (in state queued), and its first JobEvent if
+        given, in one transaction."""
 
-    def add_many(submits: Any) -> None:
-        """Store new jobs, each with its first JobEvent ((job, event)
-        pairs), in one transaction: all or none."""
+    def add_many(submits: Sequence[tuple[Job, JobEvent]]) -> Deferred[None]:
+        """Store new jobs, each with its first JobEvent, in one
+        transaction: all or none."""
 
-    def update(job: Any) -> None:
-        """Replace the stored job with this newer value of it."""
-
-    def get(job_id: str) -> Any:
+    def get(job_id: str) -> Deferred[Job | None]:
         """The Job, or None."""
 
     def list(
-        states: Any = None, backend: str | None = None, limit: int = 100, before: str | None = None
-    ) -> Any:
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Deferred[Sequence[Job]]:
         """Jobs, newest first, filtered by state set and backend; with
         ``before`` (a job id), those listed after that job."""
 
-    def unfinished() -> Any:
+    def unfinished() -> Deferred[Sequence[Job]]:
         """Jobs not in a final state, oldest first (for recovery)."""
 
-    def add_event(event: Any) -> None:
-        """Append a JobEvent."""
-
-    def events(job_id: str, after_seq: int = 0) -> Any:
+    def events(job_id: str, after_seq: int = 0) -> Deferred[Sequence[JobEvent]]:
         """A job's events with seq > after_seq, in order."""
 
-    def last_event_seq(job_id: str) -> int:
+    def last_event_seq(job_id: str) -> Deferred[int]:
         """The seq of the job's last event, 0 if none."""
 
-    def prune(finished_before: float, limit: int = 500) -> int:
+    def prune(finished_before: float, limit: int = 500) -> Deferred[int]:
         """Delete up to ``limit`` jobs in a final state that finished before
         ``finished_before`` (epoch seconds), with their events, in one
-        transaction; return how many jobs went. Never touches unfinished
-        jobs. Call again while it returns ``limit``."""
+        transaction; fire with how many jobs went. Never touches unfinished
+        jobs. Call again while it fires with ``limit``."""
 
-    def close() -> None:
+    def close() -> Deferred[None]:
         """Close the database."""
 
 
@@ -87,46 +112,53 @@ class IWorkerPool(Interface):
 
 
 class IScheduler(Interface):
-    """What the AMP API drives."""
+    """What the AMP API, the web page and the CLI's daemon drive. Every
+    method returns a Deferred; errors named below fail it."""
 
-    def submit(spec: Any) -> Any:
-        """Queue a JobSpec; return the Job (state queued), stored."""
+    def submit(spec: JobSpec) -> Deferred[Job]:
+        """Queue a JobSpec; fire with the Job (state queued), stored."""
 
-    def submit_many(specs: Any) -> Any:
-        """Queue JobSpecs with one write to the store; return, for each in
-        order, its Job (state queued) or the TxvmbotError that refused it
-        alone. Raises (nothing queued) when the store write fails."""
+    def submit_many(specs: Sequence[JobSpec]) -> Deferred[Sequence[Job | TxvmbotError]]:
+        """Queue JobSpecs with one write to the store; fire, for each in
+        order, with its Job (state queued) or the TxvmbotError that refused
+        it alone. Fails (nothing queued) when the store write fails."""
 
-    def get(job_id: str) -> Any:
-        """The Job, or raise UnknownJob."""
+    def get(job_id: str) -> Deferred[Job]:
+        """The Job; fails with UnknownJob."""
 
     def list(
-        states: Any = None, backend: str | None = None, limit: int = 100, before: str | None = None
-    ) -> Any:
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Deferred[Sequence[Job]]:
         """Jobs, newest first; with ``before`` (a job id, the last of the
-        previous page), the next page. Raises UnknownJob for an unknown
+        previous page), the next page. Fails with UnknownJob for an unknown
         ``before``."""
 
-    def watch(job_id: str, after_seq: int, listener: Any) -> Any:
+    def watch(
+        job_id: str, after_seq: int, listener: Callable[[JobEvent], object]
+    ) -> Deferred[Callable[[], None]]:
         """Call ``listener(event)`` with the job's events after ``after_seq``
-        (the stored ones now, new ones as they happen) until the job is
-        final; return a callable that stops watching."""
+        (the stored ones first, new ones as they happen) until the job is
+        final; fire, once the stored ones were told, with a callable that
+        stops watching. Fails with UnknownJob."""
 
-    def cancel(job_id: str) -> Any:
+    def cancel(job_id: str) -> Deferred[Job]:
         """Cancel a queued or running job (running: cleanup runs in the
-        worker first). Returns a Deferred firing with the final Job."""
+        worker first). Fires with the final Job."""
 
-    def drain(backend: str) -> Any:
+    def drain(backend: str) -> Deferred[BackendStatus]:
         """New jobs for ``backend`` wait; running ones finish."""
 
-    def resume(backend: str) -> Any:
+    def resume(backend: str) -> Deferred[BackendStatus]:
         """Undo drain (and quarantine, after a passing health check)."""
 
-    def status() -> Any:
-        """A DaemonStatus."""
+    def status() -> Deferred[DaemonStatus]:
+        """Workers, queue and backends."""
 
-    def failures(by: Any, since: float, limit: int = 10000) -> Any:
-        """A txvmbot.daemon.scheduling.failures.FailureReport (or a Deferred firing
-        with one): of the newest ``limit`` finished jobs, those that
-        finished at or after ``since`` (epoch seconds), grouped by the
-        facts named in ``by``. Raises ConfigError for an unknown name."""
+    def failures(by: Sequence[str], since: float, limit: int = 10000) -> Deferred[FailureReport]:
+        """Of the newest ``limit`` finished jobs, those that finished at or
+        after ``since`` (epoch seconds), grouped by the facts named in
+        ``by``. Fails with ConfigError for an unknown name."""
+

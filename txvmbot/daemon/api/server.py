@@ -167,6 +167,9 @@ class DaemonAMP(amp.AMP):
         # ends (see dataReceived).
         self._submits: list[tuple[Any, Deferred[Any]]] = []
         self._reading = False
+        # A box is being handled: a Watch answered now goes out when its
+        # handling ends, and its events only after that (ampBoxReceived).
+        self._in_box = False
         self.connected = False
         self.peer = "?"
 
@@ -211,9 +214,7 @@ class DaemonAMP(amp.AMP):
         pending, self._submits = self._submits, []
         if not pending:
             return
-        # A Deferred with a shared store (the database answers later);
-        # at once with SQLite.
-        stored = maybeDeferred(self._scheduler.submit_many, [spec for spec, _ in pending])
+        stored = self._scheduler.submit_many([spec for spec, _ in pending])
 
         def answer(results: Any) -> None:
             for (_, d), result in zip(pending, results, strict=True):
@@ -267,8 +268,12 @@ class DaemonAMP(amp.AMP):
             # Keep a pipeline's order: a Drain or Status sent after a Submit
             # sees it stored and queued.
             self._store_submits()
-        super().ampBoxReceived(box)
-        # A Watch answer has been sent by now (its responder is synchronous):
+        self._in_box = True
+        try:
+            super().ampBoxReceived(box)
+        finally:
+            self._in_box = False
+        # A Watch answered while its box was handled has been sent by now:
         # only now may its events follow.
         starting, self._starting = self._starting, []
         for w in starting:
@@ -392,7 +397,7 @@ class DaemonAMP(amp.AMP):
         )
 
     @Watch.responder
-    def watch(self, job_id: str, after_seq: int) -> dict[str, Any]:
+    def watch(self, job_id: str, after_seq: int) -> Deferred[dict[str, Any]]:
         if job_id in self._watches:
             raise NotAllowed(f"job {job_id} is already watched on this connection")
         if len(self._watches) >= MAX_WATCHES:
@@ -400,40 +405,25 @@ class DaemonAMP(amp.AMP):
                 f"this connection already watches {MAX_WATCHES} jobs; end a watch first"
             )
         w = _Watch(self, job_id)
-        try:
-            got = self._scheduler.get(job_id)  # UnknownJob before subscribing
-            self._watches[job_id] = w
-            if isinstance(got, Deferred):
-                # A shared store: the answer comes later, then the events.
-                return self._watch_later(w, got, after_seq)
-            w.stop = self._scheduler.watch(job_id, after_seq, w.event)
-            job = self._scheduler.get(job_id)
-        except Exception as e:
-            w.unsubscribe()
-            self._forget(w)
-            raise self._translate(e, "Watch", Failure()) from None
-        if job.final:
-            # No event after after_seq says so (the client has seen it).
-            w.end(job.state)
-        self._starting.append(w)
-        return {"ok": True}
-
-    def _watch_later(self, w: _Watch, got: Deferred[Any], after_seq: int) -> Any:
-        """Watch with a scheduler that answers with Deferreds. The answer
-        goes out when the returned Deferred fires (AMP's callbacks run
-        then, synchronously); the events may follow only after it."""
+        self._watches[job_id] = w
         answered: Deferred[dict[str, Any]] = Deferred()
 
         async def go() -> None:
-            await got
-            w.stop = await self._scheduler.watch(w.job_id, after_seq, w.event)
-            job = await self._scheduler.get(w.job_id)
+            await self._scheduler.get(job_id)  # UnknownJob before subscribing
+            w.stop = await self._scheduler.watch(job_id, after_seq, w.event)
+            job = await self._scheduler.get(job_id)
             if job.final:
+                # No event after after_seq says so (the client has seen it).
                 w.end(job.state)
 
         def ready(_: object) -> None:
+            # The answer goes out when ``answered`` fires (AMP's callbacks
+            # run then), or, while its box is still being handled, when
+            # that ends; the events may follow only after it.
             answered.callback({"ok": True})
-            if not w.done:
+            if self._in_box:
+                self._starting.append(w)
+            elif not w.done:
                 w.start()
 
         def failed(f: Failure) -> None:
@@ -459,24 +449,8 @@ class DaemonAMP(amp.AMP):
         )
 
     def _backend(self, command: str, fn: Callable[[str], Any], backend: str) -> Deferred[Any]:
-        def status(result: Any) -> Any:
-            if isinstance(result, BackendStatus):
-                return {"backend": backend_to_dict(result)}
-            s = self._scheduler.status()
-            for b in s.backends:
-                if b.name == backend:
-                    return {"backend": backend_to_dict(b)}
-            return {
-                "backend": backend_to_dict(
-                    BackendStatus(
-                        name=backend,
-                        capacity=0,
-                        running=0,
-                        queued=0,
-                        state="draining" if command == "Drain" else "active",
-                    )
-                )
-            }
+        def status(result: BackendStatus) -> dict[str, Any]:
+            return {"backend": backend_to_dict(result)}
 
         return self._call(command, fn, backend, then=status)
 

@@ -27,6 +27,8 @@ from attrs import field, frozen
 from txvmbot.errors import ConfigError
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from txvmbot.daemon.jobs import Job
 
 __all__ = [
@@ -412,17 +414,18 @@ def _count(value: Any) -> int:
 
 def scan_failures(
     clock: Any,
-    list_page: Callable[..., Any],
-    get: Callable[[str], Any],
+    list_page: Callable[..., Deferred[Sequence[Job]]],
+    get: Callable[[str], Deferred[Job | None]],
     by: Sequence[str],
     since: float,
     limit: int = 10_000,
-) -> Any:
+) -> Deferred[FailureReport]:
     """A Deferred FailureReport of the newest ``limit`` finished jobs, read
     a page at a time through ``list_page(states=, limit=, before=)`` and
-    ``get(job_id)`` (each may return a Deferred; the reactor runs between
-    pages), those that finished at or after ``since`` grouped by the facts
-    named in ``by``. Raises ConfigError for an unknown name in ``by``.
+    ``get(job_id)`` (IJobStore's, each a Deferred; the reactor runs
+    between pages), those that finished at or after ``since`` grouped by
+    the facts named in ``by``. Fails with ConfigError for an unknown name
+    in ``by``.
 
     Jobs are read newest submitted first, and reading stops at the first
     page in which no job finished at or after ``since``: a job that sat
@@ -430,26 +433,29 @@ def scan_failures(
     drained for long) may be missed. The report is not ``complete`` when
     ``limit`` stopped the reading first.
     """
-    from twisted.internet.defer import ensureDeferred, maybeDeferred
+    from twisted.internet.defer import ensureDeferred, fail
     from twisted.internet.task import deferLater
 
     from txvmbot.daemon.jobs import FINAL_STATES
 
-    if limit < 1:
-        raise ValueError(f"failures limit must be at least 1, not {limit!r}")
-    tally = FailureTally(by, since)
+    try:
+        if limit < 1:
+            raise ValueError(f"failures limit must be at least 1, not {limit!r}")
+        tally = FailureTally(by, since)
+    except Exception:
+        return fail()
 
     async def scan() -> FailureReport:
         before: str | None = None
         while tally.scanned < limit:
             want = min(PAGE, limit - tally.scanned)
-            page = await maybeDeferred(list_page, states=FINAL_STATES, limit=want, before=before)
+            page = await list_page(states=FINAL_STATES, limit=want, before=before)
             for job in page:
                 tally.add(job)
             if len(page) < want or not any(tally.counts(job) for job in page):
                 # A short page after a cursor job that retention pruned
                 # meanwhile says nothing of the older jobs.
-                gone = before is not None and (await maybeDeferred(get, before)) is None
+                gone = before is not None and (await get(before)) is None
                 return tally.report(complete=not gone)
             before = page[-1].id
             await deferLater(clock, 0, lambda: None)

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot.daemon.interfaces import IJobStore, IScheduler
+from txvmbot.daemon.interfaces import IJobStore, IJobWriter, IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
     BackendState,
@@ -68,6 +68,7 @@ from txvmbot.daemon.jobs import (
 )
 from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
 from txvmbot.daemon.stores.sqlite.held import Storage
+from txvmbot.daemon.stores.sqlite.store import AnsweredStore
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
 from txvmbot.model import CheckResult, StepEvent
 
@@ -221,7 +222,12 @@ class Scheduler:
     watchers told.
 
     :param clock: schedules the per-job bounds and the health checks.
-    :param store: an IJobStore; the scheduler is its only writer.
+    :param store: an IJobStore that also provides IJobWriter (the SQLite
+        stores): the engine writes through IJobWriter as things happen,
+        and reads and submits through the Deferred seam; the scheduler is
+        its only writer. With a shared store, the
+        txvmbot.daemon.stores.postgres.writer.JobWriter alone (reads and
+        submits then go through SharedScheduler).
     :param pool: runs a job in a worker (IWorkerPool plus ``cancel(job_id,
         reason)``, which makes the job's Deferred fire once the worker has
         cleaned up).
@@ -284,7 +290,10 @@ class Scheduler:
         if quarantine_after < 1:
             raise ValueError("quarantine_after must be at least 1")
         self._clock = clock
-        self._store = store
+        # The engine's writes as things happen (_set_state, _emit) ...
+        self._store: IJobWriter = IJobWriter(store)
+        # ... and what clients read and submit, each answer a Deferred.
+        self._jobs = store
         self._pool = pool
         self._journal = journal
         self._cleaner = cleaner
@@ -315,35 +324,49 @@ class Scheduler:
 
     # --- IScheduler ---------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> Job:
-        """Queue ``spec``; return the Job as stored (state queued). It may
-        have started by the time this returns."""
-        (result,) = self.submit_many([spec])
-        if isinstance(result, Job):
-            return result
-        raise result
+    def submit(self, spec: JobSpec) -> Deferred[Job]:
+        """Queue ``spec``; fire with the Job as stored (state queued). It
+        may have started by the time this fires."""
 
-    def submit_many(self, specs: Sequence[JobSpec]) -> list[Job | TxvmbotError]:
+        def one(results: Sequence[Job | TxvmbotError]) -> Job:
+            (result,) = results
+            if isinstance(result, Job):
+                return result
+            raise result
+
+        return self.submit_many([spec]).addCallback(one)
+
+    def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[Sequence[Job | TxvmbotError]]:
         """Queue ``specs`` with one commit to the store (the daemon's AMP
-        server hands over all the submits of one read at once). For each
-        spec in order: its Job as stored, or the error that refused it
-        alone. Raises StoreError, with nothing queued, when the write fails."""
+        server hands over all the submits of one read at once). Fires, for
+        each spec in order, with its Job as stored or the error that
+        refused it alone. Fails (StoreError), with nothing queued, when the
+        write fails. One Deferred for the batch, none per job."""
         results, new = new_jobs(specs, self.refusal, self._new_id, self._wall)
-        self._store.add_many(new)
+        if not new:
+            return succeed(list(results))
+        return self._jobs.add_many(new).addCallback(self._stored, new, results)
+
+    def _stored(
+        self,
+        _: object,
+        new: list[tuple[Job, JobEvent]],
+        results: Sequence[Job | TxvmbotError],
+    ) -> Sequence[Job | TxvmbotError]:
+        """Queue the jobs of a submit once they are stored."""
         for job, event in new:
             active = _Active(job=job, order=next(self._order))
             active.last_event = 1
             self._active[job.id] = active
             self._enqueue(active)
             self._notify(job, event)
-        if new:
-            # Stored and queued: whatever goes wrong starting them now (the
-            # store failing to record a start, say) is not the submitters'
-            # error, who would resubmit and double their jobs.
-            try:
-                self._dispatch()
-            except Exception:
-                self.log.failure("Starting jobs after a submit")
+        # Stored and queued: whatever goes wrong starting them now (the
+        # store failing to record a start, say) is not the submitters'
+        # error, who would resubmit and double their jobs.
+        try:
+            self._dispatch()
+        except Exception:
+            self.log.failure("Starting jobs after a submit")
         return results
 
     def refusal(self, spec: JobSpec) -> ConfigError | None:
@@ -361,14 +384,23 @@ class Scheduler:
         """``backend``'s cap on running instances."""
         return self._caps.get(backend, self._default_cap)
 
-    def get(self, job_id: str) -> Job:
+    def holding(self, job_id: str) -> Job | None:
+        """The job as this daemon holds it now (unfinished here), or None:
+        for in-process callers that cannot wait (SharedScheduler)."""
+        active = self._active.get(job_id)
+        return None if active is None else active.job
+
+    def get(self, job_id: str) -> Deferred[Job]:
         active = self._active.get(job_id)
         if active is not None:
-            return active.job
-        job: Job | None = self._store.get(job_id)
-        if job is None:
-            raise UnknownJob(job_id)
-        return job
+            return succeed(active.job)
+
+        def found(job: Job | None) -> Job:
+            if job is None:
+                raise UnknownJob(job_id)
+            return job
+
+        return self._jobs.get(job_id).addCallback(found)
 
     def list(
         self,
@@ -376,40 +408,72 @@ class Scheduler:
         backend: str | None = None,
         limit: int = 100,
         before: str | None = None,
-    ) -> list[Job]:
+    ) -> Deferred[Sequence[Job]]:
         """Jobs, newest first; ``before`` (the id of the last job of the
-        previous page) pages on. Raises UnknownJob if there is no such job
-        (any more: pruned)."""
-        if before is not None:
-            self.get(before)
-        jobs: list[Job] = self._store.list(
-            states=states, backend=backend, limit=limit, before=before
+        previous page) pages on. Fails with UnknownJob if there is no such
+        job (any more: pruned)."""
+        if before is None:
+            return self._jobs.list(states=states, backend=backend, limit=limit)
+        return self.get(before).addCallback(
+            lambda _: self._jobs.list(states=states, backend=backend, limit=limit, before=before)
         )
-        return jobs
 
-    def watch(self, job_id: str, after_seq: int, listener: Listener) -> Callable[[], None]:
+    def watch(
+        self, job_id: str, after_seq: int, listener: Listener
+    ) -> Deferred[Callable[[], None]]:
         """Tell ``listener`` the job's events after ``after_seq``: the stored
-        ones now, then new ones as they happen, up to and including the one
-        that makes the job final. Returns a callable that stops it. Raises
-        UnknownJob. A listener that raises is logged and dropped."""
+        ones first, then new ones as they happen, up to and including the
+        one that makes the job final. Fires, once the stored ones were
+        told, with a callable that stops it; fails with UnknownJob. A
+        listener that raises is logged and dropped.
+
+        The watcher is subscribed before the stored events are read: an
+        event that happens while the read is under way waits until the
+        stored ones were told, and none is told twice (by seq)."""
         active = self._active.get(job_id)
-        if active is None and self._store.get(job_id) is None:
-            raise UnknownJob(job_id)
-        events: list[JobEvent] = self._store.events(job_id, after_seq)
-        for event in events:
-            if not self._tell(listener, event):
-                return _nothing
-        active = self._active.get(job_id)
-        if active is None:
-            return _nothing
         key = next(self._watch_keys)
-        active.watchers[key] = listener
-        watchers = active.watchers
+        told = [after_seq]
+        early: list[JobEvent] = []
+        reading = [True]
+        dropped = [False]
+
+        def live(event: JobEvent) -> None:
+            if reading[0]:
+                early.append(event)
+            elif event.seq > told[0]:
+                told[0] = event.seq
+                listener(event)
 
         def stop() -> None:
-            watchers.pop(key, None)
+            dropped[0] = True
+            if active is not None:
+                active.watchers.pop(key, None)
 
-        return stop
+        if active is not None:
+            active.watchers[key] = live
+
+        def exists(job: Job | None) -> Deferred[Sequence[JobEvent]]:
+            if job is None and active is None:
+                raise UnknownJob(job_id)
+            return self._jobs.events(job_id, after_seq)
+
+        def replay(stored: Sequence[JobEvent]) -> Callable[[], None]:
+            reading[0] = False
+            for event in [*stored, *early]:
+                if dropped[0]:
+                    break
+                if event.seq > told[0]:
+                    told[0] = event.seq
+                    if not self._tell(listener, event):
+                        stop()
+            return stop
+
+        def failed(f: Failure) -> Failure:
+            stop()
+            return f
+
+        first: Deferred[Job | None] = succeed(None) if active is not None else self._jobs.get(job_id)
+        return first.addCallback(exists).addCallbacks(replay, failed)
 
     def observe(self, observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]:
         """Tell ``observer`` every event of every job from now on, with the
@@ -443,23 +507,20 @@ class Scheduler:
         (at once for a job already final); fails with UnknownJob."""
         active = self._active.get(job_id)
         if active is None:
-            job: Job | None = self._store.get(job_id)
-            if job is None:
-                return fail(UnknownJob(job_id))
-            return succeed(job)
+            return self.get(job_id)
         d: Deferred[Job] = Deferred()
         active.waiters.append(d)
         self._request_cancel(active, reason)
         return d
 
-    def drain(self, backend: str) -> BackendStatus:
+    def drain(self, backend: str) -> Deferred[BackendStatus]:
         """Stop starting jobs on ``backend``; running ones finish, queued
         ones wait for :meth:`resume`."""
         b = self._backend(backend)
         if not b.draining:
             b.draining = True
             self.log.info("Backend {backend} draining", backend=backend)
-        return self._backend_status(b)
+        return succeed(self._backend_status(b))
 
     def resume(self, backend: str) -> Deferred[BackendStatus]:
         """Undo :meth:`drain`. A quarantined backend runs its health check
@@ -478,8 +539,27 @@ class Scheduler:
         self._dispatch()
         return succeed(self._backend_status(b))
 
-    def status(self) -> DaemonStatus:
-        """Workers, queue and backends. A backend's ``running`` counts the
+    def status(self) -> Deferred[DaemonStatus]:
+        """Workers, queue and backends (:meth:`status_now`)."""
+        return succeed(self.status_now())
+
+    def list_now(
+        self,
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Sequence[Job]:
+        """:meth:`list` for an in-process reader that cannot wait (the
+        metrics' seed at start-up), through the synchronous path of an
+        SQLite store; none with a store kept elsewhere."""
+        if not isinstance(self._jobs, AnsweredStore):
+            return []
+        return self._jobs.sync.list(states=states, backend=backend, limit=limit, before=before)
+
+    def status_now(self) -> DaemonStatus:
+        """Workers, queue and backends, for in-process callers that cannot
+        wait (the metrics, SharedScheduler). A backend's ``running`` counts the
         jobs holding a worker (what its cap limits); the daemon's ``running``
         counts every job in state running or cleaning, including those the
         daemon is cleaning up itself after a worker died. With ``storage``,
@@ -596,12 +676,20 @@ class Scheduler:
         the reason "daemon restarted". Call once at start-up, after the pool
         started and before clients can submit. Fires when every cleanup has
         run; queued jobs start at once."""
+        async def last_seqs() -> list[tuple[Job, int]]:
+            jobs = await self._jobs.unfinished()
+            return [(job, await self._jobs.last_event_seq(job.id)) for job in jobs]
+
+        return Deferred.fromCoroutine(last_seqs()).addCallback(self._take_back)
+
+    def _take_back(self, found: Sequence[tuple[Job, int]]) -> Deferred[None]:
+        """:meth:`recover` with the unfinished jobs and their last seqs."""
         queued = 0
         interrupted: list[_Active] = []
-        for job in self._store.unfinished():
+        for job, last in found:
             if job.id in self._active:
                 continue
-            active = _Active(job=job, order=next(self._order), last_event=self._last_seq(job.id))
+            active = _Active(job=job, order=next(self._order), last_event=last)
             self._active[job.id] = active
             if job.state == "queued":
                 self._enqueue(active)
@@ -1044,9 +1132,6 @@ class Scheduler:
             return False
         return True
 
-    def _last_seq(self, job_id: str) -> int:
-        return int(self._store.last_event_seq(job_id))
-
     def _bug(self, failure: Failure, what: str, job_id: str) -> None:
         self.log.failure("Bug while " + what, failure, job_id=job_id)
 
@@ -1055,12 +1140,8 @@ class Scheduler:
     ) -> Deferred[FailureReport]:
         """The newest ``limit`` finished jobs grouped by the facts named in
         ``by`` (:func:`txvmbot.daemon.scheduling.failures.scan_failures`, which says
-        which jobs it reads). Raises ConfigError for an unknown name."""
-        return scan_failures(self._clock, self._store.list, self._store.get, by, since, limit)
-
-def _nothing() -> None:
-    pass
-
+        which jobs it reads). Fails with ConfigError for an unknown name."""
+        return scan_failures(self._clock, self._jobs.list, self._jobs.get, by, since, limit)
 
 def _interrupted(result: CheckResult) -> bool:
     """Whether ``result`` is that of a check cancelled under it (the pool

@@ -97,7 +97,7 @@ class SharedScheduler:
     # --- submits ----------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> Deferred[Job]:
-        def one(results: list[Job | TxvmbotError]) -> Job:
+        def one(results: Sequence[Job | TxvmbotError]) -> Job:
             (r,) = results
             if isinstance(r, Job):
                 return r
@@ -105,13 +105,13 @@ class SharedScheduler:
 
         return self.submit_many([spec]).addCallback(one)
 
-    def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[list[Job | TxvmbotError]]:
+    def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[Sequence[Job | TxvmbotError]]:
         """Store ``specs`` as queued jobs in the shared queue, in one
         transaction; any daemon with a free worker claims them."""
         results, new = new_jobs(specs, self.local.refusal, self._new_id, self._wall)
         d = self._store(new) if new else succeed(None)
 
-        def stored(_: object) -> list[Job | TxvmbotError]:
+        def stored(_: object) -> Sequence[Job | TxvmbotError]:
             for job, event in new:
                 self.local.tell_observers(job, event)
             if new:
@@ -157,8 +157,9 @@ class SharedScheduler:
     # --- reads ------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Deferred[Job]:
-        if self.local.holds(job_id):
-            return succeed(self.local.get(job_id))
+        held = self.local.holding(job_id)
+        if held is not None:
+            return succeed(held)
 
         def found(job: Job | None) -> Job:
             if job is None:
@@ -173,20 +174,21 @@ class SharedScheduler:
         backend: str | None = None,
         limit: int = 100,
         before: str | None = None,
-    ) -> Deferred[list[Job]]:
-        async def go() -> list[Job]:
+    ) -> Deferred[Sequence[Job]]:
+        async def go() -> Sequence[Job]:
             if before is not None:
                 await self.get(before)
             jobs: list[Job] = await self._db.run(store.list_jobs, states, backend, limit, before)
             # This daemon's own jobs as they are now (their newest writes
             # may still be on the way).
-            return [self.local.get(j.id) if self.local.holds(j.id) else j for j in jobs]
+            return [self.local.holding(j.id) or j for j in jobs]
 
         return ensureDeferred(go())
 
     def status(self) -> Deferred[DaemonStatus]:
         def build(c: store.Counts) -> DaemonStatus:
-            local = {b.name: b for b in self.local.status().backends}
+            mine_status = self.local.status_now()
+            local = {b.name: b for b in mine_status.backends}
             backends = []
             for name, cap, draining, queued, running, instances in c.backends:
                 mine = local.get(name)
@@ -209,7 +211,6 @@ class SharedScheduler:
                         instances=instances,
                     )
                 )
-            mine_status = self.local.status()
             return DaemonStatus(
                 api_version=API_VERSION,
                 workers=mine_status.workers,
@@ -222,10 +223,12 @@ class SharedScheduler:
         return self._db.run(store.counts).addCallback(build)
 
     def failures(self, by: Sequence[str], since: float, limit: int = 10_000) -> Deferred[FailureReport]:
-        def page(states: Any = None, limit: int = 100, before: str | None = None) -> Any:
+        def page(
+            states: Collection[str] | None = None, limit: int = 100, before: str | None = None
+        ) -> Deferred[Sequence[Job]]:
             return self._db.run(store.list_jobs, states, None, limit, before)
 
-        def get(job_id: str) -> Any:
+        def get(job_id: str) -> Deferred[Job | None]:
             return self._db.run(store.get, job_id)
 
         result: Deferred[FailureReport] = scan_failures(self._reactor, page, get, by, since, limit)
@@ -390,7 +393,7 @@ class SharedScheduler:
         return ensureDeferred(go())
 
     def drain(self, backend: str) -> Deferred[BackendStatus]:
-        self.local.drain(backend)
+        self.local.drain(backend)  # at once, here: answers with a fired Deferred
         return self._set_draining(backend, True)
 
     def resume(self, backend: str) -> Deferred[BackendStatus]:

@@ -123,15 +123,14 @@ def make_health_check(
     api_observer: Callable[[str, str, bool], object] | None = None,
 ) -> Callable[[str], Deferred[bool]]:
     """A backend is healthy when its cloud answers a cheap API call. The
-    cloud is taken from the backend's newest job (``store.list`` may return
-    a Deferred). ``api_observer`` is given
+    cloud is taken from the backend's newest job. ``api_observer`` is given
     to the EC2 client (for the daemon's metrics)."""
 
     def check(backend: str) -> Deferred[bool]:
         async def go() -> bool:
             from txvmbot.ec2 import make_client
 
-            jobs = await maybeDeferred(store.list, backend=backend, limit=1)
+            jobs = await store.list(backend=backend, limit=1)
             machines = jobs[0].spec.machines if jobs else None
             if machines is None or isinstance(machines, LocalSpec):
                 return True
@@ -225,7 +224,7 @@ class Pruner(service.Service):
         jobs = await self._batches("finished jobs", self._store.prune, cutoff)
         entries = 0
         if not self._stopped:
-            entries = await self._batches("done journal entries", self._journal.prune, cutoff)
+            entries = await self._batches("done journal entries", self._journal_prune, cutoff)
         if jobs or entries:
             self.log.info(
                 "Pruned {jobs} finished jobs (with their events) and {entries} done journal "
@@ -235,14 +234,20 @@ class Pruner(service.Service):
                 days=self._keep / 86400,
             )
 
-    async def _batches(self, what: str, prune: Callable[[float, int], Any], cutoff: float) -> int:
+    def _journal_prune(self, cutoff: float, limit: int) -> Deferred[int]:
+        # IJournal answers at once (SQLite) or later (PostgreSQL).
+        return maybeDeferred(self._journal.prune, cutoff, limit)
+
+    async def _batches(
+        self, what: str, prune: Callable[[float, int], Deferred[int]], cutoff: float
+    ) -> int:
         """Call ``prune`` once a reactor turn while it deletes a full batch;
         return how many rows went, also when a call failed (logged) or the
         pruner was stopped between two calls."""
         total = 0
         while True:
             try:
-                n = await maybeDeferred(prune, cutoff, self._batch)
+                n = await prune(cutoff, self._batch)
             except TxvmbotError as e:
                 self.log.error(
                     "Cannot prune {what}: {error}; trying again in {interval:g}s",

@@ -63,13 +63,15 @@ _OTHER = "other"
 
 
 class _Observable(Protocol):
-    """What :meth:`DaemonMetrics.attach` needs of the scheduler."""
+    """What :meth:`DaemonMetrics.attach` needs of the scheduler: answers
+    at once (a scrape cannot wait), as the local Scheduler's ``status_now``
+    and ``list_now`` give them."""
 
     def observe(self, observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]: ...
 
-    def status(self) -> DaemonStatus: ...
+    def status_now(self) -> DaemonStatus: ...
 
-    def list(
+    def list_now(
         self,
         states: Any = None,
         backend: str | None = None,
@@ -267,10 +269,10 @@ class DaemonMetrics:
         once (so jobs queued before count; not with ``seed=False``, for a
         scheduler that holds none yet), observe its events and read its
         status at each scrape. Returns the callable that detaches."""
-        self._status = scheduler.status
+        self._status = scheduler.status_now
         if seed:
             self._seed(scheduler)
-        status = scheduler.status()
+        status = scheduler.status_now()
         for b in status.backends:
             self._quarantined[b.name] = b.state == "quarantined"
         stop_observing = scheduler.observe(self.observe)
@@ -284,7 +286,7 @@ class DaemonMetrics:
     def _seed(self, scheduler: _Observable, page: int = 1000, max_pages: int = 100_000) -> None:
         before: str | None = None
         for _ in range(max_pages):
-            jobs = scheduler.list(states=_UNFINISHED, limit=page, before=before)
+            jobs = scheduler.list_now(states=_UNFINISHED, limit=page, before=before)
             for job in jobs:
                 if job.id not in self._jobs:
                     self._set_job(job.id, job.state, job.spec.backend)

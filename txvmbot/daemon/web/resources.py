@@ -10,10 +10,10 @@ Events are coalesced: the scheduler's observer only marks what changed
 if something it shows changed. Twenty open pages cost the daemon twenty
 small writes a flush, not twenty writes an event.
 
-The scheduler may answer at once (SQLite) or with Deferreds (a shared
-PostgreSQL store, txvmbot.daemon.scheduling.shared): every read here goes
-through :func:`_then`, and a page whose answer is a Deferred is written
-when it fires (:func:`_answer`). With a shared store the hub also follows
+The scheduler (an IScheduler) answers every read with a Deferred, at once
+with SQLite, later with a shared PostgreSQL store
+(txvmbot.daemon.scheduling.shared); a page is written when its answer
+fires (:func:`_answer`). With a shared store the hub also follows
 the store's event notifications (``scheduler.notice``), so a page on one
 daemon follows jobs that run on another.
 """
@@ -47,18 +47,9 @@ __all__ = ["EventHub", "WebUI"]
 T = TypeVar("T")
 
 
-def _then(value: Any, fn: Callable[[Any], Any]) -> Any:
-    """``fn(value)``; for a Deferred ``value``, a Deferred of it."""
-    if isinstance(value, Deferred):
-        return value.addCallback(fn)
-    return fn(value)
-
-
-def _answer(ui: Any, request: Request, result: Any) -> bytes | int:
-    """Answer ``request`` with ``result``: bytes now, or a Deferred's bytes
-    when it fires (unless the browser left meanwhile)."""
-    if not isinstance(result, Deferred):
-        return bytes(result)
+def _answer(ui: Any, request: Request, result: Deferred[bytes]) -> int:
+    """Answer ``request`` with ``result``'s bytes when it fires (unless the
+    browser left meanwhile)."""
     gone: list[object] = []
     request.notifyFinish().addBoth(gone.append)
 
@@ -144,15 +135,10 @@ class EventHub:
         for s in list(self.streams):
             self._end(s)
 
-    def _live(self, job_id: str) -> Any:
-        """Whether the job is unfinished (or a Deferred of it)."""
-        try:
-            got = self.scheduler.get(job_id)
-        except UnknownJob:
-            return False
-        if isinstance(got, Deferred):
-            return got.addCallbacks(lambda job: not job.final, lambda f: f.trap(UnknownJob) and False)
-        return not got.final
+    def _live(self, job_id: str) -> Deferred[bool]:
+        """Whether the job is unfinished (an unknown one is not)."""
+        got: Deferred[Job] = self.scheduler.get(job_id)
+        return got.addCallbacks(lambda job: not job.final, lambda f: f.trap(UnknownJob) and False)
 
     def _noticed(self, job_id: str) -> None:
         """The shared store says ``job_id`` has new events (any daemon's)."""
@@ -178,19 +164,27 @@ class EventHub:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
-        live = True if job_id is None else self._live(job_id)
-        if live is False:
-            request.write(b"event: end\ndata: final\n\n")
-            request.finish()
-            return True
         stream = _Stream(request, job_id)
-        if isinstance(live, Deferred):  # a shared store: known later
-            live.addCallback(self._end_unless, stream)
-            live.addErrback(lambda f: self.log.failure("Event stream", f))
-        self.streams.append(stream)
-        request.write(b"retry: 2000\n\n")
         request.notifyFinish().addBoth(lambda _: self._forget(stream))
+        live = succeed(True) if job_id is None else self._live(job_id)
+
+        def failed(f: Failure) -> None:
+            self.log.failure("Event stream", f)
+            self._end(stream)
+
+        live.addCallback(self._started, stream).addErrback(failed)
         return True
+
+    def _started(self, alive: bool, s: _Stream) -> None:
+        """Follow ``s`` if its job is alive; else say it is over."""
+        if s.ended:  # the browser left meanwhile
+            return
+        if not alive:
+            s.request.write(b"event: end\ndata: final\n\n")
+            self._end(s)
+            return
+        self.streams.append(s)
+        s.request.write(b"retry: 2000\n\n")
 
     def flush(self) -> None:
         final, self._final = self._final, set()
@@ -203,11 +197,8 @@ class EventHub:
                 self._end_final(s)
             elif s.job_id is not None and s.job_id in noticed:
                 live = self._live(s.job_id)
-                if isinstance(live, Deferred):
-                    live.addCallback(self._end_unless, s)
-                    live.addErrback(lambda f: self.log.failure("Event stream", f))
-                else:
-                    self._end_unless(live, s)
+                live.addCallback(self._end_unless, s)
+                live.addErrback(lambda f: self.log.failure("Event stream", f))
 
     def _end_unless(self, alive: bool, s: _Stream) -> None:
         if not alive:
@@ -312,16 +303,16 @@ class WebUI:
             return f"a request from {origin} is not this page's"
         return None
 
-    def overview_body(self) -> Any:
+    def overview_body(self) -> Deferred[str]:
         """The overview, rendered again only after a job event or a second
         (its running times): twenty live pages refetching after the same
         change cost one render, not twenty (bench/web_bench.py)."""
         now = self.clock.seconds()
         cached = self._overview
         if cached is not None and cached[0] == self.hub.generation and now < cached[1]:
-            return cached[2]
+            return succeed(cached[2])
         generation = self.hub.generation
-        parts = [
+        parts: list[Deferred[Any]] = [
             self.scheduler.status(),
             self.scheduler.list(states={"running", "cleaning"}, limit=200),
             self.scheduler.list(limit=20),
@@ -333,33 +324,23 @@ class WebUI:
             self._overview = (generation, now + OVERVIEW_TTL, body)
             return body
 
-        if any(isinstance(p, Deferred) for p in parts):
-            return gatherResults(
-                [p if isinstance(p, Deferred) else succeed(p) for p in parts],
-                consumeErrors=True,
-            ).addCallback(render)
-        return render(parts)
+        return gatherResults(parts, consumeErrors=True).addCallback(render)
 
-    def job(self, job_id: str) -> Any:
-        """The Job or None (or a Deferred of it)."""
-        try:
-            got = self.scheduler.get(job_id)
-        except UnknownJob:
-            return None
-        if isinstance(got, Deferred):
-            return got.addErrback(lambda f: f.trap(UnknownJob) and None)
-        return got
+    def job(self, job_id: str) -> Deferred[Job | None]:
+        """The Job, or None for an unknown one."""
+        got: Deferred[Job | None] = self.scheduler.get(job_id)
+        return got.addErrback(lambda f: f.trap(UnknownJob) and None)
 
-    def job_events(self, job_id: str) -> Any:
-        """The job's events so far (or a Deferred of them)."""
+    def job_events(self, job_id: str) -> Deferred[list[JobEvent]]:
+        """The job's events so far."""
         events: list[JobEvent] = []
-        stop = self.scheduler.watch(job_id, 0, events.append)
 
         def stopped(stop: Callable[[], None]) -> list[JobEvent]:
             stop()
             return events
 
-        return _then(stop, stopped)
+        watching: Deferred[Callable[[], None]] = self.scheduler.watch(job_id, 0, events.append)
+        return watching.addCallback(stopped)
 
 
 class _HostCheck(Resource):
@@ -422,7 +403,7 @@ class _Root(Resource):
                 return ui.html(request, "overview", body)
             return ui.html(request, "overview", pages.live("/events", "/?fragment=1", body))
 
-        return _answer(ui, request, _then(ui.overview_body(), page))
+        return _answer(ui, request, ui.overview_body().addCallback(page))
 
 
 class _Events(Resource):
@@ -471,9 +452,11 @@ class _Job(Resource):
             if job is None:
                 request.setResponseCode(http.NOT_FOUND)
                 return pages.not_found(f"no job {self.job_id}")
-            return _then(self.ui.job_events(job.id), lambda events: self._page(request, job, events))
+            return self.ui.job_events(job.id).addCallback(
+                lambda events: self._page(request, job, events)
+            )
 
-        return _answer(self.ui, request, _then(self.ui.job(self.job_id), found))
+        return _answer(self.ui, request, self.ui.job(self.job_id).addCallback(found))
 
     def _page(self, request: Request, job: Job, events: list[JobEvent]) -> bytes:
         where = job.result.evidence_dir if job.result is not None else None
@@ -543,7 +526,7 @@ class _Evidence(Resource):
             assert where is not None
             return _EvidenceFile(os.path.join(where, self.name)).render_GET(request)
 
-        return _answer(self.ui, request, _then(self.ui.job(self.job_id), found))
+        return _answer(self.ui, request, self.ui.job(self.job_id).addCallback(found))
 
 
 class _EvidenceFile(Resource):
@@ -627,7 +610,7 @@ class _Action(Resource):
 
     isLeaf = True
 
-    def __init__(self, ui: WebUI, act: Callable[[], Any], back: str) -> None:
+    def __init__(self, ui: WebUI, act: Callable[[], Deferred[Any]], back: str) -> None:
         super().__init__()
         self.ui = ui
         self.act = act
@@ -641,9 +624,7 @@ class _Action(Resource):
             outcome = self.act()
         except (UnknownJob, TxvmbotError) as e:
             return _refuse(request, http.BAD_REQUEST, str(e))
-        add = getattr(outcome, "addErrback", None)
-        if add is not None:
-            add(self._failed)
+        outcome.addErrback(self._failed)
         request.setResponseCode(http.SEE_OTHER)
         request.setHeader(b"location", self.back.encode("utf-8"))
         return b""

@@ -1,6 +1,6 @@
 """The running daemon's writes to the shared database, off the reactor and
-in order: the local scheduler's job updates and events (the part of
-:class:`~txvmbot.daemon.interfaces.IJobStore` it writes through).
+in order: the local scheduler's job updates and events
+(:class:`~txvmbot.daemon.interfaces.IJobWriter`).
 
 Writes queue here and go to the database a batch per transaction (group
 commit): while one batch is in flight the next gathers. When the database
@@ -20,7 +20,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from txvmbot.daemon.interfaces import IJobWriter
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database, DatabaseUnavailable
@@ -31,6 +33,7 @@ MIN_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 
 
+@implementer(IJobWriter)
 class JobWriter:
     """Write-behind of one daemon's job updates and events.
 

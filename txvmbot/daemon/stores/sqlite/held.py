@@ -35,8 +35,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot._sqlite_errors import host_fault
-from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.jobs import Job, JobEvent
+from txvmbot.daemon.stores.sqlite.store import AnsweredStore, SQLiteJobs, SQLiteJobStore
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.model import JournalEntry
@@ -44,6 +44,7 @@ from txvmbot.model import JournalEntry
 __all__ = [
     "BACKOFF",
     "DataDir",
+    "HeldJobs",
     "HeldJournal",
     "HeldStore",
     "Storage",
@@ -299,14 +300,13 @@ def _logged(failure: Failure) -> None:
     queue; nothing waits on it here."""
 
 
-@implementer(IJobStore)
-class HeldStore:
-    """An IJobStore whose ``update`` and ``add_event`` are held through a
-    fault of the host (see the module docstring); ``add_many`` (a submit)
-    is refused while :meth:`DataDir.refusal` says so. Reads see held
-    writes."""
+class HeldJobs:
+    """The SQLite job store, answering at once, whose ``update`` and
+    ``add_event`` are held through a fault of the host (see the module
+    docstring); ``add_many`` (a submit) is refused while
+    :meth:`DataDir.refusal` says so. Reads see held writes."""
 
-    def __init__(self, store: Any, queue: WriteQueue, data_dir: DataDir) -> None:
+    def __init__(self, store: SQLiteJobs, queue: WriteQueue, data_dir: DataDir) -> None:
         self._store = store
         self._queue = queue
         self._data_dir = data_dir
@@ -319,7 +319,7 @@ class HeldStore:
         return str(self._store.path)
 
     def __repr__(self) -> str:
-        return f"<HeldStore {self._store!r}>"
+        return f"<HeldJobs {self._store!r}>"
 
     # --- writes -----------------------------------------------------------------
 
@@ -427,6 +427,20 @@ class HeldStore:
         if held:
             return held[-1].seq
         return int(self._store.last_event_seq(job_id))
+
+
+class HeldStore(AnsweredStore):
+    """The daemon's IJobStore over an SQLite file whose writes are held
+    through a fault of the host (:class:`HeldJobs`), answered with
+    Deferreds."""
+
+    sync: HeldJobs
+
+    def __init__(self, store: SQLiteJobStore, queue: WriteQueue, data_dir: DataDir) -> None:
+        super().__init__(HeldJobs(store.sync, queue, data_dir))
+
+    def __repr__(self) -> str:
+        return f"<HeldStore {self.sync._store!r}>"
 
 
 @implementer(IJournal)

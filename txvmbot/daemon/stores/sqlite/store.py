@@ -27,9 +27,10 @@ import builtins
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -43,17 +44,20 @@ from txvmbot.daemon.codec import (
     job_to_dict,
     loads,
 )
-from txvmbot.daemon.interfaces import IJobStore
+from txvmbot.daemon.interfaces import IJobStore, IJobWriter
 from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
 from txvmbot.errors import ConfigError, TxvmbotError
 
 __all__ = [
     "APPLICATION_ID",
+    "AnsweredStore",
     "MIGRATIONS",
     "PRUNE_BATCH",
     "SCHEMA_VERSION",
     "SQLiteJobStore",
+    "SQLiteJobs",
     "StoreError",
+    "SyncJobs",
     "migrate",
 ]
 
@@ -183,9 +187,12 @@ def migrate(
 _JOB_DATA = "SELECT data FROM jobs"
 
 
-@implementer(IJobStore)
-class SQLiteJobStore:
-    """Jobs and their events in an SQLite file, written by the daemon alone.
+@implementer(IJobWriter)
+class SQLiteJobs:
+    """Jobs and their events in an SQLite file, written by the daemon alone,
+    answering at once: the synchronous SQL under :class:`SQLiteJobStore`
+    (and :class:`~txvmbot.daemon.stores.sqlite.held.HeldStore`), which are
+    what the daemon's parts call.
 
     :param path: the file, created with its schema if missing or empty;
         ``":memory:"`` (or :meth:`memory`) for a store that dies with the
@@ -237,12 +244,12 @@ class SQLiteJobStore:
         )
 
     @classmethod
-    def memory(cls, *, clock: Callable[[], float] = time.time) -> SQLiteJobStore:
+    def memory(cls, *, clock: Callable[[], float] = time.time) -> SQLiteJobs:
         """A store in memory: the same SQL, no file. For tests."""
         return cls(":memory:", clock=clock)
 
     def __repr__(self) -> str:
-        return f"<SQLiteJobStore {self.path!r}>"
+        return f"<SQLiteJobs {self.path!r}>"
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -284,7 +291,7 @@ class SQLiteJobStore:
     def _jobs(self, rows: Iterable[tuple[Any, ...]]) -> list[Job]:
         return [self._job(r[0]) for r in rows]
 
-    # --- IJobStore ---------------------------------------------------------------
+    # --- the jobs, synchronously ---------------------------------------------------
 
     def add(self, job: Job, event: JobEvent | None = None) -> None:
         """Store a new job, and with it its first event, in one transaction
@@ -479,6 +486,151 @@ class SQLiteJobStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+_T = TypeVar("_T")
+
+
+def _answer(call: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T]:
+    """``call``'s answer as a Deferred that has fired (or failed) already."""
+    try:
+        return succeed(call(*args, **kwargs))
+    except Exception:
+        return fail()
+
+
+class SyncJobs(Protocol):
+    """What :class:`AnsweredStore` answers from: the store's calls made at
+    once on the reactor thread (:class:`SQLiteJobs`, or
+    :class:`~txvmbot.daemon.stores.sqlite.held.HeldJobs` over it)."""
+
+    @property
+    def path(self) -> str: ...
+
+    def add(self, job: Job, event: JobEvent | None = None) -> None: ...
+
+    def add_many(self, submits: Sequence[tuple[Job, JobEvent]]) -> None: ...
+
+    def update(self, job: Job) -> None: ...
+
+    def add_event(self, event: JobEvent) -> None: ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def list(
+        self,
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> builtins.list[Job]: ...
+
+    def unfinished(self) -> builtins.list[Job]: ...
+
+    def events(self, job_id: str, after_seq: int = 0) -> builtins.list[JobEvent]: ...
+
+    def last_event_seq(self, job_id: str) -> int: ...
+
+    def prune(self, finished_before: float, limit: int = PRUNE_BATCH) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@implementer(IJobStore, IJobWriter)
+class AnsweredStore:
+    """An IJobStore answering from a store on the reactor thread: every
+    answer a Deferred that has fired already (as klein's memory session
+    store answers), so callers treat it as any other store. ``update`` and
+    ``add_event`` (IJobWriter, the scheduler's own writes) return nothing
+    and raise at once.
+
+    :attr:`sync` is the store it answers from, for a part that cannot
+    wait (the metrics' seed of unfinished jobs) and for tests of its SQL.
+    """
+
+    def __init__(self, sync: SyncJobs) -> None:
+        self.sync = sync
+
+    @property
+    def path(self) -> str:
+        return self.sync.path
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.sync!r}>"
+
+    # --- IJobWriter -------------------------------------------------------------------
+
+    def update(self, job: Job) -> None:
+        self.sync.update(job)
+
+    def add_event(self, event: JobEvent) -> None:
+        self.sync.add_event(event)
+
+    # --- IJobStore --------------------------------------------------------------------
+
+    def add(self, job: Job, event: JobEvent | None = None) -> Deferred[None]:
+        return _answer(self.sync.add, job, event)
+
+    def add_many(self, submits: Sequence[tuple[Job, JobEvent]]) -> Deferred[None]:
+        return _answer(self.sync.add_many, submits)
+
+    def get(self, job_id: str) -> Deferred[Job | None]:
+        return _answer(self.sync.get, job_id)
+
+    def list(
+        self,
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Deferred[Sequence[Job]]:
+        return _answer(self.sync.list, states, backend, limit, before)
+
+    def unfinished(self) -> Deferred[Sequence[Job]]:
+        return _answer(self.sync.unfinished)
+
+    def events(self, job_id: str, after_seq: int = 0) -> Deferred[Sequence[JobEvent]]:
+        return _answer(self.sync.events, job_id, after_seq)
+
+    def last_event_seq(self, job_id: str) -> Deferred[int]:
+        return _answer(self.sync.last_event_seq, job_id)
+
+    def prune(self, finished_before: float, limit: int = PRUNE_BATCH) -> Deferred[int]:
+        return _answer(self.sync.prune, finished_before, limit)
+
+    def close(self) -> Deferred[None]:
+        return _answer(self.sync.close)
+
+
+class SQLiteJobStore(AnsweredStore):
+    """The daemon's IJobStore in an SQLite file: :class:`SQLiteJobs` (the
+    file, its durability, the numbers) answered with Deferreds.
+
+    Raises StoreError naming the path when the file cannot be opened, is
+    not a job store, or has a newer schema.
+    """
+
+    sync: SQLiteJobs
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(
+            SQLiteJobs(path, clock=clock, synchronous=synchronous, busy_timeout=busy_timeout)
+        )
+
+    @classmethod
+    def memory(cls, *, clock: Callable[[], float] = time.time) -> SQLiteJobStore:
+        """A store in memory: the same SQL, no file. For tests."""
+        return cls(":memory:", clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<SQLiteJobStore {self.path!r}>"
 
 
 def _opt_float(value: float | None) -> float | None:
