@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Generic, Literal, TypeVar, cast, overload
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
@@ -25,11 +25,21 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txvmbot.errors import StepFailed, StepTimeout
+from txvmbot.errors import StepFailed, StepTimeout, TxvmbotError, failure_kind
 from txvmbot.interfaces import IJournal
-from txvmbot.model import JournalEntry, Outcome, StepEvent, StepResult
+from txvmbot.model import FailureKind, JournalEntry, Outcome, StepEvent, StepResult
 
-__all__ = ["Cleanup", "StepContext", "StepRunner", "StepSequence", "gather", "new_check_id", "poll", "track"]
+__all__ = [
+    "Cleanup",
+    "StepContext",
+    "StepRunner",
+    "StepSequence",
+    "cleanup_failure_kind",
+    "gather",
+    "new_check_id",
+    "poll",
+    "track",
+]
 
 T = TypeVar("T")
 
@@ -102,7 +112,7 @@ class _Step(Generic[T]):
             self.timer = self.runner.clock.callLater(self.bound, self._timed_out)
         return self.result
 
-    def _finish(self, outcome: Outcome, detail: str) -> None:
+    def _finish(self, outcome: Outcome, detail: str, kind: FailureKind | None = None) -> None:
         self.finished = True
         self.ctx._finished = True
         if self.timer is not None and self.timer.active():
@@ -116,6 +126,7 @@ class _Step(Generic[T]):
                 duration=duration,
                 outcome=outcome,
                 detail=detail,
+                kind=kind,
             )
         )
 
@@ -140,7 +151,9 @@ class _Step(Generic[T]):
         if isinstance(exc, StepFailed) and exc.step == self.name:
             err: StepFailed = exc
         else:
-            err = StepFailed(self.name, _describe(exc))
+            # Whose fault it is is decided here, from the error itself, and
+            # travels with the step's result and the StepFailed.
+            err = StepFailed(self.name, _describe(exc), failure_kind(exc))
             err.__cause__ = exc
         outcome: Outcome = "timeout" if isinstance(err, StepTimeout) else "failed"
         # Not log.failure: a failed step is an outcome, not a bug in txvmbot,
@@ -149,7 +162,7 @@ class _Step(Generic[T]):
             "Step {step} {outcome}: {reason}", step=self.name, outcome=outcome, reason=err.reason
         )
         self.runner.log.debug("Step {step} traceback:\n{tb}", step=self.name, tb=f.getTraceback())
-        self._finish(outcome, err.reason)
+        self._finish(outcome, err.reason, err.kind)
         self.result.errback(Failure(err))
 
     def _timed_out(self) -> None:
@@ -158,7 +171,7 @@ class _Step(Generic[T]):
             return
         err = StepTimeout(self.name, self.bound, self.ctx.last_seen)
         self.runner.log.warn("Step {step} timed out: {reason}", step=self.name, reason=err.reason)
-        self._finish("timeout", err.reason)
+        self._finish("timeout", err.reason, FailureKind.TIMEOUT)
         # Whatever the action does with the cancel, the bound holds: the
         # outcome is already decided and the caller hears it now.
         assert self.inner is not None
@@ -169,7 +182,7 @@ class _Step(Generic[T]):
         if self.finished:
             return
         self.runner.log.info("Step {step} cancelled", step=self.name)
-        self._finish("cancelled", "cancelled")
+        self._finish("cancelled", "cancelled", FailureKind.CANCELLED)
         if self.inner is not None:
             self.inner.cancel()
         # Deferred.cancel errbacks ``result`` with CancelledError after this.
@@ -277,6 +290,9 @@ class StepSequence:
         self.steps = steps
         self.job_id = job_id
         self.cancelled: str | None = None
+        #: What kind of failure stopped the steps, set by :meth:`error_of`
+        #: (None while they run, and when they all passed).
+        self.kind: FailureKind | None = None
         self._current: set[Deferred[Any]] = set()
 
     def cancel(self, reason: str) -> None:
@@ -290,17 +306,25 @@ class StepSequence:
         """Run a job's steps (``work``); return why they stopped, or "" if
         they all passed: the step error, the cancel, or (a bug of ours,
         logged with its traceback) an internal error. Never raises, so the
-        job's cleanup always runs after it."""
-        from txvmbot.errors import TxvmbotError
+        job's cleanup always runs after it.
 
+        What kind of failure it was is left in :attr:`kind`: the error's
+        own (:func:`txvmbot.errors.failure_kind`), ``CANCELLED`` for any
+        failure once the sequence was cancelled (what broke after the
+        cancel is its consequence), ``TEST`` for a bug of ours (as ever,
+        not the infrastructure's)."""
+        self.kind = None
         try:
             await work
         except CancelledError:
+            self.kind = FailureKind.CANCELLED
             return f"cancelled: {self.cancelled or 'cancelled'}"
         except TxvmbotError as e:
+            self.kind = FailureKind.CANCELLED if self.cancelled is not None else e.kind
             return str(e)
         except Exception as e:
             self.log.failure("Unexpected error in {job_id}", job_id=self.job_id)
+            self.kind = FailureKind.CANCELLED if self.cancelled is not None else FailureKind.TEST
             return f"internal error: {e!r}"
         return ""
 
@@ -313,6 +337,23 @@ class StepSequence:
             return await d
         finally:
             self._current.discard(d)
+
+
+def cleanup_failure_kind(steps: Sequence[StepResult]) -> FailureKind:
+    """The kind of a "cleanup failed" of a job whose own steps passed,
+    from its cleanup steps (``cleanup`` and ``cleanup ...``, as
+    :class:`Cleanup` names them): ``INFRASTRUCTURE`` if one failed in the
+    infrastructure, else ``TIMEOUT`` if one passed its bound, else
+    ``TEST``."""
+    kinds = {
+        s.kind
+        for s in steps
+        if (s.name == "cleanup" or s.name.startswith("cleanup ")) and s.outcome != "passed"
+    }
+    for kind in (FailureKind.INFRASTRUCTURE, FailureKind.TIMEOUT):
+        if kind in kinds:
+            return kind
+    return FailureKind.TEST
 
 
 async def gather(ds: list[Deferred[Any]]) -> list[Any]:

@@ -6,6 +6,7 @@ that exists is a value that makes sense.
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 import attrs
@@ -17,6 +18,25 @@ AddressDomain = Literal["vpc", "standard"]
 ADDRESS_DOMAINS: tuple[AddressDomain, ...] = ("vpc", "standard")
 
 DEFAULT_SSH_ENDPOINT = "tcp:host={public_ip}:port=22"
+
+
+class FailureKind(enum.Enum):
+    """Whose fault a failure is, decided where the error was caught (see
+    :func:`txvmbot.errors.failure_kind`) and carried with the result, so
+    nothing downstream guesses it from the error text.
+
+    Only ``INFRASTRUCTURE`` counts towards a backend's quarantine; a
+    ``CANCELLED`` job was stopped from outside (a request, its bound, the
+    daemon stopping); ``TIMEOUT`` is a step that passed its bound; ``TEST``
+    is everything else: what the job tested failed (a command exited
+    non-zero, the cloud refused a request with a 4xx, the guest never
+    answered ssh), or txvmbot itself broke.
+    """
+
+    TEST = "test"
+    INFRASTRUCTURE = "infrastructure"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
 
 
 @frozen
@@ -112,6 +132,9 @@ class StepResult:
     duration: float
     outcome: Outcome
     detail: str = ""
+    #: Why a failed, timed-out or cancelled step ended (None for a step
+    #: that passed or was skipped).
+    kind: FailureKind | None = None
 
 
 @frozen
@@ -202,6 +225,30 @@ class CheckResult:
     host_keys: tuple[tuple[str, str], ...] = ()
     error: str = ""
     evidence_dir: str | None = None
+    #: What kind of failure ended the check: None when it passed; a failed
+    #: result made without one is :attr:`FailureKind.TEST`.
+    kind: FailureKind | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.passed:
+            if self.kind is not None:
+                raise ValueError(f"a passed check has no failure kind, not {self.kind}")
+        elif self.kind is None:
+            object.__setattr__(self, "kind", FailureKind.TEST)
+
+    @property
+    def infrastructure_failed(self) -> bool:
+        """Whether the check failed because of the infrastructure (the
+        transport, an exhausted retry, a 5xx from the cloud, a dead worker)
+        rather than what it tested: those count towards a backend's
+        quarantine."""
+        return self.kind is FailureKind.INFRASTRUCTURE
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the check was cancelled under it (by a request, its
+        bound, or the pool stopping)."""
+        return self.kind is FailureKind.CANCELLED
 
 
 @frozen

@@ -12,9 +12,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from txvmbot.engine import Cleanup, StepContext, StepRunner, poll, track
-from txvmbot.errors import StepFailed, StepTimeout
+from txvmbot.errors import CloudError, StepFailed, StepTimeout, TransportError
 from txvmbot.journal import JournalError, MemoryJournal, SQLiteJournal
-from txvmbot.model import JournalEntry, StepEvent, StepResult
+from txvmbot.model import FailureKind, JournalEntry, StepEvent, StepResult
 
 
 class Wall:
@@ -227,6 +227,45 @@ class StepRunnerTests(RunnerMixin, SynchronousTestCase):
         for bound in (0, -1, float("inf"), float("nan")):
             self.assertRaises(ValueError, self.runner.run, "s", bound, lambda ctx: 1)
         self.assertEqual(self.runner.results, ())
+
+    def test_each_step_records_the_kind_of_its_failure(self) -> None:
+        self.successResultOf(self.runner.run("ok", 5, lambda ctx: 1))
+        self.runner.skip("skipped", "not asked for")
+        gave_up = CloudError("RunInstances", "Unavailable", "down", 503)
+        for name, exc in (
+            ("cloud-5xx", gave_up),
+            ("cloud-4xx", CloudError("RunInstances", "InvalidParameter", "no", 400)),
+            ("transport", TransportError("RunInstances", "connection lost")),
+            ("own", StepFailed("own", "said so", FailureKind.INFRASTRUCTURE)),
+            ("other-step", StepTimeout("inner", 3.0)),
+            ("bug", ValueError("boom")),
+        ):
+            f = self.failureResultOf(self.runner.run(name, 5, failing(exc)), StepFailed)
+            self.assertIs(f.value.kind, self.runner.results[-1].kind)
+        self.runner.run("slow", 5, lambda ctx: Deferred()).addErrback(lambda f: None)
+        self.clock.advance(5)
+        cancelled: Deferred[None] = self.runner.run("cancelled", 5, lambda ctx: Deferred())
+        cancelled.addErrback(lambda f: f.trap(CancelledError))
+        cancelled.cancel()
+        self.assertEqual(
+            [(r.name, r.kind) for r in self.runner.results],
+            [
+                ("ok", None),
+                ("skipped", None),
+                ("cloud-5xx", FailureKind.INFRASTRUCTURE),
+                ("cloud-4xx", FailureKind.TEST),
+                ("transport", FailureKind.INFRASTRUCTURE),
+                ("own", FailureKind.INFRASTRUCTURE),
+                ("other-step", FailureKind.TIMEOUT),
+                ("bug", FailureKind.TEST),
+                ("slow", FailureKind.TIMEOUT),
+                ("cancelled", FailureKind.CANCELLED),
+            ],
+        )
+
+
+def failing(exc: BaseException) -> Any:
+    return lambda ctx: fail(exc)
 
 
 def deferLaterish(clock: Clock, delay: float) -> Deferred[None]:

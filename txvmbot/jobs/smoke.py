@@ -18,12 +18,19 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from txvmbot import facts as _facts
-from txvmbot.engine import StepContext, StepRunner, StepSequence, gather, new_check_id
+from txvmbot.engine import (
+    StepContext,
+    StepRunner,
+    StepSequence,
+    cleanup_failure_kind,
+    gather,
+    new_check_id,
+)
 from txvmbot.errors import StepFailed, StepTimeout
 from txvmbot.evidence import save_evidence
 from txvmbot.interfaces import IEC2Client, IJournal
 from txvmbot.machines import IMachines, Machine
-from txvmbot.model import CheckResult, CheckSpec, CommandResult, StepEvent
+from txvmbot.model import CheckResult, CheckSpec, CommandResult, FailureKind, StepEvent
 from txvmbot.qemu.model import LocalSpec
 
 __all__ = ["Check", "LocalCheck", "SmokeJob", "commands_bound", "judge"]
@@ -92,6 +99,7 @@ class SmokeJob:
         o = self.options
         error = await self.sequence.error_of(self._steps())
         passed = not error
+        kind: FailureKind | None = self.sequence.kind if error else None
         console: tuple[tuple[str, str], ...] = ()
         if not passed or o.console:
             console = await self.machines.console(self.steps)
@@ -101,6 +109,7 @@ class SmokeJob:
         if cleanup_errors and passed:
             passed = False
             error = "cleanup failed: " + "; ".join(cleanup_errors)
+            kind = cleanup_failure_kind(self.steps.results)
         result = CheckResult(
             check_id=self.check_id,
             passed=passed,
@@ -110,6 +119,7 @@ class SmokeJob:
             console=console,
             host_keys=self.machines.host_keys(),
             error=error,
+            kind=kind,
         )
         if not passed or o.console:
             result = save_evidence(self.evidence_root, result, self.log)

@@ -14,7 +14,8 @@ only inside methods that run once the reactor runs.
 
 A worker that dies while it runs a job (killed, crashed, exited) fails the
 job's Deferred with :class:`~txvmbot.errors.WorkerDied` (exit status or
-signal, and the last lines it wrote to stderr) and is logged at error level
+signal, and the last lines it wrote to stderr; its ``kind`` is
+``FailureKind.INFRASTRUCTURE``) and is logged at error level
 with the same facts; the pool starts a new worker in its place.
 
 Two optional hooks feed the daemon's metrics: ``on_worker_death`` is told
@@ -62,7 +63,7 @@ from txvmbot.daemon.workers.protocol import (
     decode_api_calls,
 )
 from txvmbot.errors import ConfigError, TxvmbotError, WorkerDied
-from txvmbot.model import CheckResult, Facts, JournalEntry, StepEvent
+from txvmbot.model import CheckResult, Facts, FailureKind, JournalEntry, StepEvent
 
 __all__ = [
     "AmpoulePool",
@@ -900,5 +901,10 @@ class AmpoulePool:
 
 def _cancelled_result(check_id: str, reason: str) -> CheckResult:
     return CheckResult(
-        check_id=check_id, passed=False, steps=(), facts=Facts(), error=f"cancelled: {reason}"
+        check_id=check_id,
+        passed=False,
+        steps=(),
+        facts=Facts(),
+        error=f"cancelled: {reason}",
+        kind=FailureKind.CANCELLED,
     )

@@ -14,10 +14,10 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from txvmbot.engine import new_check_id
+from txvmbot.engine import cleanup_failure_kind, new_check_id
 from txvmbot.interfaces import IJournal
 from txvmbot.jobs.suite.spec import SuiteResult, SuiteSpec
-from txvmbot.model import CheckResult, StepEvent
+from txvmbot.model import CheckResult, FailureKind, StepEvent
 
 __all__ = ["RESULT_FILES", "SuiteJob", "verdict", "write_result_files"]
 
@@ -137,4 +137,22 @@ class SuiteJob:
                 D.save(self.state_dir, self.spec.name, learnt)
             except Exception as e:
                 self.log.warn("Suite {name}: durations not kept: {e}", name=self.spec.name, e=e)
-        return attrs.evolve(machines, passed=result.passed, error=verdict(result), evidence_dir=where)
+        return attrs.evolve(
+            machines,
+            passed=result.passed,
+            error=verdict(result),
+            evidence_dir=where,
+            kind=self._kind(result),
+        )
+
+    def _kind(self, result: SuiteResult) -> FailureKind | None:
+        """What kind of failure the run's was: the one its steps stopped
+        with, or its cleanup's, or (machines fine, tests not) the tests'."""
+        if result.passed:
+            return None
+        sequence = self.run_.sequence
+        if result.error and sequence.kind is not None:
+            return sequence.kind
+        if result.error:  # the steps passed: its cleanup failed
+            return cleanup_failure_kind(result.machines.steps)
+        return FailureKind.TEST
