@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import attrs
@@ -38,9 +39,21 @@ from txvmbot.daemon.workers.protocol import (
 from txvmbot.daemon.workers.worker import RemoteJournal, Worker, encode_result
 from txvmbot.engine import Cleanup, StepRunner, track
 from txvmbot.journal import MemoryJournal
-from txvmbot.model import CheckResult, CommandResult, Facts, JournalEntry, StepEvent
+from txvmbot.model import (
+    CheckResult,
+    CommandResult,
+    Facts,
+    FailureKind,
+    JournalEntry,
+    StepEvent,
+    StepResult,
+)
 
 SPEC = {"endpoint": "http://127.0.0.1:1/", "region": "r1", "image": "ami-1", "ssh": False}
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def caught(d: Deferred[Any]) -> Deferred[Any]:
@@ -80,11 +93,17 @@ class FakeCheck:
 
     def cancel(self, reason: str) -> None:
         self.cancelled = reason
-        self.done.callback(result(self.check_id, passed=False, error=f"cancelled: {reason}"))
+        self.done.callback(
+            result(self.check_id, passed=False, error=f"cancelled: {reason}", kind=FailureKind.CANCELLED)
+        )
 
 
-def result(check_id: str, passed: bool = True, error: str = "") -> CheckResult:
-    return CheckResult(check_id=check_id, passed=passed, steps=(), facts=Facts(), error=error)
+def result(
+    check_id: str, passed: bool = True, error: str = "", kind: FailureKind | None = None
+) -> CheckResult:
+    return CheckResult(
+        check_id=check_id, passed=passed, steps=(), facts=Facts(), error=error, kind=kind
+    )
 
 
 class GatedJournal:
@@ -221,7 +240,7 @@ class RunJobTests(Connected):
         self.pump.flush()
         self.assertEqual(FakeCheck.made[0].cancelled, "op")
         r = codec.result_from_dict(codec.loads(self.successResultOf(d)["result"], "r"))
-        self.assertEqual((r.passed, r.error), (False, "cancelled: op"))
+        self.assertEqual((r.passed, r.error, r.kind), (False, "cancelled: op", FailureKind.CANCELLED))
         # No job (any more): nothing to cancel, and no error either.
         answer = self.successResultOf(self.call(self.parent, CancelJob, job_id="j1", reason="x"))
         self.assertEqual(answer, {"cancelling": False})
@@ -233,6 +252,92 @@ class RunJobTests(Connected):
         self.flushLoggedErrors(RuntimeError)
         self.assertIn("bug", self.failureResultOf(d).getErrorMessage())
         self.successResultOf(self.call(self.parent, Hello))
+
+
+class FailureKindTests(Connected):
+    """The kind of a failure crosses the wire with the result; a result from
+    a worker of the version before kinds gets the kind the old text-guessing
+    gave it."""
+
+    def test_kinds_travel_with_the_result(self) -> None:
+        step = StepResult("run-instances", 1.0, 2.0, "failed", "x", FailureKind.INFRASTRUCTURE)
+        for kind in FailureKind:
+            d = self.start_job()
+            sent = attrs.evolve(
+                result("j1-0", passed=False, error="x", kind=kind), steps=(step,)
+            )
+            FakeCheck.made[-1].done.callback(sent)
+            self.pump.flush()
+            got = codec.result_from_dict(codec.loads(self.successResultOf(d)["result"], "r"))
+            self.assertEqual(got, sent)
+
+    def test_a_cut_result_keeps_its_kind(self) -> None:
+        big = CommandResult("cat big", 0, stdout=b"a" * 200_000)
+        r = attrs.evolve(
+            result("c", passed=False, error="x", kind=FailureKind.INFRASTRUCTURE), commands=(big,)
+        )
+        for limit in (150_000, 1000):
+            back = codec.result_from_dict(codec.loads(encode_result(r, limit=limit), "r"))
+            self.assertIs(back.kind, FailureKind.INFRASTRUCTURE)
+
+    def test_an_old_workers_result_reaches_the_pool_with_its_kind(self) -> None:
+        from txvmbot.daemon.workers.pool import AmpoulePool
+
+        old_results = [
+            ({"passed": False, "error": "step 'x' failed: TransportError: X: reset"},
+             FailureKind.INFRASTRUCTURE),
+            ({"passed": False, "error": "cancelled: the daemon is stopping"}, FailureKind.CANCELLED),
+            ({"passed": False, "error": "step 'commands' failed: 'false' ended with exit status 1"},
+             FailureKind.TEST),
+            ({"passed": True, "error": ""}, None),
+        ]
+
+        class OldWorker(amp.AMP):
+            """A worker of the version before kinds: its result has no
+            ``schema``, no ``kind``."""
+
+            answer: dict[str, Any] = {}
+
+            @RunJob.responder
+            def run_job(
+                self, job_id: str, check_id: str, spec: bytes, evidence_root: str
+            ) -> dict[str, Any]:
+                doc = {
+                    "check_id": check_id,
+                    "evidence_dir": None,
+                    "steps": [],
+                    "facts": {},
+                    "commands": [],
+                    "console": [],
+                    "host_keys": [],
+                    **OldWorker.answer,
+                }
+                return {"result": codec.dumps(doc), "api_calls": None}
+
+        for old, want in old_results:
+            OldWorker.answer = old
+            parent = _ParentAMP()
+            _, _, pump = connectedServerAndClient(OldWorker, partial(_same, parent))
+            pool = AmpoulePool(Clock(), size=1, recycle_after=0, evidence_root="/tmp")
+            pool._state = "running"
+            w = _Worker(name="w1", parent=parent)
+            w.state = "busy"
+            run = _JobRun(
+                job_id="j1", check_id="j1-0", on_event=lambda e: None, journal=None, spec=b"",
+                result=Deferred(),
+            )
+            w.job, run.worker = run, w
+            d = caught(
+                parent.callRemote(
+                    RunJob, job_id="j1", check_id="j1-0", spec=codec.dumps(SPEC), evidence_root=""
+                )
+            )
+            pump.flush()
+            answer = self.successResultOf(d)
+            pool._job_answered(w, run, answer)  # as the pool reads every answer
+            got: CheckResult = self.successResultOf(run.result)
+            self.assertEqual((got.passed, got.error), (old["passed"], old["error"]))
+            self.assertIs(got.kind, want, old["error"])
 
 
 class SizeLimitTests(Connected):

@@ -4,6 +4,10 @@ One format each way, strict on the way in: a job spec is validated by the
 same code as a ``[clouds.NAME]`` table of the config file, and every error
 names the key that was wrong (``job.timeouts.running``). Secrets never
 travel in a job: the daemon resolves credentials itself.
+
+A check result's form is versioned (:data:`RESULT_SCHEMA`, its ``schema``
+key): results stored by an older daemon, or sent by an older worker, are
+brought up to date as they are read (:func:`kind_from_v1`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +29,7 @@ from txvmbot.model import (
     CheckSpec,
     CommandResult,
     Facts,
+    FailureKind,
     RetryPolicy,
     StepEvent,
     StepResult,
@@ -210,18 +216,106 @@ def spec_from_dict(
 
 # --- results ------------------------------------------------------------------
 
+#: The version of a check result's JSON form, written as its ``schema`` key.
+#: 1 (no ``schema`` key): no failure kinds. 2: ``kind``, the result's
+#: FailureKind (null when it passed), and ``step_kinds``, one per step (null
+#: for a step that passed or was skipped). Both are new top-level keys, so
+#: a reader of version 1 still reads a version 2 result (ignoring them); a
+#: version 1 result is read with the kinds derived by :func:`kind_from_v1`.
+RESULT_SCHEMA = 2
+
+# What version 1 had instead of kinds: the scheduler guessed from the error
+# text whether a failure was the infrastructure's, and whether a result was
+# that of a cancelled check. Used for version 1 results only.
+_V1_INFRASTRUCTURE = re.compile(
+    r"TransportError|WorkerDied|worker running job \S+ died|gave up after|\bHTTP 5\d\d\b"
+)
+
+
+def infrastructure_failure_v1(error: str) -> bool:
+    """Whether version 1 took a failed check's ``error`` for the
+    infrastructure's (the transport, an exhausted retry, a 5xx from the
+    cloud, a dead worker). For results of version 1 only: a result of
+    version 2 says so itself (``CheckResult.kind``)."""
+    return bool(_V1_INFRASTRUCTURE.search(error))
+
+
+def _step_kind_v1(step: StepResult) -> FailureKind | None:
+    if step.outcome in ("passed", "skipped"):
+        return None
+    if step.outcome == "cancelled":
+        return FailureKind.CANCELLED
+    if step.outcome == "timeout":
+        return FailureKind.TIMEOUT
+    if infrastructure_failure_v1(step.detail):
+        return FailureKind.INFRASTRUCTURE
+    return FailureKind.TEST
+
+
+def kind_from_v1(
+    passed: bool, error: str, steps: tuple[StepResult, ...]
+) -> tuple[FailureKind | None, tuple[StepResult, ...]]:
+    """The migration of a version 1 result: its kind, and its steps with
+    theirs, derived once, as version 1's scheduler judged the result.
+
+    Cancelled if its error starts with "cancelled" or a step was cancelled
+    (what the scheduler took for a check cancelled under it); else the
+    infrastructure's if the error names a transport error, a dead worker,
+    an exhausted retry or an HTTP 5xx (what counted towards quarantine);
+    else timed out if the first step that did not pass timed out; else the
+    test's."""
+    steps = tuple(attrs.evolve(s, kind=_step_kind_v1(s)) for s in steps)
+    if passed:
+        return None, steps
+    if error.lower().startswith("cancelled") or any(s.outcome == "cancelled" for s in steps):
+        return FailureKind.CANCELLED, steps
+    if infrastructure_failure_v1(error):
+        return FailureKind.INFRASTRUCTURE, steps
+    failing = next((s for s in steps if s.outcome in ("failed", "timeout")), None)
+    if failing is not None and failing.outcome == "timeout":
+        return FailureKind.TIMEOUT, steps
+    return FailureKind.TEST, steps
+
+
+def _kind_to(kind: FailureKind | None) -> str | None:
+    return None if kind is None else kind.value
+
+
+def _kind_from(value: Any, where: str) -> FailureKind | None:
+    if value is None:
+        return None
+    try:
+        return FailureKind(value)
+    except ValueError:
+        known = ", ".join(k.value for k in FailureKind)
+        raise ConfigError(where, f"unknown failure kind {value!r} (known: {known})") from None
+
 
 def _text(b: bytes) -> str:
     return b.decode("utf-8", "replace")
 
 
+def _step_to_dict(s: StepResult) -> dict[str, Any]:
+    # The kind travels in step_kinds: a version 1 reader takes StepResult(**s).
+    return {
+        "name": s.name,
+        "started": s.started,
+        "duration": s.duration,
+        "outcome": s.outcome,
+        "detail": s.detail,
+    }
+
+
 def result_to_dict(r: CheckResult) -> dict[str, Any]:
     return {
+        "schema": RESULT_SCHEMA,
         "check_id": r.check_id,
         "passed": r.passed,
+        "kind": _kind_to(r.kind),
         "error": r.error,
         "evidence_dir": r.evidence_dir,
-        "steps": [attrs.asdict(s) for s in r.steps],
+        "steps": [_step_to_dict(s) for s in r.steps],
+        "step_kinds": [_kind_to(s.kind) for s in r.steps],
         "facts": r.facts.as_dict(),
         "commands": [
             {
@@ -240,20 +334,40 @@ def result_to_dict(r: CheckResult) -> dict[str, Any]:
 
 def result_from_dict(d: Mapping[str, Any]) -> CheckResult:
     """The inverse of :func:`result_to_dict` (for data we wrote ourselves,
-    or a worker sent: a malformed one raises ConfigError)."""
+    or a worker sent: a malformed one raises ConfigError). A version 1
+    result (no ``schema`` key) gets its kinds from :func:`kind_from_v1`; a
+    newer version than this code's is read for the keys it knows."""
     try:
+        version = d.get("schema", 1)
+        if type(version) is not int or version < 1:
+            raise ConfigError("result.schema", f"expected a version number, found {version!r}")
         facts_d = dict(d.get("facts", {}))
         known = {a.name for a in attrs.fields(Facts)} - {"extra"}
         facts = Facts(
             **{k: str(v) for k, v in facts_d.items() if k in known},
             extra=tuple(sorted((k, str(v)) for k, v in facts_d.items() if k not in known)),
         )
+        passed = bool(d["passed"])
+        error = str(d.get("error", ""))
+        steps = tuple(StepResult(**s) for s in d.get("steps", []))
+        kind: FailureKind | None
+        if version == 1:
+            kind, steps = kind_from_v1(passed, error, steps)
+        else:
+            kind = _kind_from(d.get("kind"), "result.kind")
+            step_kinds = d.get("step_kinds", [None] * len(steps))
+            if not isinstance(step_kinds, list) or len(step_kinds) != len(steps):
+                raise ConfigError("result.step_kinds", f"expected a list of {len(steps)} kinds")
+            steps = tuple(
+                attrs.evolve(s, kind=_kind_from(k, f"result.step_kinds[{i}]"))
+                for i, (s, k) in enumerate(zip(steps, step_kinds, strict=True))
+            )
         return CheckResult(
             check_id=str(d["check_id"]),
-            passed=bool(d["passed"]),
-            error=str(d.get("error", "")),
+            passed=passed,
+            error=error,
             evidence_dir=d.get("evidence_dir"),
-            steps=tuple(StepResult(**s) for s in d.get("steps", [])),
+            steps=steps,
             facts=facts,
             commands=tuple(
                 CommandResult(
@@ -267,6 +381,7 @@ def result_from_dict(d: Mapping[str, Any]) -> CheckResult:
             ),
             console=tuple((str(a), str(b)) for a, b in d.get("console", [])),
             host_keys=tuple((str(a), str(b)) for a, b in d.get("host_keys", [])),
+            kind=kind,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError("result", f"malformed check result: {e!r}") from None
