@@ -20,6 +20,7 @@ from txvmbot.daemon.jobs import Job, JobEvent, JobSpec
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import DatabaseError
 from txvmbot.daemon.stores.postgres.schema import SCHEMA_VERSION, migrate
+from txvmbot.daemon.stores.sql import StoreError
 from txvmbot.errors import TxvmbotError
 from txvmbot.qemu.model import LocalPool, LocalSpec
 from txvmbot.testing import make_job_spec
@@ -670,3 +671,18 @@ def test_prune_final_jobs_before_the_cutoff(conn: Any) -> None:
     assert seqs(conn, "j5") == [1, 2]
     assert seqs(conn, "j6") == [1, 2]
     assert tx(conn, store.claim_counts) == {"j5": 1, "j6": 1}
+
+
+def test_a_row_that_does_not_decode_is_a_store_error(conn: Any) -> None:
+    """As in the SQLite store (tests/unit/test_store.py): the same
+    StoreError from the same decoding (txvmbot.daemon.stores.sql)."""
+    add(conn, job("a", 1.0), job("b", 2.0), caps={"b": 10})
+    conn.execute("UPDATE jobs SET data = '{\"not\": \"a job\"}' WHERE id = 'a'")
+    conn.execute("UPDATE events SET data = 'not json' WHERE job_id = 'b'")
+    for fn, args in ((store.get, ("a",)), (store.list_jobs, (None, None, 10, None))):
+        with pytest.raises(StoreError, match="holds a job it cannot read"):
+            tx(conn, fn, *args)
+    with pytest.raises(StoreError, match="holds an event of job b it cannot read"):
+        tx(conn, store.events, "b", 0)
+    assert tx(conn, store.get, "b") == job("b", 2.0)
+    assert tx(conn, store.last_event_seq, "b") == 1

@@ -318,6 +318,23 @@ class StoreBehaviour(_Base):
         self.assertRaises(StoreError, s.add, job("a", 1.0))
         self.assertRaises(StoreError, s.prune, 1e9)
 
+    def test_a_row_that_does_not_decode_is_a_store_error(self) -> None:
+        """As in the shared PostgreSQL store
+        (tests/integration/test_shared_store.py): the same StoreError from
+        the same decoding (txvmbot.daemon.stores.sql)."""
+        s = self.make()
+        s.add(job("a", 1.0), event("a", 1))
+        s.add(job("b", 2.0), event("b", 1))
+        s._db.execute("UPDATE jobs SET data = '{\"not\": \"a job\"}' WHERE id = 'a'")
+        s._db.execute("UPDATE events SET data = 'not json' WHERE job_id = 'b'")
+        for read in (lambda: s.get("a"), s.list, s.unfinished):
+            e = self.assertRaises(StoreError, read)
+            self.assertIn("holds a job it cannot read", str(e))
+        e = self.assertRaises(StoreError, s.events, "b")
+        self.assertIn("holds an event of job b it cannot read", str(e))
+        self.assertEqual(s.get("b"), job("b", 2.0))
+        self.assertEqual(s.last_event_seq("b"), 1)
+
     def test_times_are_real(self) -> None:
         s = self.make()
         j = job("a", 10)  # an int on the way in

@@ -22,15 +22,9 @@ from typing import Any
 
 import attrs
 
-from txvmbot.daemon.codec import (
-    dumps,
-    event_from_dict,
-    event_to_dict,
-    job_from_dict,
-    job_to_dict,
-    loads,
-)
+from txvmbot.daemon.codec import dumps, event_to_dict, job_to_dict
 from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
+from txvmbot.daemon.stores.sql import POSTGRES, decode_event, decode_job
 from txvmbot.qemu.model import LocalSpec
 
 __all__ = [
@@ -58,7 +52,9 @@ __all__ = [
 CHANNELS = ("txvmbot_queue", "txvmbot_events", "txvmbot_cancel", "txvmbot_backends")
 
 UNFINISHED = ("queued", "running", "cleaning")
-_FINAL = tuple(sorted(FINAL_STATES))
+
+#: Names the shared database in a StoreError (a row that does not decode).
+WHERE = "(shared PostgreSQL)"
 
 
 def _data(job: Job) -> str:
@@ -66,7 +62,7 @@ def _data(job: Job) -> str:
 
 
 def _job(data: str) -> Job:
-    return job_from_dict(loads(data.encode("utf-8"), "stored job"))
+    return decode_job(data, WHERE)
 
 
 def _event_data(event: JobEvent) -> str:
@@ -121,7 +117,7 @@ def add_many(
 
 
 def get(conn: Any, job_id: str) -> Job | None:
-    row = conn.execute("SELECT data FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    row = conn.execute(*POSTGRES.get(job_id)).fetchone()
     return None if row is None else _job(row[0])
 
 
@@ -132,35 +128,20 @@ def list_jobs(
     limit: int,
     before: str | None,
 ) -> list[Job]:
-    """As :meth:`txvmbot.daemon.stores.sqlite.store.SQLiteJobStore.list`."""
-    where: list[str] = []
-    args: list[object] = []
-    if states is not None:
-        states = list(states)
-        if not states:
-            return []
-        where.append("state = ANY(%s)")
-        args.append(states)
-    if backend is not None:
-        where.append("backend = %s")
-        args.append(backend)
-    if before is not None:
-        where.append("(submitted, seq) < (SELECT submitted, seq FROM jobs WHERE id = %s)")
-        args.append(before)
-    sql = "SELECT data FROM jobs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY submitted DESC, seq DESC LIMIT %s"
-    args.append(max(0, int(limit)))
-    return [_job(r[0]) for r in conn.execute(sql, args)]
+    """As :meth:`txvmbot.daemon.stores.sqlite.store.SQLiteJobs.list` (the
+    same SQL: txvmbot.daemon.stores.sql)."""
+    query = POSTGRES.list_jobs(states, backend, limit, before)
+    return [] if query is None else [_job(r[0]) for r in conn.execute(*query)]
 
 
 def events(conn: Any, job_id: str, after_seq: int) -> list[JobEvent]:
-    rows = conn.execute(
-        "SELECT data FROM events WHERE job_id = %s AND seq > %s ORDER BY seq",
-        (job_id, after_seq),
-    )
-    return [event_from_dict(loads(r[0].encode("utf-8"), "stored event")) for r in rows]
+    rows = conn.execute(*POSTGRES.events(job_id, after_seq))
+    return [decode_event(r[0], job_id, WHERE) for r in rows]
+
+
+def last_event_seq(conn: Any, job_id: str) -> int:
+    (seq,) = conn.execute(*POSTGRES.last_event_seq(job_id)).fetchone()
+    return int(seq)
 
 
 @attrs.frozen
@@ -401,11 +382,8 @@ def _end(conn: Any, job: Job, now: float, state: str, reason: str) -> None:
         "UPDATE jobs SET state = %s, finished = %s, updated = %s, data = %s WHERE id = %s",
         (job.state, job.finished, now, _data(job), job.id),
     )
-    (last,) = conn.execute(
-        "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = %s", (job.id,)
-    ).fetchone()
-    event = JobEvent(job_id=job.id, seq=int(last) + 1, at=now, kind="state", state=state,
-                     detail=reason)
+    event = JobEvent(job_id=job.id, seq=last_event_seq(conn, job.id) + 1, at=now, kind="state",
+                     state=state, detail=reason)
     conn.execute(
         "INSERT INTO events (job_id, seq, at, data) VALUES (%s, %s, %s, %s)",
         (job.id, event.seq, now, _event_data(event)),
@@ -541,15 +519,10 @@ def take_over(
 
 
 def prune(conn: Any, finished_before: float, limit: int) -> int:
-    """As :meth:`txvmbot.daemon.stores.sqlite.store.SQLiteJobStore.prune`."""
-    ids = [
-        r[0]
-        for r in conn.execute(
-            "SELECT id FROM jobs WHERE finished < %s AND state = ANY(%s)"
-            " ORDER BY finished LIMIT %s FOR UPDATE SKIP LOCKED",
-            (float(finished_before), list(_FINAL), int(limit)),
-        )
-    ]
+    """As :meth:`txvmbot.daemon.stores.sqlite.store.SQLiteJobs.prune` (the
+    same choice of jobs: txvmbot.daemon.stores.sql; rows another daemon's
+    prune holds are skipped)."""
+    ids = [r[0] for r in conn.execute(*POSTGRES.prunable(finished_before, limit))]
     if not ids:
         return 0
     conn.execute("DELETE FROM events WHERE job_id = ANY(%s)", (ids,))

@@ -36,17 +36,10 @@ from zope.interface import implementer
 
 from txvmbot._sqlite import FileKind, Migration
 from txvmbot._sqlite_errors import is_lock_timeout
-from txvmbot.daemon.codec import (
-    dumps,
-    event_from_dict,
-    event_to_dict,
-    job_from_dict,
-    job_to_dict,
-    loads,
-)
+from txvmbot.daemon.codec import dumps, event_to_dict, job_to_dict
 from txvmbot.daemon.interfaces import IJobStore, IJobWriter
-from txvmbot.daemon.jobs import FINAL_STATES, Job, JobEvent
-from txvmbot.errors import ConfigError, TxvmbotError
+from txvmbot.daemon.jobs import Job, JobEvent
+from txvmbot.daemon.stores.sql import SQLITE, StoreError, decode_event, decode_job
 
 __all__ = [
     "APPLICATION_ID",
@@ -64,26 +57,11 @@ __all__ = [
 #: Marks an SQLite file as a txvmbot job store (``PRAGMA application_id``): "txjs".
 APPLICATION_ID = 0x74786A73
 
-_UNFINISHED = ("queued", "running", "cleaning")
-_FINAL = tuple(sorted(FINAL_STATES))
-
 #: The most jobs one :meth:`SQLiteJobStore.prune` call deletes, so that one
 #: transaction stays short on the reactor thread; the caller calls again for
 #: the rest. 500 jobs with 30 events each took 15-40 ms (1,000: about 40 ms,
 #: build machine, 50,000 jobs, 1.5 million events, 2026-11-22).
 PRUNE_BATCH = 500
-
-
-class StoreError(TxvmbotError):
-    """The job store cannot be opened, read or written.
-
-    ``path`` names the file (``":memory:"`` for an in-memory store).
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"job store {path}: {message}")
-        self.path = path
-        self.message = message
 
 
 # --- schema -----------------------------------------------------------------
@@ -183,8 +161,9 @@ def migrate(
 
 
 # --- the store ------------------------------------------------------------------
-
-_JOB_DATA = "SELECT data FROM jobs"
+#
+# The reads and the choice of jobs to prune are txvmbot.daemon.stores.sql's,
+# shared with the PostgreSQL store; the writes are this file's own.
 
 
 @implementer(IJobWriter)
@@ -282,14 +261,8 @@ class SQLiteJobs:
         except sqlite3.Error as e:
             raise StoreError(self.path, f"cannot read: {e}") from e
 
-    def _job(self, data: str) -> Job:
-        try:
-            return job_from_dict(loads(data.encode("utf-8"), "job"))
-        except (ConfigError, KeyError, TypeError, ValueError) as e:
-            raise StoreError(self.path, f"holds a job it cannot read: {e}") from e
-
     def _jobs(self, rows: Iterable[tuple[Any, ...]]) -> list[Job]:
-        return [self._job(r[0]) for r in rows]
+        return [decode_job(r[0], self.path) for r in rows]
 
     # --- the jobs, synchronously ---------------------------------------------------
 
@@ -364,8 +337,8 @@ class SQLiteJobs:
             raise StoreError(self.path, f"cannot update job {job.id}: no such job")
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._read(f"{_JOB_DATA} WHERE id = ?", (job_id,))
-        return self._job(rows[0][0]) if rows else None
+        rows = self._read(*SQLITE.get(job_id))
+        return decode_job(rows[0][0], self.path) if rows else None
 
     def list(
         self,
@@ -379,34 +352,13 @@ class SQLiteJobs:
         listed after the job with id ``before`` (the cursor of the next
         page: jobs with the same submitted time are neither skipped nor
         repeated). A ``before`` that names no job gives no jobs."""
-        where: list[str] = []
-        args: list[object] = []
-        if states is not None:
-            states = tuple(states)
-            if not states:
-                return []
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            args.extend(states)
-        if backend is not None:
-            where.append("backend = ?")
-            args.append(backend)
-        if before is not None:
-            where.append("(submitted, seq) < (SELECT submitted, seq FROM jobs WHERE id = ?)")
-            args.append(before)
-        sql = _JOB_DATA
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY submitted DESC, seq DESC LIMIT ?"
-        args.append(max(0, int(limit)))
-        return self._jobs(self._read(sql, args))
+        query = SQLITE.list_jobs(states, backend, limit, before)
+        return [] if query is None else self._jobs(self._read(*query))
 
     def unfinished(self) -> builtins.list[Job]:
         """Jobs not in a final state, oldest first (by submitted time, then
         order of submission): the order to put them back in the queue."""
-        marks = ", ".join("?" * len(_UNFINISHED))
-        return self._jobs(
-            self._read(f"{_JOB_DATA} WHERE state IN ({marks}) ORDER BY submitted, seq", _UNFINISHED)
-        )
+        return self._jobs(self._read(*SQLITE.unfinished()))
 
     def add_event(self, event: JobEvent) -> None:
         """Append ``event``. Raises StoreError if the job already has an
@@ -418,25 +370,12 @@ class SQLiteJobs:
         )
 
     def events(self, job_id: str, after_seq: int = 0) -> builtins.list[JobEvent]:
-        rows = self._read(
-            "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
-            (job_id, after_seq),
-        )
-        out = []
-        for (data,) in rows:
-            try:
-                out.append(event_from_dict(loads(data.encode("utf-8"), "event")))
-            except ConfigError as e:
-                raise StoreError(
-                    self.path, f"holds an event of job {job_id} it cannot read: {e}"
-                ) from e
-        return out
+        rows = self._read(*SQLITE.events(job_id, after_seq))
+        return [decode_event(data, job_id, self.path) for (data,) in rows]
 
     def last_event_seq(self, job_id: str) -> int:
         """The seq of the job's newest event, 0 if it has none."""
-        ((seq,),) = self._read(
-            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)
-        )
+        ((seq,),) = self._read(*SQLITE.last_event_seq(job_id))
         return int(seq)
 
     def prune(self, finished_before: float, limit: int = PRUNE_BATCH) -> int:
@@ -452,22 +391,11 @@ class SQLiteJobs:
         if limit < 1:
             raise ValueError(f"prune limit must be at least 1, not {limit!r}")
         what = "prune finished jobs"
-        marks = ", ".join("?" * len(_FINAL))
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                # INDEXED BY: without statistics the planner would rather
-                # scan every final job through jobs_queue than range-scan
-                # the few old ones.
-                ids = [
-                    (r[0],)
-                    for r in db.execute(
-                        "SELECT id FROM jobs INDEXED BY jobs_finished"
-                        f" WHERE finished < ? AND state IN ({marks}) ORDER BY finished LIMIT ?",
-                        (float(finished_before), *_FINAL, int(limit)),
-                    )
-                ]
+                ids = [(r[0],) for r in db.execute(*SQLITE.prunable(finished_before, limit))]
                 jobs = 0
                 if ids:
                     db.executemany("DELETE FROM events WHERE job_id = ?", ids)
