@@ -11,7 +11,7 @@ box AMP itself cannot parse (a broken frame) drops that one connection.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
@@ -50,8 +50,9 @@ from txvmbot.daemon.api.protocol import (
     job_summary,
     status_to_dict,
 )
+from txvmbot.daemon.groupcommit import GroupCommit
 from txvmbot.daemon.interfaces import IScheduler
-from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, Job, JobEvent
+from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, Job, JobEvent, JobSpec
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob
 
 __all__ = ["AMPServerFactory", "DaemonAMP"]
@@ -163,10 +164,11 @@ class DaemonAMP(amp.AMP):
         self._pools = pools if pools is not None else {}
         self._watches: dict[str, _Watch] = {}
         self._starting: list[_Watch] = []
-        # Submits of the read being handled: stored with one commit when it
-        # ends (see dataReceived).
-        self._submits: list[tuple[Any, Deferred[Any]]] = []
-        self._reading = False
+        # The submits of the read being handled: stored with one commit
+        # when it ends (see dataReceived), each answered once stored.
+        self._submits: GroupCommit[JobSpec, Job | TxvmbotError] = GroupCommit(
+            self._submit_many, in_flight=None
+        )
         # A box is being handled: a Watch answered now goes out when its
         # handling ends, and its events only after that (ampBoxReceived).
         self._in_box = False
@@ -203,31 +205,15 @@ class DaemonAMP(amp.AMP):
         commit (group commit) and answer them. A commit costs several times
         an insert, so a client that pipelines submits gets them stored many
         to a commit, and none is answered before it is stored."""
-        self._reading = True
+        self._submits.hold()
         try:
             super().dataReceived(data)
         finally:
-            self._reading = False
-            self._store_submits()
+            self._submits.release()
 
-    def _store_submits(self) -> None:
-        pending, self._submits = self._submits, []
-        if not pending:
-            return
-        stored = self._scheduler.submit_many([spec for spec, _ in pending])
-
-        def answer(results: Any) -> None:
-            for (_, d), result in zip(pending, results, strict=True):
-                if isinstance(result, BaseException):
-                    d.errback(Failure(result))
-                else:
-                    d.callback(result)
-
-        def failed(failure: Failure) -> None:
-            for _, d in pending:
-                d.errback(failure)
-
-        stored.addCallbacks(answer, failed)
+    def _submit_many(self, specs: list[JobSpec]) -> Deferred[Sequence[Job | TxvmbotError]]:
+        submitted: Deferred[Sequence[Job | TxvmbotError]] = self._scheduler.submit_many(specs)
+        return submitted
 
     def locateResponder(self, name: bytes) -> Any:
         responder = super().locateResponder(name)
@@ -264,10 +250,10 @@ class DaemonAMP(amp.AMP):
         )
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
-        if self._submits and box.get(b"_command") != b"Submit":
+        if self._submits.waiting and box.get(b"_command") != b"Submit":
             # Keep a pipeline's order: a Drain or Status sent after a Submit
             # sees it stored and queued.
-            self._store_submits()
+            self._submits.flush()
         self._in_box = True
         try:
             super().ampBoxReceived(box)
@@ -356,11 +342,8 @@ class DaemonAMP(amp.AMP):
     def submit(self, spec: dict[str, Any]) -> Deferred[dict[str, Any]]:
         def go() -> Deferred[Any]:
             job_spec = codec.spec_from_dict(spec, "spec", self._pools)
-            stored: Deferred[Any] = Deferred()
-            self._submits.append((job_spec, stored))
-            if not self._reading:  # a box handed over outside a read
-                self._store_submits()
-            return stored
+            # Outside a read (a box handed over directly) it goes at once.
+            return self._submits.add(job_spec).addCallback(_refused)
 
         return self._call("Submit", go, then=lambda job: {"job": _job_doc(job)})
 
@@ -478,6 +461,13 @@ class DaemonAMP(amp.AMP):
             limit,
             then=lambda report: {"report": fit_report(report)},
         )
+
+
+def _refused(result: Job | TxvmbotError) -> Job:
+    """A submit's result: its Job, or the error that refused it alone."""
+    if isinstance(result, TxvmbotError):
+        raise result
+    return result
 
 
 class AMPServerFactory(Factory):

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txvmbot.daemon.groupcommit import GroupCommit
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
@@ -88,8 +89,10 @@ class SharedScheduler:
         self._new_id = new_id
         self._watches: dict[str, list[_Watch]] = {}
         self._noticers: dict[object, Callable[[str], object]] = {}
-        self._waiting: list[tuple[list[tuple[Job, JobEvent]], Deferred[None]]] = []
-        self._storing = 0
+        # Submits stored a group to a transaction, STORING at a time.
+        self._inserts: GroupCommit[list[tuple[Job, JobEvent]], None] = GroupCommit(
+            self._insert, in_flight=STORING
+        )
         #: Called after jobs were queued here (the cluster claims).
         self.on_queued: Callable[[], object] = lambda: None
         self._known_backends: set[str] = set()
@@ -129,30 +132,14 @@ class SharedScheduler:
         commit costs more than its rows; two in flight keep the daemon busy
         while one commits: bench/scaleout_bench.py). A failed commit fails
         all the submits it held, none of which is stored."""
-        d: Deferred[None] = Deferred()
-        self._waiting.append((new, d))
-        if self._storing < STORING:
-            self._store_next()
-        return d
+        return self._inserts.add(new)
 
-    def _store_next(self) -> None:
-        batch, self._waiting = self._waiting, []
-        if not batch:
-            return
-        self._storing += 1
-        rows = [pair for new, _ in batch for pair in new]
+    def _insert(self, group: list[list[tuple[Job, JobEvent]]]) -> Deferred[Sequence[None]]:
+        """One insert transaction of a group of submits."""
+        rows = [pair for new in group for pair in new]
         caps = {job.spec.backend: self.local.cap(job.spec.backend) for job, _ in rows}
-
-        def done(outcome: object) -> None:
-            self._storing -= 1
-            for _, d in batch:
-                if isinstance(outcome, Failure):
-                    d.errback(outcome)
-                else:
-                    d.callback(None)
-            self._store_next()
-
-        self._db.run(store.add_many, rows, caps, self._host).addBoth(done)
+        stored: Deferred[None] = self._db.run(store.add_many, rows, caps, self._host)
+        return stored.addCallback(lambda _: [None] * len(group))
 
     # --- reads ------------------------------------------------------------------------
 
