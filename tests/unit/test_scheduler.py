@@ -86,6 +86,24 @@ class CountingStore(SQLiteJobStore):
         return super().add_many(submits)
 
 
+class LateEventsStore(SQLiteJobStore):
+    """Answers ``events`` only when the test says so (as a database
+    would), with what is stored then."""
+
+    def __init__(self, path: str, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self.reads: list[tuple[str, int, Deferred[Sequence[JobEvent]]]] = []
+
+    def events(self, job_id: str, after_seq: int = 0) -> Deferred[Sequence[JobEvent]]:
+        d: Deferred[Sequence[JobEvent]] = Deferred()
+        self.reads.append((job_id, after_seq, d))
+        return d
+
+    def answer(self) -> None:
+        job_id, after_seq, d = self.reads.pop(0)
+        d.callback(self.sync.events(job_id, after_seq))
+
+
 class UpdateFailsStore(SQLiteJobStore):
     """Stores jobs; cannot update them (a disk that filled up)."""
 
@@ -736,6 +754,26 @@ class WatchTests(SynchronousTestCase):
         stop()
         h.pool.step("j0", "run instance", "running")
         self.assertEqual([e.seq for e in seen], [2, 3, 4])
+
+    def test_events_while_the_stored_ones_are_read_follow_them_once(self) -> None:
+        """A store that answers later: the watcher is subscribed first, so
+        an event that happens during the read is told after the stored
+        ones, and one both read and seen live is told once."""
+        store = LateEventsStore.memory()
+        h = Harness(store=store)
+        h.submit()  # seq 1 queued, 2 running
+        seen: list[JobEvent] = []
+        watching = h.s.watch("j0", 0, seen.append)
+        self.assertNoResult(watching)
+        h.pool.step("j0", "create keypair", "running")  # seq 3, during the read
+        self.assertEqual(seen, [])
+        assert isinstance(store, LateEventsStore)
+        store.answer()  # the read saw 1..3
+        stop = self.successResultOf(watching)
+        self.assertEqual([e.seq for e in seen], [1, 2, 3])
+        h.pool.step("j0", "create keypair", "passed")
+        self.assertEqual([e.seq for e in seen], [1, 2, 3, 4])
+        stop()
 
     def test_ends_with_final_event(self) -> None:
         h = Harness()
