@@ -27,7 +27,15 @@ from zope.interface import implementer
 from txvmbot.daemon.interfaces import IWorkerPool
 from txvmbot.daemon.jobs import Job, JobSpec, check_id_for
 from txvmbot.errors import WorkerDied
-from txvmbot.model import CheckResult, CheckSpec, Cloud, Facts, StepEvent, StepResult
+from txvmbot.model import (
+    CheckResult,
+    CheckSpec,
+    Cloud,
+    Facts,
+    FailureKind,
+    StepEvent,
+    StepResult,
+)
 
 __all__ = [
     "FakeRun",
@@ -62,11 +70,17 @@ def make_job_spec(
 
 
 def make_result(
-    job: Job, passed: bool = True, error: str = "", steps: tuple[StepResult, ...] = ()
+    job: Job,
+    passed: bool = True,
+    error: str = "",
+    steps: tuple[StepResult, ...] = (),
+    kind: FailureKind | None = None,
 ) -> CheckResult:
-    """A CheckResult for the current attempt of ``job``."""
+    """A CheckResult for the current attempt of ``job`` (a failed one is the
+    test's unless ``kind`` says otherwise)."""
     return CheckResult(
-        check_id=check_id_for(job), passed=passed, steps=steps, facts=Facts(), error=error
+        check_id=check_id_for(job), passed=passed, steps=steps, facts=Facts(), error=error,
+        kind=kind,
     )
 
 
@@ -92,17 +106,21 @@ class FakeRun:
         self.on_event(StepEvent(name=name, state=state, at=at, detail=detail))
 
     def finish(
-        self, passed: bool = True, error: str = "", result: CheckResult | None = None
+        self,
+        passed: bool = True,
+        error: str = "",
+        result: CheckResult | None = None,
+        kind: FailureKind | None = None,
     ) -> None:
         """The worker answers with a result (``make_result`` unless given)."""
         self._end()
-        self.deferred.callback(result or make_result(self.job, passed, error))
+        self.deferred.callback(result or make_result(self.job, passed, error, kind=kind))
 
     def finish_cancelled(self) -> None:
         """The worker, told to cancel, cleaned up and answers: cancelled."""
         error = f"cancelled: {self.cancel_reason or 'by request'}"
         self._end()
-        self.deferred.callback(make_result(self.job, False, error))
+        self.deferred.callback(make_result(self.job, False, error, kind=FailureKind.CANCELLED))
 
     def die(self, status: str = "killed by signal 9", stderr_tail: str = "") -> None:
         """The worker process ends under the job."""
@@ -195,8 +213,10 @@ class FakeWorkerPool:
     def step(self, job_id: str, name: str, state: Any = "running", detail: str = "") -> None:
         self.get(job_id).step(name, state, detail)
 
-    def finish(self, job_id: str, passed: bool = True, error: str = "") -> None:
-        self.get(job_id).finish(passed, error)
+    def finish(
+        self, job_id: str, passed: bool = True, error: str = "", kind: FailureKind | None = None
+    ) -> None:
+        self.get(job_id).finish(passed, error, kind=kind)
 
     def die(self, job_id: str, status: str = "killed by signal 9", stderr_tail: str = "") -> None:
         self.get(job_id).die(status, stderr_tail)

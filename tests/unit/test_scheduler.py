@@ -21,11 +21,11 @@ from zope.interface.verify import verifyObject
 from tests.support.deferreds import result_of
 from txvmbot.daemon.interfaces import IScheduler, IWorkerPool
 from txvmbot.daemon.jobs import FINAL_STATES, BackendStatus, DaemonStatus, Job, JobEvent
-from txvmbot.daemon.scheduling.scheduler import Scheduler, is_infrastructure_failure
+from txvmbot.daemon.scheduling.scheduler import Scheduler
 from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore, StoreError
 from txvmbot.errors import ConfigError, UnknownJob
 from txvmbot.journal import MemoryJournal
-from txvmbot.model import StepEvent
+from txvmbot.model import FailureKind, StepEvent
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
 
 T0 = 1_000_000.0
@@ -555,23 +555,6 @@ class InfrastructureTests(SynchronousTestCase):
         self.assertEqual((job.state, job.attempts), ("error", 2))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
-    def test_classifier(self) -> None:
-        for error in (
-            "step 'run instance' failed: TransportError: RunInstances: connection refused",
-            "CloudError: DescribeInstances: HTTP 503 Unavailable: slow down [gave up after 6 "
-            "attempts in 60.0s (throttled)]",
-            "RunInstances: HTTP 500 InternalError: oops",
-            "worker running job x died: killed by signal 9",
-        ):
-            self.assertTrue(is_infrastructure_failure(error), error)
-        for error in (
-            "",
-            "step 'ssh' failed: command exited 1",
-            "CloudError: RunInstances: HTTP 400 InvalidAMIID.NotFound: no such image",
-            "instance reached HTTP 5000 port",
-        ):
-            self.assertFalse(is_infrastructure_failure(error), error)
-
 
 class FakeHealthCheck:
     def __init__(self) -> None:
@@ -642,15 +625,18 @@ class BackendTests(SynchronousTestCase):
     def test_infrastructure_results_quarantine_and_success_resets(self) -> None:
         h = Harness(quarantine_after=2)
         h.submit("a")
-        h.pool.finish("j0", passed=False, error="TransportError: RunInstances: reset")
+        h.pool.finish("j0", passed=False, error="TransportError: RunInstances: reset",
+                      kind=FailureKind.INFRASTRUCTURE)
         self.assertEqual(self.backend(h, "a").consecutive_failures, 1)
         h.submit("a")
         h.pool.finish("j1", passed=False, error="step 'ssh' failed: exit 1")
         self.assertEqual(self.backend(h, "a").consecutive_failures, 0)
         h.submit("a")
-        h.pool.finish("j2", passed=False, error="RunInstances: HTTP 503 x: y")
+        h.pool.finish("j2", passed=False, error="RunInstances: HTTP 503 x: y",
+                      kind=FailureKind.INFRASTRUCTURE)
         h.submit("a")
-        h.pool.finish("j3", passed=False, error="gave up after 6 attempts")
+        h.pool.finish("j3", passed=False, error="gave up after 6 attempts",
+                      kind=FailureKind.INFRASTRUCTURE)
         st = self.backend(h, "a")
         self.assertEqual(st.state, "quarantined")
         self.assertEqual(result_of(h.s.get("j3")).state, "failed")
@@ -934,7 +920,8 @@ class RecoveryTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(h.s.stop()))
         # The pool's stop cancels what runs; a result that arrives counts.
         with capturedLogs():
-            h.pool.get("j0").finish(passed=False, error="cancelled: the daemon is stopping")
+            h.pool.get("j0").finish(passed=False, error="cancelled: the daemon is stopping",
+                                    kind=FailureKind.CANCELLED)
             h.pool.finish("j1", passed=True)
             h.pool.finish("j2", passed=False, error="step 'ssh' failed: exit 1")
         self.assertEqual(

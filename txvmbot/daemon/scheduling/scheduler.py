@@ -9,7 +9,9 @@ the earliest submission, among the backends that are active and below their
 cap. Each backend keeps its own heap, so choosing a job costs
 O(B + log n) for B backends and n queued jobs, never a scan of the queue.
 
-A job's life::
+A job's life, the machine of :mod:`txvmbot.daemon.scheduling.lifecycle`
+(every state change goes through it; a move it has no transition for is a
+bug, an AssertionError)::
 
     queued -> running -> cleaning -> passed | failed | cancelled | error
        ^         |           |
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
@@ -67,16 +68,16 @@ from txvmbot.daemon.jobs import (
     JobState,
 )
 from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
+from txvmbot.daemon.scheduling.lifecycle import move
 from txvmbot.daemon.stores.sqlite.held import Storage
 from txvmbot.daemon.stores.sqlite.store import AnsweredStore
 from txvmbot.errors import ConfigError, TxvmbotError, UnknownJob, WorkerDied
-from txvmbot.model import CheckResult, StepEvent
+from txvmbot.model import CheckResult, FailureKind, StepEvent
 
 __all__ = [
     "API_VERSION",
     "Scheduler",
     "WorkerPool",
-    "is_infrastructure_failure",
     "new_job_id",
     "new_jobs",
 ]
@@ -104,28 +105,6 @@ class WorkerPool(Protocol):
 
     def cancel(self, job_id: str, reason: str) -> object: ...
 
-
-_INFRASTRUCTURE = re.compile(
-    r"TransportError|WorkerDied|worker running job \S+ died|gave up after|\bHTTP 5\d\d\b"
-)
-
-
-def is_infrastructure_failure(error: str) -> bool:
-    """Whether a failed check's ``error`` blames the infrastructure (the
-    transport, an exhausted retry, a 5xx from the cloud, a dead worker)
-    rather than what the check tested. Those count towards a backend's
-    quarantine; other failures reset the count."""
-    return bool(_INFRASTRUCTURE.search(error))
-
-
-# The job state machine, written down: state -> the states it may go to.
-_TRANSITIONS: Mapping[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled"}),
-    "running": frozenset({"cleaning"} | FINAL_STATES),
-    # queued again: an infrastructure failure with attempts left;
-    # cleaning again: recovery of a job the daemon died under while cleaning.
-    "cleaning": frozenset({"queued", "cleaning"} | FINAL_STATES),
-}
 
 _QueueKey = tuple[int, float, int, str]  # (-priority, submitted, order, job id)
 
@@ -926,7 +905,7 @@ class Scheduler:
             state, reason = "cancelled", active.cancel_reason
         else:
             state, reason = "failed", result.error
-            if is_infrastructure_failure(result.error):
+            if result.kind is FailureKind.INFRASTRUCTURE:
                 self.log.error(
                     "Job {job_id} on {backend} failed in the infrastructure: {error}",
                     job_id=active.job.id,
@@ -1073,8 +1052,7 @@ class Scheduler:
 
     def _set_state(self, active: _Active, state: JobState, **changes: Any) -> None:
         old = active.job
-        if state not in _TRANSITIONS.get(old.state, frozenset()):
-            raise AssertionError(f"job {old.id}: {old.state} -> {state} is not a transition")
+        move(old.id, old.state, state)  # the lifecycle's input; AssertionError if none
         final = state in FINAL_STATES
         if final:
             changes["finished"] = float(self._wall())
@@ -1143,11 +1121,8 @@ class Scheduler:
         which jobs it reads). Fails with ConfigError for an unknown name."""
         return scan_failures(self._clock, self._jobs.list, self._jobs.get, by, since, limit)
 
+
 def _interrupted(result: CheckResult) -> bool:
     """Whether ``result`` is that of a check cancelled under it (the pool
     cancels every job when it stops)."""
-    if result.passed:
-        return False
-    return result.error.lower().startswith("cancelled") or any(
-        step.outcome == "cancelled" for step in result.steps
-    )
+    return result.kind is FailureKind.CANCELLED
