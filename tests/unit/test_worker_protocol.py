@@ -25,7 +25,6 @@ from txvmbot.daemon.workers.protocol import (
     ArgumentTooLarge,
     Blob,
     CancelJob,
-    Hello,
     JournalIntend,
     JournalWriteFailed,
     MalformedArgument,
@@ -34,6 +33,7 @@ from txvmbot.daemon.workers.protocol import (
     UnknownJobError,
     WorkerBusy,
     WorkerProtocolError,
+    WorkerUp,
     _Command,
 )
 from txvmbot.daemon.workers.worker import RemoteJournal, Worker, encode_result
@@ -194,7 +194,7 @@ class Connected(SynchronousTestCase):
 
 class RunJobTests(Connected):
     def test_hello(self) -> None:
-        answer = self.successResultOf(self.call(self.parent, Hello))
+        answer = self.successResultOf(self.call(self.parent, WorkerUp))
         self.assertIsInstance(answer["pid"], int)
 
     def test_round_trip_with_events_in_order(self) -> None:
@@ -251,7 +251,7 @@ class RunJobTests(Connected):
         self.pump.flush()
         self.flushLoggedErrors(RuntimeError)
         self.assertIn("bug", self.failureResultOf(d).getErrorMessage())
-        self.successResultOf(self.call(self.parent, Hello))
+        self.successResultOf(self.call(self.parent, WorkerUp))
 
 
 class FailureKindTests(Connected):
@@ -364,7 +364,7 @@ class SizeLimitTests(Connected):
         self.pump.flush()
         self.assertEqual(self.failureResultOf(d).value.errorCode, b"ARGUMENT_TOO_LARGE")
         self.assertEqual(self.events, [])
-        self.successResultOf(self.call(self.parent, Hello))
+        self.successResultOf(self.call(self.parent, WorkerUp))
 
     def test_blob_splits_over_amp_value_limit(self) -> None:
         class Echo(_Command):
@@ -546,3 +546,24 @@ class ValueTests(SynchronousTestCase):
         self.assertTrue(issubclass(cls, AMPChild) and issubclass(cls, Worker))
         self.assertIs(reflect.namedAny(reflect.qual(cls)), cls)
 
+
+
+def test_no_command_name_is_both_a_client_and_a_worker_command() -> None:
+    """The clients' AMP API and the daemon-worker protocol are two protocols:
+    a command name in both would say two things (and a log line one)."""
+    from twisted.protocols import amp
+
+    from txvmbot.daemon.api import protocol as api
+    from txvmbot.daemon.workers import protocol as workers
+
+    def names(module: object) -> set[bytes]:
+        return {
+            c.commandName
+            for c in vars(module).values()
+            if isinstance(c, type) and issubclass(c, amp.Command) and c.__module__ == module.__name__
+            and c.__name__ != "_Command"
+        }
+
+    api_names, worker_names = names(api), names(workers)
+    assert b"Submit" in api_names and b"RunJob" in worker_names
+    assert api_names.isdisjoint(worker_names), api_names & worker_names

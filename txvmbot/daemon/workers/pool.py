@@ -49,7 +49,6 @@ from txvmbot.daemon.workers.protocol import (
     MAX_RESULT_BYTES,
     ApiCalls,
     CancelJob,
-    Hello,
     JournalCreated,
     JournalDone,
     JournalIntend,
@@ -60,6 +59,7 @@ from txvmbot.daemon.workers.protocol import (
     StepEventCmd,
     UnknownJobError,
     WorkerProtocolError,
+    WorkerUp,
     decode_api_calls,
 )
 from txvmbot.errors import ConfigError, TxvmbotError, WorkerDied
@@ -96,7 +96,7 @@ class PoolNotRunning(PoolError):
 
 
 class WorkerStartFailed(PoolError):
-    """A worker process exited before it answered its first Hello."""
+    """A worker process exited before it answered its first WorkerUp."""
 
     def __init__(self, worker: str, status: str, stderr_tail: str = "") -> None:
         tail = f"; last stderr:\n{stderr_tail}" if stderr_tail else ""
@@ -437,7 +437,7 @@ class AmpoulePool:
         return len(self._jobs)
 
     def start(self) -> Deferred[None]:
-        """Start ``size`` workers; fire when each answered a Hello. Fails
+        """Start ``size`` workers; fire when each answered a WorkerUp. Fails
         with WorkerStartFailed if one exits first (call stop() then)."""
         if self._state != "new":
             raise PoolError(f"the pool was already started (it is {self._state})")
@@ -606,9 +606,9 @@ class AmpoulePool:
         def no_pong(f: Failure) -> None:
             if not w.ready.called:
                 # The process is gone or going: _ended fails w.ready.
-                self.log.debug("Worker {worker} did not answer Hello: {f}", worker=w.name, f=f)
+                self.log.debug("Worker {worker} did not answer WorkerUp: {f}", worker=w.name, f=f)
 
-        parent.callRemote(Hello).addCallbacks(pong, no_pong)
+        parent.callRemote(WorkerUp).addCallbacks(pong, no_pong)
         return w
 
     def _stderr(self, w: _Worker, data: bytes) -> None:

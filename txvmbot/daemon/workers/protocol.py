@@ -46,7 +46,7 @@ __all__ = [
     "ArgumentTooLarge",
     "Blob",
     "CancelJob",
-    "Hello",
+    "WorkerUp",
     "JobCrashed",
     "JournalCreated",
     "JournalDone",
@@ -303,7 +303,7 @@ class _Command(amp.Command):
 # --- daemon -> worker -----------------------------------------------------------
 
 
-class Hello(_Command):
+class WorkerUp(_Command):
     """Is the worker up? Answered with its pid once its reactor runs. (The
     pool's readiness probe; ampoule's own Ping answers a str where AMP needs
     bytes and kills the worker on Python 3.)"""

@@ -41,7 +41,6 @@ from txvmbot.daemon.workers.protocol import (
     MAX_RESULT_BYTES,
     ApiCalls,
     CancelJob,
-    Hello,
     JobCrashed,
     JournalCreated,
     JournalDone,
@@ -52,6 +51,7 @@ from txvmbot.daemon.workers.protocol import (
     StepEventCmd,
     WorkerBusy,
     WorkerProtocolError,
+    WorkerUp,
     encode_api_calls,
 )
 from txvmbot.errors import ConfigError
@@ -363,7 +363,7 @@ class Worker(amp.AMP):
 
         return check.run().addCallbacks(answered, crashed).addBoth(over)
 
-    @Hello.responder
+    @WorkerUp.responder
     def hello(self) -> dict[str, int]:
         import os
 
