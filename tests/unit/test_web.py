@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.unit.test_scheduler import Harness
@@ -27,9 +28,9 @@ class Web:
         self.h = Harness()
         self.asked: list[tuple[tuple[str, ...], float]] = [] if reports is None else reports
 
-        def failures(by: tuple[str, ...], since: float) -> FailureReport:
+        def failures(by: tuple[str, ...], since: float) -> Deferred[FailureReport]:
             self.asked.append((by, since))
-            return FailureReport(
+            return succeed(FailureReport(
                 by=by,
                 since=since,
                 groups=(
@@ -37,7 +38,7 @@ class Web:
                                  examples=(FailureExample("j1", "boot: <kernel panic>"),)),
                     FailureGroup(("6.1.0-9",), passed=5, failed=0),
                 ),
-            )
+            ))
 
         self.ui = WebUI(self.h.s, self.h.clock, csrf=TOKEN, wall=self.h.clock.seconds, failures=failures)
         self.ui.start()

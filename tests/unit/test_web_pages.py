@@ -21,7 +21,7 @@ from urllib.parse import quote
 import attrs
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 
 from tests.unit.test_scheduler import Harness
 from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent
@@ -343,7 +343,7 @@ def test_the_job_page_keeps_steps_facts_console_tests_and_evidence(web: Any, tmp
 
 
 def test_the_failures_page_keeps_its_table_and_links(web: Any) -> None:
-    w = Web(failures=lambda by, since: report())
+    w = Web(failures=lambda by, since: succeed(report()))
     code, _, body = w.get("/failures?by=host_kernel&since=2d")
     w.ui.stop()
     assert code == 200
@@ -384,7 +384,7 @@ def test_the_failures_page_errors_keep_their_codes(web: Any) -> None:
     assert code == 503 and text(one(dom(body), "html/body/main/p")) == "not available"
 
     def broken(by: Any, since: Any) -> Any:
-        raise RuntimeError("the store is gone")
+        return fail(RuntimeError("the store is gone"))
 
     w = Web(failures=broken)
     code, _, body = w.get("/failures")
@@ -483,7 +483,7 @@ def test_every_page_and_fragment_of_a_hostile_job_is_escaped(tmp_path: Any) -> N
 
 
 def test_the_failures_page_escapes_facts_reasons_and_what_was_asked() -> None:
-    w = Web(failures=lambda by, since: report(HOSTILE, HOSTILE, HOSTILE))
+    w = Web(failures=lambda by, since: succeed(report(HOSTILE, HOSTILE, HOSTILE)))
     code, _, html = w.get("/failures?since=" + quote("7d", safe=""))
     assert code == 200
     t = assert_inert(html, HOSTILE, f"{HOSTILE} {HOSTILE}")
@@ -499,7 +499,7 @@ def test_the_failures_page_escapes_facts_reasons_and_what_was_asked() -> None:
     w.ui.stop()
 
     def broken(by: Any, since: Any) -> Any:
-        raise RuntimeError(HOSTILE)
+        return fail(RuntimeError(HOSTILE))
 
     w = Web(failures=broken)
     code, _, html = w.get("/failures")

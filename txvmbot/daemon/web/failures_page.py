@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import NOT_DONE_YET, Request
@@ -84,7 +84,7 @@ def shared_report(ui: Any, by: tuple[str, ...], age: float) -> Deferred[FailureR
         ui.reports[key] = (ui.clock.seconds() + REPORT_TTL, report)
         return report
 
-    return maybeDeferred(ui.failures, by, ui.wall() - age).addCallback(keep)
+    return ui.failures(by, ui.wall() - age).addCallback(keep)
 
 
 def _chooser(since_text: str) -> Tag:

@@ -39,6 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from txvmbot.daemon.jobs import Job, JobEvent
+from txvmbot.daemon.scheduling.failures import FailureReport
 from txvmbot.daemon.web import pages
 from txvmbot.errors import TxvmbotError, UnknownJob
 
@@ -237,7 +238,7 @@ class WebUI:
         clock: Any,
         *,
         metrics: Resource | None = None,
-        failures: Callable[[tuple[str, ...], float], Any] | None = None,
+        failures: Callable[[tuple[str, ...], float], Deferred[FailureReport]] | None = None,
         csrf: str | None = None,
         wall: Callable[[], float] = time.time,
         flush_interval: float = 0.5,
