@@ -44,10 +44,10 @@ from collections.abc import Callable, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import bench_parser, median, reproduce_line, table  # noqa: E402
-from tests.integration.test_local import qemu_pids  # noqa: E402
 from tests.support import checkrun  # noqa: E402
 from tests.support import real_daemon as D  # noqa: E402
 from tests.support.qemu_fixtures import build_test_image  # noqa: E402
+from tests.support.qemu_runs import qemu_pids  # noqa: E402
 from txvmbot.qemu.argv import free_port, qemu_argv  # noqa: E402
 from txvmbot.qemu.image import ImageInfo  # noqa: E402
 from txvmbot.qemu.model import READY_MARKER  # noqa: E402

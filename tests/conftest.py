@@ -11,6 +11,7 @@ import pytest
 from tests.support.debian_fixtures import debian_image  # noqa: F401
 from tests.support.pgserver import PostgresServer, choose_base_dir, running_server
 from tests.support.qemu_fixtures import qemu_image  # noqa: F401
+from tests.support.qemu_runs import short_dir  # noqa: F401
 from tests.support.servers import Moto, moto_server
 from tests.support.starts_servers import ServerUse
 

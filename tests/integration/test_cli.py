@@ -1,8 +1,10 @@
-"""The command line, with a fake Check and reap: exit codes, flags, output."""
+"""Integration tests for the command line as a real process: ``--help``
+without importing the reactor, the bin/ script, and a run stopped by
+SIGINT or SIGTERM that waits for its cleanup (a second signal stops the
+wait)."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -10,31 +12,11 @@ import sys
 import time
 from typing import Any
 
-import attrs
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import paths
-from txvmbot import cli
 
 ROOT = paths.ROOT
-
-
-@attrs.define
-class Ran:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run(argv: list[str], tmp_path: Any, env: dict[str, str] | None = None) -> Ran:
-    out, err = io.StringIO(), io.StringIO()
-    environ = {"HOME": str(tmp_path / "home")} if env is None else env
-    with pytest.raises(SystemExit) as info:
-        cli.main(argv, stdout=out, stderr=err, environ=environ, _reactor=MemoryReactorClock())
-    code = info.value.code
-    assert isinstance(code, int)
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 NO_REACTOR = """

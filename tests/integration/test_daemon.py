@@ -9,32 +9,17 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests.support import checkrun, paths
 from tests.support import real_daemon as D
+from tests.support.daemon_jobs import fresh_moto, image, job_args
 from tests.support.servers import Moto
 
 ROOT = paths.ROOT
 
-
-@pytest.fixture
-def image(moto: Moto) -> str:
-    images = checkrun.ec2(moto.url).describe_images(Owners=["amazon"])["Images"]
-    return str(sorted(i["ImageId"] for i in images)[0])
-
-
-@pytest.fixture
-def fresh_moto(moto: Moto) -> Iterator[Moto]:
-    moto.reset()
-    yield moto
-
-
-def job_args(moto: Moto, image: str, *extra: str) -> list[str]:
-    return ["--endpoint", moto.url, "--region", checkrun.REGION, "--image", image, "--no-ssh",
-            "--timeout-poll-interval", "0.2", "--timeout-poll-max-interval", "0.5", *extra]
+__all__ = ["fresh_moto", "image"]  # fixtures, used by name
 
 
 def test_embedded_default_runs_a_submitted_job_to_a_pass(

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from tests.integration.test_daemon import fresh_moto, image, job_args
 from tests.support import checkrun
 from tests.support import real_daemon as D
+from tests.support.daemon_jobs import fresh_moto, image, job_args
 from tests.support.servers import Moto
 
 __all__ = ["fresh_moto", "image"]  # fixtures, used by name

@@ -1,6 +1,6 @@
-"""``txvmbot doctor`` finds a missing, stale or unwritable plugin cache and
-says how to fix it (seed 001), and a damaged job store or journal in the
-daemon's data dir (issue 16)."""
+"""Integration tests for ``txvmbot doctor`` as a real process: the installed
+checkout passes it in a subprocess, and the command checks the data dir it
+is given."""
 
 from __future__ import annotations
 

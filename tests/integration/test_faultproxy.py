@@ -1,6 +1,7 @@
-"""The client through tests/support/faultproxy.py (a subprocess) to moto: throttling,
-503s, dropped connections and lost answers are retried, logged, and the
-sequence of calls still completes.
+"""Integration tests for the client through tests/support/faultproxy.py (a
+subprocess) to the session's moto: throttling, 503s, dropped connections
+and lost answers are retried, logged, and the sequence of calls still
+completes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The local VM test image: its parts (cpio, vmlinux, modules, keys, NoCloud
-seed), loading and checking an image directory, the CLI, and a real boot
-under QEMU (TCG) to ready marker, ssh and ACPI power-off."""
+"""Integration tests for the local VM test image: the session's image (built
+with QEMU, the ``qemu_image`` fixture), loading and checking an image
+directory, the CLI, and a real boot under QEMU (TCG) to ready marker, ssh
+and ACPI power-off."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""``txvmbot image build --distro debian``: its options and errors (no
-build), the manifest of a real build (the session's Debian image, built once
-by tests/support/debian_fixtures.py), a warm rebuild without network, and the guest
-booted for real under QEMU: ``check --local --image NAME`` runs python3 and
-systemctl, a template start reaches ssh, the ACPI power button powers it off.
+"""Integration tests for ``txvmbot image build --distro debian``: the
+manifest of a real build (the session's Debian image, built once by
+tests/support/debian_fixtures.py), a warm rebuild without network, and the
+guest booted for real under QEMU: ``check --local --image NAME`` runs
+python3 and systemctl, a suite runs trial tests, a template start reaches
+ssh, the ACPI power button powers it off.
 
 At most one VM runs at a time here; every QEMU is stopped by its job's
 cleanup or killed by pid; the guests reach nothing, their sshd only through a
@@ -11,7 +12,6 @@ forward on 127.0.0.1.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -26,10 +26,10 @@ import pytest
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_local import reap_run_dir, short_dirs, step
 from tests.support import checkrun
+from tests.support.cli_runs import cli_env
 from tests.support.debian_fixtures import CACHE, PACKAGES, RELEASE
-from txvmbot.cli import run
+from tests.support.qemu_runs import reap_run_dir, short_dirs, step
 from txvmbot.qemu import _image_debian as D
 from txvmbot.qemu.image import (
     ImageInfo,
@@ -42,12 +42,6 @@ from txvmbot.qemu.image import (
 from txvmbot.qemu.model import READY_MARKER
 
 reactor: Any = _reactor
-
-
-def _cli(*argv: str, environ: dict[str, str] | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), stdout=out, stderr=err, environ=environ or dict(os.environ))
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_busybox_manifest_says_its_kind(qemu_image: ImageInfo, tmp_path: Path) -> None:
@@ -87,7 +81,7 @@ def test_manifest_lists_every_package_and_the_inputs(debian_image: ImageInfo) ->
                           text=True, check=False)
     assert info.returncode == 0, info.stdout + info.stderr
     # image show --verify: every file's sha256 against the manifest.
-    code, out, err = _cli("image", "show", "--verify", "--output", debian_image.dir)
+    code, out, err = cli_env("image", "show", "--verify", "--output", debian_image.dir)
     assert code == 0, err
     assert "kind:         debian" in out and "distribution: debian bookworm" in out
     assert f"installed, from {', '.join(m['requested_packages'])}" in out

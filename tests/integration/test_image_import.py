@@ -73,7 +73,7 @@ def imported(debian_with_cloud_init: Any) -> Iterator[tuple[str, dict[str, str]]
         assert p.returncode == 0, p.stdout + p.stderr
         yield state, env
     finally:
-        from tests.integration.test_local import reap_run_dir
+        from tests.support.qemu_runs import reap_run_dir
 
         reap_run_dir(os.path.join(state, "vms"))
         shutil.rmtree(root, ignore_errors=True)

@@ -1,55 +1,27 @@
-"""Images by name: ``txvmbot image import`` (a cloud image's qcow2 made
-here with qemu-img), ``image list`` and ``image show NAME`` for every
-kind, and the errors that say what is wrong with a file or a name."""
+"""Integration test for images by name: ``image list`` and ``image show
+NAME`` for every kind, one of them the session's test image built with
+QEMU (the ``qemu_image`` fixture)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from txvmbot.cli import run
+from tests.support.cli_runs import cli
+from tests.support.image_files import cloud_qcow2, state
 from txvmbot.qemu import _image_errors
 from txvmbot.qemu.image import ImageInfo
+
+__all__ = ["cloud_qcow2", "state"]  # fixtures, used by name
 
 pytestmark = pytest.mark.skipif(
     not all(_image_errors.find_tool(t) for t in ("qemu-img", "mkfs.vfat", "mtype", "ssh-keygen")),
     reason="needs qemu-utils, dosfstools, mtools and openssh-client",
 )
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
-
-
-def qcow2(path: Path, size: str = "64M", backing: Path | None = None) -> Path:
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing is not None:
-        argv += ["-b", str(backing), "-F", "qcow2"]
-    subprocess.run([*argv, str(path), size], check=True, timeout=60)
-    return path
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> str:
-    return str(tmp_path / "state")
-
-
-@pytest.fixture
-def cloud_qcow2(tmp_path: Path) -> Path:
-    return qcow2(tmp_path / "debian-12-genericcloud-amd64.qcow2")
 
 
 # --- list and show ---------------------------------------------------------------------

@@ -16,52 +16,25 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from tests.support import checkrun
 from tests.support import real_daemon as D
+from tests.support.processes import kill_if, pid_alive
+from tests.support.qemu_runs import qemu_pids, ready_vms, short_dirs, step, vm_dirs
 from txvmbot.qemu import kept as K
 from txvmbot.qemu.image import ImageInfo
 from txvmbot.qemu.model import READY_MARKER
-from txvmbot.qemu.recover import stop_from_record
 
 FINAL = ("passed", "failed", "cancelled", "error")
 STEPS = ("disk-space", "image", "overlay", "boot", "ready", "wait-ssh", "commands")
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def qemu_pids(run_dir: str) -> list[int]:
-    """QEMU processes whose command line names a path under ``run_dir``."""
-    run_dir = os.path.abspath(run_dir) + "/"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0")[:-1]]
-        except OSError:
-            continue
-        if argv and "qemu-system" in os.path.basename(argv[0]) and any(run_dir in a for a in argv):
-            found.append(int(entry))
-    return found
-
-
-def reap_run_dir(run_dir: str) -> None:
-    """Teardown: stop any QEMU a VM directory of ``run_dir`` still records
-    (by its pid, only if it is that QEMU), including a revived one."""
-    for path in K.iter_vm_dirs(run_dir):
-        for d in (path, os.path.join(path, "revived")):
-            if os.path.isdir(d):
-                stop_from_record(d)
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
@@ -74,23 +47,6 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: fl
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout:g}s (last: {value!r})")
         time.sleep(interval)
-
-
-def vm_dirs(run_dir: str) -> list[str]:
-    return sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-
-
-def ready_vms(run_dir: str) -> list[str]:
-    """VM directories whose console shows the ready marker."""
-    out = []
-    for name in vm_dirs(run_dir):
-        try:
-            with open(os.path.join(run_dir, name, K.CONSOLE_FILE), errors="replace") as f:
-                if READY_MARKER in f.read():
-                    out.append(name)
-        except OSError:
-            pass
-    return out
 
 
 def local_check(state_dir: str, image_dir: str, *args: str, timeout: float = 120) -> checkrun.Run:
@@ -113,23 +69,8 @@ def txvmbot(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
                           timeout=timeout, env=checkrun.env())
 
 
-def step(result: dict[str, Any], name: str) -> dict[str, Any]:
-    for s in result["steps"]:
-        if s["name"] == name:
-            return dict(s)
-    raise AssertionError(f"no step {name!r} in {[s['name'] for s in result['steps']]}")
-
-
 def ended(s: dict[str, Any]) -> float:
     return float(s["started"]) + float(s["duration"])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def parent_of(pid: int) -> int | None:
@@ -147,42 +88,6 @@ def wait_gone(what: str, pids: list[int], since: float, bound: float = 5.0) -> f
     wait_until(f"{what} within {bound:g}s", lambda: not any(pid_alive(p) for p in pids), left,
                interval=0.01)
     return time.monotonic() - since
-
-
-def kill_if(pid: int, marker: str) -> None:
-    """SIGKILL ``pid`` if it still runs a command line containing ``marker``."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if marker.encode() in f.read() and pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-@contextmanager
-def short_dirs() -> Iterator[Callable[[], str]]:
-    """Short temp dirs (a VM's QMP socket path must fit 107 bytes), each
-    reaped of QEMU and removed on exit."""
-    made: list[str] = []
-
-    def make() -> str:
-        d = tempfile.mkdtemp(prefix="txl-", dir="/tmp")
-        made.append(d)
-        return d
-
-    try:
-        yield make
-    finally:
-        for d in made:
-            for run_dir in (d, os.path.join(d, "vms"), os.path.join(d, "run")):
-                reap_run_dir(run_dir)
-            shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Callable[[], str]]:
-    with short_dirs() as make:
-        yield make
 
 
 def pool_config(path: str, image_dir: str, run_dir: str) -> str:

@@ -1,13 +1,10 @@
-"""The daemon's Prometheus metrics (txvmbot.daemon.web.metrics) and the hooks
-that feed them: a real Scheduler on a Clock with the FakeWorkerPool, the
-page rendered by twisted.web and parsed back with prometheus_client's
-parser; the EC2 client's per-attempt observer against moto (directly and
-through the fault proxy); the worker's ``api_calls`` over AMP in memory;
-the pool's hooks with real worker processes; the cleaner's ``on_reaped``."""
+"""Integration tests of the daemon's Prometheus metrics: the EC2 client's
+per-attempt observer and the cleaner's ``on_reaped`` against the
+session's moto (directly and through the fault proxy), and the pool's
+hooks with real worker processes (tests/support/pool_case.py)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import uuid
@@ -15,24 +12,16 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from tests.integration.test_pool import PoolTestBase, sleep
-from tests.support.deferreds import result_of
+from tests.support.deferreds import sleep
 from tests.support.faultproxy import fault_proxy
+from tests.support.metrics_scrape import scrape, value, with_name
+from tests.support.pool_case import PoolTestBase
 from tests.support.servers import Moto
 from txvmbot.daemon.jobs import Job, JobSpec, check_id_for
-from txvmbot.daemon.scheduling.scheduler import Scheduler
 from txvmbot.daemon.scheduling.upkeep import make_cleaner
-from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.daemon.web.metrics import DaemonMetrics
 from txvmbot.daemon.workers.protocol import (
     decode_api_calls,
@@ -43,87 +32,8 @@ from txvmbot.ec2 import make_client
 from txvmbot.errors import CloudError, WorkerDied
 from txvmbot.journal import MemoryJournal
 from txvmbot.model import CheckSpec, Cloud, Credentials, RetryPolicy
-from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
 
 T0 = 1_000_000.0
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a /metrics page: (name, labels) -> value."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def with_name(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {labels: v for (n, labels), v in samples.items() if n == name}
-
-
-def scrape(metrics: DaemonMetrics) -> Samples:
-    """GET /metrics through a real twisted.web Site over a StringTransport."""
-    root = Resource()
-    root.putChild(b"metrics", metrics.resource())
-    protocol = Site(root).buildProtocol(None)
-    assert protocol is not None
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert b"content-type: " + CONTENT_TYPE_LATEST.encode() in head.lower(), head
-    if b"transfer-encoding: chunked" in head.lower():
-        body = dechunk(body)
-    protocol.connectionLost(Failure(Exception("done")))
-    return parse(body.decode("utf-8"))
-
-
-def dechunk(data: bytes) -> bytes:
-    out = b""
-    for _ in range(10_000):
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            return out
-        out += rest[:size]
-        data = rest[size + 2 :]
-    raise AssertionError("too many chunks")
-
-
-class Harness:
-    """A scheduler on a Clock, a memory store, the fake pool; metrics attached."""
-
-    def __init__(self, size: int = 2, **kw: Any) -> None:
-        self.clock = Clock()
-        self.clock.advance(T0)
-        self.store = SQLiteJobStore.memory(clock=self.clock.seconds)
-        self.pool = FakeWorkerPool(size)
-        self.journal = MemoryJournal(self.clock.seconds)
-        counter = itertools.count()
-        self.s = Scheduler(
-            self.clock,
-            self.store,
-            self.pool,
-            self.journal,
-            cleaner=RecordingCleaner(),
-            new_id=lambda: f"j{next(counter)}",
-            wall=self.clock.seconds,
-            **kw,
-        )
-        self.metrics = DaemonMetrics()
-        self.detach = self.metrics.attach(self.s)
-
-    def submit(self, backend: str = "b", **kw: Any) -> Job:
-        return result_of(self.s.submit(make_job_spec(backend, **kw)))
-
-    def scrape(self) -> Samples:
-        return scrape(self.metrics)
 
 
 def moto_cloud(url: str, policy: RetryPolicy | None = None) -> Cloud:

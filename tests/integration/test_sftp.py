@@ -1,11 +1,10 @@
-"""Tests for ``open_session``, ``Session.run``, ``Session.upload`` and the
-small-file calls ``write_file``, ``read_file``, ``remove_file`` (SFTP).
-
-Integration tests run against a real OpenSSH sshd on 127.0.0.1 (tests/support/sshd.py,
+"""Integration tests for ``open_session``, ``Session.run``, ``Session.upload``
+and the small-file calls ``write_file``, ``read_file``, ``remove_file``
+(SFTP) against a real OpenSSH sshd on 127.0.0.1 (tests/support/sshd.py,
 one per test, stopped by its pid): the sshd side's filesystem is this
 machine's, so what arrived is checked with ``os``. One test boots the local
 test VM (busybox + dropbear + OpenSSH's sftp-server) under QEMU and uploads
-to it. The local tree walk is tested on its own, without a server.
+to it.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import stat
 import tempfile
 import time
@@ -25,12 +23,13 @@ import pytest
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import globalLogPublisher
-from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_vm import _kill_pid
+from tests.support.deferreds import failed
+from tests.support.local_files import write
+from tests.support.processes import child_pids, kill_pids, kill_qemu_pid
 from tests.support.sshd import SSHD, sshd_server
-from tests.unit.test_ssh import failed
+from tests.support.stalling_proxy import StallingProxyFactory
 from txvmbot.ssh import (
     Session,
     SSHCommandFailed,
@@ -50,13 +49,6 @@ from txvmbot.ssh import (
 )
 
 reactor: Any = _reactor
-
-
-def write(path: str, data: bytes, mode: int = 0o644) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
 
 
 def sha256(path: str) -> str:
@@ -288,7 +280,7 @@ class UploadTests(SFTPTestCase):
     async def test_bound_too_short(self) -> None:
         # A proxy that forwards the first 1 MiB the client sends, then holds
         # everything: the upload cannot finish, deterministically.
-        factory = _StallingProxyFactory("127.0.0.1", self.sshd.port, stall_after=1 << 20)
+        factory = StallingProxyFactory("127.0.0.1", self.sshd.port, stall_after=1 << 20)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         session = await self.session(f"tcp:host=127.0.0.1:port={port.getHost().port}")
@@ -449,7 +441,7 @@ class FileTests(SFTPTestCase):
 
     async def test_write_bound_too_short(self) -> None:
         # The proxy forwards the first 1 MiB the client sends, then holds.
-        factory = _StallingProxyFactory("127.0.0.1", self.sshd.port, stall_after=1 << 20)
+        factory = StallingProxyFactory("127.0.0.1", self.sshd.port, stall_after=1 << 20)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         session = await self.session(f"tcp:host=127.0.0.1:port={port.getHost().port}")
@@ -498,7 +490,7 @@ class SessionTests(SFTPTestCase):
         self.assertFalse(session.lost)
         self.assertFalse(lost.called)
         # the listener and the process serving our connection (its child)
-        _kill([self.sshd.pid, *_children(self.sshd.pid)])
+        kill_pids([self.sshd.pid, *child_pids(self.sshd.pid)])
         await lost
         self.assertTrue(session.lost)
         e = await failed(session.run("true", 5), SSHCommandFailed)
@@ -517,67 +509,13 @@ class SessionTests(SFTPTestCase):
         src = os.path.join(self.local, "big")
         write(src, os.urandom(16 * 1024 * 1024))
 
-        self.when_bytes_pass(1 << 20, lambda: _kill(_children(self.sshd.pid)))
+        self.when_bytes_pass(1 << 20, lambda: kill_pids(child_pids(self.sshd.pid)))
         e = await failed(
             session.upload(src, os.path.join(self.remote, "big"), bound=60), SSHUploadError
         )
         self.assertTrue(e.lost, str(e))
         self.assertIn("connection lost", str(e))
         self.assertTrue(session.lost)
-
-
-def _kill(pids: list[int]) -> None:
-    """SIGKILL these processes (sshd's, started by this test); some may
-    have gone already."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``, and theirs (from /proc)."""
-    found: list[int] = []
-    parents = {pid}
-    for _ in range(5):  # sshd's per-connection processes nest 2-3 deep
-        more = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) in parents and int(entry) not in found:
-                more.append(int(entry))
-        if not more:
-            break
-        found.extend(more)
-        parents = set(more)
-    return found
-
-
-class _StallingProxy(ProxyServer):
-    """Forwards what the client sends until the factory's budget is spent,
-    then holds the rest."""
-
-    def dataReceived(self, data: bytes) -> None:
-        factory: _StallingProxyFactory = self.factory  # type: ignore[assignment]
-        room = max(factory.stall_after - factory.forwarded, 0)
-        factory.forwarded += min(len(data), room)
-        if room:
-            ProxyServer.dataReceived(self, data[:room])
-
-
-class _StallingProxyFactory(ProxyFactory):
-    protocol = _StallingProxy
-
-    def __init__(self, host: str, port: int, stall_after: int) -> None:
-        ProxyFactory.__init__(self, host, port)
-        self.stall_after = stall_after
-        self.forwarded = 0
 
 
 # -- the local test VM: dropbear runs OpenSSH's sftp-server ------------------------
@@ -607,7 +545,7 @@ class VMUploadTests(TestCase):
                 self.image, os.path.join(directory, "a"), accel="auto", memory_mb=256, cpus=1
             ),
         )
-        self.addCleanup(_kill_pid, vm.pid)
+        self.addCleanup(kill_qemu_pid, vm.pid)
         self.addCleanup(vm.kill)
         await vm.wait_ready(60)
         session = await open_session(

@@ -297,7 +297,8 @@ def test_local_jobs_of_a_lost_host_fail_and_their_vms_die_with_its_daemon(
     and has another queued; A is SIGKILLed, its QEMU orphaned. B (host-b)
     fails the running job as "host lost" and leaves the queued one for
     host-a. A comes back: it stops the orphaned QEMU and runs the other."""
-    from tests.integration.test_local import kill_if, pid_alive, qemu_pids, ready_vms, short_dirs
+    from tests.support.processes import kill_if, pid_alive
+    from tests.support.qemu_runs import qemu_pids, ready_vms, short_dirs
 
     with short_dirs() as short:
         root = short()

@@ -1,7 +1,8 @@
 """Integration tests for txvmbot.ssh against a real OpenSSH sshd on 127.0.0.1.
 
-Each test starts its own sshd (about 0.15 s) on a free loopback port and
-stops it by pid. Nothing here connects anywhere but 127.0.0.1.
+Each test starts its own sshd (tests/support/sshd_case.py, about 0.15 s)
+on a free loopback port and stops it by pid. Nothing here connects anywhere
+but 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -10,62 +11,28 @@ import os
 import shutil
 import tempfile
 from contextlib import ExitStack
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.protocols.portforward import ProxyFactory
 from twisted.trial.unittest import TestCase
 
+from tests.support.deferreds import failed
 from tests.support.servers import free_port
 from tests.support.sshd import SSHD, sshd_server
+from tests.support.sshd_case import SSHDTestCase
 from txvmbot.ssh import (
     SSHAuthenticationError,
     SSHCommandTimeout,
-    SSHOutcome,
     SSHWaitTimeout,
     generate_key,
     public_openssh,
-    run_commands,
     wait_for_ssh,
 )
 
 reactor: Any = _reactor
-
-E = TypeVar("E", bound=BaseException)
-
-
-async def failed(d: Deferred[Any], kind: type[E]) -> E:
-    """Wait for ``d`` and return its error, which must be a ``kind``."""
-    try:
-        result = await d
-    except kind as e:
-        return e
-    raise AssertionError(f"expected {kind.__name__}, got result {result!r}")
-
-
-class SSHDTestCase(TestCase):
-    timeout = 60
-
-    def setUp(self) -> None:
-        self.key = generate_key()
-        self.stack = ExitStack()
-        self.addCleanup(self.stack.close)
-        self.sshd: SSHD = self.stack.enter_context(sshd_server([public_openssh(self.key)]))
-
-    def run_(
-        self, *commands: str, command_timeout: float = 10.0, **kw: Any
-    ) -> Deferred[SSHOutcome]:
-        args: dict[str, Any] = dict(
-            endpoint=self.sshd.endpoint,
-            user=self.sshd.user,
-            key=self.key,
-            command_timeout=command_timeout,
-            connect_timeout=10.0,
-        )
-        args.update(kw)
-        return run_commands(reactor, commands=commands, **args)
 
 
 class RunCommandsTests(SSHDTestCase):

@@ -1,27 +1,24 @@
-"""Tests for ``Session.start`` and ``RemoteProcess``: a long-lived remote
-command fed on stdin, its stdout read as it comes.
-
-Unit tests drive the channel on the doubles of tests/unit/test_ssh_client.py and a
-Clock. Integration tests run against a real OpenSSH sshd on 127.0.0.1
-(tests/support/sshd.py, one per test, stopped by its pid); the commands it runs are
-this machine's, so whether a killed one is gone is checked in /proc. Every
-wait is bounded.
+"""Integration tests for ``Session.start`` and ``RemoteProcess`` (a
+long-lived remote command fed on stdin, its stdout read as it comes)
+against a real OpenSSH sshd on 127.0.0.1 (tests/support/sshd_case.py, one
+per test, stopped by its pid). The commands it runs are this machine's, so
+whether a killed one is gone is checked in /proc. Every wait is bounded.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import uuid
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 
-from tests.integration.test_sftp import _children, _kill
-from tests.integration.test_ssh import SSHDTestCase, failed
+from tests.support.deferreds import failed, within
+from tests.support.processes import child_pids, kill_pids, seen
+from tests.support.remote_output import Stdout
+from tests.support.sshd_case import SSHDTestCase
 from txvmbot.model import CommandResult
 from txvmbot.ssh import (
     Session,
@@ -31,7 +28,6 @@ from txvmbot.ssh import (
 
 reactor: Any = _reactor
 
-T = TypeVar("T")
 
 #: A line-by-line echo: each line read on stdin is written back uppercased
 #: at once; it exits 0 at end of input.
@@ -50,88 +46,6 @@ def python(code: str) -> str:
     """A shell command running ``code`` with this interpreter (the sshd's
     commands run on this machine)."""
     return f"{shlex.quote(sys.executable)} -u -c {shlex.quote(code)}"
-
-
-class Stdout:
-    """An ``on_stdout`` that keeps the chunks, and can be waited on."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self._waiting: list[tuple[bytes, Deferred[None]]] = []
-
-    def __call__(self, data: bytes) -> None:
-        self.chunks.append(data)
-        for item in list(self._waiting):
-            expected, d = item
-            if expected in self.data:
-                self._waiting.remove(item)
-                d.callback(None)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
-
-    def until(self, expected: bytes, seconds: float = 10.0) -> Deferred[None]:
-        """Fires once ``expected`` was seen; fails after ``seconds``."""
-        if expected in self.data:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        item = (expected, d)
-        self._waiting.append(item)
-
-        def too_late() -> None:
-            if item in self._waiting:
-                self._waiting.remove(item)
-                d.errback(
-                    AssertionError(f"{expected!r} not seen within {seconds}s; saw {self.data!r}")
-                )
-
-        timer = reactor.callLater(seconds, too_late)
-        d.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        return d
-
-
-async def within(d: Deferred[T], seconds: float, what: str) -> T:
-    """Wait for ``d``, failing the test if it did not fire within ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        if not timer.active():
-            raise AssertionError(f"{what} did not happen within {seconds}s") from None
-        raise
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
-def running(marker: str) -> bool:
-    """Whether a process on this machine has ``marker`` in its command line."""
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline.replace(b"\0", b" ") and state != b"Z":
-            return True
-    return False
-
-
-async def seen(marker: str, present: bool = True, seconds: float = 5.0) -> None:
-    """Wait until a process has ``marker`` in its command line (or, not
-    ``present``, none has)."""
-    for _ in range(int(seconds / 0.05)):
-        if running(marker) == present:
-            return
-        await deferLater(reactor, 0.05)
-    state = "not there" if present else "still there"
-    raise AssertionError(f"a process running {marker!r} is {state} after {seconds}s")
 
 
 # -- against a real sshd -------------------------------------------------------------
@@ -237,7 +151,7 @@ class ProcessTests(SSHDTestCase):
         process.write(b"ping\n")
         await out.until(b"ping\n")
         # the sshd listener and the processes serving our connection
-        _kill([self.sshd.pid, *_children(self.sshd.pid)])
+        kill_pids([self.sshd.pid, *child_pids(self.sshd.pid)])
         e = await within(
             Deferred.fromCoroutine(failed(process.ended, SSHCommandFailed)), 10, "ended failing"
         )

@@ -21,6 +21,7 @@ import pytest
 from tests.support import checkrun
 from tests.support.servers import Moto
 from tests.support.sshd import SSHD, sshd_server
+from tests.support.suite_runs import subunit_stats
 
 SAMPLE = '''
 import sys
@@ -69,15 +70,6 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def sshd(key: tuple[str, str]) -> Iterator[SSHD]:
     with sshd_server([key[1]]) as s:
         yield s
-
-
-def subunit_stats(path: str) -> dict[str, str]:
-    """What python-subunit's own ``subunit-stats`` reads in a stream file:
-    ``{"Total tests": "6", "Failed tests": "1", "Seen tags": ...}``."""
-    stats_bin = os.path.join(os.path.dirname(sys.executable), "subunit-stats")
-    with open(path, "rb") as f:
-        out = subprocess.run([stats_bin], stdin=f, capture_output=True, text=True, timeout=60).stdout
-    return {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
 
 
 def image_of(moto: Moto) -> str:

@@ -14,16 +14,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.test_local import qemu_pids, short_dir, vm_dirs  # noqa: F401
-from tests.integration.test_suite_cloud import subunit_stats
-from tests.integration.test_suite_local import RUN
 from tests.support import real_daemon as D
+from tests.support.qemu_runs import qemu_pids, vm_dirs
+from tests.support.suite_runs import RUN, subunit_stats
 from txvmbot.qemu.image import ImageInfo
 
 
 @pytest.fixture
 def suite_daemon(
-    qemu_image: ImageInfo, short_dir: Callable[[], str]  # noqa: F811
+    qemu_image: ImageInfo, short_dir: Callable[[], str]
 ) -> Iterator[tuple[D.Daemon, str, str]]:
     """The daemon with one worker and ``[pools.local]`` of at most 3 VMs."""
     root = short_dir()

@@ -11,19 +11,10 @@ import os
 import subprocess
 import xml.etree.ElementTree as ET
 
-from tests.integration.test_local import qemu_pids, reap_run_dir
-from tests.integration.test_suite_cloud import subunit_stats
 from tests.support import checkrun
+from tests.support.qemu_runs import qemu_pids, reap_run_dir
+from tests.support.suite_runs import RUN, subunit_stats
 from txvmbot.qemu.image import ImageInfo
-
-RUN = (
-    "case {test} in "
-    "t01) sleep 600;; "
-    "t03) echo about to fail; exit 3;; "
-    "t09) printf 'garbage \\263\\000 on stdout\\n';; "
-    "*) sleep 2; echo {test} ok;; "
-    "esac"
-)
 
 
 def test_twelve_busybox_tests_on_three_vms(qemu_image: ImageInfo, tmp_path: object) -> None:

@@ -1,5 +1,5 @@
-"""Suite specs: their validation, their JSON form in a daemon job (what a
-client sends and the store keeps), and the command line's bad-usage errors."""
+"""Integration tests for suite specs on the real command line (``txvmbot``
+in a subprocess): its bad-usage errors."""
 
 from __future__ import annotations
 
@@ -10,16 +10,6 @@ from typing import Any
 import pytest
 
 from tests.support import checkrun
-from txvmbot.jobs.suite.spec import SuiteSpec
-from txvmbot.qemu.model import LocalPool, LocalSpec
-
-LOCAL = LocalSpec(pool=LocalPool(name="local"))
-
-
-def suite(**kw: Any) -> SuiteSpec:
-    values: dict[str, Any] = {"target": LOCAL, "name": "s", "run": "run {test}", "tests": ("a", "b")}
-    values.update(kw)
-    return SuiteSpec(**values)
 
 
 def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:

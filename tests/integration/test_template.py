@@ -1,5 +1,6 @@
-"""Fast start: a pool's template (booted once, saved) and the jobs that
-resume from it, on real QEMU under TCG with the session's test image.
+"""Integration tests for fast start: a pool's template (booted once, saved)
+and the jobs that resume from it, on real QEMU under TCG with the session's
+test image.
 
 At most two VMs run at once; every QEMU is stopped by its job's cleanup or
 killed by pid in the test's cleanup.

@@ -1,14 +1,13 @@
-"""Tests for one QEMU VM: unit tests of its state machine and stop sequence on
-a fake process reactor and a fake clock, then real QEMU under TCG booting the
-session's test image (``qemu_image``). At most two VMs run at once; every
-QEMU started here is stopped by its pid in the test's cleanup, and its only
-network is a forward from 127.0.0.1 (restrict=on)."""
+"""Integration tests for one QEMU VM: the accelerator this machine offers, and
+real QEMU under TCG booting the session's test image (``qemu_image``). At
+most two VMs run at once; every QEMU started here is stopped by its pid in
+the test's cleanup, and its only network is a forward from 127.0.0.1
+(restrict=on)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.support.local_files import TempDirMixin
+from tests.support.processes import kill_qemu_pid
 from txvmbot.qemu.accel import qemu_version
 from txvmbot.qemu.argv import free_port
 from txvmbot.qemu.boot import BootSpec, boot
@@ -37,13 +38,6 @@ from txvmbot.qemu.vm import (
 from txvmbot.ssh import SSHOutcome, load_private_key, run_commands
 
 reactor: Any = _reactor
-
-
-class TempDirMixin:
-    def mktemp_dir(self) -> str:
-        d = tempfile.mkdtemp(prefix="txvmbot-vm-")
-        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
-        return d
 
 
 class AccelTests(TempDirMixin, SynchronousTestCase):
@@ -70,19 +64,6 @@ class AccelTests(TempDirMixin, SynchronousTestCase):
 # -- real QEMU ----------------------------------------------------------------
 
 
-def _kill_pid(pid: int | None) -> None:
-    """Last-resort cleanup by pid, if the VM's own stop did not happen."""
-    if pid is None:
-        return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"qemu-system" not in f.read():
-                return
-        os.kill(pid, signal.SIGKILL)
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-
-
 @pytest.fixture(scope="class")
 def _image_for_class(request: pytest.FixtureRequest, qemu_image: Any) -> Iterator[None]:
     request.cls.image = qemu_image
@@ -107,7 +88,7 @@ class RealVMTests(TestCase):
         kw.setdefault("memory_mb", 256)
         kw.setdefault("cpus", 1)
         vm = await boot(reactor, BootSpec(self.image, os.path.join(self.dir, name), **kw))
-        self.addCleanup(_kill_pid, vm.pid)
+        self.addCleanup(kill_qemu_pid, vm.pid)
         self.addCleanup(vm.kill)
         return vm
 

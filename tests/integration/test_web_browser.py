@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_local import qemu_pids, short_dir, vm_dirs  # noqa: F401
 from tests.support import real_daemon as D
+from tests.support.pki import make_pki
+from tests.support.qemu_runs import qemu_pids, vm_dirs
 from tests.support.servers import free_port, wait_for_port
-from tests.unit.test_tls import make_pki
 from txvmbot.qemu.image import ImageInfo
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -31,7 +31,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 @pytest.fixture
 def web_daemon(
-    qemu_image: ImageInfo, short_dir: Callable[[], str]  # noqa: F811
+    qemu_image: ImageInfo, short_dir: Callable[[], str]
 ) -> Iterator[tuple[D.Daemon, str, str, str]]:
     root = short_dir()
     run_dir = os.path.join(root, "run")

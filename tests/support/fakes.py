@@ -1,4 +1,5 @@
-"""An in-memory IScheduler for testing the AMP API and its clients."""
+"""An in-memory IScheduler for testing the AMP API and its clients, and
+``SPEC``, a job spec (as submitted) whose endpoint reaches nothing."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from txvmbot.daemon.jobs import (
 from txvmbot.daemon.scheduling.failures import FailureReport, group_failures
 from txvmbot.errors import TxvmbotError, UnknownJob
 from txvmbot.model import CheckResult, Facts, StepResult
+
+#: A job spec, as a client submits it; its endpoint reaches nothing.
+SPEC = {"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "ami-1"}
 
 
 class BackendUnknown(TxvmbotError):

@@ -1,4 +1,5 @@
-"""The command line, with a fake Check and reap: exit codes, flags, output."""
+"""Unit tests for the command line, run in process (tests/support/cli_runs.py)
+with a fake Check and reap: exit codes, flags, output."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
+from tests.support.cli_runs import run
 from txvmbot import cli
 from txvmbot.cli import _CheckRun, _Exit, _Streams, build_parser, spec_from_args, state_dir_for
 from txvmbot.errors import ConfigError
@@ -124,23 +125,6 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[World]:
     monkeypatch.setitem(sys.modules, "txvmbot.journal", journal)
     monkeypatch.setitem(sys.modules, "txvmbot.ec2.reaper", reaper)
     yield w
-
-
-@attrs.define
-class Ran:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run(argv: list[str], tmp_path: Any, env: dict[str, str] | None = None) -> Ran:
-    out, err = io.StringIO(), io.StringIO()
-    environ = {"HOME": str(tmp_path / "home")} if env is None else env
-    with pytest.raises(SystemExit) as info:
-        cli.main(argv, stdout=out, stderr=err, environ=environ, _reactor=MemoryReactorClock())
-    code = info.value.code
-    assert isinstance(code, int)
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 # --- exit codes ------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""``txvmbot doctor`` finds a missing, stale or unwritable plugin cache and
-says how to fix it (seed 001), and a damaged job store or journal in the
-daemon's data dir (issue 16)."""
+"""Unit tests for ``txvmbot doctor``, run in process: it finds a missing,
+stale or unwritable plugin cache and says how to fix it (seed 001), and a
+damaged job store or journal in the daemon's data dir (issue 16)."""
 
 from __future__ import annotations
 

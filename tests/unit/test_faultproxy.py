@@ -1,6 +1,5 @@
-"""The client through tests/support/faultproxy.py (a subprocess) to moto: throttling,
-503s, dropped connections and lost answers are retried, logged, and the
-sequence of calls still completes.
+"""Unit tests for the fault schedule of tests/support/faultproxy.py: which
+fault a request gets, and a bad spec, with no proxy running.
 """
 
 from __future__ import annotations

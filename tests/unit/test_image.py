@@ -1,6 +1,6 @@
-"""The local VM test image: its parts (cpio, vmlinux, modules, keys, NoCloud
-seed), loading and checking an image directory, the CLI, and a real boot
-under QEMU (TCG) to ready marker, ssh and ACPI power-off."""
+"""Unit tests for the local VM test image's parts, with no QEMU: cpio,
+vmlinux, modules, keys, the NoCloud seed, the kernel package, and a failed
+build that leaves nothing and says why."""
 
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
-"""``txvmbot image build --distro debian``: its options and errors (no
-build), the manifest of a real build (the session's Debian image, built once
-by tests/support/debian_fixtures.py), a warm rebuild without network, and the guest
-booted for real under QEMU: ``check --local --image NAME`` runs python3 and
-systemctl, a template start reaches ssh, the ACPI power button powers it off.
-
-At most one VM runs at a time here; every QEMU is stopped by its job's
-cleanup or killed by pid; the guests reach nothing, their sshd only through a
-forward on 127.0.0.1.
+"""Unit tests for ``txvmbot image build --distro debian`` with no build: its
+options and errors (bad package names, a missing mmdebstrap, not root), how
+an mmdebstrap failure is reported (a fake mmdebstrap), the argv it runs,
+and the guest modules it picks.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -19,20 +13,13 @@ from typing import Any
 
 import pytest
 
-from txvmbot.cli import run
+from tests.support.cli_runs import cli_env
 from txvmbot.qemu import _image_debian as D
 from txvmbot.qemu import image as image_module
 from txvmbot.qemu.image import (
     ImageError,
     build_debian_image,
 )
-
-
-def _cli(*argv: str, environ: dict[str, str] | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), stdout=out, stderr=err, environ=environ or dict(os.environ))
-    return code, out.getvalue(), err.getvalue()
-
 
 # --- options and errors, no build --------------------------------------------------
 
@@ -64,7 +51,7 @@ def test_missing_mmdebstrap_names_its_apt_package(
         "cannot build the Debian image: not installed: mmdebstrap; "
         "install them: apt-get install mmdebstrap"
     )
-    code, _out, err = _cli(
+    code, _out, err = cli_env(
         "image", "build", "--distro", "debian", "--output", str(tmp_path / "img"),
         "--cache-dir", str(tmp_path / "cache"),
     )
@@ -101,7 +88,7 @@ def test_unknown_package_is_named_and_nothing_is_left(
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     out = tmp_path / "out"
     out.mkdir()
-    code, _o, err = _cli(
+    code, _o, err = cli_env(
         "image", "build", "--distro", "debian", "--package", "nosuchpkg",
         "--output", str(out / "img"), "--cache-dir", str(tmp_path / "cache"),
     )
@@ -162,7 +149,7 @@ def test_cli_build_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(image_module, "build_debian_image", fake)
     state = str(tmp_path / "state")
-    code, _o, err = _cli(
+    code, _o, err = cli_env(
         "image", "build", "--distro", "debian", "--state-dir", state, "--release", "trixie",
         "--package", "python3-twisted", "--package", "git", "--mirror", "http://m/debian",
     )
@@ -172,11 +159,11 @@ def test_cli_build_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert kw["release"] == "trixie" and kw["packages"] == ("python3-twisted", "git")
     assert kw["mirror"] == "http://m/debian" and kw["cache_dir"] == os.path.join(
         state, "cache", "debs")
-    _cli("image", "build", "--distro", "debian", "--state-dir", state, "--name", "mine")
+    cli_env("image", "build", "--distro", "debian", "--state-dir", state, "--name", "mine")
     output, kw = calls.pop()
     assert output == os.path.join(state, "images", "mine")
     assert kw["release"] == "bookworm" and kw["packages"] == () and kw["mirror"] is None
-    _cli("image", "build", "--distro", "debian", "--output", str(tmp_path / "d"))
+    cli_env("image", "build", "--distro", "debian", "--output", str(tmp_path / "d"))
     assert calls.pop()[0] == str(tmp_path / "d")
     for argv, message in (
         (["--package", "git"], "--package: only with --distro debian"),
@@ -184,6 +171,6 @@ def test_cli_build_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         (["--distro", "debian", "--name", "a", "--output", "b"], "give --name or --output"),
         (["--distro", "debian", "--name", "a b"], "--name: image name 'a b'"),
     ):
-        code, _o, err = _cli("image", "build", "--state-dir", state, *argv)
+        code, _o, err = cli_env("image", "build", "--state-dir", state, *argv)
         assert code == 2 and message in err, (argv, err)
     assert calls == []

@@ -1,9 +1,9 @@
-"""The daemon's Prometheus metrics (txvmbot.daemon.web.metrics) and the hooks
-that feed them: a real Scheduler on a Clock with the FakeWorkerPool, the
-page rendered by twisted.web and parsed back with prometheus_client's
-parser; the EC2 client's per-attempt observer against moto (directly and
-through the fault proxy); the worker's ``api_calls`` over AMP in memory;
-the pool's hooks with real worker processes; the cleaner's ``on_reaped``."""
+"""Unit tests of the daemon's Prometheus metrics (txvmbot.daemon.web.metrics)
+and the hooks that feed them, with no server: a real Scheduler on a Clock
+with the FakeWorkerPool, the page rendered by twisted.web and parsed back
+with prometheus_client's parser (tests/support/metrics_scrape.py); the EC2
+client's per-attempt observer on a fake call; the worker's ``api_calls``
+over AMP in memory; the pool's hooks on doubles of its workers."""
 
 from __future__ import annotations
 
@@ -15,17 +15,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support.deferreds import result_of
+from tests.support.metrics_scrape import Samples, parse, scrape, value, with_name
 from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.scheduling.scheduler import Scheduler
@@ -52,54 +50,6 @@ from txvmbot.model import CheckResult, Facts, RetryPolicy
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
 
 T0 = 1_000_000.0
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a /metrics page: (name, labels) -> value."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def with_name(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {labels: v for (n, labels), v in samples.items() if n == name}
-
-
-def scrape(metrics: DaemonMetrics) -> Samples:
-    """GET /metrics through a real twisted.web Site over a StringTransport."""
-    root = Resource()
-    root.putChild(b"metrics", metrics.resource())
-    protocol = Site(root).buildProtocol(None)
-    assert protocol is not None
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert b"content-type: " + CONTENT_TYPE_LATEST.encode() in head.lower(), head
-    if b"transfer-encoding: chunked" in head.lower():
-        body = dechunk(body)
-    protocol.connectionLost(Failure(Exception("done")))
-    return parse(body.decode("utf-8"))
-
-
-def dechunk(data: bytes) -> bytes:
-    out = b""
-    for _ in range(10_000):
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            return out
-        out += rest[:size]
-        data = rest[size + 2 :]
-    raise AssertionError("too many chunks")
 
 
 class Harness:

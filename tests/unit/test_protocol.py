@@ -11,7 +11,7 @@ from twisted.protocols import amp
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.fakes import FakeScheduler
+from tests.support.fakes import SPEC, FakeScheduler
 from txvmbot import __version__
 from txvmbot.daemon import codec
 from txvmbot.daemon.api.client import DaemonClient, JobSummary, _ClientAMP
@@ -31,8 +31,6 @@ from txvmbot.daemon.api.protocol import (
 from txvmbot.daemon.api.server import AMPServerFactory, DaemonAMP
 from txvmbot.daemon.jobs import JobEvent
 from txvmbot.errors import UnknownJob
-
-SPEC = {"endpoint": "http://127.0.0.1:1/", "region": "r", "image": "ami-1"}
 
 
 def decode(arg: amp.Argument, value: bytes, name: bytes = b"x") -> Any:

@@ -1,20 +1,18 @@
-"""Tests for the QMP client: a fake QMP server over iosim and StringTransport,
-then one session against a real QEMU (TCG, no guest) on a unix socket in a
-temp dir, stopped by its pid."""
+"""Unit tests for the QMP client against the fake QMP server of
+tests/support/qmp_doubles.py, over iosim and StringTransport: negotiation,
+commands and their answers, events, connection loss and cancelling, and
+``connect_qmp``'s retries on a MemoryReactorClock."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.qmp_doubles import GREETING, session
 from txvmbot.errors import TxvmbotError
 from txvmbot.qemu.qmp import (
     QMPConnectionLost,
@@ -24,61 +22,6 @@ from txvmbot.qemu.qmp import (
     QMPTimeout,
     connect_qmp,
 )
-
-GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}}, "capabilities": []}}
-
-
-class FakeQMPServer(LineReceiver):
-    """A tiny line-JSON QMP server: greets, answers from ``handlers``
-    (command -> callable(arguments) -> dict to send, without the id)."""
-
-    delimiter = b"\n"
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
-            "qmp_capabilities": lambda a: {"return": {}},
-            "query-status": lambda a: {"return": {"status": "running", "running": True}},
-            "boom": lambda a: {"error": {"class": "GenericError", "desc": "it went boom"}},
-        }
-        self.held: list[dict[str, Any]] = []
-
-    def connectionMade(self) -> None:
-        self.send(GREETING)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        # QEMU ends its lines with CRLF.
-        assert self.transport is not None
-        self.transport.write(json.dumps(msg).encode() + b"\r\n")
-
-    def event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        msg: dict[str, Any] = {"event": name, "timestamp": {"seconds": 10, "microseconds": 500000}}
-        if data is not None:
-            msg["data"] = data
-        self.send(msg)
-
-    def lineReceived(self, line: bytes) -> None:
-        msg = json.loads(line)
-        self.received.append(msg)
-        handler = self.handlers.get(msg["execute"])
-        if handler is None:
-            answer: dict[str, Any] | None = {
-                "error": {"class": "CommandNotFound", "desc": f"no {msg['execute']}"}
-            }
-        else:
-            answer = handler(msg.get("arguments", {}))
-        if answer is None:  # held back for the test to send
-            self.held.append(msg)
-            return
-        if "id" in msg:
-            answer["id"] = msg["id"]
-        self.send(answer)
-
-
-def session() -> tuple[FakeQMPServer, QMPProtocol, Any]:
-    client, server, pump = connectedServerAndClient(FakeQMPServer, QMPProtocol)
-    pump.flush()
-    return server, client, pump
 
 
 class QMPProtocolTests(SynchronousTestCase):

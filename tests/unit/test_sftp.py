@@ -1,11 +1,7 @@
-"""Tests for ``open_session``, ``Session.run``, ``Session.upload`` and the
-small-file calls ``write_file``, ``read_file``, ``remove_file`` (SFTP).
-
-Integration tests run against a real OpenSSH sshd on 127.0.0.1 (tests/support/sshd.py,
-one per test, stopped by its pid): the sshd side's filesystem is this
-machine's, so what arrived is checked with ``os``. One test boots the local
-test VM (busybox + dropbear + OpenSSH's sftp-server) under QEMU and uploads
-to it. The local tree walk is tested on its own, without a server.
+"""Unit tests for the SSH session's SFTP side, with no server: the local tree
+walk of an upload, and ``Session.run`` and the small-file calls' bounds,
+timeouts, cancelling and lost connections on the SSH doubles of
+tests/support/ssh_doubles.py and a Clock.
 """
 
 from __future__ import annotations
@@ -19,10 +15,10 @@ import pytest
 from twisted.conch.ssh.common import NS
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
-from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_ssh_client import FakeConnection
+from tests.support.local_files import write
+from tests.support.ssh_doubles import FakeConnection
 from txvmbot.ssh import (
     Session,
     SSHCommandFailed,
@@ -32,14 +28,6 @@ from txvmbot.ssh import (
     _sftp,
 )
 from txvmbot.ssh._protocol import CLOSE_GRACE, KILL_GRACE
-
-
-def write(path: str, data: bytes, mode: int = 0o644) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-
 
 # -- the local tree, without a server -------------------------------------------
 
@@ -243,24 +231,3 @@ class FileBoundUnitTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(clock.getDelayedCalls(), [])
-
-
-class _StallingProxy(ProxyServer):
-    """Forwards what the client sends until the factory's budget is spent,
-    then holds the rest."""
-
-    def dataReceived(self, data: bytes) -> None:
-        factory: _StallingProxyFactory = self.factory  # type: ignore[assignment]
-        room = max(factory.stall_after - factory.forwarded, 0)
-        factory.forwarded += min(len(data), room)
-        if room:
-            ProxyServer.dataReceived(self, data[:room])
-
-
-class _StallingProxyFactory(ProxyFactory):
-    protocol = _StallingProxy
-
-    def __init__(self, host: str, port: int, stall_after: int) -> None:
-        ProxyFactory.__init__(self, host, port)
-        self.stall_after = stall_after
-        self.forwarded = 0

@@ -1,18 +1,18 @@
-"""Integration tests for txvmbot.ssh against a real OpenSSH sshd on 127.0.0.1.
-
-Each test starts its own sshd (about 0.15 s) on a free loopback port and
-stops it by pid. Nothing here connects anywhere but 127.0.0.1.
+"""Unit tests for txvmbot.ssh's failures with no sshd: a refused port and a
+listener on 127.0.0.1 that never speaks, for ``run_commands`` and
+``wait_for_ssh`` (its bound and its cancel).
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
+from tests.support.deferreds import failed
 from tests.support.servers import free_port
 from txvmbot.ssh import (
     SSHConnectError,
@@ -23,17 +23,6 @@ from txvmbot.ssh import (
 )
 
 reactor: Any = _reactor
-
-E = TypeVar("E", bound=BaseException)
-
-
-async def failed(d: Deferred[Any], kind: type[E]) -> E:
-    """Wait for ``d`` and return its error, which must be a ``kind``."""
-    try:
-        result = await d
-    except kind as e:
-        return e
-    raise AssertionError(f"expected {kind.__name__}, got result {result!r}")
 
 
 class Silent(Protocol):

@@ -25,10 +25,10 @@ def test_an_argv_or_a_script_that_runs_the_cli_or_qemu_starts_a_process() -> Non
 
 
 def test_helpers_are_followed_through_the_test_modules() -> None:
-    import tests.integration.test_ssh
-    import tests.unit.test_ssh_client
+    import tests.support.ssh_doubles
+    import tests.support.sshd_case
 
     use = ServerUse()
     # SSHDTestCase starts sshd in setUp; FakeConnection is a double.
-    assert use._object(tests.integration.test_ssh.SSHDTestCase)
-    assert not use._object(tests.unit.test_ssh_client.FakeConnection)
+    assert use._object(tests.support.sshd_case.SSHDTestCase)
+    assert not use._object(tests.support.ssh_doubles.FakeConnection)

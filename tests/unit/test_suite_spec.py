@@ -1,5 +1,6 @@
-"""Suite specs: their validation, their JSON form in a daemon job (what a
-client sends and the store keeps), and the command line's bad-usage errors."""
+"""Unit tests for suite specs: their validation, their JSON form in a daemon
+job (what a client sends and the store keeps), and the live line on a
+terminal."""
 
 from __future__ import annotations
 
@@ -9,21 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.suite_specs import LOCAL, suite
 from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import JobSpec
 from txvmbot.errors import ConfigError
-from txvmbot.jobs.suite.spec import SuiteSpec, Upload, command_for
+from txvmbot.jobs.suite.spec import Upload, command_for
 from txvmbot.model import CheckSpec, Cloud
-from txvmbot.qemu.model import LocalPool, LocalSpec
 
 CLOUD = CheckSpec(cloud=Cloud("http://127.0.0.1:1/", "r", name="b"), image="ami-1")
-LOCAL = LocalSpec(pool=LocalPool(name="local"))
-
-
-def suite(**kw: Any) -> SuiteSpec:
-    values: dict[str, Any] = {"target": LOCAL, "name": "s", "run": "run {test}", "tests": ("a", "b")}
-    values.update(kw)
-    return SuiteSpec(**values)
 
 
 def test_command_for_quotes_ids_and_leaves_other_braces() -> None:

@@ -1,8 +1,5 @@
-"""Fast start: a pool's template (booted once, saved) and the jobs that
-resume from it, on real QEMU under TCG with the session's test image.
-
-At most two VMs run at once; every QEMU is stopped by its job's cleanup or
-killed by pid in the test's cleanup.
+"""Unit tests for fast start with no VM: whether a pool's template record
+still fits (config, files, missing parts) and the fast-start flag.
 """
 
 from __future__ import annotations

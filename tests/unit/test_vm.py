@@ -1,8 +1,6 @@
-"""Tests for one QEMU VM: unit tests of its state machine and stop sequence on
-a fake process reactor and a fake clock, then real QEMU under TCG booting the
-session's test image (``qemu_image``). At most two VMs run at once; every
-QEMU started here is stopped by its pid in the test's cleanup, and its only
-network is a forward from 127.0.0.1 (restrict=on)."""
+"""Unit tests for one QEMU VM, with no QEMU: its argv and accelerator choice,
+the launcher that ties it to its parent, its state machine, stop sequence,
+incoming migration and record, on a fake process reactor and a fake clock."""
 
 from __future__ import annotations
 
@@ -10,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
@@ -21,6 +18,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.support.local_files import TempDirMixin
 from txvmbot.errors import StepTimeout
 from txvmbot.qemu.accel import AccelError, detect_accel
 from txvmbot.qemu.argv import free_port, parent_death_launcher, qemu_argv
@@ -138,13 +136,6 @@ def answer(vm: VM, transport: StringTransport, value: Any = None) -> None:
 
 def end(vm: VM, r: ProcessReactor, reason: Failure) -> None:
     r.spawned[-1][0].processEnded(reason)
-
-
-class TempDirMixin:
-    def mktemp_dir(self) -> str:
-        d = tempfile.mkdtemp(prefix="txvmbot-vm-")
-        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
-        return d
 
 
 # -- unit tests -------------------------------------------------------------
