@@ -18,7 +18,6 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support.local_files import TempDirMixin
 from tests.support.processes import kill_qemu_pid
 from txvmbot.qemu.accel import qemu_version
 from txvmbot.qemu.argv import free_port
@@ -40,19 +39,7 @@ from txvmbot.ssh import SSHOutcome, load_private_key, run_commands
 reactor: Any = _reactor
 
 
-class AccelTests(TempDirMixin, SynchronousTestCase):
-    def setUp(self) -> None:
-        self.dir = self.mktemp_dir()
-        self.dev = os.path.join(self.dir, "kvm")
-        open(self.dev, "w").close()
-
-    def modules(self, *names: str) -> str:
-        path = os.path.join(self.dir, "modules")
-        with open(path, "w") as f:
-            for n in names:
-                f.write(f"{n} 1234 0 - Live 0x0000000000000000\n")
-        return path
-
+class AccelTests(SynchronousTestCase):
     def test_qemu_version(self) -> None:
         if shutil.which("qemu-system-x86_64") is None:
             self.skipTest("no QEMU")

@@ -1,11 +1,9 @@
-"""Files on this machine for a test: ``write`` makes the parents and sets
-the mode; ``TempDirMixin.mktemp_dir`` makes a temp dir removed at cleanup."""
+"""Files on this machine written for a test: ``write`` makes the parents
+and sets the mode."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 
 def write(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -14,9 +12,3 @@ def write(path: str, data: bytes, mode: int = 0o644) -> None:
         f.write(data)
     os.chmod(path, mode)
 
-
-class TempDirMixin:
-    def mktemp_dir(self) -> str:
-        d = tempfile.mkdtemp(prefix="txvmbot-vm-")
-        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
-        return d

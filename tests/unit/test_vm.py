@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
@@ -18,7 +19,6 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support.local_files import TempDirMixin
 from txvmbot.errors import StepTimeout
 from txvmbot.qemu.accel import AccelError, detect_accel
 from txvmbot.qemu.argv import free_port, parent_death_launcher, qemu_argv
@@ -136,6 +136,13 @@ def answer(vm: VM, transport: StringTransport, value: Any = None) -> None:
 
 def end(vm: VM, r: ProcessReactor, reason: Failure) -> None:
     r.spawned[-1][0].processEnded(reason)
+
+
+class TempDirMixin:
+    def mktemp_dir(self) -> str:
+        d = tempfile.mkdtemp(prefix="txvmbot-vm-")
+        self.addCleanup(shutil.rmtree, d, True)  # type: ignore[attr-defined]
+        return d
 
 
 # -- unit tests -------------------------------------------------------------
