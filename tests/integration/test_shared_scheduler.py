@@ -1,5 +1,5 @@
 """SharedScheduler against a real PostgreSQL server (fixture pg_dsn): a
-local Scheduler with a fake pool writing through a real JobWriter, and
+local Dispatcher with a fake pool writing through a real JobWriter, and
 "another daemon" played by the test with store.claim and a JobWriter of
 its own owner."""
 
@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 from txvmbot.daemon.cluster.listener import Listener
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import Job, JobEvent
-from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.scheduling.dispatch import Dispatcher
 from txvmbot.daemon.scheduling.shared import SharedScheduler
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database
@@ -64,8 +64,7 @@ class SharedSchedulerTests(TestCase):
         self.wall = Ticker()
         self.pool = FakeWorkerPool(2)
         self.writer = self.writer_of(ME)
-        ids = itertools.count()
-        self.local = Scheduler(
+        self.local = Dispatcher(
             reactor,
             self.writer,  # type: ignore[arg-type]  # IJobWriter: the engine writes only
             self.pool,
@@ -73,7 +72,6 @@ class SharedSchedulerTests(TestCase):
             cleaner=RecordingCleaner(),
             caps={"b": 2},
             wall=self.wall,
-            new_id=lambda: f"x{next(ids)}",  # never used: SharedScheduler makes the ids
         )
         self.addCleanup(self.local.stop)
         jobs = itertools.count()
@@ -222,7 +220,8 @@ class SharedSchedulerTests(TestCase):
         # A job this daemon runs is listed as it is here now.
         (c,) = await self.claim(ME)
         self.local.adopt(c.job, c.last_seq, c.cancel)
-        here = await self.local.get(c.job.id)
+        here = self.local.holding(c.job.id)
+        assert here is not None
         self.assertEqual(here.state, "running")
         listed = {j.id: j for j in await self.shared.list(states={"queued", "running"})}
         self.assertEqual(listed[c.job.id], here)

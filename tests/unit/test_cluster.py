@@ -929,7 +929,7 @@ class ClusterTests(SynchronousTestCase):
         self.assertEqual(h.s.abandoned, [])
 
 
-# --- Scheduler.abandon ---------------------------------------------------------------
+# --- Dispatcher.abandon --------------------------------------------------------------
 
 
 class WritesStore(SQLiteJobStore):
@@ -950,7 +950,8 @@ class WritesStore(SQLiteJobStore):
 
 
 class AbandonHarness:
-    """A local Scheduler on a Clock with the fake pool of txvmbot.testing."""
+    """A local Scheduler (front end and dispatcher) on a Clock with the fake
+    pool of txvmbot.testing."""
 
     def __init__(
         self,
@@ -998,13 +999,13 @@ class SchedulerAbandonTests(SynchronousTestCase):
         self.assertEqual(list(h.pool.running), ["j0"])
         mark = len(h.store.writes)
         with capturedLogs() as logs:
-            h.s.abandon("this daemon lost its lease", ["j0"])
+            h.s.dispatcher.abandon("this daemon lost its lease", ["j0"])
         self.assertTrue(
             any(e["log_level"] == LogLevel.warn and e.get("job_id") == "j0" for e in logs)
         )
         self.assertEqual(h.pool.cancels, [("j0", "this daemon lost its lease")])
-        self.assertFalse(h.s.holds("j0"))
-        self.assertTrue(h.s.holds("j1"))
+        self.assertFalse(h.s.dispatcher.holds("j0"))
+        self.assertTrue(h.s.dispatcher.holds("j1"))
         # Its worker still cleans up: it stays busy until it answers.
         self.assertEqual(list(h.pool.running), ["j0"])
         self.assertEqual(h.s.status_now().queue_depth, 1)
@@ -1028,7 +1029,7 @@ class SchedulerAbandonTests(SynchronousTestCase):
     def test_worker_dying_under_a_job_let_go_is_not_cleaned_up_here(self) -> None:
         h = AbandonHarness(size=1)
         h.submit(2)
-        h.s.abandon("another daemon took it over", ["j0"])
+        h.s.dispatcher.abandon("another daemon took it over", ["j0"])
         mark = len(h.store.writes)
         h.pool.die("j0")
         self.assertEqual(h.cleaner.jobs, [])  # its new holder cleans up
@@ -1047,12 +1048,12 @@ class SchedulerAbandonTests(SynchronousTestCase):
             attempts=1,
         )
         h.store.sync.add_many([(j, JobEvent(job_id="x1", seq=1, at=T0, kind="state", state="queued"))])
-        d = h.s.adopt_interrupted(j, 1, "daemon h2 lost")
+        d = h.s.dispatcher.adopt_interrupted(j, 1, "daemon h2 lost")
         self.assertEqual(h.state("x1"), "cleaning")
         self.assertEqual([c.id for c in cleaner.jobs], ["x1"])
         mark = len(h.store.writes)
-        h.s.abandon("this daemon lost its lease")
-        self.assertFalse(h.s.holds("x1"))
+        h.s.dispatcher.abandon("this daemon lost its lease")
+        self.assertFalse(h.s.dispatcher.holds("x1"))
         self.assertEqual(h.pool.cancels, [])  # no worker runs it
         cleaner.release_all()
         self.successResultOf(d)
@@ -1064,9 +1065,9 @@ class SchedulerAbandonTests(SynchronousTestCase):
     def test_abandon_with_ids_lets_go_of_only_those(self) -> None:
         h = AbandonHarness(size=2)
         h.submit(4)  # j0, j1 run; j2, j3 wait
-        h.s.abandon("another daemon took it over", ["j0", "j2", "nope"])
+        h.s.dispatcher.abandon("another daemon took it over", ["j0", "j2", "nope"])
         self.assertEqual(h.pool.cancels, [("j0", "another daemon took it over")])
-        self.assertEqual([h.s.holds(f"j{i}") for i in range(4)], [False, True, False, True])
+        self.assertEqual([h.s.dispatcher.holds(f"j{i}") for i in range(4)], [False, True, False, True])
         self.assertEqual(h.s.status_now().queue_depth, 1)
         mark = len(h.store.writes)
         h.pool.finish("j1")
@@ -1075,24 +1076,24 @@ class SchedulerAbandonTests(SynchronousTestCase):
         h.pool.get("j0").finish_cancelled()
         self.assertEqual(list(h.pool.running), ["j3"])
         self.assertEqual({w[1] for w in h.writes_since(mark)}, {"j1", "j3"})
-        self.assertEqual(h.s.free_workers(), 1)
+        self.assertEqual(h.s.dispatcher.free_workers(), 1)
 
     def test_abandon_all_forgets_queued_jobs_and_fails_waiters(self) -> None:
         h = AbandonHarness(size=1)
         h.submit(2)
         waiter = h.s.cancel("j0")
-        h.s.abandon("this daemon lost its lease")
+        h.s.dispatcher.abandon("this daemon lost its lease")
         err = self.failureResultOf(waiter, TxvmbotError)
         self.assertIn("j0", str(err.value))
         self.assertIn("this daemon lost its lease", str(err.value))
-        self.assertEqual([h.s.holds("j0"), h.s.holds("j1")], [False, False])
+        self.assertEqual([h.s.dispatcher.holds("j0"), h.s.dispatcher.holds("j1")], [False, False])
         status = h.s.status_now()
         self.assertEqual((status.queue_depth, status.running), (0, 0))
         mark = len(h.store.writes)
         h.pool.get("j0").finish_cancelled()
         self.assertEqual(h.writes_since(mark), [])
         self.assertEqual(len(h.pool.runs), 1)  # j1 was forgotten, not started
-        self.assertEqual(h.s.free_workers(), 1)
+        self.assertEqual(h.s.dispatcher.free_workers(), 1)
 
 
 class GiveBackTests(SynchronousTestCase):
@@ -1106,7 +1107,7 @@ class GiveBackTests(SynchronousTestCase):
         h.pool.die("j0")  # an infrastructure failure with attempts left
         self.assertEqual([(j.id, j.state, j.attempts) for j in given], [("j0", "queued", 1)])
         self.assertEqual(h.state("j0"), "queued")  # written before it was handed over
-        self.assertFalse(h.s.holds("j0"))
+        self.assertFalse(h.s.dispatcher.holds("j0"))
         self.assertEqual(h.pool.running, {})  # not started again here
         self.assertEqual(h.s.status_now().queue_depth, 0)
 
@@ -1143,8 +1144,8 @@ class GiveBackTests(SynchronousTestCase):
 class HeldBackTests(SynchronousTestCase):
     def test_draining_or_quarantined_backends_are_held_back_from_claims(self) -> None:
         h = AbandonHarness()
-        self.assertEqual(h.s.held_back(), frozenset())
+        self.assertEqual(h.s.dispatcher.held_back(), frozenset())
         result_of(h.s.drain("b"))
-        self.assertEqual(h.s.held_back(), frozenset({"b"}))
-        h.s.set_draining("b", False)
-        self.assertEqual(h.s.held_back(), frozenset())
+        self.assertEqual(h.s.dispatcher.held_back(), frozenset({"b"}))
+        h.s.dispatcher.set_draining("b", False)
+        self.assertEqual(h.s.dispatcher.held_back(), frozenset())

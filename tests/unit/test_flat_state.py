@@ -24,7 +24,7 @@ class NothingKeptPerFinishedJobTests(SynchronousTestCase):
         detach = metrics.attach(h.s)
         seen: list[str] = []
         stop = h.s.observe(lambda job, e: seen.append(job.id))
-        observers = len(h.s._observers)
+        observers = len(h.s.dispatcher._observers)
         rounds = 30
         for _ in range(rounds):
             ids = [h.submit().id for _ in range(6)]  # 4 run, 2 queue
@@ -40,12 +40,12 @@ class NothingKeptPerFinishedJobTests(SynchronousTestCase):
             self.assertTrue(all(h.store.sync.get(j).final for j in ids), [h.state(j) for j in ids])
         self.assertEqual(h.s.status_now().running, 0)
         self.assertEqual(
-            (h.s._active, h.s._queued, h.s._in_pool, h.s._abandoned), ({}, {}, set(), set())
+            (h.s.dispatcher._active, h.s.dispatcher._queued, h.s.dispatcher._in_pool, h.s.dispatcher._abandoned), ({}, {}, set(), set())
         )
-        self.assertEqual(len(h.s._observers), observers)
+        self.assertEqual(len(h.s.dispatcher._observers), observers)
         self.assertEqual((metrics._jobs, metrics._open_steps), ({}, {}))
         self.assertEqual(h.pool.running, {})
         self.assertEqual(len(set(seen)), 6 * rounds)
         stop()
         detach()
-        self.assertEqual(len(h.s._observers), observers - 2)
+        self.assertEqual(len(h.s.dispatcher._observers), observers - 2)

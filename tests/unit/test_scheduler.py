@@ -281,7 +281,7 @@ class OrderTests(SynchronousTestCase):
         for job_id, t in (("a", 10.0), ("b", 9.5), ("c", 1000000000.0), ("d", 999999999.0)):
             store.add(Job(id=job_id, spec=make_job_spec("b"), state="queued", submitted=t))
         h = Harness(size=1, store=store)
-        h.s.recover()
+        h.s.dispatcher.recover()
         order = []
         while h.pool.running:
             (job_id,) = h.running()
@@ -528,7 +528,7 @@ class InfrastructureTests(SynchronousTestCase):
 
     def test_cleaner_that_fails(self) -> None:
         h = Harness(cleaner=None)
-        h.s._cleaner = lambda job: _raise(RuntimeError("journal gone"))
+        h.s.dispatcher._cleaner = lambda job: _raise(RuntimeError("journal gone"))
         h.submit(max_attempts=1)
         h.pool.die("j0")
         self.assertEqual(h.state("j0"), "error")
@@ -875,7 +875,7 @@ class RecoveryTests(SynchronousTestCase):
         cleaner = RecordingCleaner(manual=True)
         second = Harness(size=2, store=SQLiteJobStore(self.path), cleaner=cleaner, ids="k")
         with capturedLogs() as logs:
-            d = second.s.recover()
+            d = second.s.dispatcher.recover()
         errors = [formatEvent(e) for e in logs if e["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 2, errors)
         self.assertEqual(sorted(j.id for j in cleaner.jobs), ["j0", "j1"])
@@ -907,9 +907,9 @@ class RecoveryTests(SynchronousTestCase):
 
     def test_recover_is_idempotent_and_empty(self) -> None:
         h = Harness()
-        self.assertIsNone(self.successResultOf(h.s.recover()))
+        self.assertIsNone(self.successResultOf(h.s.dispatcher.recover()))
         h.submit()
-        self.successResultOf(h.s.recover())
+        self.successResultOf(h.s.dispatcher.recover())
         self.assertEqual(h.running(), ["j0"])
         self.assertEqual(len(h.pool.runs), 1)
 
@@ -917,7 +917,7 @@ class RecoveryTests(SynchronousTestCase):
         h = Harness(size=3)
         for _ in range(4):
             h.submit()
-        self.assertIsNone(self.successResultOf(h.s.stop()))
+        self.assertIsNone(self.successResultOf(h.s.dispatcher.stop()))
         # The pool's stop cancels what runs; a result that arrives counts.
         with capturedLogs():
             h.pool.get("j0").finish(passed=False, error="cancelled: the daemon is stopping",
@@ -935,7 +935,7 @@ class RecoveryTests(SynchronousTestCase):
         first = Harness(size=1, store=store)
         first.submit(bound=30)
         first.submit()
-        first.s.stop()
+        first.s.dispatcher.stop()
         self.assertEqual(first.clock.getDelayedCalls(), [])
         # The pool stopping kills the worker: the job is left for recovery.
         with capturedLogs():
@@ -945,7 +945,7 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(first.running(), [])
         store.close()
         second = Harness(size=1, store=SQLiteJobStore(self.path))
-        self.successResultOf(second.s.recover())
+        self.successResultOf(second.s.dispatcher.recover())
         # Cleaned, queued again in its old place (before j1), and started.
         self.assertEqual([j.id for j in second.cleaner.jobs], ["j0"])
         self.assertEqual(second.running(), ["j0"])

@@ -1,9 +1,12 @@
 """The seams inside the daemon. Data flows one way:
 
-    AMP server -> IScheduler -> IWorkerPool -> worker process (Check)
-                      |                            |
-                  IJobStore  <---- events, journal (acked) ----+
-                  IJobWriter
+    AMP server -> IScheduler -> IDispatcher -> IWorkerPool -> worker (Check)
+                      |              |                            |
+                  IJobStore      IJobWriter <---- events, journal (acked)
+
+IScheduler is what clients drive (the front end: submits, reads, watches,
+cancels); IDispatcher runs the jobs this daemon holds (queue, caps, drain,
+quarantine, recovery), handed to it by the front end or by the cluster.
 
 A seam answers one way: every method of IJobStore and IScheduler returns a
 Deferred, also where the answer is known at once (the SQLite store answers
@@ -162,3 +165,90 @@ class IScheduler(Interface):
         after ``since`` (epoch seconds), grouped by the facts named in
         ``by``. Fails with ConfigError for an unknown name."""
 
+
+
+class IDispatcher(Interface):
+    """The engine that runs the jobs this daemon holds: what the front ends
+    (IScheduler), the cluster, the shared store's writer and the metrics
+    drive. Its methods answer at once, but for those that wait on a worker
+    or a health check (Deferreds); it never reads or writes for a client."""
+
+    def queue_new(new: Sequence[tuple[Job, JobEvent]]) -> None:
+        """Hold and queue jobs a front end has just stored, each with its
+        first ("queued") event; start what can start."""
+
+    def adopt(job: Job, last_seq: int, cancel: str | None = None) -> None:
+        """Hold and queue ``job`` (queued, claimed from a shared queue);
+        ``last_seq`` is its last stored event's; ``cancel``, a cancel asked
+        for before the claim."""
+
+    def adopt_interrupted(
+        job: Job, last_seq: int, reason: str, cancel: str | None = None
+    ) -> Deferred[None]:
+        """Hold ``job`` (running or cleaning under a daemon that died), clean
+        up after it, then retry or end it. Fires when the cleanup has run."""
+
+    def recover() -> Deferred[None]:
+        """Take back the jobs the store holds unfinished (start-up)."""
+
+    def abandon(reason: str, job_ids: Collection[str] | None = None) -> None:
+        """Let go of the jobs held here (all, or those in ``job_ids``)."""
+
+    def holds(job_id: str) -> bool:
+        """Whether the job is unfinished here."""
+
+    def holding(job_id: str) -> Job | None:
+        """The job as held here now, or None."""
+
+    def follow(job_id: str, listener: Callable[[JobEvent], object]) -> Callable[[], None] | None:
+        """Tell ``listener`` the held job's new events; a callable that stops
+        it, or None when the job is not held here."""
+
+    def cancel(job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
+        """Cancel a job held here; fires with the final Job. Fails with
+        UnknownJob for a job not held here."""
+
+    def refusal(spec: JobSpec) -> TxvmbotError | None:
+        """Why ``spec`` can never start here, or None."""
+
+    def cap(backend: str) -> int:
+        """``backend``'s cap on running instances."""
+
+    def drain(backend: str) -> Deferred[BackendStatus]:
+        """Start no more jobs of ``backend`` here (fires at once)."""
+
+    def resume(backend: str) -> Deferred[BackendStatus]:
+        """Undo drain here (and quarantine, after a passing health check)."""
+
+    def set_draining(backend: str, draining: bool) -> None:
+        """Follow a drain or resume made on another daemon."""
+
+    def held_back() -> frozenset[str]:
+        """The backends this daemon starts no job of now."""
+
+    def free_workers() -> int:
+        """Workers that neither run a job nor will run a job queued here."""
+
+    def status_now() -> DaemonStatus:
+        """Workers, queue and backends of this daemon, at once."""
+
+    def list_now(
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Sequence[Job]:
+        """Stored jobs, at once, where the store answers at once (SQLite);
+        none otherwise (the metrics' seed)."""
+
+    def observe(observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]:
+        """Tell ``observer`` every event of every job held here from now on;
+        returns a callable that stops it."""
+
+    def tell_observers(job: Job, event: JobEvent) -> None:
+        """Tell the observers of an event that happened elsewhere (a submit
+        to a shared store)."""
+
+    def stop() -> Deferred[None]:
+        """Start no more jobs and cancel the timers (before the pool
+        stops); fires at once."""

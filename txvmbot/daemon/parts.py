@@ -20,6 +20,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.logger import Logger
 
+from txvmbot.daemon.interfaces import IDispatcher, IScheduler
 from txvmbot.daemon.settings import DaemonSettings, loopback_web_port
 from txvmbot.errors import ConfigError
 
@@ -102,11 +103,15 @@ class LocalStores(Part):
     on_free: Callable[[int], object] | None = None
     on_requeue: Callable[..., object] | None = None
 
-    async def serve(self, local: Any, cleaner: Any, caps: Mapping[str, int]) -> Any:
-        """Recover what the last run left, and answer clients with the
-        local scheduler."""
+    async def serve(
+        self, local: IDispatcher, cleaner: Any, caps: Mapping[str, int]
+    ) -> IScheduler:
+        """Recover what the last run left, and answer clients from the
+        store and the dispatcher (a cluster of one)."""
+        from txvmbot.daemon.scheduling.scheduler import Scheduler
+
         await local.recover()
-        return local
+        return Scheduler.over(self.reactor, self.store, local)
 
     async def close(self) -> None:
         try:
@@ -186,7 +191,9 @@ class SharedStores(Part):
     def on_requeue(self) -> Callable[..., object]:
         return self.cluster.give_back
 
-    async def serve(self, local: Any, cleaner: Any, caps: Mapping[str, int]) -> Any:
+    async def serve(
+        self, local: IDispatcher, cleaner: Any, caps: Mapping[str, int]
+    ) -> IScheduler:
         """Answer clients from the shared database, claim this daemon's
         share of its queue, take over daemons that died."""
         from txvmbot.daemon.scheduling.shared import SharedScheduler
@@ -245,13 +252,13 @@ class Workers(Part):
 
 
 class Scheduling(Part):
-    """The local scheduler (the jobs this daemon runs), the metrics that
-    follow it, and the front end clients drive (the same scheduler, or the
-    shared database's)."""
+    """The dispatcher (the jobs this daemon runs), the metrics that follow
+    it, and the front end clients drive (over this daemon's store, or the
+    shared database)."""
 
     name = "scheduling"
 
-    def __init__(self, stores: LocalStores | SharedStores, local: Any, metrics: Any,
+    def __init__(self, stores: LocalStores | SharedStores, local: IDispatcher, metrics: Any,
                  cleaner: Any, caps: Mapping[str, int]) -> None:
         self.stores = stores
         self.local = local

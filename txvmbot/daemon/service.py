@@ -159,7 +159,7 @@ class DaemonService(service.MultiService):
     async def _start(self) -> None:
         from txvmbot.daemon.api.server import AMPServerFactory
         from txvmbot.daemon.parts import Listeners, Scheduling, WebPage, Workers, stores_for
-        from txvmbot.daemon.scheduling.scheduler import Scheduler
+        from txvmbot.daemon.scheduling.dispatch import Dispatcher
         from txvmbot.daemon.scheduling.upkeep import Pruner, make_cleaner, make_health_check
         from txvmbot.daemon.stores.sqlite.datafiles import sqlite_files
         from txvmbot.daemon.web.metrics import DaemonMetrics
@@ -198,7 +198,7 @@ class DaemonService(service.MultiService):
             api_observer=metrics.api_call,
         )
         caps = {**{p.name: p.max_vms for p in s.pools_by_name.values()}, **dict(s.caps)}
-        local = Scheduler(
+        local = Dispatcher(
             self.reactor,
             stores.writes,
             self.workers.pool,

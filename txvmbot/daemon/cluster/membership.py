@@ -18,7 +18,7 @@ nothing, and tries again each heartbeat. If its own lease runs out before a
 renewal gets through (a timer on its own clock, from the sending of the
 last renewal that succeeded, so never later than the database's expiry,
 and ``grace`` before the others act), it lets go of its jobs
-(:meth:`~txvmbot.daemon.scheduling.scheduler.Scheduler.abandon`) so none runs twice,
+(:meth:`~txvmbot.daemon.interfaces.IDispatcher.abandon`) so none runs twice,
 and registers a new lease once the database answers.
 """
 
@@ -36,6 +36,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txvmbot.daemon.interfaces import IDispatcher
 from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database, DatabaseUnavailable
@@ -61,8 +62,8 @@ class Cluster:
     :param host: this daemon's host name (local jobs belong to it).
     :param lease: seconds a lease lasts without a renewal.
 
-    :meth:`start` is given the local
-    :class:`~txvmbot.daemon.scheduling.scheduler.Scheduler` (built with
+    :meth:`start` is given the
+    :class:`~txvmbot.daemon.interfaces.IDispatcher` (built with
     ``on_free=cluster.want_claim``), the cleaner (for what this host's lost
     local jobs left) and the journal. ``on_events`` and ``on_listening``
     are called with event notifications (a job id) and when LISTEN is
@@ -91,7 +92,7 @@ class Cluster:
         self._wall = wall
         self._claim_interval = claim_interval
         self.owner = new_owner(host)
-        self.scheduler: Any = None
+        self._scheduler: IDispatcher | None = None
         self.cleaner: Callable[[Job], Deferred[Any]] | None = None
         self.on_events: Callable[[str], object] = lambda job_id: None
         self.on_listening: Callable[[], object] = lambda: None
@@ -121,11 +122,17 @@ class Cluster:
         self.takeovers = 0
         self.claims = 0
 
+    @property
+    def scheduler(self) -> IDispatcher:
+        """The dispatcher :meth:`start` was given."""
+        assert self._scheduler is not None, "the cluster has not started"
+        return self._scheduler
+
     # --- start and stop ---------------------------------------------------------------
 
     async def start(
         self,
-        scheduler: Any,
+        scheduler: IDispatcher,
         cleaner: Callable[[Job], Deferred[Any]],
         journal: Any,
         caps: dict[str, int] | None = None,
@@ -135,7 +142,7 @@ class Cluster:
         and clean up what this host's lost jobs left (in the background).
         Raises DatabaseUnavailable when the database does not answer at
         start-up."""
-        self.scheduler = scheduler
+        self._scheduler = scheduler
         self.cleaner = cleaner
         self._journal = journal
         if caps:
@@ -438,9 +445,11 @@ class Cluster:
         elif channel == "txvmbot_events":
             self.on_events(payload)
         elif channel == "txvmbot_cancel":
-            if self.scheduler is not None and self.scheduler.holds(payload):
-                d = self.scheduler.cancel(payload, "cancelled by request (on another daemon)")
-                d.addErrback(lambda f: None)
+            if self._scheduler is not None and self._scheduler.holds(payload):
+                cancelled = self._scheduler.cancel(
+                    payload, "cancelled by request (on another daemon)"
+                )
+                cancelled.addErrback(lambda f: None)
         elif channel == "txvmbot_backends":
             d = self._db.run(store.backends)
             d.addCallback(self._backends)

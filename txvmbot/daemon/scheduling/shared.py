@@ -4,8 +4,8 @@
 ``status`` on any daemon see every job.
 
 Reads and submits go to the database (each call a Deferred); the jobs this
-daemon holds run in its local :class:`~txvmbot.daemon.scheduling.scheduler.Scheduler`,
-whose writes reach the database through the
+daemon holds run in its
+:class:`~txvmbot.daemon.interfaces.IDispatcher` (``local``), whose writes reach the database through the
 :class:`~txvmbot.daemon.stores.postgres.writer.JobWriter`. A watch reads stored
 events and follows ``txvmbot_events`` notifications, whichever daemon runs
 the job; a cancel of a job another daemon holds is asked of it through
@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon.groupcommit import GroupCommit
-from txvmbot.daemon.interfaces import IScheduler
+from txvmbot.daemon.interfaces import IDispatcher, IScheduler
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
     BackendStatus,
@@ -34,7 +34,7 @@ from txvmbot.daemon.jobs import (
     JobSpec,
 )
 from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
-from txvmbot.daemon.scheduling.scheduler import API_VERSION, Scheduler, new_job_id, new_jobs
+from txvmbot.daemon.scheduling.scheduler import API_VERSION, new_job_id, new_jobs
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database
 from txvmbot.daemon.stores.postgres.writer import JobWriter
@@ -73,7 +73,7 @@ class SharedScheduler:
         self,
         reactor: Any,
         db: Database,
-        local: Scheduler,
+        local: IDispatcher,
         writer: JobWriter,
         *,
         host: str = "",
@@ -338,14 +338,14 @@ class SharedScheduler:
                 del self._watches[w.job_id]
 
     def stop(self) -> Deferred[None]:
-        """Stop the local scheduler (before the pool stops)."""
+        """Stop the dispatcher (before the pool stops)."""
         return self.local.stop()
 
     # --- cancel, drain, resume --------------------------------------------------------
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
-        """Cancel a job wherever it is: held here, through the local
-        scheduler; waiting in the shared queue, in the database; held by
+        """Cancel a job wherever it is: held here, through the
+        dispatcher; waiting in the shared queue, in the database; held by
         another daemon, by asking it. Fires with the final Job."""
         if self.local.holds(job_id):
             return self.local.cancel(job_id, reason)
