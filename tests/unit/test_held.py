@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support.deferreds import result_of
-from tests.unit.test_metrics import scrape, value
+from tests.support.metrics_scrape import scrape, value
 from txvmbot._sqlite_errors import host_fault, is_lock_timeout
 from txvmbot.daemon.interfaces import IJobStore
 from txvmbot.daemon.scheduling.scheduler import Scheduler

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support import paths
-from tests.unit.test_store import query_plan
+from tests.support.sqlite_plans import query_plan
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
 from txvmbot.journal import (

@@ -14,8 +14,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.fakes import FakeScheduler
-from tests.unit.test_protocol import SPEC
+from tests.support.fakes import SPEC, FakeScheduler
 from txvmbot import __version__
 from txvmbot.daemon import codec
 from txvmbot.daemon.api.client import DaemonClient, _ClientAMP

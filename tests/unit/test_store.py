@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support import paths
+from tests.support.sqlite_plans import query_plan
 from txvmbot.daemon.codec import dumps, job_to_dict
 from txvmbot.daemon.interfaces import IJobStore, IJobWriter
 from txvmbot.daemon.jobs import Job, JobEvent
@@ -61,11 +62,6 @@ def job(
         submitted=submitted,
         finished=finished,
     )
-
-
-def query_plan(conn: sqlite3.Connection, sql: str) -> str:
-    """SQLite's plan for ``sql``, its steps' details on one line."""
-    return " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
 
 
 def event(job_id: str, seq: int, at: float = 1.0, state: str = "queued") -> JobEvent:
