@@ -1,4 +1,4 @@
-"""SharedScheduler against a real PostgreSQL server (fixture pg_dsn): a
+"""The Scheduler over a SharedQueue against a real PostgreSQL server (fixture pg_dsn): a
 local Dispatcher with a fake pool writing through a real JobWriter, and
 "another daemon" played by the test with store.claim and a JobWriter of
 its own owner."""
@@ -20,7 +20,8 @@ from txvmbot.daemon.cluster.listener import Listener
 from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.scheduling.dispatch import Dispatcher
-from txvmbot.daemon.scheduling.shared import SharedScheduler
+from txvmbot.daemon.scheduling.scheduler import Scheduler
+from txvmbot.daemon.scheduling.shared import SharedQueue
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database
 from txvmbot.daemon.stores.postgres.schema import migrate
@@ -29,7 +30,7 @@ from txvmbot.daemon.stores.postgres.writer import JobWriter
 from txvmbot.errors import ConfigError, UnknownJob
 from txvmbot.testing import FakeWorkerPool, RecordingCleaner, make_job_spec
 
-#: Owner of this daemon's (the SharedScheduler's) lease, and of the other one.
+#: Owner of this daemon's (the SharedQueue's) lease, and of the other one.
 ME = "B"
 OTHER = "A"
 
@@ -75,13 +76,9 @@ class SharedSchedulerTests(TestCase):
         )
         self.addCleanup(self.local.stop)
         jobs = itertools.count()
-        self.shared = SharedScheduler(
-            reactor,
-            self.db,
-            self.local,
-            self.writer,
-            wall=self.wall,
-            new_id=lambda: f"j{next(jobs)}",
+        self.queue = SharedQueue(reactor, self.db, self.local, self.writer, wall=self.wall)
+        self.shared = Scheduler.over(
+            reactor, self.queue, self.local, wall=self.wall, new_id=lambda: f"j{next(jobs)}"
         )
 
     def writer_of(self, owner: str) -> JobWriter:
@@ -270,7 +267,7 @@ class SharedSchedulerTests(TestCase):
             other, running, [self.event(job.id, 3, "passed", "step", "create keypair")]
         )
         self.assertEqual(len(seen), 2)  # until told
-        self.shared.job_events(job.id)  # as the txvmbot_events notification does
+        self.queue.job_events(job.id)  # as the txvmbot_events notification does
         await self.until("step event", lambda: len(seen) == 3)
         self.assertEqual((seen[2].kind, seen[2].step), ("step", "create keypair"))
         await self.other_runs(
@@ -280,12 +277,12 @@ class SharedSchedulerTests(TestCase):
             state="passed",
             finished=self.wall(),
         )
-        self.shared.job_events(job.id)
+        self.queue.job_events(job.id)
         await self.until("final event", lambda: len(seen) == 4)
         self.assertEqual([e.seq for e in seen], [1, 2, 3, 4])
         self.assertEqual((await self.shared.get(job.id)).state, "passed")
         # It stopped after the final state event: nothing more is followed.
-        self.assertEqual(self.shared._watches, {})
+        self.assertEqual(self.queue._watches, {})
         stop()
 
     async def test_watch_after_seq_and_unknown(self) -> None:
@@ -294,9 +291,9 @@ class SharedSchedulerTests(TestCase):
         stop = await self.shared.watch(job.id, 1, seen.append)
         self.assertEqual(seen, [])
         stop()
-        self.assertEqual(self.shared._watches, {})
+        self.assertEqual(self.queue._watches, {})
         await self.assertFailure(self.shared.watch("nope", 0, seen.append), UnknownJob)
-        self.assertEqual(self.shared._watches, {})
+        self.assertEqual(self.queue._watches, {})
 
     async def test_watch_of_a_job_ending_in_the_queue(self) -> None:
         (job,) = await self.submit()
@@ -304,18 +301,18 @@ class SharedSchedulerTests(TestCase):
         await self.shared.watch(job.id, 0, seen.append)
         cancelled = await self.shared.cancel(job.id)
         self.assertEqual(cancelled.state, "cancelled")
-        self.shared.job_events(job.id)
+        self.queue.job_events(job.id)
         await self.until("cancelled event", lambda: len(seen) == 2)
         self.assertEqual([(e.seq, e.state) for e in seen], [(1, "queued"), (2, "cancelled")])
 
     async def listen(self) -> None:
         """A real Listener handing txvmbot_events notifications to the
-        SharedScheduler, as the daemon's cluster does; once it listens."""
+        SharedQueue, as the daemon's cluster does; once it listens."""
         up: list[bool] = []
 
         def notified(channel: str, payload: str) -> None:
             if channel == "txvmbot_events":
-                self.shared.job_events(payload)
+                self.queue.job_events(payload)
 
         listener = Listener(
             self.reactor, self.db, CHANNELS, notified, lambda ok, why: up.append(ok)
@@ -347,7 +344,7 @@ class SharedSchedulerTests(TestCase):
                 (4, "state", "passed", ""),
             ],
         )
-        await self.until("the watch to end", lambda: self.shared._watches == {})
+        await self.until("the watch to end", lambda: self.queue._watches == {})
         self.assertEqual((await self.shared.get(job.id)).state, "passed")
 
     async def test_watch_fires_after_the_stored_events_even_if_a_notification_read_first(
@@ -370,11 +367,11 @@ class SharedSchedulerTests(TestCase):
         for _ in range(3):
             seen: list[JobEvent] = []
             d = self.shared.watch(job.id, 0, seen.append)
-            self.shared.job_events(job.id)  # before the watch's own read
+            self.queue.job_events(job.id)  # before the watch's own read
             stop = await d
             self.assertEqual([(e.seq, e.state) for e in seen], [(1, "queued"), (2, "running")])
             stop()
-        self.assertEqual(self.shared._watches, {})
+        self.assertEqual(self.queue._watches, {})
 
     async def test_watch_follows_notifications_of_a_real_listener(self) -> None:
         await self.listen()
@@ -408,7 +405,7 @@ class SharedSchedulerTests(TestCase):
             reason="step 'ssh' failed",
         )
         await ended
-        await self.until("the watch to end", lambda: self.shared._watches == {})
+        await self.until("the watch to end", lambda: self.queue._watches == {})
         self.assertEqual(
             [(e.seq, e.kind, e.state) for e in seen],
             [
@@ -455,11 +452,11 @@ class SharedSchedulerTests(TestCase):
         )
         answered = await self.shared.cancel(job.id)
         self.assertEqual((answered.id, answered.state), (job.id, "passed"))
-        await self.until("the watch to end", lambda: self.shared._watches == {})
+        await self.until("the watch to end", lambda: self.queue._watches == {})
 
     async def test_cancel_of_an_unknown_job(self) -> None:
         await self.assertFailure(self.shared.cancel("nope"), UnknownJob)
-        self.assertEqual(self.shared._watches, {})
+        self.assertEqual(self.queue._watches, {})
 
     async def test_cancel_of_a_job_another_daemon_holds(self) -> None:
         (job,) = await self.submit()
@@ -492,10 +489,10 @@ class SharedSchedulerTests(TestCase):
             finished=self.wall(),
             reason="stop it",
         )
-        self.shared.job_events(job.id)
+        self.queue.job_events(job.id)
         ended = await d
         self.assertEqual((ended.id, ended.state, ended.reason), (job.id, "cancelled", "stop it"))
-        await self.until("the watch to end", lambda: self.shared._watches == {})
+        await self.until("the watch to end", lambda: self.queue._watches == {})
 
     async def test_cancel_of_a_job_held_here(self) -> None:
         (job,) = await self.submit()

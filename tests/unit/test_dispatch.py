@@ -9,9 +9,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support.deferreds import result_of
-from txvmbot.daemon.interfaces import IDispatcher, IScheduler
+from txvmbot.daemon.interfaces import IDispatcher, IJobQueue, IScheduler
 from txvmbot.daemon.jobs import JobEvent
 from txvmbot.daemon.scheduling.dispatch import Dispatcher
+from txvmbot.daemon.scheduling.localqueue import LocalQueue
 from txvmbot.daemon.scheduling.scheduler import Scheduler
 from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.errors import UnknownJob
@@ -33,12 +34,14 @@ class DispatcherTests(SynchronousTestCase):
         )
         ids = iter(f"j{i}" for i in range(100))
         self.front = Scheduler.over(
-            self.clock, self.store, self.d, new_id=lambda: next(ids), wall=self.clock.seconds
+            self.clock, LocalQueue(self.store, self.d), self.d, new_id=lambda: next(ids),
+            wall=self.clock.seconds,
         )
 
     def test_interfaces(self) -> None:
         self.assertTrue(verifyObject(IDispatcher, self.d))
         self.assertTrue(verifyObject(IScheduler, self.front))
+        self.assertTrue(verifyObject(IJobQueue, self.front.queue))
         self.assertIs(self.front.dispatcher, self.d)
 
     def test_a_submit_through_the_front_end_is_held_and_run_by_the_dispatcher(self) -> None:

@@ -5,7 +5,8 @@
                   IJobStore      IJobWriter <---- events, journal (acked)
 
 IScheduler is what clients drive (the front end: submits, reads, watches,
-cancels); IDispatcher runs the jobs this daemon holds (queue, caps, drain,
+cancels), over an IJobQueue (SQLite: a cluster of one, which claims a
+submit at once; PostgreSQL: the cluster claims); IDispatcher runs the jobs this daemon holds (queue, caps, drain,
 quarantine, recovery), handed to it by the front end or by the cluster.
 
 A seam answers one way: every method of IJobStore and IScheduler returns a
@@ -47,7 +48,7 @@ class IJobStore(Interface):
     """Durable jobs and their events, in SQLite, written by the daemon
     process alone. Every method returns a Deferred. (With a shared
     PostgreSQL store the scheduler writes through a JobWriter and clients
-    read through SharedScheduler.)"""
+    read through the SharedQueue.)"""
 
     def add(job: Job, event: JobEvent | None = None) -> Deferred[None]:
         """Store a new job (in state queued), and its first JobEvent if
@@ -252,3 +253,45 @@ class IDispatcher(Interface):
     def stop() -> Deferred[None]:
         """Start no more jobs and cancel the timers (before the pool
         stops); fires at once."""
+
+
+class IJobQueue(Interface):
+    """Where the front end (IScheduler) keeps clients' jobs until a daemon
+    claims them, and reads them: over a daemon's own SQLite store (a
+    cluster of one: a submit is claimed by this daemon at once), or over a
+    shared PostgreSQL (the cluster's lease and claims decide). The jobs
+    this daemon holds are the front end's and the dispatcher's affair."""
+
+    def enqueue(new: Sequence[tuple[Job, JobEvent]]) -> Deferred[None]:
+        """Store new queued jobs, each with its first event, in one
+        transaction (all or none), and have them claimed."""
+
+    def get(job_id: str) -> Deferred[Job | None]:
+        """The stored Job, or None."""
+
+    def list(
+        states: Collection[str] | None = None,
+        backend: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> Deferred[Sequence[Job]]:
+        """Stored jobs, newest first (IJobStore.list)."""
+
+    def watch(
+        job_id: str, after_seq: int, listener: Callable[[JobEvent], object]
+    ) -> Deferred[Callable[[], None]]:
+        """IScheduler.watch, wherever the job runs."""
+
+    def cancel(job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
+        """Cancel a job this daemon does not hold; fires with the final Job,
+        fails with UnknownJob."""
+
+    def set_draining(backend: str, draining: bool) -> Deferred[None]:
+        """Drain or resume ``backend`` for every daemon of the queue."""
+
+    def status(mine: DaemonStatus) -> Deferred[DaemonStatus]:
+        """The queue's status, given this daemon's (``mine``)."""
+
+    def notice(noticer: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``noticer(job_id)`` when another daemon stores events of a
+        job; returns a callable that stops it."""

@@ -108,10 +108,11 @@ class LocalStores(Part):
     ) -> IScheduler:
         """Recover what the last run left, and answer clients from the
         store and the dispatcher (a cluster of one)."""
+        from txvmbot.daemon.scheduling.localqueue import LocalQueue
         from txvmbot.daemon.scheduling.scheduler import Scheduler
 
         await local.recover()
-        return Scheduler.over(self.reactor, self.store, local)
+        return Scheduler.over(self.reactor, LocalQueue(self.store, local), local)
 
     async def close(self) -> None:
         try:
@@ -196,17 +197,18 @@ class SharedStores(Part):
     ) -> IScheduler:
         """Answer clients from the shared database, claim this daemon's
         share of its queue, take over daemons that died."""
-        from txvmbot.daemon.scheduling.shared import SharedScheduler
+        from txvmbot.daemon.scheduling.scheduler import Scheduler
+        from txvmbot.daemon.scheduling.shared import SharedQueue
 
-        shared = SharedScheduler(self.reactor, self.db, local, self.writer, host=self.settings.host)
-        self.cluster.on_events = shared.job_events
-        self.cluster.on_listening = shared.catch_up
-        shared.on_queued = self.cluster.want_claim
+        queue = SharedQueue(self.reactor, self.db, local, self.writer, host=self.settings.host)
+        self.cluster.on_events = queue.job_events
+        self.cluster.on_listening = queue.catch_up
+        queue.on_queued = self.cluster.want_claim
         self.writer.on_fenced = lambda ids: local.abandon("another daemon took it over", ids)
         self._serving = True
         await self.cluster.start(local, cleaner, self.journal, caps)
         self.listener.start()
-        return shared
+        return Scheduler.over(self.reactor, queue, local)
 
     async def close(self) -> None:
         """Send what this daemon still has to write (for a bounded time),

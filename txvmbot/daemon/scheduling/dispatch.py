@@ -2,10 +2,10 @@
 jobs, pull-based dispatch to a pool of workers, per-backend caps, drain and
 quarantine, and recovery after a crash. :class:`Dispatcher` provides
 :class:`~txvmbot.daemon.interfaces.IDispatcher`; clients never drive it
-themselves: the front ends (IScheduler: the SQLite
-:class:`~txvmbot.daemon.scheduling.scheduler.Scheduler`, the shared
-:class:`~txvmbot.daemon.scheduling.shared.SharedScheduler`) and the cluster
-(:class:`~txvmbot.daemon.cluster.membership.Cluster`) hand it jobs.
+themselves: the front end (IScheduler:
+:class:`~txvmbot.daemon.scheduling.scheduler.Scheduler`, over its job queue)
+and the cluster (:class:`~txvmbot.daemon.cluster.membership.Cluster`) hand
+it jobs.
 
 Dispatch is pull-based (seed 002: static partitioning left workers idle for
 twelve minutes): whenever a job arrives, a worker frees or a backend changes
@@ -178,7 +178,7 @@ class Dispatcher:
         and reads what :meth:`recover` takes back (and :meth:`list_now`)
         through the Deferred seam; it is the store's only writer. With a
         shared store, the txvmbot.daemon.stores.postgres.writer.JobWriter
-        alone (reads and submits then go through SharedScheduler).
+        alone (reads and submits then go through the SharedQueue).
     :param pool: runs a job in a worker (IWorkerPool plus ``cancel(job_id,
         reason)``, which makes the job's Deferred fire once the worker has
         cleaned up).

@@ -1,12 +1,16 @@
-"""The front end clients drive over a daemon's own (SQLite) store:
-:class:`Scheduler`, a thin IScheduler over an IJobStore and the
-:class:`~txvmbot.daemon.scheduling.dispatch.Dispatcher` that runs the jobs
-(the queue, caps, drain, quarantine, recovery: see that module).
+"""The front end clients drive, whatever the store: :class:`Scheduler`, a
+thin IScheduler over an IJobQueue (where clients' jobs wait and are read)
+and the IDispatcher that runs the jobs this daemon holds
+(:mod:`txvmbot.daemon.scheduling.dispatch`).
 
-A submit is stored, then handed to the dispatcher at once (this daemon is
-the only one: a cluster of one). Reads go to the dispatcher for the jobs it
-holds (their newest value) and to the store for the others; a watch
-follows the dispatcher's live events after the stored ones.
+The job queue has two providers. Over a daemon's own SQLite store
+(:class:`~txvmbot.daemon.scheduling.localqueue.LocalQueue`) the daemon is a
+cluster of one: a submit is stored and claimed by it at once. Over a shared
+PostgreSQL (:class:`~txvmbot.daemon.scheduling.shared.SharedQueue`) a submit
+is stored and the cluster is told; whichever daemon has a free worker
+claims it (txvmbot.daemon.cluster.membership), and a watch follows LISTEN.
+Either way the jobs this daemon holds are read as they are here now, and
+cancelled here.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ from uuid import uuid4
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txvmbot.daemon.interfaces import IDispatcher, IJobStore, IScheduler
+from txvmbot.daemon.interfaces import IDispatcher, IJobQueue, IJobStore, IScheduler
 from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent, JobSpec
 from txvmbot.daemon.scheduling.dispatch import API_VERSION, Dispatcher, WorkerPool
 from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
+from txvmbot.daemon.scheduling.localqueue import LocalQueue
 from txvmbot.errors import TxvmbotError, UnknownJob
 
 __all__ = [
@@ -72,16 +75,16 @@ def new_job_id() -> str:
 
 @implementer(IScheduler)
 class Scheduler:
-    """IScheduler over a daemon's own store (see the module docstring).
+    """IScheduler over a job queue and a dispatcher (see the module
+    docstring).
 
-    ``Scheduler(clock, store, pool, journal, cleaner=..., ...)`` builds its
+    ``Scheduler(clock, store, pool, journal, cleaner=..., ...)`` builds a
     :class:`~txvmbot.daemon.scheduling.dispatch.Dispatcher` from the same
-    arguments (``new_id`` and ``wall`` serve both); :meth:`over` puts a
-    front end over a dispatcher built elsewhere (the daemon's, which the
-    metrics follow). ``dispatcher`` is the engine either way.
+    arguments (``new_id`` and ``wall`` serve both) and a
+    :class:`~txvmbot.daemon.scheduling.localqueue.LocalQueue` over
+    ``store``; :meth:`over` puts the front end over a queue and a
+    dispatcher built elsewhere (the daemon's: txvmbot.daemon.parts).
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -94,34 +97,34 @@ class Scheduler:
         wall: Callable[[], float] = time.time,
         **engine: Any,
     ) -> None:
-        self._setup(clock, store, Dispatcher(clock, store, pool, journal, wall=wall, **engine),
-                    new_id, wall)
+        dispatcher = Dispatcher(clock, store, pool, journal, wall=wall, **engine)
+        self._setup(clock, LocalQueue(store, dispatcher), dispatcher, new_id, wall)
 
     @classmethod
     def over(
         cls,
         clock: IReactorTime,
-        store: IJobStore,
+        queue: IJobQueue,
         dispatcher: IDispatcher,
         *,
         new_id: Callable[[], str] = new_job_id,
         wall: Callable[[], float] = time.time,
     ) -> Scheduler:
-        """The front end of ``store`` and ``dispatcher``."""
+        """The front end of ``queue`` and ``dispatcher``."""
         self = cls.__new__(cls)
-        self._setup(clock, store, dispatcher, new_id, wall)
+        self._setup(clock, queue, dispatcher, new_id, wall)
         return self
 
     def _setup(
         self,
         clock: IReactorTime,
-        store: IJobStore,
+        queue: IJobQueue,
         dispatcher: IDispatcher,
         new_id: Callable[[], str],
         wall: Callable[[], float],
     ) -> None:
         self._clock = clock
-        self._jobs = store
+        self.queue = queue
         self.dispatcher = dispatcher
         self._new_id = new_id
         self._wall = wall
@@ -149,17 +152,7 @@ class Scheduler:
         results, new = new_jobs(specs, self.dispatcher.refusal, self._new_id, self._wall)
         if not new:
             return succeed(list(results))
-        return self._jobs.add_many(new).addCallback(self._stored, new, results)
-
-    def _stored(
-        self,
-        _: object,
-        new: list[tuple[Job, JobEvent]],
-        results: Sequence[Job | TxvmbotError],
-    ) -> Sequence[Job | TxvmbotError]:
-        """Hand the jobs of a submit to the dispatcher once they are stored."""
-        self.dispatcher.queue_new(new)
-        return results
+        return self.queue.enqueue(new).addCallback(_answer, results)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -173,7 +166,7 @@ class Scheduler:
                 raise UnknownJob(job_id)
             return job
 
-        return self._jobs.get(job_id).addCallback(found)
+        return self.queue.get(job_id).addCallback(found)
 
     def list(
         self,
@@ -184,12 +177,21 @@ class Scheduler:
     ) -> Deferred[Sequence[Job]]:
         """Jobs, newest first; ``before`` (the id of the last job of the
         previous page) pages on. Fails with UnknownJob if there is no such
-        job (any more: pruned)."""
+        job (any more: pruned). The jobs this daemon holds are listed as
+        they are here now (their newest writes may still be on the way)."""
         if before is None:
-            return self._jobs.list(states=states, backend=backend, limit=limit)
-        return self.get(before).addCallback(
-            lambda _: self._jobs.list(states=states, backend=backend, limit=limit, before=before)
-        )
+            d = self.queue.list(states=states, backend=backend, limit=limit)
+        else:
+            d = self.get(before).addCallback(
+                lambda _: self.queue.list(
+                    states=states, backend=backend, limit=limit, before=before
+                )
+            )
+        return d.addCallback(self._as_held)
+
+    def _as_held(self, jobs: Sequence[Job]) -> Sequence[Job]:
+        holding = self.dispatcher.holding
+        return [holding(j.id) or j for j in jobs]
 
     def watch(
         self, job_id: str, after_seq: int, listener: Listener
@@ -198,65 +200,18 @@ class Scheduler:
         ones first, then new ones as they happen, up to and including the
         one that makes the job final. Fires, once the stored ones were
         told, with a callable that stops it; fails with UnknownJob. A
-        listener that raises is logged and dropped.
+        listener that raises is logged and dropped."""
+        return self.queue.watch(job_id, after_seq, listener)
 
-        The watcher is subscribed before the stored events are read: an
-        event that happens while the read is under way waits until the
-        stored ones were told, and none is told twice (by seq)."""
-        told = [after_seq]
-        early: list[JobEvent] = []
-        reading = [True]
-        dropped = [False]
-
-        def live(event: JobEvent) -> None:
-            if reading[0]:
-                early.append(event)
-            elif event.seq > told[0]:
-                told[0] = event.seq
-                listener(event)
-
-        unfollow = self.dispatcher.follow(job_id, live)
-        held = unfollow is not None
-
-        def stop() -> None:
-            dropped[0] = True
-            if unfollow is not None:
-                unfollow()
-
-        def exists(job: Job | None) -> Deferred[Sequence[JobEvent]]:
-            if job is None and not held:
-                raise UnknownJob(job_id)
-            return self._jobs.events(job_id, after_seq)
-
-        def replay(stored: Sequence[JobEvent]) -> Callable[[], None]:
-            reading[0] = False
-            for event in [*stored, *early]:
-                if dropped[0]:
-                    break
-                if event.seq > told[0]:
-                    told[0] = event.seq
-                    if not self._tell(listener, event):
-                        stop()
-            return stop
-
-        def failed(f: Failure) -> Failure:
-            stop()
-            return f
-
-        first: Deferred[Job | None] = succeed(None) if held else self._jobs.get(job_id)
-        return first.addCallback(exists).addCallbacks(replay, failed)
-
-    def _tell(self, listener: Listener, event: JobEvent) -> bool:
-        try:
-            listener(event)
-        except Exception:
-            self.log.failure("Watcher of job {job_id} failed; it is dropped", job_id=event.job_id)
-            return False
-        return True
+    def notice(self, noticer: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``noticer(job_id)`` whenever another daemon stores events of
+        a job (the web page's live view of a shared store's jobs)."""
+        return self.queue.notice(noticer)
 
     def status(self) -> Deferred[DaemonStatus]:
-        """Workers, queue and backends (the dispatcher's ``status_now``)."""
-        return succeed(self.dispatcher.status_now())
+        """Workers, queue and backends: the queue's, with this daemon's
+        workers and quarantines."""
+        return self.queue.status(self.dispatcher.status_now())
 
     def failures(
         self, by: Sequence[str], since: float, limit: int = 10_000
@@ -264,27 +219,45 @@ class Scheduler:
         """The newest ``limit`` finished jobs grouped by the facts named in
         ``by`` (:func:`txvmbot.daemon.scheduling.failures.scan_failures`, which says
         which jobs it reads). Fails with ConfigError for an unknown name."""
-        return scan_failures(self._clock, self._jobs.list, self._jobs.get, by, since, limit)
+        return scan_failures(self._clock, self.queue.list, self.queue.get, by, since, limit)
 
     # --- cancel, drain, resume --------------------------------------------------------
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
-        """Cancel a job: a queued one at once; a running one through the
-        pool, final once its worker has cleaned up. Fires with the final Job
-        (at once for a job already final); fails with UnknownJob."""
+        """Cancel a job: one held here through the dispatcher (a queued one
+        at once; a running one through the pool, final once its worker has
+        cleaned up); any other through the queue (with a shared store: in
+        the database, or by asking the daemon that holds it). Fires with
+        the final Job (at once for a job already final); fails with
+        UnknownJob."""
         if self.dispatcher.holds(job_id):
             return self.dispatcher.cancel(job_id, reason)
-        return self.get(job_id)
+        return self.queue.cancel(job_id, reason)
 
     def drain(self, backend: str) -> Deferred[BackendStatus]:
-        """Stop starting jobs on ``backend``; running ones finish, queued
-        ones wait for :meth:`resume`."""
-        return self.dispatcher.drain(backend)
+        """Stop starting jobs on ``backend`` (here at once, then in the
+        queue); running ones finish, queued ones wait for :meth:`resume`."""
+        self.dispatcher.drain(backend)  # at once, here: answers with a fired Deferred
+        d = self.queue.set_draining(backend, True)
+        return d.addCallback(lambda _: self._backend_status(backend))
 
     def resume(self, backend: str) -> Deferred[BackendStatus]:
         """Undo :meth:`drain` (and a quarantine, after a passing health
         check: the dispatcher's ``resume``)."""
-        return self.dispatcher.resume(backend)
+        d = self.queue.set_draining(backend, False)
+        return d.addCallback(lambda _: self.dispatcher.resume(backend)).addCallback(
+            lambda _: self._backend_status(backend)
+        )
+
+    def _backend_status(self, backend: str) -> Deferred[BackendStatus]:
+        def pick(s: DaemonStatus) -> BackendStatus:
+            for b in s.backends:
+                if b.name == backend:
+                    return b
+            return BackendStatus(name=backend, capacity=self.dispatcher.cap(backend),
+                                 running=0, queued=0, state="active")
+
+        return self.status().addCallback(pick)
 
     # --- for in-process readers that cannot wait (the metrics) ---------------------
 
@@ -303,3 +276,7 @@ class Scheduler:
     def observe(self, observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]:
         """Every event of every job from now on (the web page, the metrics)."""
         return self.dispatcher.observe(observer)
+
+
+def _answer(_: object, results: Sequence[Job | TxvmbotError]) -> Sequence[Job | TxvmbotError]:
+    return results

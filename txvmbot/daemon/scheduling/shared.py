@@ -1,11 +1,14 @@
-"""What clients of any daemon drive when several share one PostgreSQL:
-:class:`SharedScheduler` provides IScheduler over the shared database, so
+"""The job queue of daemons that share one PostgreSQL: :class:`SharedQueue`
+provides IJobQueue over the shared database, so the
+:class:`~txvmbot.daemon.scheduling.scheduler.Scheduler` of any daemon (its
 ``submit``, ``jobs``, ``show``, ``watch``, ``cancel``, ``drain`` and
-``status`` on any daemon see every job.
+``status``) sees every job.
 
-Reads and submits go to the database (each call a Deferred); the jobs this
-daemon holds run in its
-:class:`~txvmbot.daemon.interfaces.IDispatcher` (``local``), whose writes reach the database through the
+A submit is stored in the shared queue and the cluster is told: any daemon
+with a free worker claims it (txvmbot.daemon.cluster.membership). Reads go
+to the database (each call a Deferred); the jobs this daemon holds run in
+its :class:`~txvmbot.daemon.interfaces.IDispatcher` (``local``), whose
+writes reach the database through the
 :class:`~txvmbot.daemon.stores.postgres.writer.JobWriter`. A watch reads stored
 events and follows ``txvmbot_events`` notifications, whichever daemon runs
 the job; a cancel of a job another daemon holds is asked of it through
@@ -24,23 +27,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txvmbot.daemon.groupcommit import GroupCommit
-from txvmbot.daemon.interfaces import IDispatcher, IScheduler
+from txvmbot.daemon.interfaces import IDispatcher, IJobQueue
 from txvmbot.daemon.jobs import (
     FINAL_STATES,
     BackendStatus,
     DaemonStatus,
     Job,
     JobEvent,
-    JobSpec,
 )
-from txvmbot.daemon.scheduling.failures import FailureReport, scan_failures
-from txvmbot.daemon.scheduling.scheduler import API_VERSION, new_job_id, new_jobs
+from txvmbot.daemon.scheduling.dispatch import API_VERSION
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database
 from txvmbot.daemon.stores.postgres.writer import JobWriter
-from txvmbot.errors import TxvmbotError, UnknownJob
+from txvmbot.errors import UnknownJob
 
-__all__ = ["SharedScheduler"]
+__all__ = ["SharedQueue"]
 
 #: Insert transactions of submits in flight at once.
 STORING = 2
@@ -63,9 +64,9 @@ class _Watch:
         self.done = False
 
 
-@implementer(IScheduler)
-class SharedScheduler:
-    """IScheduler over the shared database (see the module docstring)."""
+@implementer(IJobQueue)
+class SharedQueue:
+    """IJobQueue over the shared database (see the module docstring)."""
 
     log = Logger()
 
@@ -78,7 +79,6 @@ class SharedScheduler:
         *,
         host: str = "",
         wall: Callable[[], float] = time.time,
-        new_id: Callable[[], str] = new_job_id,
     ) -> None:
         self._reactor = reactor
         self._host = host
@@ -86,7 +86,6 @@ class SharedScheduler:
         self.local = local
         self._writer = writer
         self._wall = wall
-        self._new_id = new_id
         self._watches: dict[str, list[_Watch]] = {}
         self._noticers: dict[object, Callable[[str], object]] = {}
         # Submits stored a group to a transaction, STORING at a time.
@@ -99,31 +98,19 @@ class SharedScheduler:
 
     # --- submits ----------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> Deferred[Job]:
-        def one(results: Sequence[Job | TxvmbotError]) -> Job:
-            (r,) = results
-            if isinstance(r, Job):
-                return r
-            raise r
+    def enqueue(self, new: Sequence[tuple[Job, JobEvent]]) -> Deferred[None]:
+        """Store ``new`` (queued jobs, each with its first event) in the
+        shared queue, in one transaction; any daemon with a free worker
+        claims them. This daemon's observers are told, and its cluster
+        claims at once, without waiting for its own notification to come
+        back."""
 
-        return self.submit_many([spec]).addCallback(one)
-
-    def submit_many(self, specs: Sequence[JobSpec]) -> Deferred[Sequence[Job | TxvmbotError]]:
-        """Store ``specs`` as queued jobs in the shared queue, in one
-        transaction; any daemon with a free worker claims them."""
-        results, new = new_jobs(specs, self.local.refusal, self._new_id, self._wall)
-        d = self._store(new) if new else succeed(None)
-
-        def stored(_: object) -> Sequence[Job | TxvmbotError]:
+        def stored(_: object) -> None:
             for job, event in new:
                 self.local.tell_observers(job, event)
-            if new:
-                # This daemon claims at once, without waiting for its own
-                # notification to come back.
-                self.on_queued()
-            return results
+            self.on_queued()
 
-        return d.addCallback(stored)
+        return self._store(list(new)).addCallback(stored)
 
     def _store(self, new: list[tuple[Job, JobEvent]]) -> Deferred[None]:
         """Store ``new`` with the next commit: at most :data:`STORING` insert
@@ -143,7 +130,12 @@ class SharedScheduler:
 
     # --- reads ------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Deferred[Job]:
+    def get(self, job_id: str) -> Deferred[Job | None]:
+        result: Deferred[Job | None] = self._db.run(store.get, job_id)
+        return result
+
+    def _known(self, job_id: str) -> Deferred[Job]:
+        """The job as held here or stored; fails with UnknownJob."""
         held = self.local.holding(job_id)
         if held is not None:
             return succeed(held)
@@ -153,7 +145,7 @@ class SharedScheduler:
                 raise UnknownJob(job_id)
             return job
 
-        return self._db.run(store.get, job_id).addCallback(found)
+        return self.get(job_id).addCallback(found)
 
     def list(
         self,
@@ -162,19 +154,16 @@ class SharedScheduler:
         limit: int = 100,
         before: str | None = None,
     ) -> Deferred[Sequence[Job]]:
-        async def go() -> Sequence[Job]:
-            if before is not None:
-                await self.get(before)
-            jobs: list[Job] = await self._db.run(store.list_jobs, states, backend, limit, before)
-            # This daemon's own jobs as they are now (their newest writes
-            # may still be on the way).
-            return [self.local.holding(j.id) or j for j in jobs]
+        result: Deferred[Sequence[Job]] = self._db.run(
+            store.list_jobs, states, backend, limit, before
+        )
+        return result
 
-        return ensureDeferred(go())
+    def status(self, mine_status: DaemonStatus) -> Deferred[DaemonStatus]:
+        """The shared queue's backends, with this daemon's workers and its
+        quarantines (``mine_status``)."""
 
-    def status(self) -> Deferred[DaemonStatus]:
         def build(c: store.Counts) -> DaemonStatus:
-            mine_status = self.local.status_now()
             local = {b.name: b for b in mine_status.backends}
             backends = []
             for name, cap, draining, queued, running, instances in c.backends:
@@ -209,22 +198,6 @@ class SharedScheduler:
 
         return self._db.run(store.counts).addCallback(build)
 
-    def failures(self, by: Sequence[str], since: float, limit: int = 10_000) -> Deferred[FailureReport]:
-        def page(
-            states: Collection[str] | None = None, limit: int = 100, before: str | None = None
-        ) -> Deferred[Sequence[Job]]:
-            return self._db.run(store.list_jobs, states, None, limit, before)
-
-        def get(job_id: str) -> Deferred[Job | None]:
-            return self._db.run(store.get, job_id)
-
-        result: Deferred[FailureReport] = scan_failures(self._reactor, page, get, by, since, limit)
-        return result
-
-    def observe(self, observer: Callable[[Job, JobEvent], None]) -> Callable[[], None]:
-        """This daemon's jobs' events (the web page and the metrics)."""
-        return self.local.observe(observer)
-
     # --- watch ------------------------------------------------------------------------
 
     def watch(self, job_id: str, after_seq: int, listener: Listener) -> Deferred[Callable[[], None]]:
@@ -245,7 +218,7 @@ class SharedScheduler:
             # Follow first, then read: nothing falls between.
             self._watches.setdefault(job_id, []).append(w)
             try:
-                await self.get(job_id)
+                await self._known(job_id)
                 await self._writer.flushed()
                 # Everything stored so far reaches the listener before this
                 # fires (a read a notification started reads once more).
@@ -337,38 +310,32 @@ class SharedScheduler:
             if not watches:
                 del self._watches[w.job_id]
 
-    def stop(self) -> Deferred[None]:
-        """Stop the dispatcher (before the pool stops)."""
-        return self.local.stop()
-
-    # --- cancel, drain, resume --------------------------------------------------------
+    # --- cancel, drain --------------------------------------------------------------
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> Deferred[Job]:
-        """Cancel a job wherever it is: held here, through the
-        dispatcher; waiting in the shared queue, in the database; held by
-        another daemon, by asking it. Fires with the final Job."""
-        if self.local.holds(job_id):
-            return self.local.cancel(job_id, reason)
+        """Cancel a job not held here: waiting in the shared queue, in the
+        database; held by another daemon, by asking it. Fires with the
+        final Job."""
 
         async def go() -> Job:
             job = await self._db.run(store.cancel_queued, job_id, reason, float(self._wall()))
             if job is not None:
                 return job
-            current = await self.get(job_id)
+            current = await self._known(job_id)
             if current.final:
                 return current
             ended: Deferred[Job] = Deferred()
 
             def event(e: JobEvent) -> None:
                 if e.kind == "state" and e.state in FINAL_STATES and not ended.called:
-                    self.get(job_id).chainDeferred(ended)
+                    self._known(job_id).chainDeferred(ended)
 
             stop = await self.watch(job_id, 0, event)
             state = await self._db.run(store.request_cancel, job_id, reason)
             if state is None:
                 stop()
                 raise UnknownJob(job_id)
-            current = await self.get(job_id)
+            current = await self._known(job_id)
             if current.final:
                 stop()
                 return current
@@ -379,29 +346,12 @@ class SharedScheduler:
 
         return ensureDeferred(go())
 
-    def drain(self, backend: str) -> Deferred[BackendStatus]:
-        self.local.drain(backend)  # at once, here: answers with a fired Deferred
-        return self._set_draining(backend, True)
-
-    def resume(self, backend: str) -> Deferred[BackendStatus]:
-        d = self._set_draining(backend, False)
-        return d.addCallback(lambda _: self.local.resume(backend)).addCallback(
-            lambda _: self._backend_status(backend)
+    def set_draining(self, backend: str, draining: bool) -> Deferred[None]:
+        """Drain or resume ``backend`` for every daemon."""
+        d: Deferred[None] = self._db.run(
+            store.set_draining, backend, self.local.cap(backend), draining
         )
-
-    def _set_draining(self, backend: str, draining: bool) -> Deferred[BackendStatus]:
-        d = self._db.run(store.set_draining, backend, self.local.cap(backend), draining)
-        return d.addCallback(lambda _: self._backend_status(backend))
-
-    def _backend_status(self, backend: str) -> Deferred[BackendStatus]:
-        def pick(s: DaemonStatus) -> BackendStatus:
-            for b in s.backends:
-                if b.name == backend:
-                    return b
-            return BackendStatus(name=backend, capacity=self.local.cap(backend), running=0,
-                                 queued=0, state="active")
-
-        return self.status().addCallback(pick)
+        return d
 
 
 def _logged(_: Failure) -> None:
