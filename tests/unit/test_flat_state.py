@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.test_scheduler import Harness
+from tests.support.scheduler_harness import Harness
 from txvmbot.daemon.web.metrics import DaemonMetrics
 
 

@@ -590,7 +590,7 @@ def test_backends_past_the_label_limit_add_up_in_one_series() -> None:
     (a duplicate series would make Prometheus refuse the whole scrape)."""
     from prometheus_client import generate_latest
 
-    from tests.unit.test_scheduler import Harness
+    from tests.support.scheduler_harness import Harness
 
     h = Harness()
     m = DaemonMetrics(label_limit=1)

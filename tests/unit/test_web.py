@@ -14,7 +14,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.unit.test_scheduler import Harness
+from tests.support.scheduler_harness import Harness
 from txvmbot.daemon.jobs import JobEvent
 from txvmbot.daemon.scheduling.failures import FailureExample, FailureGroup, FailureReport
 from txvmbot.daemon.web import WebUI
@@ -238,11 +238,19 @@ def test_the_overview_is_rendered_once_per_change(web: Web) -> None:
         web.get("/?fragment=1")
     assert len(calls) == 1  # twenty pages refetching after one change: one render
     web.h.pool.step("j0", "boot", "running")
-    _, body = web.get("/?fragment=1")
+    web.get("/")  # a whole page shows every event at once
     assert len(calls) == 2
-    web.h.clock.advance(1.5)  # running times move on
+    web.h.pool.step("j0", "boot", "passed")
+    web.get("/?fragment=1")  # live pages were not told of it yet: no render for them
+    web.get("/?fragment=1")
+    assert len(calls) == 2
+    web.ui.hub.flush()  # the change message: the next refetch shows it
+    _, body = web.get("/?fragment=1")
     web.get("/?fragment=1")
     assert len(calls) == 3
+    web.h.clock.advance(1.5)  # running times move on
+    web.get("/?fragment=1")
+    assert len(calls) == 4
 
 
 def test_the_stream_of_a_finished_or_unknown_job_ends_at_once(web: Web) -> None:

@@ -23,7 +23,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 
-from tests.unit.test_scheduler import Harness
+from tests.support.scheduler_harness import Harness
 from txvmbot.daemon.jobs import BackendStatus, DaemonStatus, Job, JobEvent
 from txvmbot.daemon.scheduling.failures import FailureExample, FailureGroup, FailureReport
 from txvmbot.daemon.web import WebUI, pages
