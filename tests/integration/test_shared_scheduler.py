@@ -21,7 +21,7 @@ from txvmbot.daemon.interfaces import IScheduler
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.scheduling.dispatch import Dispatcher
 from txvmbot.daemon.scheduling.scheduler import Scheduler
-from txvmbot.daemon.scheduling.shared import SharedQueue
+from txvmbot.daemon.scheduling.sharedqueue import SharedQueue
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database
 from txvmbot.daemon.stores.postgres.schema import migrate

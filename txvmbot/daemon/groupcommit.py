@@ -8,7 +8,7 @@ many submits to a commit. Two places group them with this class:
 - the AMP server (txvmbot.daemon.api.server) holds the submits of one read
   of a connection and hands them to the scheduler with one ``submit_many``
   when the read ends (:meth:`GroupCommit.hold`, :meth:`GroupCommit.release`);
-- the shared store's front end (txvmbot.daemon.scheduling.shared) allows
+- the shared store's front end (txvmbot.daemon.scheduling.sharedqueue) allows
   at most two insert transactions in flight; the submits of every
   connection that arrive meanwhile go together in the next one
   (``in_flight=2``).

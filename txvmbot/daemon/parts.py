@@ -198,7 +198,7 @@ class SharedStores(Part):
         """Answer clients from the shared database, claim this daemon's
         share of its queue, take over daemons that died."""
         from txvmbot.daemon.scheduling.scheduler import Scheduler
-        from txvmbot.daemon.scheduling.shared import SharedQueue
+        from txvmbot.daemon.scheduling.sharedqueue import SharedQueue
 
         queue = SharedQueue(self.reactor, self.db, local, self.writer, host=self.settings.host)
         self.cluster.on_events = queue.job_events

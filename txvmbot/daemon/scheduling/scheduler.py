@@ -6,7 +6,7 @@ and the IDispatcher that runs the jobs this daemon holds
 The job queue has two providers. Over a daemon's own SQLite store
 (:class:`~txvmbot.daemon.scheduling.localqueue.LocalQueue`) the daemon is a
 cluster of one: a submit is stored and claimed by it at once. Over a shared
-PostgreSQL (:class:`~txvmbot.daemon.scheduling.shared.SharedQueue`) a submit
+PostgreSQL (:class:`~txvmbot.daemon.scheduling.sharedqueue.SharedQueue`) a submit
 is stored and the cluster is told; whichever daemon has a free worker
 claims it (txvmbot.daemon.cluster.membership), and a watch follows LISTEN.
 Either way the jobs this daemon holds are read as they are here now, and

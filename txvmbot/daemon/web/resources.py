@@ -12,7 +12,7 @@ small writes a flush, not twenty writes an event.
 
 The scheduler (an IScheduler) answers every read with a Deferred, at once
 with SQLite, later with a shared PostgreSQL store
-(txvmbot.daemon.scheduling.shared); a page is written when its answer
+(txvmbot.daemon.scheduling.sharedqueue); a page is written when its answer
 fires (:func:`_answer`). With a shared store the hub also follows
 the store's event notifications (``scheduler.notice``), so a page on one
 daemon follows jobs that run on another.
