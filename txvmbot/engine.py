@@ -431,18 +431,16 @@ def track(
     ``name`` and the check's tag, which ``create`` must therefore set.
     If the journal cannot be written, ``create`` is never called.
 
-    The journal's methods may return plain values or Deferreds (a worker's
-    journal is the daemon's, over AMP); each is awaited before going on.
+    Each of the journal's answers (a Deferred: a worker's journal is the
+    daemon's, over AMP) is awaited before going on.
     """
 
     async def go() -> str:
-        entry = await maybeDeferred(
-            journal.intend, check_id, kind, name, endpoint, region, parent_id
-        )
+        entry = await journal.intend(check_id, kind, name, endpoint, region, parent_id)
         resource_id = await maybeDeferred(create)
         if not isinstance(resource_id, str) or not resource_id:
             raise TypeError(f"create for {kind} {name} returned {resource_id!r}, not a resource id")
-        await maybeDeferred(journal.created, entry, resource_id)
+        await journal.created(entry, resource_id)
         return resource_id
 
     return Deferred.fromCoroutine(go())
@@ -491,7 +489,7 @@ class Cleanup:
         async def go() -> tuple[str, ...]:
             errors: list[str] = []
             try:
-                entries = await maybeDeferred(self.journal.pending, check_id)
+                entries = await self.journal.pending(check_id)
             except Exception as e:
                 self.log.failure(
                     "Cannot read the journal to clean up check {check}", check=check_id
@@ -525,6 +523,6 @@ class Cleanup:
                 raise StepFailed(
                     step, f"{entry.kind} {entry.resource_id or entry.name} still exists"
                 )
-            await maybeDeferred(self.journal.done, entry)
+            await self.journal.done(entry)
 
         return action

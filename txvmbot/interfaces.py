@@ -6,9 +6,15 @@ ssh runner step by step, the journal records what exists, results come out.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from txvmbot.model import JournalEntry
 
 
 class IEC2Client(Interface):
@@ -30,8 +36,12 @@ class IEC2Client(Interface):
 class IJournal(Interface):
     """Durable record of every resource a check creates (the undo stack).
 
-    Callers take each answer through ``maybeDeferred``: the SQLite journal
-    answers at once, the shared PostgreSQL one with Deferreds."""
+    Every method but ``close`` returns a Deferred, also where the answer is
+    known at once (the SQLite and memory journals answer with ``succeed()``
+    or ``fail()``; the shared PostgreSQL one and a worker's, over AMP,
+    later), so a caller never asks whether it got one. ``close`` stays
+    synchronous: every journal closes at once (the PostgreSQL one leaves its
+    database to whoever made it)."""
 
     def intend(
         check_id: str,
@@ -40,26 +50,40 @@ class IJournal(Interface):
         endpoint: str,
         region: str,
         parent_id: str | None = None,
-    ) -> Any:
+    ) -> Deferred[JournalEntry]:
         """Record, durably and before the create call, that a resource of
-        ``kind`` named ``name`` is about to be created. Return the
+        ``kind`` named ``name`` is about to be created. Fire with the
         JournalEntry."""
 
-    def created(entry: Any, resource_id: str) -> Any:
-        """Record the id the cloud gave the resource; return the new entry."""
+    def created(entry: JournalEntry, resource_id: str) -> Deferred[JournalEntry]:
+        """Record the id the cloud gave the resource; fire with the new entry."""
 
-    def done(entry: Any) -> Any:
+    def done(entry: JournalEntry) -> Deferred[None]:
         """Record that the resource is gone (deleted, or never existed)."""
 
-    def pending(check_id: str | None = None) -> Any:
+    def pending(check_id: str | None = None) -> Deferred[Sequence[JournalEntry]]:
         """Entries not yet done, newest first (the order to undo them in)."""
 
-    def checks(older_than: float | None = None) -> Any:
+    def checks(older_than: float | None = None) -> Deferred[Sequence[str]]:
         """Ids of checks with pending entries, optionally only those whose
         newest entry is older than ``older_than`` (epoch seconds)."""
 
-    def prune(done_before: float, limit: int = 500) -> Any:
+    def prune(done_before: float, limit: int = 500) -> Deferred[int]:
         """Forget up to ``limit`` done entries last written before
         ``done_before`` (epoch seconds) of checks with nothing pending;
-        return how many went. Pending entries are never touched: cleanup
-        and the reaper need them. Call again while it returns ``limit``."""
+        fire with how many went. Pending entries are never touched: cleanup
+        and the reaper need them. Call again while it fires with ``limit``."""
+
+    def close() -> None:
+        """Close the journal, at once; later calls fail with JournalError
+        (those of a journal that closes nothing of its own may go on)."""
+
+
+class IHostJournal(IJournal):
+    """A journal shared by the daemons of a cluster, which knows the host
+    of the daemon that wrote each entry (the PostgreSQL journal)."""
+
+    def host_checks(host: str) -> Deferred[Sequence[str]]:
+        """Ids of checks with pending entries written by a daemon on
+        ``host``, by id: a daemon restarted on that host stops the local
+        machines such checks left there."""

@@ -23,8 +23,15 @@ users who drive txvmbot from their own code.
 Done entries are history; :meth:`~IJournal.prune` forgets old ones (the
 daemon does, on its retention schedule) so the file does not grow forever.
 
-Both are synchronous and block briefly on every write; a check writes a
-handful of entries, so that is cheaper than a thread hop.
+Both work synchronously and block briefly on every write (a check writes a
+handful of entries, so that is cheaper than a thread hop), but answer as
+every journal does, with a Deferred: one that has fired already
+(``succeed()``/``fail()``, as klein's memory session store answers), so
+callers never ask whether they got one. The synchronous calls stay behind
+them, private (``_intend``, ``_created``, ``_done``, ``_pending``,
+``_checks``, ``_prune``), for the few parts that must have the answer now:
+the daemon's held journal, which retries a write itself, and the CLI before
+its reactor runs.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 from attrs import frozen
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -184,8 +192,86 @@ def _check_resource_id(resource_id: str) -> None:
         raise ValueError(f"resource id must be a non-empty string, not {resource_id!r}")
 
 
+_T = TypeVar("_T")
+
+
+def _answer(call: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    """``call``'s answer as a Deferred that has fired (or failed) already."""
+    try:
+        return succeed(call(*args))
+    except Exception:
+        return fail()
+
+
+class _AnsweredJournal:
+    """IJournal answered with Deferreds that have fired already, from the
+    synchronous private calls a subclass defines."""
+
+    def intend(
+        self,
+        check_id: str,
+        kind: str,
+        name: str,
+        endpoint: str,
+        region: str,
+        parent_id: str | None = None,
+    ) -> Deferred[JournalEntry]:
+        """Record durably that ``kind`` ``name`` is about to be created."""
+        return _answer(self._intend, check_id, kind, name, endpoint, region, parent_id)
+
+    def created(self, entry: JournalEntry, resource_id: str) -> Deferred[JournalEntry]:
+        """Record the id the cloud gave ``entry``'s resource."""
+        return _answer(self._created, entry, resource_id)
+
+    def done(self, entry: JournalEntry) -> Deferred[None]:
+        """Record that ``entry``'s resource is gone."""
+        return _answer(self._done, entry)
+
+    def pending(self, check_id: str | None = None) -> Deferred[Sequence[JournalEntry]]:
+        """Entries not done, newest first (see :meth:`SQLiteJournal._pending`)."""
+        return _answer(self._pending, check_id)
+
+    def checks(self, older_than: float | None = None) -> Deferred[Sequence[str]]:
+        """Ids of checks with pending entries, most recently active first
+        (see :meth:`SQLiteJournal._checks`)."""
+        return _answer(self._checks, older_than)
+
+    def prune(self, done_before: float, limit: int = PRUNE_BATCH) -> Deferred[int]:
+        """Forget up to ``limit`` old done entries; fire with how many went
+        (see :meth:`SQLiteJournal._prune`)."""
+        return _answer(self._prune, done_before, limit)
+
+    # The synchronous calls behind the answers.
+
+    def _intend(
+        self,
+        check_id: str,
+        kind: str,
+        name: str,
+        endpoint: str,
+        region: str,
+        parent_id: str | None = None,
+    ) -> JournalEntry:
+        raise NotImplementedError
+
+    def _created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
+        raise NotImplementedError
+
+    def _done(self, entry: JournalEntry) -> None:
+        raise NotImplementedError
+
+    def _pending(self, check_id: str | None = None) -> list[JournalEntry]:
+        raise NotImplementedError
+
+    def _checks(self, older_than: float | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def _prune(self, done_before: float, limit: int = PRUNE_BATCH) -> int:
+        raise NotImplementedError
+
+
 @implementer(IJournal)
-class SQLiteJournal:
+class SQLiteJournal(_AnsweredJournal):
     """A journal in an SQLite file, safe against crashes and shared by processes.
 
     :param path: the file; created with its schema if missing or empty.
@@ -198,6 +284,9 @@ class SQLiteJournal:
     also survives power loss, at an fsync per write). Raises JournalError naming the
     path when the file cannot be opened, is not a journal, or has a newer
     schema.
+
+    Every IJournal method answers with a Deferred that has fired already;
+    ``close`` closes at once.
     """
 
     log = Logger()
@@ -258,7 +347,7 @@ class SQLiteJournal:
         except sqlite3.Error as e:
             raise JournalError(self.path, f"cannot read: {e}") from e
 
-    def intend(
+    def _intend(
         self,
         check_id: str,
         kind: str,
@@ -291,7 +380,7 @@ class SQLiteJournal:
             )
         return entry
 
-    def created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
+    def _created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
         """Record the id the cloud gave ``entry``'s resource."""
         _check_resource_id(resource_id)
         now = float(self._clock())
@@ -304,7 +393,7 @@ class SQLiteJournal:
                 raise JournalError(self.path, f"has no entry {entry.check_id}/{entry.seq}")
         return attrs.evolve(entry, resource_id=resource_id)
 
-    def done(self, entry: JournalEntry) -> None:
+    def _done(self, entry: JournalEntry) -> None:
         """Record that ``entry``'s resource is gone."""
         now = float(self._clock())
         with self._write(f"mark {entry.kind} {entry.resource_id or entry.name} done") as conn:
@@ -315,7 +404,7 @@ class SQLiteJournal:
             if cur.rowcount != 1:
                 raise JournalError(self.path, f"has no entry {entry.check_id}/{entry.seq}")
 
-    def pending(self, check_id: str | None = None) -> list[JournalEntry]:
+    def _pending(self, check_id: str | None = None) -> list[JournalEntry]:
         """Entries not done, newest first.
 
         For one check, by ``seq`` (the undo order, whatever the wall clock
@@ -333,7 +422,7 @@ class SQLiteJournal:
             )
         return [_row_to_entry(r) for r in rows]
 
-    def checks(self, older_than: float | None = None) -> list[str]:
+    def _checks(self, older_than: float | None = None) -> list[str]:
         """Ids of checks with pending entries, most recently active first.
 
         With ``older_than`` (epoch seconds), only checks whose last journal
@@ -350,7 +439,7 @@ class SQLiteJournal:
         )
         return [str(r[0]) for r in rows]
 
-    def prune(self, done_before: float, limit: int = PRUNE_BATCH) -> int:
+    def _prune(self, done_before: float, limit: int = PRUNE_BATCH) -> int:
         """Forget up to ``limit`` done entries last written strictly before
         ``done_before`` (epoch seconds), oldest first, in one transaction;
         return how many went.
@@ -376,7 +465,7 @@ class SQLiteJournal:
         return int(cur.rowcount)
 
     def close(self) -> None:
-        """Close the file. Idempotent; any later call raises JournalError."""
+        """Close the file, at once. Idempotent; any later call fails with JournalError."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -392,7 +481,7 @@ class _Record:
 
 
 @implementer(IJournal)
-class MemoryJournal:
+class MemoryJournal(_AnsweredJournal):
     """An in-memory journal that behaves like :class:`SQLiteJournal`.
 
     For tests of code that drives a journal. ``entries`` shows every entry,
@@ -422,7 +511,7 @@ class MemoryJournal:
         except KeyError:
             raise JournalError(self.path, f"has no entry {entry.check_id}/{entry.seq}") from None
 
-    def intend(
+    def _intend(
         self,
         check_id: str,
         kind: str,
@@ -449,19 +538,19 @@ class MemoryJournal:
         self._records[(check_id, seq)] = _Record(entry, now)
         return entry
 
-    def created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
+    def _created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
         _check_resource_id(resource_id)
         record = self._get(entry)
         new = attrs.evolve(record.entry, resource_id=resource_id)
         self._records[(entry.check_id, entry.seq)] = _Record(new, float(self._clock()))
         return attrs.evolve(entry, resource_id=resource_id)
 
-    def done(self, entry: JournalEntry) -> None:
+    def _done(self, entry: JournalEntry) -> None:
         record = self._get(entry)
         new = attrs.evolve(record.entry, done=True)
         self._records[(entry.check_id, entry.seq)] = _Record(new, float(self._clock()))
 
-    def pending(self, check_id: str | None = None) -> list[JournalEntry]:
+    def _pending(self, check_id: str | None = None) -> list[JournalEntry]:
         if self._closed:
             raise JournalError(self.path, "is closed")
         live = [r.entry for r in self._records.values() if not r.entry.done]
@@ -473,7 +562,7 @@ class MemoryJournal:
         live.sort(key=lambda e: e.created, reverse=True)
         return live
 
-    def checks(self, older_than: float | None = None) -> list[str]:
+    def _checks(self, older_than: float | None = None) -> list[str]:
         if self._closed:
             raise JournalError(self.path, "is closed")
         last: dict[str, float] = {}
@@ -488,7 +577,7 @@ class MemoryJournal:
         found.sort(key=lambda c: last[c], reverse=True)
         return found
 
-    def prune(self, done_before: float, limit: int = PRUNE_BATCH) -> int:
+    def _prune(self, done_before: float, limit: int = PRUNE_BATCH) -> int:
         if self._closed:
             raise JournalError(self.path, "is closed")
         if limit < 1:

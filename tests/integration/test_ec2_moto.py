@@ -17,6 +17,7 @@ import pytest
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from tests.support.deferreds import result_of
 from tests.support.servers import Moto
 from txvmbot.ec2 import ParamError, make_client
 from txvmbot.errors import CloudError
@@ -178,7 +179,7 @@ class EvidenceTests(TestCase):
         self.assertFalse(result.passed)
         self.assertIn("image", result.error)
         self.assertIsNone(result.evidence_dir)
-        self.assertEqual(journal.pending(check.check_id), [])
+        self.assertEqual(result_of(journal.pending(check.check_id)), [])
         errors = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 1)
         self.assertEqual(errors[0]["root"], root)

@@ -15,7 +15,7 @@ import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from tests.support.deferreds import sleep
+from tests.support.deferreds import result_of, sleep
 from tests.support.faultproxy import fault_proxy
 from tests.support.metrics_scrape import scrape, value, with_name
 from tests.support.pool_case import PoolTestBase
@@ -160,19 +160,19 @@ class ClientObserverTests(TestCase):
         seen: list[tuple[str, str, bool]] = []
         c = self.client(self.moto.url, seen)
         journal = MemoryJournal()
-        e1 = journal.intend(check_id, "keypair", name, cloud.endpoint, cloud.region)
+        e1 = result_of(journal.intend(check_id, "keypair", name, cloud.endpoint, cloud.region))
         await c.call("CreateKeyPair", {"KeyName": name})
-        journal.created(e1, name)
-        e2 = journal.intend(check_id, "security-group", name, cloud.endpoint, cloud.region)
+        result_of(journal.created(e1, name))
+        e2 = result_of(journal.intend(check_id, "security-group", name, cloud.endpoint, cloud.region))
         group = await c.call("CreateSecurityGroup", {"GroupName": name, "Description": "m"})
-        journal.created(e2, group["GroupId"])
+        result_of(journal.created(e2, group["GroupId"]))
         metrics = DaemonMetrics()
         clean = make_cleaner(
             self.reactor, journal, on_reaped=metrics.resource_reaped, api_observer=metrics.api_call
         )
         errors = await clean(job)
         self.assertEqual(errors, ())
-        self.assertEqual(journal.pending(check_id), [])
+        self.assertEqual(result_of(journal.pending(check_id)), [])
         m = scrape(metrics)
         self.assertEqual(
             with_name(m, "txvmbot_resources_reaped_total"),

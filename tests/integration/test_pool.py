@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent
 
 from tests.support import paths
-from tests.support.deferreds import sleep
+from tests.support.deferreds import result_of, sleep
 from tests.support.pool_case import PoolTestBase
 from txvmbot.daemon.interfaces import IWorkerPool
 from txvmbot.daemon.jobs import check_id_for
@@ -185,7 +185,7 @@ class WorkerDeathAndCancelTests(PoolTestBase):
         self.assertIn(f"Running job {job.id}", errors[0]["stderr_tail"])
         # The journal still holds what the dead worker created (for cleanup
         # or the reaper); the pool has a new worker that runs the next job.
-        self.assertTrue(self.journal.pending(check_id_for(job)))
+        self.assertTrue(result_of(self.journal.pending(check_id_for(job))))
         self.assertEqual(pool.busy, 0)
         for _ in range(100):
             if any(w.state == "ready" and w.pid != pid for w in pool.workers()):

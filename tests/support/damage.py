@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
 from txvmbot.journal import SQLiteJournal
@@ -22,11 +23,11 @@ def make_journal(path: str, checks: int = 300) -> None:
     journal = SQLiteJournal(path)
     try:
         for i in range(checks):
-            entry = journal.intend(f"check-{i}", "instance", f"txvmbot-{i}",
-                                   "http://127.0.0.1:1", "us-east-1")
-            entry = journal.created(entry, f"i-{i:08x}")
+            entry = result_of(journal.intend(f"check-{i}", "instance", f"txvmbot-{i}",
+                                   "http://127.0.0.1:1", "us-east-1"))
+            entry = result_of(journal.created(entry, f"i-{i:08x}"))
             if i % 3:
-                journal.done(entry)
+                result_of(journal.done(entry))
     finally:
         journal.close()
 

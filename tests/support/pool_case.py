@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import pytest
@@ -21,6 +21,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support import checkrun
+from tests.support.deferreds import result_of
 from tests.support.servers import Moto
 from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job
@@ -44,23 +45,25 @@ class RecordingJournal:
         self.path = path
         self.calls: list[tuple[str, str, int]] = []
 
-    def intend(self, check_id: str, kind: str, name: str, *rest: Any) -> JournalEntry:
-        entry = self.inner.intend(check_id, kind, name, *rest)
-        self.calls.append(("intend", check_id, entry.seq))
-        return entry
+    def intend(self, check_id: str, kind: str, name: str, *rest: Any) -> Deferred[JournalEntry]:
+        def record(entry: JournalEntry) -> JournalEntry:
+            self.calls.append(("intend", check_id, entry.seq))
+            return entry
 
-    def created(self, entry: JournalEntry, resource_id: str) -> JournalEntry:
+        return self.inner.intend(check_id, kind, name, *rest).addCallback(record)
+
+    def created(self, entry: JournalEntry, resource_id: str) -> Deferred[JournalEntry]:
         self.calls.append(("created", entry.check_id, entry.seq))
         return self.inner.created(entry, resource_id)
 
-    def done(self, entry: JournalEntry) -> None:
+    def done(self, entry: JournalEntry) -> Deferred[None]:
         self.calls.append(("done", entry.check_id, entry.seq))
-        self.inner.done(entry)
+        return self.inner.done(entry)
 
-    def pending(self, check_id: str | None = None) -> list[JournalEntry]:
+    def pending(self, check_id: str | None = None) -> Deferred[Sequence[JournalEntry]]:
         return self.inner.pending(check_id)
 
-    def checks(self, older_than: float | None = None) -> list[str]:
+    def checks(self, older_than: float | None = None) -> Deferred[Sequence[str]]:
         return self.inner.checks(older_than)
 
     def rows(self, check_id: str) -> list[tuple[int, str, str | None, int]]:
@@ -159,7 +162,7 @@ class PoolTestBase(TestCase):
 
     def assert_clean(self, check_id: str) -> None:
         self.assertEqual(checkrun.leftovers(self.moto.url, check_id), [])
-        self.assertEqual(self.journal.pending(check_id), [])
+        self.assertEqual(result_of(self.journal.pending(check_id)), [])
 
     def assert_journalled_before_created(self, check_id: str) -> None:
         calls = [(op, seq) for op, c, seq in self.journal.calls if c == check_id]

@@ -323,9 +323,9 @@ class FakeJournal:
         self.checks = list(checks)
         self.asked: list[str] = []
 
-    def host_checks(self, host: str) -> list[str]:
+    def host_checks(self, host: str) -> Deferred[Sequence[str]]:
         self.asked.append(host)
-        return self.checks
+        return succeed(self.checks)
 
 
 #: For ClusterHarness.advance: leave these calls waiting.

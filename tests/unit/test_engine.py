@@ -11,6 +11,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.deferreds import result_of
 from txvmbot.engine import Cleanup, StepContext, StepRunner, poll, track
 from txvmbot.errors import CloudError, StepFailed, StepTimeout, TransportError
 from txvmbot.journal import JournalError, MemoryJournal, SQLiteJournal
@@ -386,7 +387,7 @@ class TrackTests(SynchronousTestCase):
         created: Deferred[str] = Deferred()
 
         def create() -> Deferred[str]:
-            seen_in_create.append(self.journal.pending("c1"))
+            seen_in_create.append(result_of(self.journal.pending("c1")))
             return created
 
         d = track(self.journal, "c1", "instance", "txvmbot-c1", "http://e/", "r1", create)
@@ -397,10 +398,10 @@ class TrackTests(SynchronousTestCase):
             (entry.kind, entry.name, entry.endpoint, entry.region, entry.resource_id),
             ("instance", "txvmbot-c1", "http://e/", "r1", None),
         )
-        self.assertEqual(self.journal.pending("c1"), [entry])
+        self.assertEqual(result_of(self.journal.pending("c1")), [entry])
         created.callback("i-123")
         self.assertEqual(self.successResultOf(d), "i-123")
-        self.assertEqual([e.resource_id for e in self.journal.pending("c1")], ["i-123"])
+        self.assertEqual([e.resource_id for e in result_of(self.journal.pending("c1"))], ["i-123"])
 
     def test_intent_on_disk_before_create(self) -> None:
         """With the SQLite journal, another handle on the file (another
@@ -415,7 +416,7 @@ class TrackTests(SynchronousTestCase):
 
         def create() -> Deferred[str]:
             other = SQLiteJournal(path)
-            seen.append([(e.name, e.resource_id) for e in other.pending("c1")])
+            seen.append([(e.name, e.resource_id) for e in result_of(other.pending("c1"))])
             other.close()
             return created
 
@@ -425,23 +426,23 @@ class TrackTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(result), "i-1")
         other = SQLiteJournal(path)
         self.addCleanup(other.close)
-        self.assertEqual([e.resource_id for e in other.pending("c1")], ["i-1"])
+        self.assertEqual([e.resource_id for e in result_of(other.pending("c1"))], ["i-1"])
 
     def test_parent_id(self) -> None:
         d = track(self.journal, "c", "rule", "tcp/22", "e", "r", lambda: succeed("r-1"), "sg-1")
         self.successResultOf(d)
-        self.assertEqual(self.journal.pending("c")[0].parent_id, "sg-1")
+        self.assertEqual(result_of(self.journal.pending("c"))[0].parent_id, "sg-1")
 
     def test_create_fails_entry_stays_pending(self) -> None:
         d = track(self.journal, "c", "group", "g", "e", "r", lambda: fail(OSError("reset")))
         self.failureResultOf(d, OSError)
-        (entry,) = self.journal.pending("c")
+        (entry,) = result_of(self.journal.pending("c"))
         self.assertEqual((entry.name, entry.resource_id), ("g", None))
 
     def test_create_returns_no_id(self) -> None:
         d = track(self.journal, "c", "group", "g", "e", "r", lambda: succeed(""))
         self.failureResultOf(d, TypeError)
-        self.assertEqual(len(self.journal.pending("c")), 1)
+        self.assertEqual(len(result_of(self.journal.pending("c"))), 1)
 
     def test_journal_failure_means_no_create(self) -> None:
         self.journal.close()
@@ -475,20 +476,20 @@ class DeferredJournal:
         return what
 
     def intend(self, *args: Any) -> Deferred[Any]:
-        return self._later("intend", self.inner.intend(*args))
+        return self._later("intend", self.inner._intend(*args))
 
     def created(self, entry: JournalEntry, resource_id: str) -> Deferred[Any]:
-        return self._later("created", self.inner.created(entry, resource_id))
+        return self._later("created", self.inner._created(entry, resource_id))
 
     def done(self, entry: JournalEntry) -> Deferred[Any]:
-        self.inner.done(entry)
+        self.inner._done(entry)
         return self._later("done", None)
 
     def pending(self, check_id: str | None = None) -> Deferred[Any]:
-        return self._later("pending", self.inner.pending(check_id))
+        return self._later("pending", self.inner._pending(check_id))
 
     def checks(self, older_than: float | None = None) -> Deferred[Any]:
-        return self._later("checks", self.inner.checks(older_than))
+        return self._later("checks", self.inner._checks(older_than))
 
 
 class DeferredJournalTests(RunnerMixin, SynchronousTestCase):
@@ -511,7 +512,7 @@ class DeferredJournalTests(RunnerMixin, SynchronousTestCase):
         self.assertNoResult(d)
         self.assertEqual(journal.ack(), "created")
         self.assertEqual(self.successResultOf(d), "i-1")
-        self.assertEqual([e.resource_id for e in journal.inner.pending("c")], ["i-1"])
+        self.assertEqual([e.resource_id for e in result_of(journal.inner.pending("c"))], ["i-1"])
 
     def test_track_failed_intent_means_no_create(self) -> None:
         journal = DeferredJournal(MemoryJournal(lambda: 1.0))
@@ -528,8 +529,8 @@ class DeferredJournalTests(RunnerMixin, SynchronousTestCase):
 
     def test_cleanup_reads_and_marks_done_through_deferreds(self) -> None:
         inner = MemoryJournal(self.wall)
-        inner.created(inner.intend("c1", "keypair", "kp", "e", "r"), "kp-1")
-        inner.created(inner.intend("c1", "instance", "vm", "e", "r"), "i-1")
+        result_of(inner.created(result_of(inner.intend("c1", "keypair", "kp", "e", "r")), "kp-1"))
+        result_of(inner.created(result_of(inner.intend("c1", "instance", "vm", "e", "r")), "i-1"))
         journal = DeferredJournal(inner)
         undone: list[str] = []
 
@@ -545,7 +546,7 @@ class DeferredJournalTests(RunnerMixin, SynchronousTestCase):
         self.assertEqual(undone, ["i-1", "kp-1"])
         self.assertEqual(journal.ack(), "done")
         self.assertEqual(self.successResultOf(d), ())
-        self.assertEqual(inner.pending("c1"), [])
+        self.assertEqual(result_of(inner.pending("c1")), [])
 
 
 class CleanupTests(RunnerMixin, SynchronousTestCase):
@@ -556,8 +557,8 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
         self.answers: dict[str, Any] = {}
 
     def add(self, kind: str, name: str, rid: str | None, check: str = "c1") -> JournalEntry:
-        e = self.journal.intend(check, kind, name, "e", "r")
-        return self.journal.created(e, rid) if rid else e
+        e = result_of(self.journal.intend(check, kind, name, "e", "r"))
+        return result_of(self.journal.created(e, rid)) if rid else e
 
     def undo(self, entry: JournalEntry) -> Deferred[bool]:
         key = entry.resource_id or entry.name
@@ -580,8 +581,8 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
         errors = self.successResultOf(self.cleanup().run("c1"))
         self.assertEqual(errors, ())
         self.assertEqual(self.undone, ["txvmbot-c1", "sg-1", "kp-1"])
-        self.assertEqual(self.journal.pending("c1"), [])
-        self.assertEqual([e.name for e in self.journal.pending()], ["other-check"])
+        self.assertEqual(result_of(self.journal.pending("c1")), [])
+        self.assertEqual([e.name for e in result_of(self.journal.pending())], ["other-check"])
         self.assertEqual(
             [(r.name, r.outcome) for r in self.runner.results],
             [
@@ -607,7 +608,7 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
                 "step 'cleanup rule rule-1' failed: RuntimeError: InvalidPermission.NotFound",
             ),
         )
-        self.assertEqual([e.resource_id for e in self.journal.pending("c1")], ["i-1", "rule-1"])
+        self.assertEqual([e.resource_id for e in result_of(self.journal.pending("c1"))], ["i-1", "rule-1"])
         self.assertEqual(
             [r.outcome for r in self.runner.results], ["failed", "failed", "passed", "passed"]
         )
@@ -621,7 +622,7 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
         self.clock.advance(60)
         errors = self.successResultOf(d)
         self.assertEqual(errors, ("step 'cleanup instance i-1' failed: did not finish within 60s",))
-        self.assertEqual([e.resource_id for e in self.journal.pending("c1")], ["i-1"])
+        self.assertEqual([e.resource_id for e in result_of(self.journal.pending("c1"))], ["i-1"])
         self.assertEqual([r.outcome for r in self.runner.results], ["timeout", "passed"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -630,7 +631,7 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
         self.add("group", "sg", "sg-1")
 
         class Broken(MemoryJournal):
-            def done(self, entry: JournalEntry) -> None:
+            def _done(self, entry: JournalEntry) -> None:
                 raise JournalError("/j", "disk full")
 
         broken = Broken()
@@ -638,7 +639,7 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
         errors = self.successResultOf(Cleanup(broken, self.undo, self.runner, 5).run("c1"))
         self.assertEqual(len(errors), 2)
         self.assertIn("journal /j: disk full", errors[0])
-        self.assertEqual(self.journal.pending("c1")[-1], e)
+        self.assertEqual(result_of(self.journal.pending("c1"))[-1], e)
 
     def test_nothing_to_do(self) -> None:
         self.assertEqual(self.successResultOf(self.cleanup().run("none")), ())
@@ -652,7 +653,7 @@ class CleanupTests(RunnerMixin, SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.undone, ["i-1"])
-        self.assertEqual(len(self.journal.pending("c1")), 2)
+        self.assertEqual(len(result_of(self.journal.pending("c1"))), 2)
         self.assertEqual([r.outcome for r in self.runner.results], ["cancelled"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

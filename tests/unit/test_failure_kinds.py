@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon import codec
 from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore
@@ -296,8 +297,8 @@ class CleanupKindTests(SynchronousTestCase):
     def cleanup_with(self, exc: BaseException | None, hang: bool = False) -> tuple[str, ...]:
         clock = Clock()
         journal = MemoryJournal(lambda: 5.0)
-        entry = journal.intend("c1", "instance", "txvmbot-c1", "https://ec2.example/", "r1")
-        journal.created(entry, "i-1")
+        entry = result_of(journal.intend("c1", "instance", "txvmbot-c1", "https://ec2.example/", "r1"))
+        result_of(journal.created(entry, "i-1"))
         self.runner = StepRunner(clock, wall=lambda: 0.0)
 
         def undo(e: JournalEntry) -> Deferred[bool]:
@@ -340,8 +341,8 @@ class OneMachine:
         self.boot_error = boot_error
         self.undo_error = undo_error
         self.journal = MemoryJournal(lambda: 5.0)
-        entry = self.journal.intend("c1", "instance", "txvmbot-c1", "https://ec2.example/", "r1")
-        self.journal.created(entry, "i-1")
+        entry = result_of(self.journal.intend("c1", "instance", "txvmbot-c1", "https://ec2.example/", "r1"))
+        result_of(self.journal.created(entry, "i-1"))
 
     def prepare(self, sequence: StepSequence) -> Deferred[None]:
         return succeed(None)

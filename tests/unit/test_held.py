@@ -329,5 +329,5 @@ class HeldJournalTests(SynchronousTestCase):
         entry = self.successResultOf(d)
         self.assertEqual(entry.kind, "instance")
         self.successResultOf(done)
-        self.assertEqual([e.seq for e in f.journal.pending("c1")], [entry.seq])
+        self.assertEqual([e.seq for e in result_of(f.journal.pending("c1"))], [entry.seq])
         self.assertEqual(f.data.held(), "")

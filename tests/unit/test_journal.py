@@ -11,14 +11,16 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support import paths
+from tests.support.deferreds import result_of
 from tests.support.sqlite_plans import query_plan
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
@@ -66,7 +68,7 @@ class JournalBehaviour(_Base):
     def test_round_trip(self) -> None:
         t = FakeTime(1000.0)
         j = self.make(t)
-        e = j.intend("chk", "keypair", "txvmbot-chk", "http://ec2/", "us-east-1")
+        e = result_of(j.intend("chk", "keypair", "txvmbot-chk", "http://ec2/", "us-east-1"))
         self.assertEqual(
             e,
             JournalEntry(
@@ -79,38 +81,38 @@ class JournalBehaviour(_Base):
                 created=1000.0,
             ),
         )
-        self.assertEqual(j.pending("chk"), [e])
+        self.assertEqual(result_of(j.pending("chk")), [e])
         t.now = 1001.0
-        e2 = j.created(e, "kp-1")
+        e2 = result_of(j.created(e, "kp-1"))
         self.assertEqual(e2.resource_id, "kp-1")
-        self.assertEqual(j.pending("chk"), [e2])
-        g = j.intend("chk", "rule", "tcp/22", "http://ec2/", "us-east-1", parent_id="sg-1")
+        self.assertEqual(result_of(j.pending("chk")), [e2])
+        g = result_of(j.intend("chk", "rule", "tcp/22", "http://ec2/", "us-east-1", parent_id="sg-1"))
         self.assertEqual(g.parent_id, "sg-1")
-        self.assertEqual(j.pending(), [g, e2])
-        j.done(e2)
-        self.assertEqual(j.pending("chk"), [g])
-        j.done(g)
-        self.assertEqual(j.pending("chk"), [])
-        self.assertEqual(j.pending(), [])
-        self.assertEqual(j.checks(), [])
+        self.assertEqual(result_of(j.pending()), [g, e2])
+        result_of(j.done(e2))
+        self.assertEqual(result_of(j.pending("chk")), [g])
+        result_of(j.done(g))
+        self.assertEqual(result_of(j.pending("chk")), [])
+        self.assertEqual(result_of(j.pending()), [])
+        self.assertEqual(result_of(j.checks()), [])
 
     def test_seq_per_check(self) -> None:
         j = self.make(FakeTime())
-        a1 = j.intend("a", "k", "n1", "e", "r")
-        b1 = j.intend("b", "k", "n1", "e", "r")
-        a2 = j.intend("a", "k", "n2", "e", "r")
-        j.done(a2)
-        a3 = j.intend("a", "k", "n3", "e", "r")
+        a1 = result_of(j.intend("a", "k", "n1", "e", "r"))
+        b1 = result_of(j.intend("b", "k", "n1", "e", "r"))
+        a2 = result_of(j.intend("a", "k", "n2", "e", "r"))
+        result_of(j.done(a2))
+        a3 = result_of(j.intend("a", "k", "n3", "e", "r"))
         self.assertEqual((a1.seq, a2.seq, a3.seq, b1.seq), (1, 2, 3, 1))
 
     def test_pending_newest_first_by_seq_within_a_check(self) -> None:
         # Even if the wall clock steps back, the undo order is the seq order.
         t = FakeTime(50.0)
         j = self.make(t)
-        first = j.intend("c", "group", "g", "e", "r")
+        first = result_of(j.intend("c", "group", "g", "e", "r"))
         t.now = 10.0
-        second = j.intend("c", "instance", "i", "e", "r")
-        self.assertEqual(j.pending("c"), [second, first])
+        second = result_of(j.intend("c", "instance", "i", "e", "r"))
+        self.assertEqual(result_of(j.pending("c")), [second, first])
 
     def test_pending_across_checks_by_time_as_number(self) -> None:
         # As text "10.0" < "9.5" and "1000000000.0" < "999999999.0".
@@ -119,67 +121,104 @@ class JournalBehaviour(_Base):
         made = {}
         for check, when in [("old", 9.5), ("new", 10.0), ("older", 999999999.0), ("newer", 1e9)]:
             t.now = when
-            made[check] = j.intend(check, "k", "n", "e", "r")
-        self.assertEqual([e.check_id for e in j.pending()], ["newer", "older", "new", "old"])
-        self.assertEqual(j.checks(), ["newer", "older", "new", "old"])
+            made[check] = result_of(j.intend(check, "k", "n", "e", "r"))
+        self.assertEqual([e.check_id for e in result_of(j.pending())], ["newer", "older", "new", "old"])
+        self.assertEqual(result_of(j.checks()), ["newer", "older", "new", "old"])
 
     def test_checks_older_than_compares_numbers(self) -> None:
         t = FakeTime()
         j = self.make(t)
         t.now = 9.5
-        j.intend("nine", "k", "n", "e", "r")
+        result_of(j.intend("nine", "k", "n", "e", "r"))
         t.now = 10.0
-        j.intend("ten", "k", "n", "e", "r")
+        result_of(j.intend("ten", "k", "n", "e", "r"))
         t.now = 999999999.0
-        j.intend("nines", "k", "n", "e", "r")
+        result_of(j.intend("nines", "k", "n", "e", "r"))
         t.now = 1000000000.0
-        j.intend("billion", "k", "n", "e", "r")
-        self.assertEqual(j.checks(older_than=10.0), ["nine"])
-        self.assertEqual(j.checks(older_than=10.5), ["ten", "nine"])
-        self.assertEqual(j.checks(older_than=1000000000.0), ["nines", "ten", "nine"])
-        self.assertEqual(j.checks(older_than=1e12), ["billion", "nines", "ten", "nine"])
-        self.assertEqual(j.checks(older_than=9.5), [])
+        result_of(j.intend("billion", "k", "n", "e", "r"))
+        self.assertEqual(result_of(j.checks(older_than=10.0)), ["nine"])
+        self.assertEqual(result_of(j.checks(older_than=10.5)), ["ten", "nine"])
+        self.assertEqual(result_of(j.checks(older_than=1000000000.0)), ["nines", "ten", "nine"])
+        self.assertEqual(result_of(j.checks(older_than=1e12)), ["billion", "nines", "ten", "nine"])
+        self.assertEqual(result_of(j.checks(older_than=9.5)), [])
 
     def test_checks_only_with_pending_and_by_last_activity(self) -> None:
         t = FakeTime(100.0)
         j = self.make(t)
-        a = j.intend("a", "k", "n", "e", "r")
-        j.intend("b", "k", "n", "e", "r")
+        a = result_of(j.intend("a", "k", "n", "e", "r"))
+        result_of(j.intend("b", "k", "n", "e", "r"))
         t.now = 200.0
-        j.done(a)
-        self.assertEqual(j.checks(), ["b"])
+        result_of(j.done(a))
+        self.assertEqual(result_of(j.checks()), ["b"])
         # A check still working (its last write is recent) is not stale.
         t.now = 100.0
-        c = j.intend("c", "k", "n", "e", "r")
-        j.intend("c", "k", "n2", "e", "r")
+        c = result_of(j.intend("c", "k", "n", "e", "r"))
+        result_of(j.intend("c", "k", "n2", "e", "r"))
         t.now = 300.0
-        j.created(c, "i-1")
-        self.assertEqual(j.checks(older_than=250.0), ["b"])
-        self.assertEqual(j.checks(), ["c", "b"])
+        result_of(j.created(c, "i-1"))
+        self.assertEqual(result_of(j.checks(older_than=250.0)), ["b"])
+        self.assertEqual(result_of(j.checks()), ["c", "b"])
+
+    def test_every_method_answers_with_a_deferred(self) -> None:
+        """Every IJournal method but close returns a Deferred, one that has
+        fired already, with an answer or with the error."""
+        j = self.make(FakeTime(1000.0))
+        self.assertTrue(verifyObject(IJournal, j))
+        ghost = JournalEntry("nope", 7, "k", "n", "e", "r", 1.0)
+        intended = j.intend("c", "k", "n", "e", "r")
+        self.assertIsInstance(intended, Deferred)
+        e = result_of(intended)
+        answers: list[Deferred[Any]] = [
+            j.created(e, "i-1"),
+            j.pending(),
+            j.pending("c"),
+            j.checks(),
+            j.checks(older_than=2000.0),
+            j.done(e),
+            j.prune(2000.0),
+            j.prune(2000.0, 1),
+        ]
+        failures: list[tuple[Deferred[Any], type[Exception]]] = [
+            (j.intend("", "k", "n", "e", "r"), ValueError),
+            (j.created(ghost, "i-1"), JournalError),
+            (j.created(e, ""), ValueError),
+            (j.done(ghost), JournalError),
+            (j.prune(2000.0, 0), ValueError),
+        ]
+        for d in answers:
+            self.assertIsInstance(d, Deferred)
+            result_of(d)
+        for d, kind in failures:
+            self.assertIsInstance(d, Deferred)
+            self.failureResultOf(d, kind)
+        self.assertIsNone(j.close())
+        for d in (j.intend("c", "k", "n", "e", "r"), j.pending(), j.checks(), j.prune(1.0)):
+            self.assertIsInstance(d, Deferred)
+            self.failureResultOf(d, JournalError)
 
     def test_unknown_entry(self) -> None:
         j = self.make(FakeTime())
         ghost = JournalEntry("nope", 7, "k", "n", "e", "r", 1.0)
-        self.assertRaises(JournalError, j.created, ghost, "i-1")
-        self.assertRaises(JournalError, j.done, ghost)
+        self.failureResultOf(j.created(ghost, "i-1"), JournalError)
+        self.failureResultOf(j.done(ghost), JournalError)
 
     def test_bad_arguments(self) -> None:
         j = self.make(FakeTime())
-        self.assertRaises(ValueError, j.intend, "", "k", "n", "e", "r")
-        self.assertRaises(ValueError, j.intend, "c", "k", "", "e", "r")
-        e = j.intend("c", "k", "n", "e", "r")
-        self.assertRaises(ValueError, j.created, e, "")
-        self.assertRaises(ValueError, j.created, e, None)
-        self.assertEqual(j.pending("c"), [e])
+        self.failureResultOf(j.intend("", "k", "n", "e", "r"), ValueError)
+        self.failureResultOf(j.intend("c", "k", "", "e", "r"), ValueError)
+        e = result_of(j.intend("c", "k", "n", "e", "r"))
+        self.failureResultOf(j.created(e, ""), ValueError)
+        self.failureResultOf(j.created(e, None), ValueError)
+        self.assertEqual(result_of(j.pending("c")), [e])
 
     def test_closed(self) -> None:
         j = self.make(FakeTime())
         j.close()
         j.close()
-        err = self.assertRaises(JournalError, j.intend, "c", "k", "n", "e", "r")
+        err = self.failureResultOf(j.intend("c", "k", "n", "e", "r"), JournalError).value
         self.assertTrue(isinstance(err, TxvmbotError))
-        self.assertRaises(JournalError, j.pending)
-        self.assertRaises(JournalError, j.prune, 1e9)
+        self.failureResultOf(j.pending(), JournalError)
+        self.failureResultOf(j.prune(1e9), JournalError)
 
     def test_prune_forgets_old_done_entries_only(self) -> None:
         """Done entries last written before the cutoff go; pending ones,
@@ -188,45 +227,45 @@ class JournalBehaviour(_Base):
         t = FakeTime(100.0)
         j = self.make(t)
         for i in range(3):
-            j.done(j.intend("old", "k", f"n{i}", "e", "r"))
-        j.done(j.intend("stuck", "k", "a", "e", "r"))
-        stuck = j.created(j.intend("stuck", "k", "b", "e", "r"), "i-1")
-        late = j.intend("late", "k", "n", "e", "r")
+            result_of(j.done(result_of(j.intend("old", "k", f"n{i}", "e", "r"))))
+        result_of(j.done(result_of(j.intend("stuck", "k", "a", "e", "r"))))
+        stuck = result_of(j.created(result_of(j.intend("stuck", "k", "b", "e", "r")), "i-1"))
+        late = result_of(j.intend("late", "k", "n", "e", "r"))
         t.now = 200.0
-        j.done(j.intend("recent", "k", "n", "e", "r"))
-        j.done(late)  # intended at 100, done at 200: last written at 200
-        pending, checks = j.pending(), j.checks()
+        result_of(j.done(result_of(j.intend("recent", "k", "n", "e", "r"))))
+        result_of(j.done(late))  # intended at 100, done at 200: last written at 200
+        pending, checks = result_of(j.pending()), result_of(j.checks())
         self.assertEqual(pending, [stuck])
 
-        self.assertEqual(j.prune(150.0), 3)
-        self.assertEqual(j.prune(150.0), 0)
-        self.assertEqual(j.pending(), pending)
-        self.assertEqual(j.checks(), checks)
-        self.assertEqual(j.checks(older_than=150.0), ["stuck"])
+        self.assertEqual(result_of(j.prune(150.0)), 3)
+        self.assertEqual(result_of(j.prune(150.0)), 0)
+        self.assertEqual(result_of(j.pending()), pending)
+        self.assertEqual(result_of(j.checks()), checks)
+        self.assertEqual(result_of(j.checks(older_than=150.0)), ["stuck"])
         # The cutoff is strict.
-        self.assertEqual(j.prune(200.0), 0)
-        self.assertEqual(j.prune(200.5), 2)  # recent and late
-        self.assertEqual(j.pending(), pending)
+        self.assertEqual(result_of(j.prune(200.0)), 0)
+        self.assertEqual(result_of(j.prune(200.5)), 2)  # recent and late
+        self.assertEqual(result_of(j.pending()), pending)
         # Once the stuck check is cleaned up, its whole record can go.
-        j.done(stuck)
-        self.assertEqual(j.prune(1e12), 2)
-        self.assertEqual(j.pending(), [])
+        result_of(j.done(stuck))
+        self.assertEqual(result_of(j.prune(1e12)), 2)
+        self.assertEqual(result_of(j.pending()), [])
         # A new check starts from seq 1 as before.
-        self.assertEqual(j.intend("old", "k", "n", "e", "r").seq, 1)
+        self.assertEqual(result_of(j.intend("old", "k", "n", "e", "r")).seq, 1)
 
     def test_prune_is_bounded_and_oldest_first(self) -> None:
         t = FakeTime()
         j = self.make(t)
         for i in range(7):
             t.now = 1000.0 - i  # intended newest first, done at 1000 - i
-            j.done(j.intend(f"c{i}", "k", "n", "e", "r"))
-        self.assertEqual(j.prune(2000.0, limit=3), 3)
+            result_of(j.done(result_of(j.intend(f"c{i}", "k", "n", "e", "r"))))
+        self.assertEqual(result_of(j.prune(2000.0, limit=3)), 3)
         t.now = 5000.0
-        j.intend("c0", "k", "again", "e", "r")  # c0 (the newest) now has a pending entry
-        self.assertEqual(j.prune(2000.0, limit=3), 3)
-        self.assertEqual(j.prune(2000.0, limit=3), 0)  # c0 kept: it has pending work
-        self.assertEqual([e.check_id for e in j.pending()], ["c0"])
-        self.assertRaises(ValueError, j.prune, 2000.0, 0)
+        result_of(j.intend("c0", "k", "again", "e", "r"))  # c0 (the newest) now has a pending entry
+        self.assertEqual(result_of(j.prune(2000.0, limit=3)), 3)
+        self.assertEqual(result_of(j.prune(2000.0, limit=3)), 0)  # c0 kept: it has pending work
+        self.assertEqual([e.check_id for e in result_of(j.pending())], ["c0"])
+        self.failureResultOf(j.prune(2000.0, 0), ValueError)
 
 
 class MemoryJournalTests(JournalBehaviour, SynchronousTestCase):
@@ -235,16 +274,16 @@ class MemoryJournalTests(JournalBehaviour, SynchronousTestCase):
 
     def test_entries_keeps_done(self) -> None:
         j = MemoryJournal(FakeTime())
-        e = j.intend("c", "k", "n", "e", "r")
-        j.done(e)
+        e = result_of(j.intend("c", "k", "n", "e", "r"))
+        result_of(j.done(e))
         self.assertEqual([x.done for x in j.entries], [True])
 
     def test_prune_removes_from_entries(self) -> None:
         t = FakeTime(1.0)
         j = MemoryJournal(t)
-        j.done(j.intend("c", "k", "n", "e", "r"))
-        kept = j.intend("d", "k", "n", "e", "r")
-        self.assertEqual(j.prune(2.0), 1)
+        result_of(j.done(result_of(j.intend("c", "k", "n", "e", "r"))))
+        kept = result_of(j.intend("d", "k", "n", "e", "r"))
+        self.assertEqual(result_of(j.prune(2.0)), 1)
         self.assertEqual(j.entries, (kept,))
 
 
@@ -268,15 +307,15 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
     def test_durable_across_reopen(self) -> None:
         t = FakeTime(5.0)
         j = self.make(t)
-        a = j.created(j.intend("c", "instance", "n", "e", "r"), "i-1")
-        b = j.intend("c", "address", "m", "e", "r", parent_id="i-1")
-        j.done(j.intend("c", "keypair", "kp", "e", "r"))
+        a = result_of(j.created(result_of(j.intend("c", "instance", "n", "e", "r")), "i-1"))
+        b = result_of(j.intend("c", "address", "m", "e", "r", parent_id="i-1"))
+        result_of(j.done(result_of(j.intend("c", "keypair", "kp", "e", "r"))))
         # A second handle on the same file sees every committed write at once.
-        self.assertEqual(self.make(t).pending("c"), [b, a])
+        self.assertEqual(result_of(self.make(t).pending("c")), [b, a])
         j.close()
         again = self.make(t)
-        self.assertEqual(again.pending("c"), [b, a])
-        self.assertEqual(again.intend("c", "k", "n", "e", "r").seq, 4)
+        self.assertEqual(result_of(again.pending("c")), [b, a])
+        self.assertEqual(result_of(again.intend("c", "k", "n", "e", "r")).seq, 4)
 
     def test_wal_and_synchronous_normal_by_default(self) -> None:
         j = self.make(FakeTime())
@@ -324,30 +363,30 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
         conn.execute(insert, ("live", 1, 10.0, 10.0, "i-2", 0))
         j = self.make(FakeTime(30.0))
         self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(2,)])
-        self.assertEqual([e.resource_id for e in j.pending()], ["i-2"])
-        self.assertEqual(j.prune(25.0), 1)
+        self.assertEqual([e.resource_id for e in result_of(j.pending())], ["i-2"])
+        self.assertEqual(result_of(j.prune(25.0)), 1)
         self.assertEqual(conn.execute("SELECT check_id FROM entries").fetchall(), [("live",)])
 
     def test_prune_is_one_transaction_and_survives_reopen(self) -> None:
         t = FakeTime(1.0)
         j = self.make(t)
         for i in range(PRUNE_BATCH + 2):
-            j.done(j.intend(f"c{i}", "k", "n", "e", "r"))
-        self.assertEqual(j.prune(2.0), PRUNE_BATCH)
+            result_of(j.done(result_of(j.intend(f"c{i}", "k", "n", "e", "r"))))
+        self.assertEqual(result_of(j.prune(2.0)), PRUNE_BATCH)
         j.close()
         again = self.make(t)
         self.assertEqual(self.raw().execute("SELECT COUNT(*) FROM entries").fetchone(), (2,))
-        self.assertEqual(again.prune(2.0), 2)
+        self.assertEqual(result_of(again.prune(2.0)), 2)
         # Another process holding the write lock: JournalError, nothing lost.
-        again.done(again.intend("x", "k", "n", "e", "r"))
+        result_of(again.done(result_of(again.intend("x", "k", "n", "e", "r"))))
         slow = SQLiteJournal(self.path, t, busy_timeout=0.05)
         self.addCleanup(slow.close)
         other = self.raw()
         other.execute("BEGIN IMMEDIATE")
-        err = self.assertRaises(JournalError, slow.prune, 2.0)
+        err = self.failureResultOf(slow.prune(2.0), JournalError).value
         self.assertIn("prune done entries", str(err))
         other.execute("ROLLBACK")
-        self.assertEqual(slow.prune(2.0), 1)
+        self.assertEqual(result_of(slow.prune(2.0)), 1)
 
     def test_migrate_empty_and_idempotent(self) -> None:
         conn = self.raw()
@@ -385,8 +424,8 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
     def test_times_are_stored_as_real(self) -> None:
         t = FakeTime(10)
         j = self.make(t)
-        e = j.intend("c", "k", "n", "e", "r")
-        j.created(e, "x")
+        e = result_of(j.intend("c", "k", "n", "e", "r"))
+        result_of(j.created(e, "x"))
         self.assertEqual(
             self.raw().execute("SELECT typeof(created), typeof(updated) FROM entries").fetchall(),
             [("real", "real")],
@@ -404,11 +443,11 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
         self.addCleanup(j.close)
         holder = self.raw()
         holder.execute("BEGIN IMMEDIATE")
-        err = self.assertRaises(JournalError, j.intend, "c", "k", "n", "e", "r")
+        err = self.failureResultOf(j.intend("c", "k", "n", "e", "r"), JournalError).value
         self.assertIn(self.path, str(err))
         self.assertIn("write lock", str(err))
         holder.execute("ROLLBACK")
-        self.assertEqual(j.intend("c", "k", "n", "e", "r").seq, 1)
+        self.assertEqual(result_of(j.intend("c", "k", "n", "e", "r")).seq, 1)
 
     def run_python(self, code: str) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=REPO)
@@ -428,8 +467,9 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
             import sys, time
             from txvmbot.journal import SQLiteJournal
             j = SQLiteJournal({self.path!r})
-            j.created(j.intend("chk", "keypair", "kp", "e", "r"), "kp-1")
-            j.intend("chk", "instance", "txvmbot-chk", "e", "r")
+            # No reactor here: the journal's synchronous calls.
+            j._created(j._intend("chk", "keypair", "kp", "e", "r"), "kp-1")
+            j._intend("chk", "instance", "txvmbot-chk", "e", "r")
             print("intended", flush=True)
             time.sleep(60)  # "RunInstances in flight"
             """
@@ -448,12 +488,12 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
             proc.stdout.close()  # type: ignore[union-attr]
             proc.stderr.close()  # type: ignore[union-attr]
         self.assertEqual(proc.returncode, -signal.SIGKILL)
-        pending = self.make(FakeTime()).pending("chk")
+        pending = result_of(self.make(FakeTime()).pending("chk"))
         self.assertEqual(
             [(e.seq, e.kind, e.name, e.resource_id) for e in pending],
             [(2, "instance", "txvmbot-chk", None), (1, "keypair", "kp", "kp-1")],
         )
-        self.assertEqual(self.make(FakeTime()).checks(), ["chk"])
+        self.assertEqual(result_of(self.make(FakeTime()).checks()), ["chk"])
 
     def test_two_processes_write_at_once(self) -> None:
         """Two processes appending to one check get distinct seqs: the write
@@ -464,7 +504,7 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
             j = SQLiteJournal({self.path!r})
             sys.stdin.readline()
             for i in range(100):
-                j.intend("shared", "k", sys.argv[0] + str(i), "e", "r")
+                j._intend("shared", "k", sys.argv[0] + str(i), "e", "r")
             """
         self.make(FakeTime()).close()  # create the schema once, up front
         env = dict(os.environ, PYTHONPATH=REPO)
@@ -488,7 +528,7 @@ class SQLiteJournalTests(JournalBehaviour, SynchronousTestCase):
             err = p.stderr.read()
             p.stderr.close()
             self.assertEqual(p.returncode, 0, err)
-        seqs = sorted(e.seq for e in self.make(FakeTime()).pending("shared"))
+        seqs = sorted(e.seq for e in result_of(self.make(FakeTime()).pending("shared")))
         self.assertEqual(seqs, list(range(1, 201)))
 
 
@@ -550,8 +590,8 @@ class JournalPropertyTests(SynchronousTestCase):
                     if kind == "intend":
                         assert isinstance(arg, str)
                         t.now = when
-                        e = sql.intend(arg, "k", f"n{len(order)}", "e", "r")
-                        self.assertEqual(mem.intend(arg, "k", f"n{len(order)}", "e", "r"), e)
+                        e = result_of(sql.intend(arg, "k", f"n{len(order)}", "e", "r"))
+                        self.assertEqual(result_of(mem.intend(arg, "k", f"n{len(order)}", "e", "r")), e)
                         model[(e.check_id, e.seq)] = e
                         order.append((e.check_id, e.seq))
                     elif order:
@@ -559,23 +599,23 @@ class JournalPropertyTests(SynchronousTestCase):
                         key = order[arg % len(order)]
                         e = model[key]
                         if kind == "created":
-                            new = sql.created(e, f"id-{key[0]}-{key[1]}")
-                            self.assertEqual(mem.created(e, f"id-{key[0]}-{key[1]}"), new)
+                            new = result_of(sql.created(e, f"id-{key[0]}-{key[1]}"))
+                            self.assertEqual(result_of(mem.created(e, f"id-{key[0]}-{key[1]}")), new)
                             model[key] = new
                         else:
-                            sql.done(e)
-                            mem.done(e)
+                            result_of(sql.done(e))
+                            result_of(mem.done(e))
                             done.add(key)
                     live = [e for k, e in model.items() if k not in done]
                     expected = _expected_order(live)
-                    self.assertEqual(sql.pending(), expected)
-                    self.assertEqual(mem.pending(), expected)
+                    self.assertEqual(result_of(sql.pending()), expected)
+                    self.assertEqual(result_of(mem.pending()), expected)
                     for c in CHECKS:
                         mine = sorted((e for e in live if e.check_id == c), key=lambda e: -e.seq)
-                        self.assertEqual(sql.pending(c), mine)
-                        self.assertEqual(mem.pending(c), mine)
-                    self.assertEqual(sql.checks(), mem.checks())
-                    self.assertEqual(set(sql.checks()), {e.check_id for e in live})
+                        self.assertEqual(result_of(sql.pending(c)), mine)
+                        self.assertEqual(result_of(mem.pending(c)), mine)
+                    self.assertEqual(result_of(sql.checks()), result_of(mem.checks()))
+                    self.assertEqual(set(result_of(sql.checks())), {e.check_id for e in live})
                     # seq is 1..n per check, in intend order
                     for c in CHECKS:
                         seqs = [s for (cc, s) in order if cc == c]
@@ -607,31 +647,31 @@ class JournalPropertyTests(SynchronousTestCase):
                     if kind == "intend":
                         assert isinstance(arg, str)
                         t.now = when
-                        e = sql.intend(arg, "k", "n", "e", "r")
-                        mem.intend(arg, "k", "n", "e", "r")
+                        e = result_of(sql.intend(arg, "k", "n", "e", "r"))
+                        result_of(mem.intend(arg, "k", "n", "e", "r"))
                         entries[(e.check_id, e.seq)] = e
                         updated[(e.check_id, e.seq)] = when
                     elif entries:
                         assert isinstance(arg, int)
                         key = sorted(entries)[arg % len(entries)]
                         if kind == "created":
-                            sql.created(entries[key], "i-1")
-                            mem.created(entries[key], "i-1")
+                            result_of(sql.created(entries[key], "i-1"))
+                            result_of(mem.created(entries[key], "i-1"))
                         else:
-                            sql.done(entries[key])
-                            mem.done(entries[key])
+                            result_of(sql.done(entries[key]))
+                            result_of(mem.done(entries[key]))
                             done.add(key)
                         updated[key] = t.now
                 busy = {c for (c, s) in entries if (c, s) not in done}
                 old = {k for k in done if updated[k] < cutoff and k[0] not in busy}
-                pending, checks = sql.pending(), sql.checks()
+                pending, checks = result_of(sql.pending()), result_of(sql.checks())
 
-                n = sql.prune(cutoff, limit)
+                n = result_of(sql.prune(cutoff, limit))
                 self.assertEqual(n, min(len(old), limit))
-                self.assertEqual(mem.prune(cutoff, limit), n)
+                self.assertEqual(result_of(mem.prune(cutoff, limit)), n)
                 for j in (sql, mem):
-                    self.assertEqual(j.pending(), pending)
-                    self.assertEqual(j.checks(), checks)
+                    self.assertEqual(result_of(j.pending()), pending)
+                    self.assertEqual(result_of(j.checks()), checks)
                 left = set(sql._db.execute("SELECT check_id, seq FROM entries").fetchall())
                 self.assertEqual(len(left), len(entries) - n)
                 self.assertEqual(len(mem.entries), len(entries) - n)

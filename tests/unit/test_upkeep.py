@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.scheduling.upkeep import PRUNE_INTERVAL, Pruner
 from txvmbot.daemon.stores.sqlite.store import SQLiteJobStore, StoreError
@@ -64,7 +65,7 @@ class PrunerTests(SynchronousTestCase):
         now = self.clock.seconds()
         self.clock.rightNow = when
         for i in range(n):
-            self.journal.done(self.journal.intend(check, "k", f"n{i}", "e", "r"))
+            result_of(self.journal.done(result_of(self.journal.intend(check, "k", f"n{i}", "e", "r"))))
         self.clock.rightNow = now
 
     def turn(self) -> None:
@@ -89,7 +90,7 @@ class PrunerTests(SynchronousTestCase):
         self.store.sync.add(Job(id="queued", spec=make_job_spec("b"), state="queued", submitted=1.0))
         self.add_done_entries("old-check", 3, NOW - 40 * DAY)
         self.add_done_entries("new-check", 2, NOW - DAY)
-        pending = self.journal.intend("stuck", "k", "n", "e", "r")
+        pending = result_of(self.journal.intend("stuck", "k", "n", "e", "r"))
 
         self.pruner().startService()
         # One batch ran at once; the rest waits for later reactor turns.
@@ -107,7 +108,7 @@ class PrunerTests(SynchronousTestCase):
             self.assertEqual(self.store.sync.events(f"old{i}"), [])
         self.assertEqual(self.store.sync.last_event_seq("new0"), 3)
         self.assertEqual(sorted({e.check_id for e in self.journal.entries}), ["new-check", "stuck"])
-        self.assertEqual(self.journal.pending(), [pending])
+        self.assertEqual(result_of(self.journal.pending()), [pending])
         self.assertEqual(
             self.lines(LogLevel.info),
             [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.deferreds import result_of
 from txvmbot.daemon import codec
 from txvmbot.daemon.workers.pool import _JobRun, _ParentAMP, _Worker, describe_exit
 from txvmbot.daemon.workers.protocol import (
@@ -124,19 +126,19 @@ class GatedJournal:
         return what
 
     def intend(self, *args: Any) -> Deferred[Any]:
-        return self._gate("intend", self.inner.intend(*args))
+        return self._gate("intend", self.inner._intend(*args))
 
     def created(self, entry: JournalEntry, rid: str) -> Deferred[Any]:
-        return self._gate("created", self.inner.created(entry, rid))
+        return self._gate("created", self.inner._created(entry, rid))
 
     def done(self, entry: JournalEntry) -> Deferred[Any]:
-        self.inner.done(entry)
+        self.inner._done(entry)
         return self._gate("done", None)
 
     def pending(self, check_id: str | None = None) -> Deferred[Any]:
-        return self._gate("pending", self.inner.pending(check_id))
+        return self._gate("pending", self.inner._pending(check_id))
 
-    def checks(self, older_than: float | None = None) -> list[str]:
+    def checks(self, older_than: float | None = None) -> Deferred[Sequence[str]]:
         return self.inner.checks(older_than)
 
 
@@ -411,7 +413,7 @@ class ParentTests(Connected):
         self.failureResultOf(d, UnknownJobError)
         d = self.call(self.worker, JournalIntend, job_id="j1", check_id="other", **kw)
         self.failureResultOf(d, UnknownJobError)
-        self.assertEqual(self.journal.pending(), [])
+        self.assertEqual(result_of(self.journal.pending()), [])
         self.run_.finished = True
         d = self.call(self.worker, JournalIntend, job_id="j1", check_id="j1-0", **kw)
         self.failureResultOf(d, UnknownJobError)
@@ -458,7 +460,7 @@ class JournalAckTests(Connected):
         self.assertEqual(self.journal.ack(), "created")
         self.pump.flush()
         self.assertEqual(self.successResultOf(d), "i-1")
-        (entry,) = self.journal.inner.pending("j1-0")
+        (entry,) = result_of(self.journal.inner.pending("j1-0"))
         self.assertEqual(
             (entry.kind, entry.name, entry.resource_id, entry.parent_id, entry.created),
             ("instances", "vm", "i-1", "sg-1", 5.0),
@@ -466,9 +468,9 @@ class JournalAckTests(Connected):
 
     def test_cleanup_reads_pending_and_marks_done_through_the_daemon(self) -> None:
         inner = self.journal.inner
-        inner.created(inner.intend("j1-0", "keypair", "kp", "e", "r"), "kp-1")
-        inner.created(inner.intend("j1-0", "instances", "vm", "e", "r"), "i-1")
-        inner.intend("other-check", "keypair", "x", "e", "r")
+        result_of(inner.created(result_of(inner.intend("j1-0", "keypair", "kp", "e", "r")), "kp-1"))
+        result_of(inner.created(result_of(inner.intend("j1-0", "instances", "vm", "e", "r")), "i-1"))
+        result_of(inner.intend("other-check", "keypair", "x", "e", "r"))
         undone: list[str] = []
 
         def undo(entry: JournalEntry) -> Deferred[bool]:
@@ -486,7 +488,7 @@ class JournalAckTests(Connected):
         self.assertEqual(self.journal.ack(), "done")
         self.pump.flush()
         self.assertEqual(self.successResultOf(d), ())
-        self.assertEqual([e.name for e in inner.pending()], ["x"])
+        self.assertEqual([e.name for e in result_of(inner.pending())], ["x"])
 
     def test_reads_only_its_own_check(self) -> None:
         self.failureResultOf(self.remote.pending(None), WorkerProtocolError)

@@ -111,10 +111,10 @@ class _Reaper:
 
     async def _from_journal(self) -> None:
         undo = R.Undoer(self.client, self.reactor)
-        for check_id in self.journal.checks(older_than=self.cutoff):
+        for check_id in await self.journal.checks(older_than=self.cutoff):
             entries = [
                 e
-                for e in self.journal.pending(check_id)
+                for e in await self.journal.pending(check_id)
                 if e.endpoint == self.cloud.endpoint and e.region == self.cloud.region
             ]
             if not entries:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -161,10 +161,10 @@ class LocalMachines:
         if v is None:
             return
         try:
-            for entry in await maybeDeferred(self.journal.pending, self.check_id):
+            for entry in await self.journal.pending(self.check_id):
                 if entry.kind == VM_KIND and entry.name == v.dir:
                     await self.undo(entry)
-                    await maybeDeferred(self.journal.done, entry)
+                    await self.journal.done(entry)
             v.vm = None
         except Exception as e:
             self.log.warn("Could not release VM {vm} early ({e}); cleanup will", vm=v.id, e=e)

@@ -31,7 +31,7 @@ from typing import Any
 from uuid import uuid4
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +40,7 @@ from txvmbot.daemon.interfaces import IDispatcher
 from txvmbot.daemon.jobs import Job
 from txvmbot.daemon.stores.postgres import store
 from txvmbot.daemon.stores.postgres.db import Database, DatabaseUnavailable
+from txvmbot.interfaces import IHostJournal
 
 __all__ = ["Cluster"]
 
@@ -170,10 +171,10 @@ class Cluster:
             lease=self.lease,
         )
 
-    async def _clean_host_leftovers(self, journal: Any) -> None:
+    async def _clean_host_leftovers(self, journal: IHostJournal) -> None:
         """Stop what local jobs of this host left that another daemon
         ended as "host lost" while this host's daemon was away."""
-        checks = await maybeDeferred(journal.host_checks, self.host)
+        checks = await journal.host_checks(self.host)
         for check_id in checks:
             job_id, _, attempt = check_id.rpartition("-")
             job = await self._db.run(store.get, job_id)

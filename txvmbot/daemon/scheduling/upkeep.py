@@ -235,8 +235,7 @@ class Pruner(service.Service):
             )
 
     def _journal_prune(self, cutoff: float, limit: int) -> Deferred[int]:
-        # IJournal answers at once (SQLite) or later (PostgreSQL).
-        return maybeDeferred(self._journal.prune, cutoff, limit)
+        return self._journal.prune(cutoff, limit)
 
     async def _batches(
         self, what: str, prune: Callable[[float, int], Deferred[int]], cutoff: float

@@ -23,7 +23,7 @@ profile.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -160,12 +160,10 @@ class RemoteJournal:
             lambda _: attrs.evolve(entry, resource_id=resource_id)
         )
 
-    # IJournal says done() returns None; engine.track and Cleanup await
-    # whatever it returns, so a Deferred is fine (hence Any for mypy-zope).
-    def done(self, entry: JournalEntry) -> Any:
+    def done(self, entry: JournalEntry) -> Deferred[None]:
         return self._call(JournalDone, seq=entry.seq).addCallback(lambda _: None)
 
-    def pending(self, check_id: str | None = None) -> Deferred[list[JournalEntry]]:
+    def pending(self, check_id: str | None = None) -> Deferred[Sequence[JournalEntry]]:
         if check_id is None or check_id != self.check_id:
             return fail(
                 WorkerProtocolError(
@@ -174,7 +172,7 @@ class RemoteJournal:
                 )
             )
 
-        def entries(answer: dict[str, Any]) -> list[JournalEntry]:
+        def entries(answer: dict[str, Any]) -> Sequence[JournalEntry]:
             found = codec.loads(answer["entries"], "pending entries", MAX_PENDING_BYTES)
             try:
                 return [JournalEntry(**d) for d in found]
@@ -183,16 +181,18 @@ class RemoteJournal:
 
         return self._call(JournalPending, check_id=check_id).addCallback(entries)
 
-    def checks(self, older_than: float | None = None) -> Deferred[list[str]]:
+    def checks(self, older_than: float | None = None) -> Deferred[Sequence[str]]:
         return fail(
             WorkerProtocolError("a worker's journal does not list checks; the daemon's reaper does")
         )
 
-    # Any, not Deferred[int], for mypy-zope: IJournal.prune answers an int.
-    def prune(self, done_before: float, limit: int = 500) -> Any:
+    def prune(self, done_before: float, limit: int = 500) -> Deferred[int]:
         return fail(
             WorkerProtocolError("a worker's journal does not prune; the daemon's retention does")
         )
+
+    def close(self) -> None:
+        """Nothing to close: the connection belongs to the worker."""
 
     def _call(self, command: type[amp.Command], **kwargs: Any) -> Deferred[Any]:
         try:

@@ -20,7 +20,7 @@ gains a pending entry meanwhile.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from txvmbot.daemon.stores.postgres.db import Database, DatabaseError, DatabaseUnavailable
-from txvmbot.interfaces import IJournal
+from txvmbot.interfaces import IHostJournal
 from txvmbot.journal import (
     PRUNE_BATCH,
     JournalError,
@@ -57,7 +57,7 @@ _COLUMNS = "check_id, seq, kind, name, endpoint, region, created, resource_id, p
 _BY_ID = 'check_id COLLATE "C"'
 
 
-@implementer(IJournal)
+@implementer(IHostJournal)
 class PostgresJournal:
     """The journal in the shared database, written by the daemon on ``host``.
 
@@ -183,7 +183,7 @@ class PostgresJournal:
 
         return _deferred(go())
 
-    def pending(self, check_id: str | None = None) -> Deferred[list[JournalEntry]]:
+    def pending(self, check_id: str | None = None) -> Deferred[Sequence[JournalEntry]]:
         """Entries not done, newest first.
 
         For one check, by ``seq`` (the undo order, whatever the wall clock
@@ -201,13 +201,13 @@ class PostgresJournal:
             )
             args = ()
 
-        async def go() -> list[JournalEntry]:
+        async def go() -> Sequence[JournalEntry]:
             rows = await self._run("read", _select, sql, args)
             return [_row_to_entry(r) for r in rows]
 
         return _deferred(go())
 
-    def checks(self, older_than: float | None = None) -> Deferred[list[str]]:
+    def checks(self, older_than: float | None = None) -> Deferred[Sequence[str]]:
         """Ids of checks with pending entries, most recently active first.
 
         With ``older_than`` (epoch seconds), only checks whose last journal
@@ -223,18 +223,18 @@ class PostgresJournal:
             f" ORDER BY last DESC, {_BY_ID} ASC"
         )
 
-        async def go() -> list[str]:
+        async def go() -> Sequence[str]:
             rows = await self._run("read", _select, sql, args)
             return [str(r[0]) for r in rows]
 
         return _deferred(go())
 
-    def host_checks(self, host: str) -> Deferred[list[str]]:
+    def host_checks(self, host: str) -> Deferred[Sequence[str]]:
         """Ids of checks with pending entries written by a daemon on
         ``host``, by id: a daemon restarted on that host stops the local
         machines such checks left there."""
 
-        async def go() -> list[str]:
+        async def go() -> Sequence[str]:
             rows = await self._run(
                 "read",
                 _select,

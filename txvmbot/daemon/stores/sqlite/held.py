@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import attrs
 from attrs import frozen
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,6 +39,7 @@ from txvmbot.daemon.jobs import Job, JobEvent
 from txvmbot.daemon.stores.sqlite.store import AnsweredStore, SQLiteJobs, SQLiteJobStore
 from txvmbot.errors import TxvmbotError
 from txvmbot.interfaces import IJournal
+from txvmbot.journal import MemoryJournal, SQLiteJournal
 from txvmbot.model import JournalEntry
 
 __all__ = [
@@ -447,9 +448,11 @@ class HeldStore(AnsweredStore):
 class HeldJournal:
     """An IJournal whose writes (intend, created, done) are held through a
     fault of the host: the worker that asked waits for its answer, so it
-    never creates a resource the journal has not recorded."""
+    never creates a resource the journal has not recorded. Every answer is
+    a Deferred; it makes (and retries) its writes through the SQLite
+    journal's synchronous calls, and ``close`` closes at once."""
 
-    def __init__(self, journal: Any, queue: WriteQueue) -> None:
+    def __init__(self, journal: SQLiteJournal | MemoryJournal, queue: WriteQueue) -> None:
         self._journal = journal
         self._queue = queue
 
@@ -469,33 +472,41 @@ class HeldJournal:
         region: str,
         parent_id: str | None = None,
     ) -> Deferred[JournalEntry]:
-        return self._queue.run(
+        return self._held(
             f"record that check {check_id} creates {kind} {name}",
-            lambda: self._journal.intend(check_id, kind, name, endpoint, region, parent_id),
+            lambda: self._journal._intend(check_id, kind, name, endpoint, region, parent_id),
         )
 
     def created(self, entry: JournalEntry, resource_id: str) -> Deferred[JournalEntry]:
-        return self._queue.run(
+        return self._held(
             f"record {entry.kind} {resource_id} of check {entry.check_id}",
-            lambda: self._journal.created(entry, resource_id),
+            lambda: self._journal._created(entry, resource_id),
         )
 
     def done(self, entry: JournalEntry) -> Deferred[None]:
-        return self._queue.run(
+        return self._held(
             f"mark {entry.kind} {entry.resource_id or entry.name} done",
-            lambda: self._journal.done(entry),
+            lambda: self._journal._done(entry),
         )
 
-    def pending(self, check_id: str | None = None) -> list[JournalEntry]:
-        return list(self._journal.pending(check_id))
+    def _held(self, what: str, write: Callable[[], T]) -> Deferred[T]:
+        # WriteQueue.run raises at once an error that is no fault of the
+        # host (a bad argument, a missing entry): answered as a failure.
+        try:
+            return self._queue.run(what, write)
+        except Exception:
+            return fail()
 
-    def checks(self, older_than: float | None = None) -> list[str]:
-        return list(self._journal.checks(older_than))
+    def pending(self, check_id: str | None = None) -> Deferred[Sequence[JournalEntry]]:
+        return self._journal.pending(check_id)
 
-    def prune(self, done_before: float, limit: int = 500) -> int:
+    def checks(self, older_than: float | None = None) -> Deferred[Sequence[str]]:
+        return self._journal.checks(older_than)
+
+    def prune(self, done_before: float, limit: int = 500) -> Deferred[int]:
         if self._queue:
-            return 0
-        return int(self._journal.prune(done_before, limit))
+            return succeed(0)
+        return self._journal.prune(done_before, limit)
 
     def close(self) -> None:
         self._queue.close()
