@@ -31,7 +31,7 @@ only the rest of its own batch, while the other machines go on with the
 queue). Two floors keep the fixed cost
 small: while a machine's share of the remaining work allows, a batch is big
 enough that the cost is at most :data:`COST_SHARE` of it; and near the end
-it shrinks no further than :data:`FLOOR_COSTS` times that cost. (tests/test_suite_feed.py
+it shrinks no further than :data:`FLOOR_COSTS` times that cost. (tests/unit/test_suite_feed.py
 simulates a 2,409-test suite of small, heavy-tailed tests with a fixed cost
 per command to show what this wins.)
 

@@ -71,7 +71,7 @@ PRUNE_BATCH = 500
 # ... ADD COLUMN, new indexes, backfill from the JSON ``data``), append it
 # here, and teach the writers the new column. Readers select columns by name,
 # so a column they do not know is harmless. Never edit a released migration;
-# tests/test_store.py keeps a hand-made copy of the v1 file to prove it.
+# tests/unit/test_store.py keeps a hand-made copy of the v1 file to prove it.
 
 
 def _real(column: str, nullable: bool = False) -> str:
