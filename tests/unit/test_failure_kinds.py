@@ -132,7 +132,7 @@ IN_A_STEP: list[tuple[str, BaseException, FailureKind]] = [
     ("a 404 that is not an EC2 answer", CloudError("RunInstances", "HTTP404", "no", 404), TEST),
     ("a missing image", gone_image(), TEST),
     ("a command that failed", StepFailed("run-instances", "'false' ended with exit status 1"), TEST),
-    ("ssh refused", SSHError("ssh root@10.0.0.1:22: connection refused"), TEST),
+    ("ssh refused", SSHError("ssh root@127.0.0.1:2222: connection refused"), TEST),
     ("a bug of ours in a step", RuntimeError("boom"), TEST),
     ("a CancelledError nobody asked for", CancelledError(), TEST),
 ]
